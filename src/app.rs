@@ -1,0 +1,178 @@
+//! Wiring: build every part from a [`Config`], consume until shutdown, drain.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use actix::{Actor, Addr};
+use futures_util::StreamExt;
+
+use crate::actors::{Dispatch, Router};
+use crate::config::Config;
+use crate::engine::{Engine, Faults};
+use crate::handlers::Handlers;
+use crate::saga::{Catalog, LoadError, load_dir};
+use crate::store::{Store, StoreError};
+use crate::transport::rabbitmq::{RECONNECT_DELAY, RabbitTransport};
+use crate::transport::{Transport, TransportError};
+
+/// Why skald could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Saga files are invalid; every error is listed.
+    #[error("{} saga definition error(s):\n{}", .0.len(), .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Sagas(Vec<LoadError>),
+    /// Sagas use handlers that were not registered.
+    #[error("saga steps use unregistered handler(s): {}", .0.join(", "))]
+    MissingHandlers(Vec<String>),
+    /// PostgreSQL failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// RabbitMQ failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// A built skald process, ready to consume.
+pub struct App {
+    config: Config,
+    store: Store,
+    transport: Arc<RabbitTransport>,
+    engine: Arc<Engine>,
+}
+
+impl App {
+    /// Loads and validates the sagas, connects to PostgreSQL (creating the database
+    /// and applying migrations and saga setup SQL) and to RabbitMQ (declaring the
+    /// topology). Nothing is consumed yet.
+    pub async fn build(config: Config, handlers: Handlers, faults: Faults) -> Result<App, AppError> {
+        let sagas = load_dir(&config.sagas_dir).map_err(AppError::Sagas)?;
+        for saga in &sagas {
+            tracing::info!(saga = %saga.name, version = saga.version, steps = saga.steps.len(),
+                file = %saga.source.display(), "loaded saga");
+        }
+        let catalog = Catalog::new(sagas);
+        let missing = catalog.missing_handlers(|name| handlers.get(name).is_some());
+        if !missing.is_empty() {
+            return Err(AppError::MissingHandlers(missing));
+        }
+        let store = Store::connect(&config.database_url, config.db_pool).await?;
+        store.migrate().await?;
+        let all: Vec<_> = catalog.all().into_iter().map(|s| (**s).clone()).collect();
+        store.run_setup(&all).await?;
+        let transport =
+            RabbitTransport::connect(&config.amqp_url, &config.namespace, config.prefetch).await?;
+        let engine = Arc::new(Engine::new(
+            store.clone(),
+            transport.clone(),
+            catalog,
+            handlers,
+            faults,
+            false,
+        ));
+        Ok(App {
+            config,
+            store,
+            transport,
+            engine,
+        })
+    }
+
+    /// The engine (for its stats and in-flight count).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Consumes until `shutdown` resolves, then shuts down gracefully: stop
+    /// consuming, let in-flight steps finish (commit, publish, ack) within the
+    /// shutdown timeout, close the connections. Must run inside an actix system.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+        let router = Router::new(self.engine.clone(), self.config.actor_idle).start();
+        tracing::info!(queue = %self.transport.topology().intake_queue,
+            prefetch = self.config.prefetch, "consuming");
+        tokio::pin!(shutdown);
+        loop {
+            let mut deliveries = match self.transport.consume().await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot consume; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(RECONNECT_DELAY) => continue,
+                        _ = &mut shutdown => break,
+                    }
+                }
+            };
+            let stopped = loop {
+                tokio::select! {
+                    next = deliveries.next() => match next {
+                        Some(delivery) => self.dispatch(&router, delivery),
+                        None => break false,
+                    },
+                    _ = &mut shutdown => break true,
+                }
+            };
+            if stopped {
+                break;
+            }
+            tracing::warn!("consumer stream ended; reconnecting");
+            tokio::time::sleep(RECONNECT_DELAY).await;
+        }
+        self.shut_down().await;
+        Ok(())
+    }
+
+    fn dispatch(&self, router: &Addr<Router>, delivery: crate::transport::Delivery) {
+        self.engine.in_flight().enter();
+        match self.engine.read(&delivery.body) {
+            Ok(job) => router.do_send(Dispatch { job, delivery }),
+            Err(reason) => {
+                let engine = self.engine.clone();
+                actix::spawn(async move { engine.dead_letter(delivery, reason).await });
+            }
+        }
+    }
+
+    async fn shut_down(self) {
+        tracing::info!(in_flight = self.engine.in_flight().count(), "shutting down: draining");
+        self.transport.stop_consuming().await;
+        let drained = tokio::time::timeout(
+            self.config.shutdown_timeout,
+            self.engine.in_flight().drained(),
+        )
+        .await;
+        self.engine.begin_shutdown();
+        if drained.is_err() {
+            tracing::warn!(in_flight = self.engine.in_flight().count(),
+                "shutdown timeout: unfinished messages will be redelivered");
+        }
+        self.transport.close().await;
+        self.store.close().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

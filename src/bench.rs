@@ -1,0 +1,396 @@
+//! `skald bench`: skald's throughput against a hand-written baseline, in one run.
+//!
+//! Both run in a scratch database (created and dropped) and scratch queues on the
+//! configured PostgreSQL and RabbitMQ, with the same pool size and prefetch:
+//!
+//! - **baseline**: a minimal lapin + sqlx worker. Per message: one transaction with an
+//!   inbox row and the sample saga's first effect (`reserve_stock`'s statement),
+//!   commit, ack. This is the ceiling: the commit is the cost of a step.
+//! - **skald**: `N` instances of the sample `order_checkout` saga (3 steps, so 3
+//!   commits and 3 published messages per saga), started by pre-published messages,
+//!   timed from the first consume until every instance is terminal.
+//!
+//! The ratio is skald's steps/s over the baseline's messages/s.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde::Serialize;
+use serde_json::json;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection as _, PgConnection};
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::config::Config;
+use crate::engine::Faults;
+use crate::envelope::{Command, Envelope, Outgoing};
+use crate::handlers::Handlers;
+use crate::transport::Transport;
+use crate::transport::rabbitmq::{RabbitTransport, Topology};
+
+/// Arguments of `skald bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// How many sample sagas to run.
+    #[arg(long, default_value_t = 10_000)]
+    pub sagas: usize,
+    /// Over how many aggregates they are spread (default: one each).
+    #[arg(long)]
+    pub aggregates: Option<usize>,
+    /// How many messages the baseline worker handles (default: 3 per saga).
+    #[arg(long)]
+    pub baseline_messages: Option<usize>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What one bench run measured.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// Sagas started.
+    pub sagas: usize,
+    /// Aggregates they were spread over.
+    pub aggregates: usize,
+    /// Sagas that reached `completed`.
+    pub completed: i64,
+    /// Seconds from the first consume until every instance was terminal.
+    pub seconds: f64,
+    /// `completed / seconds`.
+    pub sagas_per_s: f64,
+    /// Steps committed per second (3 per sample saga).
+    pub steps_per_s: f64,
+    /// The baseline worker's messages per second.
+    pub baseline_msgs_per_s: f64,
+    /// `steps_per_s / baseline_msgs_per_s`.
+    pub ratio: f64,
+    /// Median time to handle one message (claim to ack), milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile of the same.
+    pub p99_ms: f64,
+    /// Peak resident memory of the whole bench process, MiB.
+    pub peak_rss_mb: f64,
+    /// PostgreSQL connections used by each side.
+    pub db_pool: u32,
+    /// Prefetch used by each side.
+    pub prefetch: u16,
+}
+
+/// Runs the benchmark and prints its report. Must run inside an actix system.
+pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.sagas > 0, "--sagas must be at least 1");
+    let aggregates = args.aggregates.unwrap_or(args.sagas).clamp(1, args.sagas);
+    let scratch = format!("skald_bench_{}", Uuid::new_v4().simple());
+    let base: PgConnectOptions = config.database_url.parse().context("DATABASE_URL")?;
+    let db_url = base.clone().database(&scratch).to_url_lossy().to_string();
+    let config = Config {
+        database_url: db_url.clone(),
+        namespace: scratch.clone(),
+        ..config
+    };
+    eprintln!("bench: scratch database and namespace {scratch}");
+
+    let result = measure(&config, &args, aggregates).await;
+    cleanup(&base, &config, &scratch).await;
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "sagas {} over {} aggregates: {} completed in {:.2}s\n\
+             skald     {:>9.1} sagas/s  {:>9.1} steps/s  p50 {:.2} ms  p99 {:.2} ms\n\
+             baseline  {:>9.1} msgs/s\n\
+             ratio     {:.3} (steps/s over baseline msgs/s)\n\
+             peak RSS  {:.1} MiB (pool {}, prefetch {})",
+            report.sagas,
+            report.aggregates,
+            report.completed,
+            report.seconds,
+            report.sagas_per_s,
+            report.steps_per_s,
+            report.p50_ms,
+            report.p99_ms,
+            report.baseline_msgs_per_s,
+            report.ratio,
+            report.peak_rss_mb,
+            report.db_pool,
+            report.prefetch,
+        );
+    }
+    Ok(())
+}
+
+async fn measure(config: &Config, args: &BenchArgs, aggregates: usize) -> anyhow::Result<BenchReport> {
+    // Build skald first: it creates the database, its schema and the sample tables
+    // that the baseline's statement also uses.
+    let app = App::build(config.clone(), Handlers::default(), Faults::none()).await?;
+    seed(app.store().pool(), aggregates).await?;
+
+    let baseline_messages = args.baseline_messages.unwrap_or(args.sagas * 3);
+    let baseline = baseline(config, baseline_messages, aggregates).await?;
+    eprintln!("bench: baseline {baseline:.1} msgs/s over {baseline_messages} messages");
+
+    let transport = RabbitTransport::connect(&config.amqp_url, &config.namespace, 1).await?;
+    publish_all(&transport, args.sagas, aggregates).await?;
+    transport.close().await;
+
+    let engine = app.engine().clone();
+    let pool = app.store().pool().clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let runner = actix::spawn(app.run_until(async {
+        let _ = stop_rx.await;
+    }));
+    let target = args.sagas as i64;
+    let (terminal, completed) = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (terminal, completed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status IN ('completed','compensated','failed')), \
+                    count(*) FILTER (WHERE status = 'completed') FROM skald.instances",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if terminal >= target {
+            break (terminal, completed);
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("bench: only {terminal} of {target} sagas finished in 10 minutes");
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let steps = engine.stats().applied.load(Ordering::Relaxed) as f64;
+    let _ = stop_tx.send(());
+    runner.await??;
+    let _ = terminal;
+
+    let mut latencies = engine.take_latencies();
+    latencies.sort_by(f32::total_cmp);
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies[i] as f64
+    };
+    let steps_per_s = steps / seconds;
+    Ok(BenchReport {
+        sagas: args.sagas,
+        aggregates,
+        completed,
+        seconds,
+        sagas_per_s: completed as f64 / seconds,
+        steps_per_s,
+        baseline_msgs_per_s: baseline,
+        ratio: steps_per_s / baseline,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        peak_rss_mb: peak_rss_mb(),
+        db_pool: config.db_pool,
+        prefetch: config.prefetch,
+    })
+}
+
+/// Stock and accounts for every bench aggregate, so that sagas on different
+/// aggregates never wait on each other's rows.
+async fn seed(pool: &sqlx::PgPool, aggregates: usize) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO shop.stock (sku, available) \
+         SELECT 'bench-' || g, 1000000000 FROM generate_series(0, $1 - 1) g ON CONFLICT DO NOTHING",
+    )
+    .bind(aggregates as i64)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO shop.accounts (account_id, balance) \
+         SELECT 'bench-' || g, 1000000000 FROM generate_series(0, $1 - 1) g ON CONFLICT DO NOTHING",
+    )
+    .bind(aggregates as i64)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+async fn publish_all(transport: &RabbitTransport, sagas: usize, aggregates: usize) -> anyhow::Result<()> {
+    let messages: Vec<Outgoing> = (0..sagas)
+        .map(|i| {
+            let agg = i % aggregates;
+            Outgoing {
+                envelope: Envelope {
+                    message_id: Uuid::new_v4(),
+                    saga: "order_checkout".into(),
+                    aggregate_id: Some(format!("bench-{agg}")),
+                    sequence: Some((i / aggregates) as u64),
+                    dispatched_at: None,
+                    command: Command::Start,
+                    payload: json!({
+                        "order_id": format!("order-{i}"),
+                        "sku": format!("bench-{agg}"),
+                        "qty": 1,
+                        "account": format!("bench-{agg}"),
+                        "amount": 1.5,
+                    }),
+                },
+                delay_ms: 0,
+            }
+        })
+        .collect();
+    // Confirms are awaited in windows: order within one aggregate is kept because a
+    // window is published in order on one channel before any confirm is awaited.
+    for window in messages.chunks(1000) {
+        let mut confirms: FuturesUnordered<_> =
+            window.iter().map(|m| transport.publish(m)).collect();
+        while let Some(r) = confirms.next().await {
+            r?;
+        }
+    }
+    Ok(())
+}
+
+/// The hand-written worker: consume, one transaction (inbox row + effect), commit, ack.
+async fn baseline(config: &Config, messages: usize, aggregates: usize) -> anyhow::Result<f64> {
+    let pool = PgPoolOptions::new()
+        .max_connections(config.db_pool)
+        .connect(&config.database_url)
+        .await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS public.baseline_inbox (message_id uuid PRIMARY KEY)")
+        .execute(&pool)
+        .await?;
+    let conn = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await?;
+    let queue = format!("{}.baseline", config.namespace);
+    let publisher = conn.create_channel().await?;
+    publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    publisher
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for chunk_start in (0..messages).step_by(1000) {
+        let mut confirms = FuturesUnordered::new();
+        for i in chunk_start..(chunk_start + 1000).min(messages) {
+            let body = json!({"message_id": Uuid::new_v4(), "sku": format!("bench-{}", i % aggregates)});
+            let confirm = publisher
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &serde_json::to_vec(&body)?,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?;
+            confirms.push(confirm);
+        }
+        while let Some(c) = confirms.next().await {
+            anyhow::ensure!(c?.is_ack(), "baseline publish not confirmed");
+        }
+    }
+
+    let consumer_channel = conn.create_channel().await?;
+    consumer_channel
+        .basic_qos(config.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let done = Arc::new(AtomicUsize::new(0));
+    let all_done = Arc::new(tokio::sync::Notify::new());
+    let started = Instant::now();
+    let mut received = 0;
+    while received < messages {
+        let Some(delivery) = consumer.next().await else {
+            anyhow::bail!("baseline consumer ended early");
+        };
+        let delivery = delivery?;
+        received += 1;
+        let (pool, done, all_done) = (pool.clone(), done.clone(), all_done.clone());
+        tokio::spawn(async move {
+            let body: serde_json::Value = serde_json::from_slice(&delivery.data).expect("own body");
+            let id: Uuid = body["message_id"].as_str().and_then(|s| s.parse().ok()).expect("id");
+            let sku = body["sku"].as_str().expect("sku").to_string();
+            let mut tx = pool.begin().await.expect("begin");
+            sqlx::query("INSERT INTO public.baseline_inbox (message_id) VALUES ($1)")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .expect("inbox");
+            sqlx::query(
+                "UPDATE shop.stock SET available = available - $1 WHERE sku = $2 AND available >= $1",
+            )
+            .bind(1i64)
+            .bind(&sku)
+            .execute(&mut *tx)
+            .await
+            .expect("effect");
+            tx.commit().await.expect("commit");
+            delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+            if done.fetch_add(1, Ordering::SeqCst) + 1 == messages {
+                all_done.notify_one();
+            }
+        });
+    }
+    if done.load(Ordering::SeqCst) < messages {
+        all_done.notified().await;
+    }
+    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    let _ = consumer_channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "bench done".into()).await;
+    pool.close().await;
+    Ok(rate)
+}
+
+async fn cleanup(base: &PgConnectOptions, config: &Config, scratch: &str) {
+    if let Ok(conn) = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        for queue in Topology::new(scratch).all_queues() {
+            let _ = ch
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = conn.close(200, "bench cleanup".into()).await;
+    }
+    let admin = base.clone().database("postgres");
+    if let Ok(mut conn) = PgConnection::connect_with(&admin).await {
+        let _ = sqlx::query(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{scratch}\" WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await;
+        let _ = conn.close().await;
+    }
+}
+
+/// The process's peak resident set size (VmHWM), in MiB; 0 where /proc is missing.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}

@@ -1,0 +1,134 @@
+//! Configuration, read from the environment with defaults that point at the local
+//! services, so that `skald run` works on a fresh development machine unconfigured.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything a skald process needs to know to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `DATABASE_URL`: skald's PostgreSQL database; created if it does not exist.
+    pub database_url: String,
+    /// `AMQP_URL`: the RabbitMQ broker.
+    pub amqp_url: String,
+    /// `SKALD_SAGAS_DIR`: where the `*.yaml` saga definitions are (default `sagas`).
+    pub sagas_dir: PathBuf,
+    /// `SKALD_NAMESPACE`: prefix of every exchange and queue skald declares, so that
+    /// several deployments (or tests) share a broker without meeting (default `skald`).
+    pub namespace: String,
+    /// `SKALD_PREFETCH`: unacknowledged deliveries this process holds at most. It
+    /// bounds the work (and memory) in flight: actor mailboxes never hold more.
+    pub prefetch: u16,
+    /// `SKALD_DB_POOL`: PostgreSQL connections this process opens at most. The server
+    /// allows 100 in all; leave room for other processes and tools.
+    pub db_pool: u32,
+    /// `SKALD_ACTOR_IDLE_MS`: an aggregate's actor stops after this long without work.
+    pub actor_idle: Duration,
+    /// `SKALD_SHUTDOWN_TIMEOUT_MS`: how long a graceful shutdown waits for in-flight
+    /// steps before closing anyway (unacked work is redelivered, never lost).
+    pub shutdown_timeout: Duration,
+}
+
+/// A configuration variable that is set but unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("environment variable {name}={value:?} is invalid: {reason}")]
+pub struct ConfigError {
+    name: &'static str,
+    value: String,
+    reason: String,
+}
+
+/// The database used when `DATABASE_URL` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/skald";
+/// The broker used when `AMQP_URL` is not set.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `lookup` (the environment, or a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let text = |name: &str, default: &str| lookup(name).unwrap_or_else(|| default.to_string());
+        fn number<T: std::str::FromStr>(
+            lookup: &impl Fn(&str) -> Option<String>,
+            name: &'static str,
+            default: T,
+        ) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            match lookup(name) {
+                None => Ok(default),
+                Some(value) => value.parse().map_err(|e: T::Err| ConfigError {
+                    name,
+                    reason: e.to_string(),
+                    value,
+                }),
+            }
+        }
+        let namespace = text("SKALD_NAMESPACE", "skald");
+        if namespace.is_empty() || namespace.len() > 100 {
+            return Err(ConfigError {
+                name: "SKALD_NAMESPACE",
+                value: namespace,
+                reason: "must be 1 to 100 characters".into(),
+            });
+        }
+        let prefetch: u16 = number(&lookup, "SKALD_PREFETCH", 256)?;
+        if prefetch == 0 {
+            return Err(ConfigError {
+                name: "SKALD_PREFETCH",
+                value: "0".into(),
+                reason: "0 would mean unbounded".into(),
+            });
+        }
+        Ok(Config {
+            database_url: text("DATABASE_URL", DEFAULT_DATABASE_URL),
+            amqp_url: text("AMQP_URL", DEFAULT_AMQP_URL),
+            sagas_dir: PathBuf::from(text("SKALD_SAGAS_DIR", "sagas")),
+            namespace,
+            prefetch,
+            db_pool: number(&lookup, "SKALD_DB_POOL", 16)?,
+            actor_idle: Duration::from_millis(number(&lookup, "SKALD_ACTOR_IDLE_MS", 30_000)?),
+            shutdown_timeout: Duration::from_millis(number(
+                &lookup,
+                "SKALD_SHUTDOWN_TIMEOUT_MS",
+                30_000,
+            )?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn with(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_point_at_local_services() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(c.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(c.namespace, "skald");
+        assert_eq!(c.prefetch, 256);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let err = with(&[("SKALD_PREFETCH", "lots")]).unwrap_err();
+        assert!(err.to_string().contains("SKALD_PREFETCH"), "{err}");
+        assert!(with(&[("SKALD_PREFETCH", "0")]).is_err());
+        assert!(with(&[("SKALD_NAMESPACE", "")]).is_err());
+    }
+}

@@ -1,0 +1,322 @@
+//! The message envelope: the JSON body of every message skald consumes.
+//!
+//! Other services start sagas by publishing a *start* envelope; skald publishes *run*
+//! envelopes to itself to move an instance from one step to the next. Reading a raw
+//! body either yields an [`Envelope`] or a [`Malformed`] reason — never a retry: a body
+//! that cannot be read today cannot be read tomorrow either (promise 6).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::saga::coordinator::Cursor;
+
+/// Bodies above this many bytes are malformed without being parsed (1 MiB).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// One message, as it travels on the wire.
+///
+/// ```
+/// use skald::envelope::{Command, Envelope};
+/// let body = br#"{"message_id":"6f1c2a4e-0000-4000-8000-000000000001",
+///                 "saga":"order_checkout","aggregate_id":"order-1",
+///                 "payload":{"order_id":"order-1"}}"#;
+/// let env = Envelope::parse(body).unwrap();
+/// assert_eq!(env.command, Command::Start);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// Unique per message; a redelivered or re-sent copy keeps it. Deduplication keys on it.
+    pub message_id: Uuid,
+    /// The saga this message belongs to.
+    pub saga: String,
+    /// The aggregate (order, account...) the message is about. Optional on a start:
+    /// then it is read from the payload where the saga's `aggregate` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate_id: Option<String>,
+    /// The publisher's per-aggregate sequence number, if it keeps one (>= 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+    /// When the publisher sent it (RFC 3339), if it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatched_at: Option<DateTime<Utc>>,
+    /// What the message asks for; a start when absent.
+    #[serde(default)]
+    pub command: Command,
+    /// The saga's input on a start (a JSON object); empty on run messages, whose
+    /// instance keeps the payload in PostgreSQL.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub payload: Value,
+}
+
+/// A message to publish once the transaction that decided it has committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outgoing {
+    /// What to send.
+    pub envelope: Envelope,
+    /// Hold it back this long first (a retry's backoff); 0 sends at once.
+    #[serde(default)]
+    pub delay_ms: u64,
+}
+
+/// What an envelope asks skald to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Create an instance (id derived from the message id) and run its first step.
+    #[default]
+    Start,
+    /// Run the instance's step/compensation at `cursor`; sent by skald itself.
+    Run {
+        /// The instance to advance.
+        instance_id: Uuid,
+        /// What to run.
+        cursor: Cursor,
+    },
+}
+
+/// Why a body is not a usable envelope. Each reason sends the message to the
+/// dead-letter queue as it is, with this reason attached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    /// The body was empty.
+    #[error("empty body")]
+    Empty,
+    /// The body exceeded [`MAX_BODY_BYTES`].
+    #[error("body of {0} bytes is over the {MAX_BODY_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// The body is not UTF-8.
+    #[error("body is not valid UTF-8: {0}")]
+    NotUtf8(String),
+    /// Not JSON, or JSON of the wrong shape or types.
+    #[error("not a valid envelope: {0}")]
+    Invalid(String),
+    /// A JSON object repeats a key, which serde would silently resolve.
+    #[error("duplicate key {0:?} in JSON object")]
+    DuplicateKey(String),
+    /// No saga of that name is loaded.
+    #[error("unknown saga {0:?}")]
+    UnknownSaga(String),
+    /// A start without `aggregate_id` whose payload lacks the saga's aggregate field.
+    #[error("no aggregate id: envelope has none and payload has no {0}")]
+    NoAggregate(String),
+    /// A start payload that is not a JSON object.
+    #[error("payload of a start must be a JSON object")]
+    PayloadNotObject,
+}
+
+impl Malformed {
+    /// A short stable code for counting and filtering dead letters by reason.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Malformed::Empty => "empty",
+            Malformed::TooLarge(_) => "too_large",
+            Malformed::NotUtf8(_) => "not_utf8",
+            Malformed::Invalid(_) => "invalid",
+            Malformed::DuplicateKey(_) => "duplicate_key",
+            Malformed::UnknownSaga(_) => "unknown_saga",
+            Malformed::NoAggregate(_) => "no_aggregate",
+            Malformed::PayloadNotObject => "payload_not_object",
+        }
+    }
+}
+
+impl Envelope {
+    /// Reads a raw body: size, UTF-8, duplicate keys, then the envelope's shape.
+    pub fn parse(body: &[u8]) -> Result<Envelope, Malformed> {
+        if body.is_empty() {
+            return Err(Malformed::Empty);
+        }
+        if body.len() > MAX_BODY_BYTES {
+            return Err(Malformed::TooLarge(body.len()));
+        }
+        let text = std::str::from_utf8(body).map_err(|e| Malformed::NotUtf8(e.to_string()))?;
+        reject_duplicate_keys(text)?;
+        let env: Envelope =
+            serde_json::from_str(text).map_err(|e| Malformed::Invalid(e.to_string()))?;
+        if env.command == Command::Start && !env.payload.is_object() {
+            return Err(Malformed::PayloadNotObject);
+        }
+        Ok(env)
+    }
+
+    /// The JSON body to publish.
+    pub fn to_body(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope always serialises")
+    }
+}
+
+/// Walks the JSON once more to find repeated keys in any object. serde_json keeps the
+/// last value of a repeated key, which would let two readers of one message disagree.
+fn reject_duplicate_keys(text: &str) -> Result<(), Malformed> {
+    use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::collections::HashSet;
+    use std::fmt;
+
+    struct Check;
+    impl<'de> Visitor<'de> for Check {
+        type Value = Result<(), Malformed>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            // Keep reading to the end so that the parser's own checks still run.
+            let mut seen = HashSet::new();
+            let mut verdict = Ok(());
+            while let Some(key) = map.next_key::<String>()? {
+                let inner = map.next_value_seed(Seed)?;
+                if verdict.is_ok() {
+                    verdict = if seen.insert(key.clone()) {
+                        inner
+                    } else {
+                        Err(Malformed::DuplicateKey(key))
+                    };
+                }
+            }
+            Ok(verdict)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut verdict = Ok(());
+            while let Some(inner) = seq.next_element_seed(Seed)? {
+                verdict = verdict.and(inner);
+            }
+            Ok(verdict)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(Ok(()))
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(Ok(()))
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(Ok(()))
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(Ok(()))
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(Ok(()))
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(Ok(()))
+        }
+    }
+    struct Seed;
+    impl<'de> serde::de::DeserializeSeed<'de> for Seed {
+        type Value = Result<(), Malformed>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(Check)
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_str(text);
+    match de.deserialize_any(Check) {
+        Ok(result) => result,
+        Err(e) => Err(Malformed::Invalid(e.to_string())),
+    }
+}
+
+/// The message id of the run message that moves `instance_id` to `cursor`.
+///
+/// Deterministic, so that re-sending after a crash produces the same id and the
+/// receiver's inbox recognises the copy.
+pub fn run_message_id(instance_id: Uuid, cursor: Cursor) -> Uuid {
+    let name = format!(
+        "run/{}/{}/{}",
+        cursor.step,
+        cursor.phase.as_str(),
+        cursor.attempt
+    );
+    Uuid::new_v5(&instance_id, name.as_bytes())
+}
+
+/// The instance a start message creates: derived from the message id, so the same
+/// start message (however often delivered) always names the same instance.
+pub fn instance_id_for(start_message_id: Uuid) -> Uuid {
+    Uuid::new_v5(&start_message_id, b"instance")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::saga::coordinator::Phase;
+
+    const ID: &str = "6f1c2a4e-0000-4000-8000-000000000001";
+
+    fn start(extra: &str) -> String {
+        format!(r#"{{"message_id":"{ID}","saga":"s","payload":{{"a":1}}{extra}}}"#)
+    }
+
+    #[test]
+    fn a_minimal_start_parses_and_round_trips() {
+        let env = Envelope::parse(start("").as_bytes()).unwrap();
+        assert_eq!(env.command, Command::Start);
+        assert_eq!(env.aggregate_id, None);
+        assert_eq!(Envelope::parse(&env.to_body()).unwrap(), env);
+    }
+
+    #[test]
+    fn a_run_message_round_trips() {
+        let env = Envelope {
+            message_id: Uuid::new_v4(),
+            saga: "s".into(),
+            aggregate_id: Some("a".into()),
+            sequence: Some(3),
+            dispatched_at: None,
+            command: Command::Run {
+                instance_id: Uuid::new_v4(),
+                cursor: Cursor {
+                    step: 2,
+                    phase: Phase::Compensate,
+                    attempt: 4,
+                },
+            },
+            payload: Value::Null,
+        };
+        assert_eq!(Envelope::parse(&env.to_body()).unwrap(), env);
+    }
+
+    #[test]
+    fn unreadable_bodies_are_malformed_with_their_reason() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![], "empty"),
+            (vec![b' '; MAX_BODY_BYTES + 1], "too_large"),
+            (vec![0xff, 0xfe, b'{'], "not_utf8"),
+            (b"not json".to_vec(), "invalid"),
+            (b"[1,2]".to_vec(), "invalid"),
+            (start(r#","message_id":"x""#).into_bytes(), "duplicate_key"),
+            (br#"{"saga":"s","payload":{}}"#.to_vec(), "invalid"),
+            (start(r#","sequence":-1"#).into_bytes(), "invalid"),
+            (start(r#","unknown":1"#).into_bytes(), "invalid"),
+            (
+                format!(r#"{{"message_id":"{ID}","saga":"s","payload":[1]}}"#).into_bytes(),
+                "payload_not_object",
+            ),
+            (
+                format!(r#"{{"message_id":"not-a-uuid","saga":"s","payload":{{}}}}"#)
+                    .into_bytes(),
+                "invalid",
+            ),
+        ];
+        for (body, code) in cases {
+            let err = Envelope::parse(&body).unwrap_err();
+            assert_eq!(err.code(), code, "{err}");
+        }
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        let instance = Uuid::new_v4();
+        let a = run_message_id(instance, Cursor::START);
+        assert_eq!(a, run_message_id(instance, Cursor::START));
+        let retry = Cursor {
+            attempt: 2,
+            ..Cursor::START
+        };
+        assert_ne!(a, run_message_id(instance, retry));
+        assert_eq!(instance_id_for(a), instance_id_for(a));
+        assert_ne!(instance_id_for(a), a);
+    }
+}

@@ -1,0 +1,43 @@
+//! # skald — a saga orchestrator on RabbitMQ and PostgreSQL
+//!
+//! skald runs business flows that used to be one database transaction as *sagas*:
+//! ordered steps defined in YAML, each committing in PostgreSQL, compensated in
+//! reverse when a later step fails. Messages travel over RabbitMQ with at-least-once
+//! delivery; PostgreSQL is the only source of truth.
+//!
+//! ## Where things are
+//!
+//! - [`saga`]: saga definitions (YAML), their validation, and the pure
+//!   [`saga::coordinator`] that decides what happens after each step. No I/O.
+//! - [`envelope`]: the JSON message every start and step travels in, and how a raw
+//!   body is read (or found malformed).
+//! - [`store`]: PostgreSQL. All of skald's SQL lives here and in `migrations/`.
+//! - [`transport`]: the [`transport::Transport`] seam (publish with confirm, consume
+//!   with manual ack, delay, dead-letter) and its RabbitMQ implementation.
+//! - [`engine`]: one message, end to end: claim, effect, commit, publish, ack. A plain
+//!   component, driven by the actors but testable without them.
+//! - [`actors`]: per-aggregate actix actors that serialise the engine's work for
+//!   one aggregate, and the router that creates and evicts them.
+//! - [`app`]: wiring: build everything from a [`config::Config`], consume until
+//!   shutdown, drain in-flight work.
+//! - [`cli`]: the `skald` command line.
+//!
+//! ## The path of one message
+//!
+//! consumer → [`envelope::Envelope::parse`] (malformed → dead-letter queue) →
+//! [`actors::Router`] → the aggregate's [`actors::AggregateActor`] →
+//! [`engine::Engine::process`]: one PostgreSQL transaction holding the step's effect,
+//! the inbox row, the instance's new state and the messages to send next; commit;
+//! publish those messages with confirms; only then ack the delivery.
+
+pub mod actors;
+pub mod app;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod envelope;
+pub mod handlers;
+pub mod saga;
+pub mod store;
+pub mod transport;

@@ -1,0 +1,168 @@
+//! The validated saga model: what the engine runs.
+//!
+//! Values of these types only come out of [`crate::saga::load`], which checks every
+//! structural rule (roles, unique names, parameter references) first. The engine can
+//! therefore index steps and resolve references without re-checking them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// One saga: an ordered list of steps run one after another for one aggregate.
+#[derive(Debug, Clone, Serialize)]
+pub struct SagaDef {
+    /// Unique among the loaded sagas; the `saga` field of a start message names it.
+    pub name: String,
+    /// Bumped by the author when the steps change; recorded on every instance.
+    pub version: u32,
+    /// Where the aggregate id is found in a start message's payload when the envelope
+    /// does not carry `aggregate_id` itself.
+    pub aggregate: ValueRef,
+    /// Idempotent SQL run once at start-up before consuming (samples and self-owned
+    /// tables); `None` for sagas whose tables belong to someone else.
+    pub setup_sql: Option<String>,
+    /// In execution order; never empty.
+    pub steps: Vec<StepDef>,
+    /// The file the saga was loaded from, for error messages and the dashboard.
+    pub source: PathBuf,
+}
+
+impl SagaDef {
+    /// The index of the step called `name`, if there is one.
+    pub fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+}
+
+/// One step of a saga.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepDef {
+    /// Unique inside its saga; earlier-output references use it.
+    pub name: String,
+    /// Where the step stands relative to the point of no return.
+    pub role: StepRole,
+    /// The forward effect.
+    pub action: Action,
+    /// The semantic undo; present exactly when `role` is [`StepRole::Compensatable`].
+    pub compensation: Option<Action>,
+    /// How failed attempts of this step (and of its compensation) are retried.
+    pub retry: RetryPolicy,
+}
+
+/// The role a step plays in the saga (Garcia-Molina & Salem's classification).
+///
+/// Validation guarantees: every step before the pivot is compensatable, every step
+/// after it is retriable, and there is at most one pivot. Without a pivot a saga may
+/// be all compensatable steps followed by retriable ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepRole {
+    /// Has a compensation that semantically undoes it.
+    Compensatable,
+    /// The point of no return: once it commits, the saga can only go forward.
+    Pivot,
+    /// After the pivot: must eventually succeed, so it is retried without a cap.
+    Retriable,
+}
+
+/// What a step (or its compensation) does.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Action {
+    /// Parameterised SQL run inside the step's own PostgreSQL transaction.
+    Sql(SqlAction),
+    /// A Rust handler registered by name by the library user.
+    Handler(HandlerAction),
+}
+
+/// A SQL statement whose parameters are bound, never pasted into the text.
+#[derive(Debug, Clone, Serialize)]
+pub struct SqlAction {
+    /// The statement as written in YAML, with `:name` parameters.
+    pub sql: String,
+    /// The same statement with `:name` replaced by `$1..$n`, ready to prepare.
+    pub statement: String,
+    /// What to bind to `$1..$n`, in order (`params[0]` is `$1`).
+    pub params: Vec<ValueRef>,
+    /// When set, a different number of affected rows is a fatal (business) failure.
+    pub expect_rows: Option<u64>,
+    /// Columns of the statement's `RETURNING` clause captured (from the first row) as
+    /// the step's output, visible to later steps as `steps.<step>.<column>`.
+    pub returning: Vec<String>,
+    /// SQLSTATE codes (or two-character classes such as `23`) that mean the step can
+    /// never succeed, so it is not retried.
+    pub fatal_sqlstates: Vec<String>,
+}
+
+/// A call to a registered Rust handler.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandlerAction {
+    /// The name the handler was registered under.
+    pub name: String,
+    /// Named arguments, resolved and handed to the handler as a JSON object.
+    pub params: Vec<(String, ValueRef)>,
+}
+
+/// A reference to a value known when a step runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "from", rename_all = "snake_case")]
+pub enum ValueRef {
+    /// `payload.a.b`: a field of the start message's payload (path of object keys).
+    Payload { path: Vec<String> },
+    /// `steps.<step>.<column>`: a column captured by an earlier step's `returning`.
+    StepOutput { step: String, column: String },
+    /// `saga.instance_id`: the instance's UUID (stable across redeliveries).
+    InstanceId,
+    /// `saga.aggregate_id`: the aggregate the instance belongs to.
+    AggregateId,
+}
+
+/// How a failed attempt is retried: delays grow from `initial_delay` up to `max_delay`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; `1` means no retry. Ignored (unbounded) for
+    /// retriable steps.
+    pub max_attempts: u32,
+    /// How the delay grows between attempts.
+    pub backoff: Backoff,
+    /// The delay before the first retry.
+    #[serde(with = "millis")]
+    pub initial_delay: Duration,
+    /// No delay is longer than this.
+    #[serde(with = "millis")]
+    pub max_delay: Duration,
+    /// Spread each delay randomly over [delay/2, delay] so retries do not synchronise.
+    pub jitter: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            backoff: Backoff::Exponential,
+            initial_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(30),
+            jitter: true,
+        }
+    }
+}
+
+/// The shape of the delay curve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backoff {
+    /// Every retry waits `initial_delay`.
+    Fixed,
+    /// Retry `n` waits `initial_delay * 2^(n-1)`.
+    Exponential,
+}
+
+mod millis {
+    use serde::Serializer;
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}

@@ -1,0 +1,386 @@
+//! Named SQL parameters: saga files write `:name`, PostgreSQL wants `$1..$n`.
+//!
+//! [`compile_named`] runs a small lexer that knows just enough of PostgreSQL's lexical
+//! rules to leave alone everything that is not a parameter: `::` casts, single-quoted
+//! strings (with `''` escapes, and `E'..'` strings with backslash escapes), double-quoted
+//! identifiers, `--` line comments, nested `/* */` comments and dollar-quoted strings
+//! (`$$..$$`, `$tag$..$tag$`).
+//!
+//! Known limitation: an array slice whose lower bound is followed by an identifier
+//! (`arr[lo:hi]`) reads as parameter `:hi`; write `arr[lo : hi]` or `arr[lo:(hi)]`.
+
+use thiserror::Error;
+
+/// Why a statement's parameters could not be compiled.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SqlParamError {
+    /// A positional parameter (`$1`) appears in code: saga SQL uses named parameters
+    /// only, so the two styles cannot be mixed.
+    #[error(
+        "positional parameter `${number}` at byte {offset}: use named parameters (`:name`) only"
+    )]
+    Positional {
+        /// The digits after `$`.
+        number: String,
+        /// Byte offset of the `$` in the statement.
+        offset: usize,
+    },
+    /// A string, quoted identifier, block comment or dollar-quoted string never ends.
+    #[error("unterminated {what} starting at byte {offset}")]
+    Unterminated {
+        /// What was left open, e.g. `string literal`.
+        what: &'static str,
+        /// Byte offset where it starts.
+        offset: usize,
+    },
+}
+
+/// Replaces every `:name` parameter (name = `[A-Za-z_][A-Za-z0-9_]*`) with `$1..$n`,
+/// numbered in order of first appearance; a repeated name reuses its number.
+///
+/// Returns the rewritten statement and the parameter names in `$n` order (`names[0]` is
+/// `$1`). Text inside strings, quoted identifiers, comments and dollar-quoted strings is
+/// copied unchanged, and so are `::` casts (`:qty::int` is parameter `qty` then a cast).
+///
+/// # Errors
+/// [`SqlParamError::Positional`] when the statement already uses `$n` parameters, and
+/// [`SqlParamError::Unterminated`] when a quoted section or comment is never closed.
+pub fn compile_named(sql: &str) -> Result<(String, Vec<String>), SqlParamError> {
+    let lexed = lex(sql)?;
+    Ok((lexed.statement, lexed.names))
+}
+
+/// Whether `keyword` (compared ASCII-case-insensitively) appears as a whole word in the
+/// code of `sql`, ignoring strings, quoted identifiers and comments. A statement that does
+/// not lex (see [`compile_named`]) contains no keyword.
+pub(crate) fn has_keyword(sql: &str, keyword: &str) -> bool {
+    let Ok(lexed) = lex(sql) else {
+        return false;
+    };
+    lexed
+        .code
+        .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+        .any(|word| word.eq_ignore_ascii_case(keyword))
+}
+
+/// The result of one pass over a statement.
+struct Lexed {
+    /// The statement with `$n` in place of `:name`.
+    statement: String,
+    /// Parameter names in `$n` order.
+    names: Vec<String>,
+    /// Only the code: every string, quoted identifier, comment and parameter is replaced
+    /// by a space.
+    code: String,
+}
+
+/// Bytes at which the plain-code fast path must stop and look closer.
+fn is_special(b: u8) -> bool {
+    matches!(b, b'\'' | b'"' | b'-' | b'/' | b'$' | b':' | b'E' | b'e')
+}
+
+/// A byte that can continue an unquoted identifier (non-ASCII letters included).
+fn is_ident_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+}
+
+/// A byte that can appear in a dollar-quote tag.
+fn is_tag_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80
+}
+
+fn lex(sql: &str) -> Result<Lexed, SqlParamError> {
+    let b = sql.as_bytes();
+    let n = b.len();
+    let mut statement = String::with_capacity(n + 8);
+    let mut code = String::with_capacity(n);
+    let mut names: Vec<String> = Vec::new();
+    let mut i = 0;
+
+    while i < n {
+        let prev_is_ident = i > 0 && is_ident_byte(b[i - 1]);
+        let next = b.get(i + 1).copied();
+        // Every branch finds the end `j` of one token; all split points are ASCII bytes,
+        // so slicing `sql[i..j]` stays on character boundaries.
+        let (j, is_code) = match b[i] {
+            b'\'' => (quoted_end(b, i, b'\'', false, "string literal")?, false),
+            b'E' | b'e' if next == Some(b'\'') && !prev_is_ident => {
+                (quoted_end(b, i + 1, b'\'', true, "string literal")?, false)
+            }
+            b'"' => (quoted_end(b, i, b'"', false, "quoted identifier")?, false),
+            b'-' if next == Some(b'-') => {
+                let end = b[i..].iter().position(|&c| c == b'\n').map_or(n, |p| i + p);
+                (end, false)
+            }
+            b'/' if next == Some(b'*') => (block_comment_end(b, i)?, false),
+            b'$' if !prev_is_ident => match dollar(sql, i)? {
+                Some(end) => (end, false),
+                None => (i + 1, true),
+            },
+            b':' if next == Some(b':') => (i + 2, true),
+            b':' if next.is_some_and(|c| c.is_ascii_alphabetic() || c == b'_') => {
+                let mut end = i + 1;
+                while end < n && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
+                    end += 1;
+                }
+                let name = &sql[i + 1..end];
+                let number = match names.iter().position(|known| known == name) {
+                    Some(p) => p + 1,
+                    None => {
+                        names.push(name.to_owned());
+                        names.len()
+                    }
+                };
+                statement.push('$');
+                statement.push_str(&number.to_string());
+                code.push(' ');
+                i = end;
+                continue;
+            }
+            _ => {
+                let mut end = i + 1;
+                while end < n && !is_special(b[end]) {
+                    end += 1;
+                }
+                (end, true)
+            }
+        };
+        statement.push_str(&sql[i..j]);
+        if is_code {
+            code.push_str(&sql[i..j]);
+        } else {
+            code.push(' ');
+        }
+        i = j;
+    }
+
+    Ok(Lexed {
+        statement,
+        names,
+        code,
+    })
+}
+
+/// The end (exclusive) of a quoted section opening at `start` with `quote`; a doubled
+/// quote is an escaped quote, and with `backslash` a backslash escapes the next byte.
+fn quoted_end(
+    b: &[u8],
+    start: usize,
+    quote: u8,
+    backslash: bool,
+    what: &'static str,
+) -> Result<usize, SqlParamError> {
+    let mut k = start + 1;
+    while k < b.len() {
+        if b[k] == quote {
+            if b.get(k + 1) == Some(&quote) {
+                k += 2;
+                continue;
+            }
+            return Ok(k + 1);
+        }
+        if backslash && b[k] == b'\\' {
+            k += 2;
+            continue;
+        }
+        k += 1;
+    }
+    Err(SqlParamError::Unterminated {
+        what,
+        offset: start,
+    })
+}
+
+/// The end (exclusive) of a `/* */` comment opening at `start`; PostgreSQL nests them.
+fn block_comment_end(b: &[u8], start: usize) -> Result<usize, SqlParamError> {
+    let mut depth = 0usize;
+    let mut k = start;
+    while k + 1 < b.len() {
+        if b[k] == b'/' && b[k + 1] == b'*' {
+            depth += 1;
+            k += 2;
+        } else if b[k] == b'*' && b[k + 1] == b'/' {
+            depth -= 1;
+            k += 2;
+            if depth == 0 {
+                return Ok(k);
+            }
+        } else {
+            k += 1;
+        }
+    }
+    Err(SqlParamError::Unterminated {
+        what: "block comment",
+        offset: start,
+    })
+}
+
+/// At a `$` that does not continue an identifier: a positional parameter is an error, a
+/// dollar quote returns the end (exclusive) of the quoted string, anything else `None`.
+fn dollar(sql: &str, start: usize) -> Result<Option<usize>, SqlParamError> {
+    let b = sql.as_bytes();
+    let mut k = start + 1;
+    if b.get(k).is_some_and(u8::is_ascii_digit) {
+        while k < b.len() && b[k].is_ascii_digit() {
+            k += 1;
+        }
+        return Err(SqlParamError::Positional {
+            number: sql[start + 1..k].to_owned(),
+            offset: start,
+        });
+    }
+    while k < b.len() && is_tag_byte(b[k]) {
+        k += 1;
+    }
+    if b.get(k) != Some(&b'$') {
+        return Ok(None);
+    }
+    let tag = &sql[start..=k];
+    match sql[k + 1..].find(tag) {
+        Some(p) => Ok(Some(k + 1 + p + tag.len())),
+        None => Err(SqlParamError::Unterminated {
+            what: "dollar-quoted string",
+            offset: start,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(sql: &str) -> (String, Vec<String>) {
+        match compile_named(sql) {
+            Ok(r) => r,
+            Err(e) => panic!("{sql:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn numbers_names_in_order_of_first_appearance() {
+        let (s, names) =
+            ok("UPDATE t SET a = a - :qty WHERE sku = :sku AND a >= :qty RETURNING :x_1");
+        assert_eq!(
+            s,
+            "UPDATE t SET a = a - $1 WHERE sku = $2 AND a >= $1 RETURNING $3"
+        );
+        assert_eq!(names, ["qty", "sku", "x_1"]);
+    }
+
+    #[test]
+    fn no_params_is_unchanged() {
+        let (s, names) = ok("SELECT 1");
+        assert_eq!(s, "SELECT 1");
+        assert!(names.is_empty());
+    }
+
+    #[test]
+    fn casts_are_not_params() {
+        assert_eq!(ok("SELECT a::text, b :: int").0, "SELECT a::text, b :: int");
+        let (s, names) = ok("SELECT :qty::int, :amount::numeric(14,2)");
+        assert_eq!(s, "SELECT $1::int, $2::numeric(14,2)");
+        assert_eq!(names, ["qty", "amount"]);
+    }
+
+    #[test]
+    fn colon_not_followed_by_a_name_is_kept() {
+        assert_eq!(ok("SELECT arr[1:2], ':'").0, "SELECT arr[1:2], ':'");
+        assert_eq!(ok("SELECT :1").0, "SELECT :1");
+    }
+
+    #[test]
+    fn single_quoted_strings_are_skipped() {
+        let (s, names) = ok("SELECT ':no', 'it''s :no', :yes");
+        assert_eq!(s, "SELECT ':no', 'it''s :no', $1");
+        assert_eq!(names, ["yes"]);
+        // A backslash is an ordinary character in a standard string.
+        assert_eq!(ok(r"SELECT 'a\', :p").0, r"SELECT 'a\', $1");
+    }
+
+    #[test]
+    fn escape_strings_honour_backslashes() {
+        let (s, names) = ok(r"SELECT E'it\'s :no', e'\\', :yes");
+        assert_eq!(s, r"SELECT E'it\'s :no', e'\\', $1");
+        assert_eq!(names, ["yes"]);
+        // `e` ending an identifier does not start an escape string.
+        assert!(compile_named(r"SELECT name'x\' :p").is_ok());
+    }
+
+    #[test]
+    fn quoted_identifiers_are_skipped() {
+        let (s, names) = ok(r#"SELECT "a:b", "x"":y", :z FROM "t$1""#);
+        assert_eq!(s, r#"SELECT "a:b", "x"":y", $1 FROM "t$1""#);
+        assert_eq!(names, ["z"]);
+    }
+
+    #[test]
+    fn line_comments_are_skipped() {
+        let (s, names) = ok("SELECT :a -- :b and $1\n, :c");
+        assert_eq!(s, "SELECT $1 -- :b and $1\n, $2");
+        assert_eq!(names, ["a", "c"]);
+        assert_eq!(ok("SELECT 1 -- :tail").1, Vec::<String>::new());
+    }
+
+    #[test]
+    fn block_comments_are_skipped_and_nest() {
+        let (s, names) = ok("SELECT /* :a /* :b */ $1 */ :c");
+        assert_eq!(s, "SELECT /* :a /* :b */ $1 */ $1");
+        assert_eq!(names, ["c"]);
+    }
+
+    #[test]
+    fn dollar_quoted_strings_are_skipped() {
+        let (s, names) = ok("SELECT $$ :a ' $1 $$, $fn$ :b $$ $fn$, :c");
+        assert_eq!(s, "SELECT $$ :a ' $1 $$, $fn$ :b $$ $fn$, $1");
+        assert_eq!(names, ["c"]);
+    }
+
+    #[test]
+    fn dollar_inside_identifiers_is_not_a_parameter() {
+        assert_eq!(ok("SELECT a$1, b$x$ FROM t").0, "SELECT a$1, b$x$ FROM t");
+    }
+
+    #[test]
+    fn positional_parameters_are_rejected() {
+        assert_eq!(
+            compile_named("SELECT :a, $12"),
+            Err(SqlParamError::Positional {
+                number: "12".into(),
+                offset: 11
+            })
+        );
+    }
+
+    #[test]
+    fn unterminated_sections_are_rejected() {
+        for (sql, what) in [
+            ("SELECT 'abc", "string literal"),
+            (r"SELECT E'abc\'", "string literal"),
+            (r#"SELECT "abc"#, "quoted identifier"),
+            ("SELECT /* /* */", "block comment"),
+            ("SELECT $a$ x $b$", "dollar-quoted string"),
+        ] {
+            match compile_named(sql) {
+                Err(SqlParamError::Unterminated { what: w, .. }) => assert_eq!(w, what, "{sql}"),
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn non_ascii_text_survives() {
+        let (s, names) = ok("SELECT 'héllo', :naïve, größe FROM t -- ünï");
+        assert_eq!(s, "SELECT 'héllo', $1ïve, größe FROM t -- ünï");
+        assert_eq!(names, ["na"]);
+    }
+
+    #[test]
+    fn keyword_check_ignores_strings_and_comments() {
+        assert!(has_keyword("INSERT INTO t VALUES (1) returning id", "RETURNING"));
+        assert!(has_keyword("INSERT INTO t VALUES (1)\nRETURNING\tid", "returning"));
+        assert!(!has_keyword("INSERT INTO t VALUES ('RETURNING')", "returning"));
+        assert!(!has_keyword("INSERT INTO t VALUES (1) -- returning id", "returning"));
+        assert!(!has_keyword("INSERT INTO t (returning_id) VALUES (1)", "returning"));
+        assert!(!has_keyword(r#"SELECT "returning""#, "returning"));
+    }
+}

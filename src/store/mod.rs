@@ -1,0 +1,183 @@
+//! PostgreSQL, the only source of truth. All of skald's SQL lives in this module and
+//! in `migrations/`.
+//!
+//! - [`Store`]: the pool, database creation, migrations, saga setup SQL, reports.
+//! - [`steps`]: the statements of one step's transaction (claim, record).
+//! - [`effects`]: running a step's action in that transaction.
+
+pub mod effects;
+pub mod steps;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::envelope::Outgoing;
+use crate::saga::SagaDef;
+use crate::saga::coordinator::InstanceStatus;
+pub use steps::{AttemptRecord, InstanceRow, NewInstance, RunClaim, StepTx};
+
+/// What can go wrong talking to PostgreSQL. Every variant is an infrastructure
+/// problem (the step itself did not fail): callers retry the whole message later.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A query or connection failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration could not be applied.
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// `DATABASE_URL` could not be used.
+    #[error("DATABASE_URL: {0}")]
+    Url(String),
+    /// A saga's `setup` SQL failed.
+    #[error("setup SQL of saga {saga:?} failed: {source}")]
+    Setup {
+        /// The saga whose setup failed.
+        saga: String,
+        /// The database's error.
+        source: sqlx::Error,
+    },
+    /// A stored row holds a value skald never writes (edited by hand?).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// Count of instances of one saga in one status.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StatusCount {
+    /// The saga's name.
+    pub saga: String,
+    /// The status counted.
+    pub status: InstanceStatus,
+    /// How many instances are in it.
+    pub count: i64,
+}
+
+/// A handle on skald's database. Cheap to clone (the pool is shared).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects to `database_url` with at most `max_connections`, creating the
+    /// database first if it does not exist.
+    pub async fn connect(database_url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        let options =
+            PgConnectOptions::from_str(database_url).map_err(|e| StoreError::Url(e.to_string()))?;
+        create_database_if_missing(&options).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Store { pool })
+    }
+
+    /// The connection pool, for callers (tests, benchmarks) that query directly.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the migrations in `migrations/` (embedded at build time). The
+    /// bookkeeping table lives in skald's own schema, not in `public`.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut migrator = sqlx::migrate!("./migrations");
+        migrator.create_schema("skald");
+        migrator.dangerous_set_table_name("skald._sqlx_migrations");
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Runs each saga's `setup` SQL (idempotent by contract), in saga order.
+    pub async fn run_setup(&self, sagas: &[SagaDef]) -> Result<(), StoreError> {
+        for saga in sagas {
+            if let Some(sql) = &saga.setup_sql {
+                sqlx::raw_sql(AssertSqlSafe(sql.clone()))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|source| StoreError::Setup {
+                        saga: saga.name.clone(),
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the transaction one message is handled in.
+    pub async fn begin(&self) -> Result<StepTx, StoreError> {
+        Ok(StepTx::new(self.pool.begin().await?))
+    }
+
+    /// What the first handling of `message_id` sent on, to send again when a copy of
+    /// it arrives; empty if it sent nothing (or was never handled).
+    pub async fn outgoing_of(&self, message_id: Uuid) -> Result<Vec<Outgoing>, StoreError> {
+        let row = sqlx::query("SELECT outgoing FROM skald.inbox WHERE message_id = $1")
+            .bind(message_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            None => Ok(Vec::new()),
+            Some(row) => {
+                let json: sqlx::types::Json<Vec<Outgoing>> = row.try_get("outgoing")?;
+                Ok(json.0)
+            }
+        }
+    }
+
+    /// Instances per saga and status, for `skald status` and the dashboard.
+    pub async fn status_counts(&self) -> Result<Vec<StatusCount>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT saga, status, count(*) AS n FROM skald.instances \
+             GROUP BY saga, status ORDER BY saga, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let status: String = row.try_get("status")?;
+                Ok(StatusCount {
+                    saga: row.try_get("saga")?,
+                    status: InstanceStatus::parse(&status)
+                        .ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
+                    count: row.try_get("n")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Closes every pooled connection, waiting for those in use to come back.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// `CREATE DATABASE` through the server's `postgres` database when the target is
+/// missing. Two processes racing to create it are both fine.
+async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
+    let name = options.get_database().unwrap_or("postgres").to_string();
+    let mut admin = PgConnection::connect_with(&options.clone().database("postgres")).await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        let created = sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+            .execute(&mut admin)
+            .await;
+        match created {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    admin.close().await?;
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! The transport seam: how messages reach skald and leave it.
+//!
+//! The engine and the actors only see [`Transport`] and [`Delivery`]; RabbitMQ
+//! ([`rabbitmq::RabbitTransport`]) is the first implementation. Another broker (Redis
+//! Streams, NATS JetStream, SQS, Kafka) implements the same four promises:
+//!
+//! 1. [`Transport::publish`] returns only once the broker has taken responsibility
+//!    for the message (a publisher confirm, not a routing failure or a nack);
+//! 2. [`Transport::consume`] yields deliveries that stay owned by this consumer until
+//!    [`Delivery::ack`]; a consumer that disappears hands them back for redelivery;
+//! 3. a delayed publish ([`Outgoing::delay_ms`]) is durable while it waits;
+//! 4. [`Transport::dead_letter`] stores a body durably where a person can find it.
+
+pub mod rabbitmq;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+
+use crate::envelope::Outgoing;
+
+/// A transport failure. Always an infrastructure problem: the caller retries later,
+/// and an unacknowledged delivery is redelivered, so nothing is lost.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The connection or channel failed.
+    #[error("broker connection: {0}")]
+    Connection(String),
+    /// The broker refused the message (a nack) or could not route it.
+    #[error("broker did not accept the message: {0}")]
+    NotAccepted(String),
+}
+
+/// Acknowledges one delivery. Implementations ack exactly that delivery, never
+/// several at once: aggregates finish out of order.
+pub trait Acknowledge: Send + Sync {
+    /// Deletes the delivery from its queue.
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>>;
+}
+
+/// One message handed to skald, owned until acknowledged.
+pub struct Delivery {
+    /// The raw body, exactly as published.
+    pub body: Vec<u8>,
+    /// The broker says it delivered this message before (a hint only: the inbox is
+    /// what recognises copies).
+    pub redelivered: bool,
+    acker: Box<dyn Acknowledge>,
+}
+
+impl Delivery {
+    /// Wraps a body and the way to acknowledge it.
+    pub fn new(body: Vec<u8>, redelivered: bool, acker: Box<dyn Acknowledge>) -> Self {
+        Delivery {
+            body,
+            redelivered,
+            acker,
+        }
+    }
+
+    /// Deletes the delivery from its queue. Call only after everything it caused has
+    /// committed and been published.
+    pub async fn ack(self) -> Result<(), TransportError> {
+        self.acker.ack().await
+    }
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("bytes", &self.body.len())
+            .field("redelivered", &self.redelivered)
+            .finish()
+    }
+}
+
+/// The broker as skald uses it.
+pub trait Transport: Send + Sync + 'static {
+    /// Publishes a message to skald's intake (after `delay_ms`, durably), returning
+    /// once the broker confirmed it.
+    fn publish<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Stores `body` durably in the dead-letter queue with `reason` attached,
+    /// returning once the broker confirmed it.
+    fn dead_letter<'a>(
+        &'a self,
+        body: &'a [u8],
+        reason_code: &'a str,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Starts consuming skald's intake. The stream ends when the connection is lost
+    /// or [`Transport::stop_consuming`] is called; call again to resume.
+    fn consume(&self) -> BoxFuture<'_, Result<BoxStream<'static, Delivery>, TransportError>>;
+
+    /// Asks the broker to stop sending deliveries (graceful shutdown). Deliveries
+    /// already received can still be acknowledged.
+    fn stop_consuming(&self) -> BoxFuture<'_, ()>;
+
+    /// Closes the connection. Unacknowledged deliveries go back to their queue.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}

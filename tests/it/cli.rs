@@ -1,0 +1,81 @@
+//! The `skald` command line as a user runs it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::helpers::{TestEnv, sample_sagas};
+
+#[test]
+fn validate_accepts_the_sample_sagas() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
+        .args(["validate"])
+        .arg(sample_sagas())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("order_checkout"));
+}
+
+#[test]
+fn validate_reports_every_broken_file_with_its_line_and_fails() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/invalid");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
+        .arg("validate")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for file in std::fs::read_dir(&dir).unwrap() {
+        let name = file.unwrap().file_name().to_string_lossy().to_string();
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(&name))
+            .unwrap_or_else(|| panic!("no error for {name} in:\n{stderr}"));
+        // file:line:column: field: message
+        let after = line.split(&name).nth(1).unwrap();
+        let line_no: u32 = after.trim_start_matches(':').split(':').next().unwrap().parse().unwrap();
+        assert!(line_no > 0, "{line}");
+    }
+}
+
+#[actix_rt::test]
+async fn start_prints_ids_after_confirm_and_status_counts_the_result() {
+    let env = TestEnv::new(sample_sagas()).await;
+    let app = env.start_app().await;
+    let out = env
+        .skald(&[
+            "start",
+            "order_checkout",
+            "--data",
+            r#"{"order_id":"cli-1","sku":"SKU-3","qty":1,"account":"alice","amount":10}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("message_id="), "{stdout}");
+    env.wait_for_terminal(1, Duration::from_secs(30)).await;
+    app.stop().await;
+
+    let out = env.skald(&["status", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["sagas"]["order_checkout"]["completed"], 1);
+    assert_eq!(report["sagas"]["order_checkout"]["running"], 0);
+
+    let out = env.skald(&["status"]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("order_checkout") && table.contains("completed"), "{table}");
+    env.cleanup().await;
+}
+
+#[test]
+fn start_refuses_a_payload_that_is_not_an_object() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
+        .args(["start", "order_checkout", "--data", "[1,2]"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("JSON object"));
+}

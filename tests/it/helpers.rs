@@ -1,0 +1,271 @@
+//! Shared setup: every test gets its own PostgreSQL database and its own RabbitMQ
+//! namespace (exchanges and queues), so tests run in parallel and rerun cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use serde_json::Value;
+use skald::app::{App, AppError};
+use skald::config::Config;
+use skald::engine::{Engine, Faults};
+use skald::envelope::{Command as EnvCommand, Envelope, Outgoing};
+use skald::handlers::Handlers;
+use skald::transport::Transport;
+use skald::transport::rabbitmq::{RabbitTransport, Topology};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
+use uuid::Uuid;
+
+pub const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The sample sagas shipped in `sagas/`.
+pub fn sample_sagas() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas")
+}
+
+/// Sagas written for the tests, in `tests/fixtures/sagas/`.
+pub fn test_sagas() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sagas")
+}
+
+/// One test's private database and broker namespace.
+pub struct TestEnv {
+    pub config: Config,
+    pub name: String,
+    pub pool: PgPool,
+}
+
+impl TestEnv {
+    /// A fresh database (created by skald itself on first build) and namespace, with
+    /// sagas from `sagas_dir`.
+    pub async fn new(sagas_dir: PathBuf) -> TestEnv {
+        let name = format!("skald_it_{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let config = Config {
+            database_url: format!("{SERVER}/{name}"),
+            amqp_url: AMQP.to_string(),
+            sagas_dir,
+            namespace: name.clone(),
+            prefetch: 64,
+            db_pool: 5,
+            actor_idle: Duration::from_millis(500),
+            shutdown_timeout: Duration::from_secs(10),
+        };
+        let store = skald::store::Store::connect(&config.database_url, 1)
+            .await
+            .expect("create the test database");
+        store.close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(3)
+            .connect(&config.database_url)
+            .await
+            .expect("connect to the test database");
+        TestEnv { config, name, pool }
+    }
+
+    /// Builds skald (migrations, setup SQL, topology) and consumes in the background.
+    pub async fn start_app(&self) -> RunningApp {
+        let app = App::build(self.config.clone(), Handlers::default(), Faults::none())
+            .await
+            .expect("skald builds");
+        let engine = app.engine().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = actix::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        RunningApp {
+            stop,
+            handle,
+            engine,
+        }
+    }
+
+    /// The environment a `skald` child process needs to use this test's services.
+    pub fn process_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DATABASE_URL", self.config.database_url.clone()),
+            ("AMQP_URL", self.config.amqp_url.clone()),
+            ("SKALD_NAMESPACE", self.config.namespace.clone()),
+            ("SKALD_SAGAS_DIR", self.config.sagas_dir.display().to_string()),
+            ("SKALD_DB_POOL", "5".into()),
+            ("SKALD_LOG", "info".into()),
+        ]
+    }
+
+    /// `skald <args>` against this test's services.
+    pub fn skald(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_skald"));
+        cmd.args(args).envs(self.process_env());
+        cmd
+    }
+
+    /// Starts `skald run` as a child process (extra env on top of this test's).
+    pub fn spawn_process(&self, extra_env: &[(&str, &str)]) -> Child {
+        self.skald(&["run"])
+            .envs(extra_env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn skald run")
+    }
+
+    /// A transport for publishing test messages.
+    pub async fn transport(&self) -> Arc<RabbitTransport> {
+        RabbitTransport::connect(&self.config.amqp_url, &self.config.namespace, 1)
+            .await
+            .expect("connect to RabbitMQ")
+    }
+
+    /// Publishes start messages (confirmed, in order) and returns their message ids.
+    pub async fn publish_starts(&self, starts: Vec<Envelope>) -> Vec<Uuid> {
+        let transport = self.transport().await;
+        let ids = starts.iter().map(|e| e.message_id).collect();
+        let outgoing: Vec<Outgoing> = starts
+            .into_iter()
+            .map(|envelope| Outgoing {
+                envelope,
+                delay_ms: 0,
+            })
+            .collect();
+        for window in outgoing.chunks(500) {
+            let mut confirms: FuturesUnordered<_> =
+                window.iter().map(|m| transport.publish(m)).collect();
+            while let Some(r) = confirms.next().await {
+                r.expect("publish confirmed");
+            }
+        }
+        transport.close().await;
+        ids
+    }
+
+    /// Waits until `count` instances are terminal; panics after `timeout`.
+    pub async fn wait_for_terminal(&self, count: i64, timeout: Duration) {
+        let started = Instant::now();
+        loop {
+            let done: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM skald.instances \
+                 WHERE status IN ('completed', 'compensated', 'failed')",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(0);
+            if done >= count {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "only {done} of {count} instances terminal after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Status of every instance, by instance id.
+    pub async fn statuses(&self) -> Vec<(Uuid, String)> {
+        sqlx::query_as("SELECT id, status FROM skald.instances ORDER BY created_at")
+            .fetch_all(&self.pool)
+            .await
+            .expect("read statuses")
+    }
+
+    /// Messages ready in one of this test's queues.
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let conn = Connection::connect(AMQP, ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = conn.close(200, "".into()).await;
+        q.message_count()
+    }
+
+    /// The topology names of this test's namespace.
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.config.namespace)
+    }
+
+    /// Drops the database and deletes the queues.
+    pub async fn cleanup(self) {
+        self.pool.close().await;
+        if let Ok(conn) = Connection::connect(AMQP, ConnectionProperties::default()).await
+            && let Ok(ch) = conn.create_channel().await
+        {
+            for q in self.topology().all_queues() {
+                let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+            }
+            let _ = conn.close(200, "".into()).await;
+        }
+        if let Ok(mut admin) = PgConnection::connect(&format!("{SERVER}/postgres")).await {
+            let _ = sqlx::query(AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            )))
+            .execute(&mut admin)
+            .await;
+            let _ = admin.close().await;
+        }
+    }
+}
+
+/// skald consuming in the background of a test.
+pub struct RunningApp {
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<Result<(), AppError>>,
+    pub engine: Arc<Engine>,
+}
+
+impl RunningApp {
+    /// Graceful shutdown; panics if it fails.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.handle
+            .await
+            .expect("app task")
+            .expect("graceful shutdown");
+    }
+}
+
+/// A start message for `saga` on `aggregate` with `payload`.
+pub fn start(saga: &str, aggregate: &str, sequence: u64, payload: Value) -> Envelope {
+    Envelope {
+        message_id: Uuid::new_v4(),
+        saga: saga.into(),
+        aggregate_id: Some(aggregate.into()),
+        sequence: Some(sequence),
+        dispatched_at: Some(chrono::Utc::now()),
+        command: EnvCommand::Start,
+        payload,
+    }
+}
+
+/// Waits for a child process to exit, killing it after `timeout`.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("child process did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

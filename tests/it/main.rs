@@ -1,0 +1,8 @@
+//! Integration tests against the real PostgreSQL and RabbitMQ on this machine. One
+//! binary, so it links once; each scenario isolates itself through `helpers::TestEnv`.
+
+mod helpers;
+
+mod cli;
+mod crash;
+mod saga_flow;
