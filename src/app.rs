@@ -44,7 +44,11 @@ impl App {
     /// Loads and validates the sagas, connects to PostgreSQL (creating the database
     /// and applying migrations and saga setup SQL) and to RabbitMQ (declaring the
     /// topology). Nothing is consumed yet.
-    pub async fn build(config: Config, handlers: Handlers, faults: Faults) -> Result<App, AppError> {
+    pub async fn build(
+        config: Config,
+        handlers: Handlers,
+        faults: Faults,
+    ) -> Result<App, AppError> {
         let sagas = load_dir(&config.sagas_dir).map_err(AppError::Sagas)?;
         for saga in &sagas {
             tracing::info!(saga = %saga.name, version = saga.version, steps = saga.steps.len(),
@@ -137,7 +141,10 @@ impl App {
     }
 
     async fn shut_down(self) {
-        tracing::info!(in_flight = self.engine.in_flight().count(), "shutting down: draining");
+        tracing::info!(
+            in_flight = self.engine.in_flight().count(),
+            "shutting down: draining"
+        );
         self.transport.stop_consuming().await;
         let drained = tokio::time::timeout(
             self.config.shutdown_timeout,
@@ -146,8 +153,10 @@ impl App {
         .await;
         self.engine.begin_shutdown();
         if drained.is_err() {
-            tracing::warn!(in_flight = self.engine.in_flight().count(),
-                "shutdown timeout: unfinished messages will be redelivered");
+            tracing::warn!(
+                in_flight = self.engine.in_flight().count(),
+                "shutdown timeout: unfinished messages will be redelivered"
+            );
         }
         self.transport.close().await;
         self.store.close().await;

@@ -131,7 +131,11 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure(config: &Config, args: &BenchArgs, aggregates: usize) -> anyhow::Result<BenchReport> {
+async fn measure(
+    config: &Config,
+    args: &BenchArgs,
+    aggregates: usize,
+) -> anyhow::Result<BenchReport> {
     // Build skald first: it creates the database, its schema and the sample tables
     // that the baseline's statement also uses.
     let app = App::build(config.clone(), Handlers::default(), Faults::none()).await?;
@@ -221,7 +225,11 @@ async fn seed(pool: &sqlx::PgPool, aggregates: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn publish_all(transport: &RabbitTransport, sagas: usize, aggregates: usize) -> anyhow::Result<()> {
+async fn publish_all(
+    transport: &RabbitTransport,
+    sagas: usize,
+    aggregates: usize,
+) -> anyhow::Result<()> {
     let messages: Vec<Outgoing> = (0..sagas)
         .map(|i| {
             let agg = i % aggregates;
@@ -269,7 +277,9 @@ async fn baseline(config: &Config, messages: usize, aggregates: usize) -> anyhow
     let conn = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await?;
     let queue = format!("{}.baseline", config.namespace);
     let publisher = conn.create_channel().await?;
-    publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     publisher
         .queue_declare(
             queue.as_str().into(),
@@ -283,7 +293,8 @@ async fn baseline(config: &Config, messages: usize, aggregates: usize) -> anyhow
     for chunk_start in (0..messages).step_by(1000) {
         let mut confirms = FuturesUnordered::new();
         for i in chunk_start..(chunk_start + 1000).min(messages) {
-            let body = json!({"message_id": Uuid::new_v4(), "sku": format!("bench-{}", i % aggregates)});
+            let body =
+                json!({"message_id": Uuid::new_v4(), "sku": format!("bench-{}", i % aggregates)});
             let confirm = publisher
                 .basic_publish(
                     "".into(),
@@ -325,7 +336,10 @@ async fn baseline(config: &Config, messages: usize, aggregates: usize) -> anyhow
         let (pool, done, all_done) = (pool.clone(), done.clone(), all_done.clone());
         tokio::spawn(async move {
             let body: serde_json::Value = serde_json::from_slice(&delivery.data).expect("own body");
-            let id: Uuid = body["message_id"].as_str().and_then(|s| s.parse().ok()).expect("id");
+            let id: Uuid = body["message_id"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("id");
             let sku = body["sku"].as_str().expect("sku").to_string();
             let mut tx = pool.begin().await.expect("begin");
             sqlx::query("INSERT INTO public.baseline_inbox (message_id) VALUES ($1)")
@@ -342,7 +356,11 @@ async fn baseline(config: &Config, messages: usize, aggregates: usize) -> anyhow
             .await
             .expect("effect");
             tx.commit().await.expect("commit");
-            delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+            delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
             if done.fetch_add(1, Ordering::SeqCst) + 1 == messages {
                 all_done.notify_one();
             }

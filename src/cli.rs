@@ -175,7 +175,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match load_dir(&dir) {
                 Ok(sagas) => {
                     let names: Vec<_> = sagas.iter().map(|s| s.name.as_str()).collect();
-                    println!("ok: {} saga(s) in {}: {}", sagas.len(), dir.display(), names.join(", "));
+                    println!(
+                        "ok: {} saga(s) in {}: {}",
+                        sagas.len(),
+                        dir.display(),
+                        names.join(", ")
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(errors) => {

@@ -26,14 +26,10 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::envelope::{
-    Command, Envelope, Malformed, Outgoing, instance_id_for, run_message_id,
-};
+use crate::envelope::{Command, Envelope, Malformed, Outgoing, instance_id_for, run_message_id};
 use crate::handlers::Handlers;
 use crate::saga::context::StepInput;
-use crate::saga::coordinator::{
-    self, Admission, Cursor, FailureKind, Outcome, Phase, Transition,
-};
+use crate::saga::coordinator::{self, Admission, Cursor, FailureKind, Outcome, Phase, Transition};
 use crate::saga::{Catalog, SagaDef};
 use crate::store::effects::{self, EffectError};
 use crate::store::{AttemptRecord, InstanceRow, NewInstance, RunClaim, StepTx, Store, StoreError};
@@ -271,7 +267,9 @@ impl Engine {
                 })
                 .ok_or_else(|| Malformed::NoAggregate(saga.aggregate.to_string()))?,
             (None, Command::Run { .. }) => {
-                return Err(Malformed::Invalid("run message without aggregate_id".into()));
+                return Err(Malformed::Invalid(
+                    "run message without aggregate_id".into(),
+                ));
             }
         };
         Ok(Job {
@@ -344,9 +342,11 @@ impl Engine {
     async fn try_once(&self, job: &Job) -> Result<(), EngineError> {
         let step_name = match job.envelope.command {
             Command::Start => job.saga.steps.first().map(|s| s.name.as_str()),
-            Command::Run { cursor, .. } => {
-                job.saga.steps.get(cursor.step as usize).map(|s| s.name.as_str())
-            }
+            Command::Run { cursor, .. } => job
+                .saga
+                .steps
+                .get(cursor.step as usize)
+                .map(|s| s.name.as_str()),
         };
         match self.handle(job).await? {
             Handled::Send(outgoing) => {
@@ -423,7 +423,8 @@ impl Engine {
 
         match result {
             Ok(output) => {
-                let t = coordinator::transition(&job.saga, cursor, Outcome::Succeeded, fastrand::f64());
+                let t =
+                    coordinator::transition(&job.saga, cursor, Outcome::Succeeded, fastrand::f64());
                 let outgoing = self.outgoing(&job.saga, &row, &t);
                 let attempt = AttemptRecord {
                     cursor,
@@ -473,7 +474,10 @@ impl Engine {
                 return Ok(Handled::Send(outgoing));
             }
             Claimed::NoInstance(id) => {
-                return Ok(Handled::DeadLetter("no_instance", format!("unknown instance {id}")));
+                return Ok(Handled::DeadLetter(
+                    "no_instance",
+                    format!("unknown instance {id}"),
+                ));
             }
         };
         let outcome = Outcome::Failed(failure.kind);
@@ -486,8 +490,15 @@ impl Engine {
             error: Some(&failure.message),
             started_at,
         };
-        tx.record_applied(job.envelope.message_id, row.id, &attempt, t.state, None, &outgoing)
-            .await?;
+        tx.record_applied(
+            job.envelope.message_id,
+            row.id,
+            &attempt,
+            t.state,
+            None,
+            &outgoing,
+        )
+        .await?;
         tx.commit().await?;
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
         self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);

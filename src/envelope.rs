@@ -295,8 +295,7 @@ mod tests {
                 "payload_not_object",
             ),
             (
-                format!(r#"{{"message_id":"not-a-uuid","saga":"s","payload":{{}}}}"#)
-                    .into_bytes(),
+                format!(r#"{{"message_id":"not-a-uuid","saga":"s","payload":{{}}}}"#).into_bytes(),
                 "invalid",
             ),
         ];

@@ -66,7 +66,10 @@ mod tests {
         let payload_ref = |p: &[&str]| ValueRef::Payload {
             path: p.iter().map(|s| s.to_string()).collect(),
         };
-        assert_eq!(payload_ref(&["order", "id"]).resolve(&input), Some(json!("o-1")));
+        assert_eq!(
+            payload_ref(&["order", "id"]).resolve(&input),
+            Some(json!("o-1"))
+        );
         assert_eq!(payload_ref(&["qty"]).resolve(&input), Some(json!(2)));
         assert_eq!(payload_ref(&["missing"]).resolve(&input), None);
         let out = ValueRef::StepOutput {
@@ -74,7 +77,10 @@ mod tests {
             column: "payment_id".into(),
         };
         assert_eq!(out.resolve(&input), Some(json!(7)));
-        assert_eq!(ValueRef::InstanceId.resolve(&input), Some(json!(id.to_string())));
+        assert_eq!(
+            ValueRef::InstanceId.resolve(&input),
+            Some(json!(id.to_string()))
+        );
         assert_eq!(ValueRef::AggregateId.resolve(&input), Some(json!("agg")));
     }
 }

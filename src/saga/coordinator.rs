@@ -311,7 +311,9 @@ pub fn retry_delay(policy: &RetryPolicy, failed_attempt: u32, jitter: f64) -> Du
         Backoff::Fixed => policy.initial_delay,
         Backoff::Exponential => {
             let doublings = failed_attempt.saturating_sub(1).min(32);
-            policy.initial_delay.saturating_mul(1u32 << doublings.min(31))
+            policy
+                .initial_delay
+                .saturating_mul(1u32 << doublings.min(31))
         }
     }
     .min(policy.max_delay);
@@ -393,10 +395,7 @@ mod tests {
             cur(2, Phase::Forward, 1),
             cur(1, Phase::Compensate, 2),
         ] {
-            assert_eq!(
-                admit(state, stale),
-                Admission::Skip(SkipReason::NotCurrent)
-            );
+            assert_eq!(admit(state, stale), Admission::Skip(SkipReason::NotCurrent));
         }
     }
 

@@ -84,7 +84,7 @@ use thiserror::Error;
 use super::definition::{
     Action, Backoff, HandlerAction, RetryPolicy, SagaDef, SqlAction, StepDef, StepRole, ValueRef,
 };
-use super::sql::{compile_named, has_keyword};
+use super::sql::{compile_named, has_keyword, is_single_statement};
 use super::yaml::{RawAction, RawBackoff, RawRetry, RawRole, RawSaga, RawStep};
 
 /// One problem found while loading a saga file, pointing at the offending YAML.
@@ -467,7 +467,10 @@ impl Checker<'_> {
                 self.error(
                     Pos::at(&raw.version),
                     "version",
-                    format!("version must be an integer >= 1, found {}", raw.version.value),
+                    format!(
+                        "version must be an integer >= 1, found {}",
+                        raw.version.value
+                    ),
                 );
                 None
             }
@@ -487,10 +490,7 @@ impl Checker<'_> {
                 None
             }
         };
-        let setup_sql = raw
-            .setup
-            .map(|s| s.value)
-            .filter(|s| !s.trim().is_empty());
+        let setup_sql = raw.setup.map(|s| s.value).filter(|s| !s.trim().is_empty());
         let defaults = RetryPolicy::default();
         let saga_retry = match &raw.retry {
             Some(retry) => self.retry(&defaults, retry, "retry"),
@@ -514,10 +514,7 @@ impl Checker<'_> {
             self.error(
                 Pos::at(name),
                 field,
-                format!(
-                    "{what} name `{}` must match ^[a-z][a-z0-9_]*$",
-                    name.value
-                ),
+                format!("{what} name `{}` must match ^[a-z][a-z0-9_]*$", name.value),
             );
             None
         }
@@ -871,10 +868,7 @@ impl Checker<'_> {
         }
         Some(Action::Handler(HandlerAction {
             name: name.to_owned(),
-            params: params
-                .into_iter()
-                .map(|(k, r)| (k.to_owned(), r))
-                .collect(),
+            params: params.into_iter().map(|(k, r)| (k.to_owned(), r)).collect(),
         }))
     }
 
@@ -891,10 +885,22 @@ impl Checker<'_> {
             self.error(Pos::at(sql), sql_field, "`sql` is empty");
             return None;
         }
+        if !is_single_statement(&sql.value) {
+            self.error(
+                Pos::at(sql),
+                sql_field,
+                "`sql` must be a single statement (there is more after a `;`)",
+            );
+            return None;
+        }
         let (statement, names) = match compile_named(&sql.value) {
             Ok(compiled) => compiled,
             Err(e) => {
-                self.error(Pos::at(sql), sql_field, format!("invalid sql parameters: {e}"));
+                self.error(
+                    Pos::at(sql),
+                    sql_field,
+                    format!("invalid sql parameters: {e}"),
+                );
                 return None;
             }
         };
@@ -917,25 +923,28 @@ impl Checker<'_> {
             }
         }
 
-        let expect_rows = a.expect_rows.as_ref().and_then(|n| match u64::try_from(n.value) {
-            Ok(v) => Some(v),
-            Err(_) => {
-                self.error(
-                    Pos::at(n),
-                    format!("{field}.expect_rows"),
-                    format!("expect_rows must be an integer >= 0, found {}", n.value),
-                );
-                None
-            }
-        });
+        let expect_rows = a
+            .expect_rows
+            .as_ref()
+            .and_then(|n| match u64::try_from(n.value) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    self.error(
+                        Pos::at(n),
+                        format!("{field}.expect_rows"),
+                        format!("expect_rows must be an integer >= 0, found {}", n.value),
+                    );
+                    None
+                }
+            });
 
         let mut returning: Vec<String> = Vec::new();
         if let Some(columns) = &a.returning {
-            for column in &columns.value {
+            for (j, column) in columns.value.iter().enumerate() {
                 if !is_identifier(&column.value) {
                     self.error(
                         Pos::at(column),
-                        format!("{field}.returning"),
+                        format!("{field}.returning[{j}]"),
                         format!(
                             "column name `{}` must match ^[A-Za-z_][A-Za-z0-9_]*$",
                             column.value
@@ -944,7 +953,7 @@ impl Checker<'_> {
                 } else if returning.contains(&column.value) {
                     self.error(
                         Pos::at(column),
-                        format!("{field}.returning"),
+                        format!("{field}.returning[{j}]"),
                         format!("column `{}` is listed twice", column.value),
                     );
                 } else {
@@ -962,13 +971,13 @@ impl Checker<'_> {
 
         let mut fatal_sqlstates = Vec::new();
         if let Some(states) = &a.fatal_sqlstates {
-            for state in &states.value {
+            for (j, state) in states.value.iter().enumerate() {
                 if is_sqlstate(&state.value) {
                     fatal_sqlstates.push(state.value.clone());
                 } else {
                     self.error(
                         Pos::at(state),
-                        format!("{field}.fatal_sqlstates"),
+                        format!("{field}.fatal_sqlstates[{j}]"),
                         format!(
                             "`{}` is not a SQLSTATE: expected 5 characters (e.g. 23505) or a \
                              2-character class (e.g. 23), each 0-9 or A-Z",
@@ -1008,7 +1017,9 @@ impl Checker<'_> {
 /// the position can be mapped back to a node, the path of that node.
 fn yaml_error(src: &str, file: &Path, err: &serde_saphyr::Error) -> LoadError {
     let inner = innermost(err);
-    let at = err.location().map_or(Pos { line: 0, column: 0 }, |l| Pos::of(&l));
+    let at = err
+        .location()
+        .map_or(Pos { line: 0, column: 0 }, |l| Pos::of(&l));
     // serde-saphyr reports a missing field at the mapping's last key (or at the mapping
     // itself when it is empty).
     let prefer = match inner {
@@ -1084,6 +1095,14 @@ fn yaml_message(err: &serde_saphyr::Error, scalar: Option<&str>) -> String {
         }
         E::DuplicateMappingKey { key: None, .. } => "duplicate key in the same mapping".to_owned(),
         E::Eof { .. } => "unexpected end of file: expected a saga mapping".to_owned(),
+        E::Unexpected { expected, .. } => match *expected {
+            "mapping start" => "expected a mapping (`key: value` pairs)".to_owned(),
+            "sequence start" => "expected a sequence (a `- item` list or `[...]`)".to_owned(),
+            "string scalar" | "scalar" => {
+                "expected a single value, not a list or mapping".to_owned()
+            }
+            other => format!("expected {other}{found}"),
+        },
         other => serde_saphyr::UserMessageFormatter
             .format_message(other)
             .into_owned(),
@@ -1298,7 +1317,10 @@ mod tests {
 
     #[test]
     fn value_refs_parse() {
-        assert_eq!(parse_value_ref("payload.order_id"), Ok(payload(&["order_id"])));
+        assert_eq!(
+            parse_value_ref("payload.order_id"),
+            Ok(payload(&["order_id"]))
+        );
         assert_eq!(
             parse_value_ref("payload.customer.e-mail"),
             Ok(payload(&["customer", "e-mail"]))
@@ -1310,8 +1332,14 @@ mod tests {
                 column: "payment_id".into()
             })
         );
-        assert_eq!(parse_value_ref("saga.instance_id"), Ok(ValueRef::InstanceId));
-        assert_eq!(parse_value_ref("saga.aggregate_id"), Ok(ValueRef::AggregateId));
+        assert_eq!(
+            parse_value_ref("saga.instance_id"),
+            Ok(ValueRef::InstanceId)
+        );
+        assert_eq!(
+            parse_value_ref("saga.aggregate_id"),
+            Ok(ValueRef::AggregateId)
+        );
         for bad in [
             "",
             "payload",
@@ -1327,7 +1355,10 @@ mod tests {
             "Payload.x",
         ] {
             let err = parse_value_ref(bad).expect_err(bad);
-            assert!(err.starts_with("unknown parameter reference"), "{bad}: {err}");
+            assert!(
+                err.starts_with("unknown parameter reference"),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -1427,17 +1458,28 @@ mod tests {
                 .is_some_and(|s| s.contains("CREATE SCHEMA IF NOT EXISTS shop"))
         );
         let names: Vec<_> = def.steps.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["reserve_stock", "charge_account", "create_shipment"]);
+        assert_eq!(
+            names,
+            ["reserve_stock", "charge_account", "create_shipment"]
+        );
         let roles: Vec<_> = def.steps.iter().map(|s| s.role).collect();
         assert_eq!(
             roles,
-            [StepRole::Compensatable, StepRole::Compensatable, StepRole::Pivot]
+            [
+                StepRole::Compensatable,
+                StepRole::Compensatable,
+                StepRole::Pivot
+            ]
         );
 
         let charge = sql_of(&def.steps[1].action);
         assert_eq!(charge.returning, ["payment_id"]);
         assert_eq!(charge.expect_rows, Some(1));
-        assert!(charge.statement.contains("$1::numeric"), "{}", charge.statement);
+        assert!(
+            charge.statement.contains("$1::numeric"),
+            "{}",
+            charge.statement
+        );
         let refund = def.steps[1]
             .compensation
             .as_ref()
@@ -1505,8 +1547,16 @@ mod tests {
         let errors = load(&saga("steps.a.y", "steps.b.x")).expect_err("two errors");
         let messages: Vec<_> = errors.iter().map(|e| e.message.as_str()).collect();
         assert_eq!(errors.len(), 2, "{}", render(&errors));
-        assert!(messages[0].contains("runs after this one"), "{}", messages[0]);
-        assert!(messages[1].contains("does not return column `y`"), "{}", messages[1]);
+        assert!(
+            messages[0].contains("runs after this one"),
+            "{}",
+            messages[0]
+        );
+        assert!(
+            messages[1].contains("does not return column `y`"),
+            "{}",
+            messages[1]
+        );
     }
 
     #[test]
@@ -1568,15 +1618,28 @@ mod tests {
         )
         .expect_err("missing role");
         assert_eq!(errors.len(), 1);
-        assert_eq!((errors[0].line, errors[0].field.as_str()), (5, "steps[0].role"));
+        assert_eq!(
+            (errors[0].line, errors[0].field.as_str()),
+            (5, "steps[0].role")
+        );
         assert!(errors[0].message.contains("missing field `role`"));
     }
 
     /// `(file, line, field, phrase)`: each invalid fixture has exactly this one error.
     const INVALID: &[(&str, u32, &str, &str)] = &[
         ("bad_syntax.yaml", 8, DOCUMENT, "unclosed quote"),
-        ("unknown_field.yaml", 19, "steps[1].retires", "unknown field `retires`"),
-        ("duplicate_step_name.yaml", 14, "steps[1].name", "duplicate step name `reserve`"),
+        (
+            "unknown_field.yaml",
+            19,
+            "steps[1].retires",
+            "unknown field `retires`",
+        ),
+        (
+            "duplicate_step_name.yaml",
+            14,
+            "steps[1].name",
+            "duplicate step name `reserve`",
+        ),
         (
             "unknown_param_reference.yaml",
             12,
@@ -1613,7 +1676,12 @@ mod tests {
             "steps[0].compensation",
             "a pivot step cannot have a `compensation`",
         ),
-        ("two_pivots.yaml", 20, "steps[2].role", "two pivots: step `ship`"),
+        (
+            "two_pivots.yaml",
+            20,
+            "steps[2].role",
+            "two pivots: step `ship`",
+        ),
         (
             "compensatable_after_pivot.yaml",
             15,
@@ -1621,7 +1689,12 @@ mod tests {
             "compensatable step after the pivot `ship`",
         ),
         ("empty_steps.yaml", 7, "steps", "at least one step"),
-        ("duplicate_key.yaml", 12, "steps[0].action.sql", "duplicate key `sql`"),
+        (
+            "duplicate_key.yaml",
+            12,
+            "steps[0].action.sql",
+            "duplicate key `sql`",
+        ),
         (
             "sql_and_handler.yaml",
             10,
@@ -1634,8 +1707,18 @@ mod tests {
             "steps[0].action.returning",
             "no RETURNING clause",
         ),
-        ("bad_role.yaml", 9, "steps[0].role", "unknown variant `pivto`"),
-        ("wrong_type.yaml", 3, "version", "expected an integer, found `abc`"),
+        (
+            "bad_role.yaml",
+            9,
+            "steps[0].role",
+            "unknown variant `pivto`",
+        ),
+        (
+            "wrong_type.yaml",
+            3,
+            "version",
+            "expected an integer, found `abc`",
+        ),
         (
             "retriable_before_pivot.yaml",
             9,
@@ -1732,10 +1815,8 @@ mod tests {
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos());
-            let dir = std::env::temp_dir().join(format!(
-                "skald-load-{tag}-{}-{nanos}",
-                std::process::id()
-            ));
+            let dir = std::env::temp_dir()
+                .join(format!("skald-load-{tag}-{}-{nanos}", std::process::id()));
             fs::create_dir_all(&dir).expect("create temp dir");
             TempDir(dir)
         }
@@ -1762,7 +1843,10 @@ mod tests {
         let e = &errors[0];
         assert_eq!(e.file, tmp.0.join("b.yml"));
         assert_eq!((e.line, e.column, e.field.as_str()), (1, 7, "name"));
-        assert!(e.message.contains("saga `same` is already defined in"), "{e}");
+        assert!(
+            e.message.contains("saga `same` is already defined in"),
+            "{e}"
+        );
         assert!(e.message.contains("a.yaml"), "{e}");
     }
 

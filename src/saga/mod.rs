@@ -8,7 +8,9 @@ pub mod load;
 pub mod sql;
 mod yaml;
 
-pub use definition::{Action, Backoff, RetryPolicy, SagaDef, SqlAction, StepDef, StepRole, ValueRef};
+pub use definition::{
+    Action, Backoff, RetryPolicy, SagaDef, SqlAction, StepDef, StepRole, ValueRef,
+};
 pub use load::{LoadError, load_dir, load_file, load_str};
 
 use std::collections::HashMap;

@@ -14,7 +14,10 @@ use serde_saphyr::Spanned;
 
 /// A whole saga file.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a saga mapping (name, version, aggregate, steps, ...)")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a saga mapping (name, version, aggregate, steps, ...)"
+)]
 pub(crate) struct RawSaga {
     /// `name:`: the saga's name.
     pub name: Spanned<String>,
@@ -34,7 +37,10 @@ pub(crate) struct RawSaga {
 
 /// One entry of `steps:`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a step mapping (name, role, action, ...)")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a step mapping (name, role, action, ...)"
+)]
 pub(crate) struct RawStep {
     /// `name:`
     pub name: Spanned<String>,
@@ -64,7 +70,10 @@ pub(crate) enum RawRole {
 
 /// An `action:` or `compensation:` block: either `sql` or `handler` (checked later).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "an action mapping (sql or handler, params, ...)")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an action mapping (sql or handler, params, ...)"
+)]
 pub(crate) struct RawAction {
     /// `sql:`: a statement with `:name` parameters.
     #[serde(default)]
@@ -88,7 +97,10 @@ pub(crate) struct RawAction {
 
 /// A `retry:` block; every field is optional.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a retry mapping (max_attempts, backoff, ...)")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a retry mapping (max_attempts, backoff, ...)"
+)]
 pub(crate) struct RawRetry {
     /// `max_attempts:`
     #[serde(default)]

@@ -66,7 +66,10 @@ async fn run_sql(
 
     let (rows, output) = if action.returning.is_empty() {
         let q = bind_all(sqlx::query(AssertSqlSafe(action.statement.clone())), values);
-        (q.execute(&mut *conn).await.map_err(fail)?.rows_affected(), None)
+        (
+            q.execute(&mut *conn).await.map_err(fail)?.rows_affected(),
+            None,
+        )
     } else {
         // A data-modifying CTE lets PostgreSQL turn the RETURNING rows into JSON,
         // whatever their column types, in the same round trip.
@@ -99,9 +102,10 @@ fn capture(row: &PgRow, columns: &[String]) -> Result<Value, EffectError> {
         .map_err(|e| EffectError::fatal(format!("cannot read RETURNING row: {e}")))?;
     let mut out = Map::new();
     for column in columns {
-        let value = json.get(column).cloned().ok_or_else(|| {
-            EffectError::fatal(format!("RETURNING has no column {column:?}"))
-        })?;
+        let value = json
+            .get(column)
+            .cloned()
+            .ok_or_else(|| EffectError::fatal(format!("RETURNING has no column {column:?}")))?;
         out.insert(column.clone(), value);
     }
     Ok(Value::Object(out))
@@ -154,7 +158,12 @@ async fn run_handler(
         step: step_name.to_string(),
         phase: cursor.phase,
         attempt: cursor.attempt,
-        idempotency_key: format!("{}:{}:{}", input.instance_id, step_name, cursor.phase.as_str()),
+        idempotency_key: format!(
+            "{}:{}:{}",
+            input.instance_id,
+            step_name,
+            cursor.phase.as_str()
+        ),
         params,
     };
     match handler.call(conn, handler_input).await {
@@ -173,7 +182,9 @@ async fn run_handler(
 
 /// SQLSTATEs that are transient by nature: serialization failure, deadlock, lock
 /// not available, query cancelled (statement timeout), and the connection classes.
-const TRANSIENT_SQLSTATES: &[&str] = &["40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03"];
+const TRANSIENT_SQLSTATES: &[&str] = &[
+    "40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03",
+];
 
 /// Whether a database error may go away on retry.
 ///

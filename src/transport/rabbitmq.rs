@@ -29,12 +29,13 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use tokio::sync::Mutex;
 
 use super::{Acknowledge, Delivery, Transport, TransportError};
@@ -167,7 +168,9 @@ impl RabbitTransport {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(conn_err)?;
-        declare(&publisher, &self.topology).await.map_err(conn_err)?;
+        declare(&publisher, &self.topology)
+            .await
+            .map_err(conn_err)?;
         *guard = Some(Link {
             connection,
             publisher: publisher.clone(),
@@ -383,7 +386,10 @@ impl Transport for RabbitTransport {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             if let Some(link) = self.link.lock().await.take() {
-                let _ = link.connection.close(200, "skald shutting down".into()).await;
+                let _ = link
+                    .connection
+                    .close(200, "skald shutting down".into())
+                    .await;
             }
         })
     }

@@ -12,7 +12,11 @@ fn validate_accepts_the_sample_sagas() {
         .arg(sample_sagas())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("order_checkout"));
 }
 
@@ -34,7 +38,13 @@ fn validate_reports_every_broken_file_with_its_line_and_fails() {
             .unwrap_or_else(|| panic!("no error for {name} in:\n{stderr}"));
         // file:line:column: field: message
         let after = line.split(&name).nth(1).unwrap();
-        let line_no: u32 = after.trim_start_matches(':').split(':').next().unwrap().parse().unwrap();
+        let line_no: u32 = after
+            .trim_start_matches(':')
+            .split(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(line_no > 0, "{line}");
     }
 }
@@ -52,21 +62,32 @@ async fn start_prints_ids_after_confirm_and_status_counts_the_result() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("message_id="), "{stdout}");
     env.wait_for_terminal(1, Duration::from_secs(30)).await;
     app.stop().await;
 
     let out = env.skald(&["status", "--json"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["sagas"]["order_checkout"]["completed"], 1);
     assert_eq!(report["sagas"]["order_checkout"]["running"], 0);
 
     let out = env.skald(&["status"]).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("order_checkout") && table.contains("completed"), "{table}");
+    assert!(
+        table.contains("order_checkout") && table.contains("completed"),
+        "{table}"
+    );
     env.cleanup().await;
 }
 

@@ -28,18 +28,20 @@ async fn crash_then_recover(crash_at: &str) {
 
     let mut child = env.spawn_process(&[("SKALD_CRASH_AT", crash_at)]);
     let status = wait_child(&mut child, Duration::from_secs(60));
-    assert!(!status.success(), "the process must have crashed: {status:?}");
+    assert!(
+        !status.success(),
+        "the process must have crashed: {status:?}"
+    );
 
     // `second` committed before the crash; `third` never ran.
     assert_eq!(
         effects_per_step(&env).await,
         vec![("first".into(), 1), ("second".into(), 1)]
     );
-    let (state, step): (String, i32) =
-        sqlx::query_as("SELECT status, step FROM skald.instances")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
+    let (state, step): (String, i32) = sqlx::query_as("SELECT status, step FROM skald.instances")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
     assert_eq!((state.as_str(), step), ("running", 2));
 
     let app = env.start_app().await;
@@ -49,7 +51,11 @@ async fn crash_then_recover(crash_at: &str) {
     assert_eq!(env.statuses().await[0].1, "completed");
     assert_eq!(
         effects_per_step(&env).await,
-        vec![("first".into(), 1), ("second".into(), 1), ("third".into(), 1)],
+        vec![
+            ("first".into(), 1),
+            ("second".into(), 1),
+            ("third".into(), 1)
+        ],
         "exactly one effect per step"
     );
     assert_eq!(env.queue_depth(&env.topology().intake_queue).await, 0);
@@ -66,4 +72,61 @@ async fn a_crash_after_commit_before_publish_is_recovered_by_redelivery() {
 #[actix_rt::test]
 async fn a_crash_after_publish_before_ack_is_recovered_without_a_second_effect() {
     crash_then_recover("after_publish:second").await;
+}
+
+#[actix_rt::test]
+async fn sigterm_drains_in_flight_work_exits_zero_and_loses_nothing() {
+    const SAGAS: u64 = 300;
+    let env = TestEnv::new(test_sagas()).await;
+    let starts = (0..SAGAS)
+        .map(|i| {
+            let account = format!("acct-{}", i % 20);
+            start(
+                "ordered",
+                &account,
+                i,
+                json!({"account": account, "seq": i}),
+            )
+        })
+        .collect();
+    env.publish_starts(starts).await;
+    let mut child = env.spawn_process(&[]);
+    // Let it get going, then ask it to stop mid-run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM it.effects")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap_or(0);
+        if done > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "skald never started working"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = wait_child(&mut child, Duration::from_secs(30));
+    assert!(status.success(), "graceful shutdown exits 0: {status:?}");
+
+    let app = env.start_app().await;
+    env.wait_for_terminal(SAGAS as i64, Duration::from_secs(120))
+        .await;
+    app.stop().await;
+    let per_step = effects_per_step(&env).await;
+    assert_eq!(
+        per_step,
+        vec![
+            ("first".into(), SAGAS as i64),
+            ("second".into(), SAGAS as i64),
+            ("third".into(), SAGAS as i64)
+        ]
+    );
+    env.cleanup().await;
 }

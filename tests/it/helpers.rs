@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 use skald::app::{App, AppError};
 use skald::config::Config;
@@ -93,7 +95,10 @@ impl TestEnv {
             ("DATABASE_URL", self.config.database_url.clone()),
             ("AMQP_URL", self.config.amqp_url.clone()),
             ("SKALD_NAMESPACE", self.config.namespace.clone()),
-            ("SKALD_SAGAS_DIR", self.config.sagas_dir.display().to_string()),
+            (
+                "SKALD_SAGAS_DIR",
+                self.config.sagas_dir.display().to_string(),
+            ),
             ("SKALD_DB_POOL", "5".into()),
             ("SKALD_LOG", "info".into()),
         ]
@@ -143,6 +148,36 @@ impl TestEnv {
         }
         transport.close().await;
         ids
+    }
+
+    /// Publishes raw bodies (confirmed, in order) to the intake, as a foreign
+    /// publisher would.
+    pub async fn publish_raw(&self, bodies: &[Vec<u8>]) {
+        let transport = self.transport().await; // declares the topology
+        transport.close().await;
+        let conn = Connection::connect(AMQP, ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        for body in bodies {
+            let confirm = ch
+                .basic_publish(
+                    self.config.namespace.as_str().into(),
+                    "intake".into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("confirm");
+            assert!(confirm.is_ack(), "raw publish confirmed");
+        }
+        let _ = conn.close(200, "".into()).await;
     }
 
     /// Waits until `count` instances are terminal; panics after `timeout`.
@@ -208,7 +243,9 @@ impl TestEnv {
             && let Ok(ch) = conn.create_channel().await
         {
             for q in self.topology().all_queues() {
-                let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
             }
             let _ = conn.close(200, "".into()).await;
         }

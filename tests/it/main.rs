@@ -5,4 +5,5 @@ mod helpers;
 
 mod cli;
 mod crash;
+mod malformed;
 mod saga_flow;

@@ -49,12 +49,11 @@ async fn a_checkout_completes_with_its_effects_and_drains_the_queue() {
     .await
     .unwrap();
     assert_eq!(rows, (1, 1, 1));
-    let attempts: Vec<(String, String)> = sqlx::query_as(
-        "SELECT step_name, outcome FROM skald.step_attempts ORDER BY id",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let attempts: Vec<(String, String)> =
+        sqlx::query_as("SELECT step_name, outcome FROM skald.step_attempts ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
     let expected: Vec<(String, String)> = ["reserve_stock", "charge_account", "create_shipment"]
         .iter()
         .map(|s| (s.to_string(), "succeeded".to_string()))
@@ -96,7 +95,12 @@ async fn a_failed_payment_compensates_the_reservation() {
     .await
     .unwrap();
     let h = |s: &str, p: &str, o: &str, k: Option<&str>| {
-        (s.to_string(), p.to_string(), o.to_string(), k.map(str::to_string))
+        (
+            s.to_string(),
+            p.to_string(),
+            o.to_string(),
+            k.map(str::to_string),
+        )
     };
     assert_eq!(
         history,
@@ -112,31 +116,51 @@ async fn a_failed_payment_compensates_the_reservation() {
 #[actix_rt::test]
 async fn the_same_start_message_twice_makes_one_instance_with_one_effect_per_step() {
     let env = TestEnv::new(test_sagas()).await;
-    let msg = start("ordered", "acct-1", 1, json!({"account": "acct-1", "seq": 1}));
+    let msg = start(
+        "ordered",
+        "acct-1",
+        1,
+        json!({"account": "acct-1", "seq": 1}),
+    );
     // Published twice before skald consumes: both copies are in the queue.
     env.publish_starts(vec![msg.clone(), msg.clone()]).await;
     let app = env.start_app().await;
     env.wait_for_terminal(1, Duration::from_secs(30)).await;
     // The second copy must be disposed of, not left in the queue.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while app.engine.stats().duplicates.load(std::sync::atomic::Ordering::Relaxed) < 1 {
-        assert!(std::time::Instant::now() < deadline, "duplicate never recognised");
+    while app
+        .engine
+        .stats()
+        .duplicates
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 1
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "duplicate never recognised"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     app.stop().await;
 
     let statuses = env.statuses().await;
     assert_eq!(statuses.len(), 1, "one instance");
-    assert_eq!(statuses[0], (instance_id_for(msg.message_id), "completed".to_string()));
-    let per_step: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT step, count(*) FROM it.effects GROUP BY step ORDER BY step",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    assert_eq!(
+        statuses[0],
+        (instance_id_for(msg.message_id), "completed".to_string())
+    );
+    let per_step: Vec<(String, i64)> =
+        sqlx::query_as("SELECT step, count(*) FROM it.effects GROUP BY step ORDER BY step")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(
         per_step,
-        vec![("first".into(), 1), ("second".into(), 1), ("third".into(), 1)]
+        vec![
+            ("first".into(), 1),
+            ("second".into(), 1),
+            ("third".into(), 1)
+        ]
     );
     assert_eq!(env.queue_depth(&env.topology().intake_queue).await, 0);
     env.cleanup().await;
@@ -151,12 +175,18 @@ async fn two_thousand_sagas_over_fifty_aggregates_complete_in_publish_order_per_
         .map(|i| {
             let account = format!("acct-{}", i % AGGREGATES);
             let seq = i / AGGREGATES;
-            start("ordered", &account, seq, json!({"account": account, "seq": seq}))
+            start(
+                "ordered",
+                &account,
+                seq,
+                json!({"account": account, "seq": seq}),
+            )
         })
         .collect();
     env.publish_starts(starts).await;
     let app = env.start_app().await;
-    env.wait_for_terminal(SAGAS as i64, Duration::from_secs(240)).await;
+    env.wait_for_terminal(SAGAS as i64, Duration::from_secs(240))
+        .await;
     app.stop().await;
 
     let completed: i64 =
@@ -165,13 +195,16 @@ async fn two_thousand_sagas_over_fifty_aggregates_complete_in_publish_order_per_
             .await
             .unwrap();
     assert_eq!(completed, SAGAS as i64);
-    let effects: Vec<(Uuid, String, i64, String)> = sqlx::query_as(
-        "SELECT instance_id, aggregate_id, seq, step FROM it.effects ORDER BY id",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
-    assert_eq!(effects.len() as u64, SAGAS * 3, "exactly one effect per step");
+    let effects: Vec<(Uuid, String, i64, String)> =
+        sqlx::query_as("SELECT instance_id, aggregate_id, seq, step FROM it.effects ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        effects.len() as u64,
+        SAGAS * 3,
+        "exactly one effect per step"
+    );
     // Per aggregate, each step's effects were applied in publish (sequence) order.
     let mut last: HashMap<(String, String), i64> = HashMap::new();
     for (_, aggregate, seq, step) in &effects {

@@ -1,0 +1,121 @@
+//! Given unreadable messages mixed with good ones, then every unreadable one is in
+//! the dead-letter queue (never retried) and every good one completes.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::json;
+use skald::envelope::MAX_BODY_BYTES;
+
+use crate::helpers::{TestEnv, start, test_sagas};
+
+fn corpus() -> Vec<(&'static str, Vec<u8>)> {
+    let id = "6f1c2a4e-0000-4000-8000-0000000000aa";
+    let good_shape = |extra: &str| {
+        format!(
+            r#"{{"message_id":"{id}","saga":"ordered","payload":{{"account":"a","seq":1}}{extra}}}"#
+        )
+        .into_bytes()
+    };
+    vec![
+        ("empty body", vec![]),
+        ("huge body", vec![b'x'; MAX_BODY_BYTES + 1]),
+        ("invalid UTF-8", vec![0xc3, 0x28, b'{', b'}']),
+        ("not JSON", b"hello".to_vec()),
+        ("a JSON array", b"[1,2,3]".to_vec()),
+        ("a JSON string", br#""start""#.to_vec()),
+        ("duplicate keys", good_shape(r#","saga":"other""#)),
+        (
+            "missing message id",
+            br#"{"saga":"ordered","payload":{}}"#.to_vec(),
+        ),
+        (
+            "message id not a UUID",
+            br#"{"message_id":"42","saga":"ordered","payload":{}}"#.to_vec(),
+        ),
+        ("negative sequence", good_shape(r#","sequence":-1"#)),
+        ("unknown field", good_shape(r#","priority":"high""#)),
+        (
+            "unknown saga",
+            format!(r#"{{"message_id":"{id}","saga":"nope","payload":{{}}}}"#).into_bytes(),
+        ),
+        (
+            "payload not an object",
+            format!(r#"{{"message_id":"{id}","saga":"ordered","payload":[1]}}"#).into_bytes(),
+        ),
+        (
+            "no aggregate anywhere",
+            format!(r#"{{"message_id":"{id}","saga":"ordered","payload":{{"seq":1}}}}"#)
+                .into_bytes(),
+        ),
+        (
+            "wrong type for saga",
+            format!(r#"{{"message_id":"{id}","saga":7,"payload":{{}}}}"#).into_bytes(),
+        ),
+        (
+            "truncated JSON",
+            format!(r#"{{"message_id":"{id}","saga":"ord"#).into_bytes(),
+        ),
+        (
+            "unknown command",
+            good_shape(r#","command":{"type":"explode"}"#),
+        ),
+    ]
+}
+
+#[actix_rt::test]
+async fn malformed_messages_go_to_the_dead_letter_queue_and_good_ones_complete() {
+    let env = TestEnv::new(test_sagas()).await;
+    let corpus = corpus();
+    assert!(corpus.len() >= 15);
+    // A good start between every two malformed messages.
+    let mut bodies = Vec::new();
+    let mut good = 0;
+    for (i, (_, bad)) in corpus.iter().enumerate() {
+        bodies.push(bad.clone());
+        let account = format!("acct-{i}");
+        bodies.push(
+            start(
+                "ordered",
+                &account,
+                1,
+                json!({"account": account, "seq": 1}),
+            )
+            .to_body(),
+        );
+        good += 1;
+    }
+    env.publish_raw(&bodies).await;
+    let app = env.start_app().await;
+    env.wait_for_terminal(good, Duration::from_secs(60)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while app.engine.stats().malformed.load(Ordering::Relaxed) < corpus.len() as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every malformed message was handled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = app.engine.stats();
+    assert_eq!(
+        stats.failed_attempts.load(Ordering::Relaxed),
+        0,
+        "malformed is not failed"
+    );
+    app.stop().await;
+
+    let completed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM skald.instances WHERE status = 'completed'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(completed, good, "every good message completed");
+    // Count in = count out: each malformed message is in the dead-letter queue once.
+    let topology = env.topology();
+    assert_eq!(
+        env.queue_depth(&topology.dead_queue).await as usize,
+        corpus.len()
+    );
+    assert_eq!(env.queue_depth(&topology.intake_queue).await, 0);
+    env.cleanup().await;
+}
