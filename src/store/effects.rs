@@ -64,20 +64,13 @@ async fn run_sql(
         message: e.to_string(),
     };
 
+    let q = bind_all(sqlx::query(AssertSqlSafe(action.statement.clone())), values);
     let (rows, output) = if action.returning.is_empty() {
-        let q = bind_all(sqlx::query(AssertSqlSafe(action.statement.clone())), values);
         (
             q.execute(&mut *conn).await.map_err(fail)?.rows_affected(),
             None,
         )
     } else {
-        // A data-modifying CTE lets PostgreSQL turn the RETURNING rows into JSON,
-        // whatever their column types, in the same round trip.
-        let wrapped = format!(
-            "WITH skald_step AS ({}) SELECT to_jsonb(skald_step) AS row FROM skald_step",
-            action.statement
-        );
-        let q = bind_all(sqlx::query(AssertSqlSafe(wrapped)), values);
         let rows: Vec<PgRow> = q.fetch_all(&mut *conn).await.map_err(fail)?;
         let first = match rows.first() {
             Some(row) => Some(capture(row, &action.returning)?),
@@ -95,20 +88,75 @@ async fn run_sql(
     Ok(output)
 }
 
+/// The `returning` columns of `row` as a JSON object. Common types convert directly;
+/// for any other type the error says to cast it in the `RETURNING` clause.
 fn capture(row: &PgRow, columns: &[String]) -> Result<Value, EffectError> {
-    let json: Value = row
-        .try_get::<sqlx::types::Json<Value>, _>("row")
-        .map(|j| j.0)
-        .map_err(|e| EffectError::fatal(format!("cannot read RETURNING row: {e}")))?;
     let mut out = Map::new();
     for column in columns {
-        let value = json
-            .get(column)
-            .cloned()
-            .ok_or_else(|| EffectError::fatal(format!("RETURNING has no column {column:?}")))?;
+        let value = column_json(row, column)
+            .map_err(|e| EffectError::fatal(format!("RETURNING column {column:?}: {e}")))?;
         out.insert(column.clone(), value);
     }
     Ok(Value::Object(out))
+}
+
+fn column_json(row: &PgRow, column: &str) -> Result<Value, String> {
+    use sqlx::{Column, TypeInfo};
+    let col = row
+        .columns()
+        .iter()
+        .find(|c| c.name() == column)
+        .ok_or("not in the statement's RETURNING clause")?;
+    let get_err = |e: sqlx::Error| e.to_string();
+    let type_name = col.type_info().name().to_string();
+    let value = match type_name.as_str() {
+        "INT2" => row
+            .try_get::<Option<i16>, _>(column)
+            .map_err(get_err)?
+            .map(Value::from),
+        "INT4" => row
+            .try_get::<Option<i32>, _>(column)
+            .map_err(get_err)?
+            .map(Value::from),
+        "INT8" => row
+            .try_get::<Option<i64>, _>(column)
+            .map_err(get_err)?
+            .map(Value::from),
+        "FLOAT4" => row
+            .try_get::<Option<f32>, _>(column)
+            .map_err(get_err)?
+            .map(Value::from),
+        "FLOAT8" => row
+            .try_get::<Option<f64>, _>(column)
+            .map_err(get_err)?
+            .map(Value::from),
+        "BOOL" => row
+            .try_get::<Option<bool>, _>(column)
+            .map_err(get_err)?
+            .map(Value::from),
+        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => row
+            .try_get::<Option<String>, _>(column)
+            .map_err(get_err)?
+            .map(Value::from),
+        "UUID" => row
+            .try_get::<Option<uuid::Uuid>, _>(column)
+            .map_err(get_err)?
+            .map(|u| Value::from(u.to_string())),
+        "JSON" | "JSONB" => row
+            .try_get::<Option<sqlx::types::Json<Value>>, _>(column)
+            .map_err(get_err)?
+            .map(|j| j.0),
+        "TIMESTAMPTZ" => row
+            .try_get::<Option<chrono::DateTime<chrono::Utc>>, _>(column)
+            .map_err(get_err)?
+            .map(|t| Value::from(t.to_rfc3339())),
+        other => {
+            return Err(format!(
+                "type {other} is not captured directly; cast it in RETURNING (e.g. {column}::text)"
+            ));
+        }
+    };
+    Ok(value.unwrap_or(Value::Null))
 }
 
 /// Binds JSON values with the PostgreSQL type closest to their JSON type: integers as
