@@ -71,7 +71,6 @@ impl App {
             catalog,
             handlers,
             faults,
-            false,
         ));
         Ok(App {
             config,

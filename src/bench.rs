@@ -178,15 +178,6 @@ async fn measure(
     runner.await??;
     let _ = terminal;
 
-    let mut latencies = engine.take_latencies();
-    latencies.sort_by(f32::total_cmp);
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies[i] as f64
-    };
     let steps_per_s = steps / seconds;
     Ok(BenchReport {
         sagas: args.sagas,
@@ -197,8 +188,8 @@ async fn measure(
         steps_per_s,
         baseline_msgs_per_s: baseline,
         ratio: steps_per_s / baseline,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
+        p50_ms: engine.stats().step_latency.quantile_ms(0.50),
+        p99_ms: engine.stats().step_latency.quantile_ms(0.99),
         peak_rss_mb: peak_rss_mb(),
         db_pool: config.db_pool,
         prefetch: config.prefetch,

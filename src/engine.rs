@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::envelope::{Command, Envelope, Malformed, Outgoing, instance_id_for, run_message_id};
 use crate::handlers::Handlers;
+use crate::metrics::LatencyHistogram;
 use crate::saga::context::StepInput;
 use crate::saga::coordinator::{self, Admission, Cursor, FailureKind, Outcome, Phase, Transition};
 use crate::saga::{Catalog, SagaDef};
@@ -124,6 +125,8 @@ pub struct Stats {
     pub malformed: AtomicU64,
     /// Infrastructure errors that made the engine wait and try a message again.
     pub infra_retries: AtomicU64,
+    /// Time to handle one message, from the actor taking it to its ack.
+    pub step_latency: LatencyHistogram,
 }
 
 /// Messages received but not yet acked; graceful shutdown waits for zero.
@@ -181,7 +184,6 @@ pub struct Engine {
     stats: Stats,
     in_flight: InFlight,
     shutting_down: AtomicBool,
-    latencies: Option<std::sync::Mutex<Vec<f32>>>,
 }
 
 /// Waits between tries after an infrastructure failure: 100 ms doubling to 5 s.
@@ -190,15 +192,13 @@ fn infra_backoff(tries: u32) -> Duration {
 }
 
 impl Engine {
-    /// An engine over these parts. `record_latencies` keeps every message's handling
-    /// time for `skald bench` (memory grows with messages: not for production).
+    /// An engine over these parts.
     pub fn new(
         store: Store,
         transport: Arc<dyn Transport>,
         catalog: Catalog,
         handlers: Handlers,
         faults: Faults,
-        record_latencies: bool,
     ) -> Self {
         Engine {
             store,
@@ -209,7 +209,6 @@ impl Engine {
             stats: Stats::default(),
             in_flight: InFlight::default(),
             shutting_down: AtomicBool::new(false),
-            latencies: record_latencies.then(|| std::sync::Mutex::new(Vec::new())),
         }
     }
 
@@ -226,14 +225,6 @@ impl Engine {
     /// The sagas this engine runs.
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
-    }
-
-    /// Handling times in milliseconds so far (empty unless recording was asked for).
-    pub fn take_latencies(&self) -> Vec<f32> {
-        self.latencies
-            .as_ref()
-            .map(|l| std::mem::take(&mut *l.lock().expect("latency lock")))
-            .unwrap_or_default()
     }
 
     /// From now on, a message that meets an infrastructure failure is abandoned
@@ -307,11 +298,7 @@ impl Engine {
             // The broker will redeliver it; the inbox makes that copy harmless.
             tracing::warn!(error = %e, "ack failed; the message will be redelivered");
         }
-        if let Some(l) = &self.latencies {
-            l.lock()
-                .expect("latency lock")
-                .push(started.elapsed().as_secs_f32() * 1000.0);
-        }
+        self.stats.step_latency.record(started.elapsed());
         self.in_flight.leave();
     }
 

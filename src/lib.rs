@@ -38,6 +38,7 @@ pub mod config;
 pub mod engine;
 pub mod envelope;
 pub mod handlers;
+pub mod metrics;
 pub mod saga;
 pub mod store;
 pub mod transport;

@@ -21,10 +21,13 @@
 //!   - name: reserve_stock       # required, ^[a-z][a-z0-9_]*$, unique in the saga
 //!     role: compensatable       # required: compensatable | pivot | retriable
 //!     action:                   # required: exactly one of `sql` or `handler`
-//!       sql: UPDATE shop.stock SET available = available - :qty WHERE sku = :sku
+//!       sql: |
+//!         UPDATE shop.stock SET available = available - :qty
+//!          WHERE sku = :sku AND available >= :qty
+//!         RETURNING available
 //!       params: { sku: payload.sku, qty: payload.qty }
 //!       expect_rows: 1          # optional, integer >= 0
-//!       returning: [sku]        # optional; the sql must then have a RETURNING clause
+//!       returning: [available]  # optional; the sql must then have a RETURNING clause
 //!       fatal_sqlstates: ["23505", "23"]   # optional SQLSTATEs or 2-character classes
 //!     compensation:             # same shape as `action`; required iff compensatable
 //!       sql: UPDATE shop.stock SET available = available + :qty WHERE sku = :sku
@@ -117,7 +120,7 @@ pub struct LoadError {
 /// A YAML problem (syntax, unknown field, wrong type, duplicate key) is reported alone;
 /// otherwise every semantic problem found in the file is returned, sorted by position.
 pub fn load_str(src: &str, file: &Path) -> Result<SagaDef, Vec<LoadError>> {
-    load_located(src, file).map(|(def, _)| def)
+    load_named(src, file).result
 }
 
 /// Reads and loads one saga file.
@@ -125,7 +128,7 @@ pub fn load_str(src: &str, file: &Path) -> Result<SagaDef, Vec<LoadError>> {
 /// # Errors
 /// As [`load_str`]; a file that cannot be read yields one error at line 0.
 pub fn load_file(path: &Path) -> Result<SagaDef, Vec<LoadError>> {
-    load_file_located(path).map(|(def, _)| def)
+    load_file_named(path).result
 }
 
 /// Loads every `*.yaml` and `*.yml` file directly inside `dir` (not recursively, hidden
@@ -169,25 +172,28 @@ pub fn load_dir(dir: &Path) -> Result<Vec<SagaDef>, Vec<LoadError>> {
     }
 
     let mut sagas: Vec<SagaDef> = Vec::new();
+    // Saga name → the first file that uses it (valid or not, as long as it parsed).
+    let mut owners: Vec<(String, &Path)> = Vec::new();
     for path in &files {
-        match load_file_located(path) {
-            Ok((def, name_at)) => {
-                if let Some(first) = sagas.iter().find(|s| s.name == def.name) {
-                    errors.push(LoadError {
-                        file: path.clone(),
-                        line: name_at.line,
-                        column: name_at.column,
-                        field: "name".to_owned(),
-                        message: format!(
-                            "saga `{}` is already defined in {}",
-                            def.name,
-                            first.source.display()
-                        ),
-                    });
-                } else {
-                    sagas.push(def);
-                }
+        let loaded = load_file_named(path);
+        let mut duplicate = false;
+        if let Some((name, name_at)) = loaded.name {
+            if let Some((_, first)) = owners.iter().find(|(n, _)| *n == name) {
+                duplicate = true;
+                errors.push(LoadError {
+                    file: path.clone(),
+                    line: name_at.line,
+                    column: name_at.column,
+                    field: "name".to_owned(),
+                    message: format!("saga `{name}` is already defined in {}", first.display()),
+                });
+            } else {
+                owners.push((name, path));
             }
+        }
+        match loaded.result {
+            Ok(def) if !duplicate => sagas.push(def),
+            Ok(_) => {}
             Err(mut file_errors) => errors.append(&mut file_errors),
         }
     }
@@ -212,35 +218,49 @@ fn is_saga_file_name(path: &Path) -> bool {
     yaml && !hidden
 }
 
-fn load_file_located(path: &Path) -> Result<(SagaDef, Pos), Vec<LoadError>> {
+/// The outcome of loading one file, plus the saga's name and its position when the
+/// file parsed far enough to have one (even if the saga is invalid).
+struct Loaded {
+    result: Result<SagaDef, Vec<LoadError>>,
+    name: Option<(String, Pos)>,
+}
+
+fn load_file_named(path: &Path) -> Loaded {
     match fs::read_to_string(path) {
-        Ok(src) => load_located(&src, path),
-        Err(e) => Err(vec![LoadError {
-            file: path.to_path_buf(),
-            line: 0,
-            column: 0,
-            field: "<file>".to_owned(),
-            message: format!("cannot read file: {e}"),
-        }]),
+        Ok(src) => load_named(&src, path),
+        Err(e) => Loaded {
+            result: Err(vec![LoadError {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                field: "<file>".to_owned(),
+                message: format!("cannot read file: {e}"),
+            }]),
+            name: None,
+        },
     }
 }
 
-/// Loads a saga and also returns the position of its `name` value.
-fn load_located(src: &str, file: &Path) -> Result<(SagaDef, Pos), Vec<LoadError>> {
+fn load_named(src: &str, file: &Path) -> Loaded {
     let options = serde_saphyr::options! { duplicate_keys: DuplicateKeyPolicy::Error };
     let raw: RawSaga = match serde_saphyr::from_str_with_options(src, options) {
         Ok(raw) => raw,
-        Err(e) => return Err(vec![yaml_error(src, file, &e)]),
+        Err(e) => {
+            return Loaded {
+                result: Err(vec![yaml_error(src, file, &e)]),
+                name: None,
+            };
+        }
     };
-    let name_at = Pos::at(&raw.name);
+    let name = Some((raw.name.value.clone(), Pos::at(&raw.name)));
     let mut checker = Checker {
         file,
         errors: Vec::new(),
     };
     let def = checker.saga(raw);
     let mut errors = checker.errors;
-    match def {
-        Some(def) if errors.is_empty() => Ok((def, name_at)),
+    let result = match def {
+        Some(def) if errors.is_empty() => Ok(def),
         _ => {
             if errors.is_empty() {
                 errors.push(LoadError {
@@ -254,7 +274,8 @@ fn load_located(src: &str, file: &Path) -> Result<(SagaDef, Pos), Vec<LoadError>
             errors.sort_by_key(|e| (e.line, e.column));
             Err(errors)
         }
-    }
+    };
+    Loaded { result, name }
 }
 
 /// The field name of errors that belong to the document as a whole.
@@ -1017,7 +1038,7 @@ impl Checker<'_> {
 /// the position can be mapped back to a node, the path of that node.
 fn yaml_error(src: &str, file: &Path, err: &serde_saphyr::Error) -> LoadError {
     let inner = innermost(err);
-    let at = err
+    let mut at = err
         .location()
         .map_or(Pos { line: 0, column: 0 }, |l| Pos::of(&l));
     // serde-saphyr reports a missing field at the mapping's last key (or at the mapping
@@ -1042,7 +1063,6 @@ fn yaml_error(src: &str, file: &Path, err: &serde_saphyr::Error) -> LoadError {
         } => (Some(path), scalar, is_key, parent_start),
         Located::Syntax | Located::Nothing => (None, None, false, None),
     };
-    let mut at = at;
     let field = match (inner, path) {
         (serde_saphyr::Error::SerdeMissingField { field, .. }, path) => {
             let mut path = path.unwrap_or_default();
@@ -1081,7 +1101,14 @@ fn innermost(mut err: &serde_saphyr::Error) -> &serde_saphyr::Error {
 /// source text at the error position when it is a scalar.
 fn yaml_message(err: &serde_saphyr::Error, scalar: Option<&str>) -> String {
     use serde_saphyr::Error as E;
-    let found = scalar.map(|s| format!(", found `{s}`")).unwrap_or_default();
+    let found = scalar
+        .map(|s| {
+            const MAX: usize = 40;
+            let cut: String = s.chars().take(MAX).collect();
+            let more = if s.chars().count() > MAX { "..." } else { "" };
+            format!(", found `{cut}{more}`")
+        })
+        .unwrap_or_default();
     match err {
         E::InvalidScalar { ty, .. } => match *ty {
             "i8" | "i16" | "i32" | "i64" | "i128" | "isize" | "u8" | "u16" | "u32" | "u64"
@@ -1363,6 +1390,22 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_loads() {
+        let example: String = include_str!("load.rs")
+            .lines()
+            .skip_while(|l| *l != "//! ```yaml")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or("")))
+            .collect();
+        let def = loaded(&example);
+        assert_eq!(def.steps.len(), 2);
+        assert_eq!(def.steps[0].retry.max_attempts, 10);
+        assert_eq!(def.steps[0].retry.max_delay, Duration::from_secs(10));
+        assert_eq!(def.steps[1].retry.max_attempts, 5);
+    }
+
+    #[test]
     fn retry_override_replaces_only_given_fields() {
         let base = RetryPolicy::default();
         let over = RetryOverride {
@@ -1448,8 +1491,11 @@ mod tests {
 
     #[test]
     fn sample_saga_loads() {
-        let def = load_file(&manifest_path("sagas/order_checkout.yaml"))
-            .unwrap_or_else(|errors| panic!("{}", render(&errors)));
+        let def = load_file(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/sagas/order_checkout.yaml"
+        )))
+        .unwrap_or_else(|errors| panic!("{}", render(&errors)));
         assert_eq!(def.name, "order_checkout");
         assert_eq!(def.aggregate, payload(&["order_id"]));
         assert!(
@@ -1848,6 +1894,31 @@ mod tests {
             "{e}"
         );
         assert!(e.message.contains("a.yaml"), "{e}");
+    }
+
+    #[test]
+    fn load_dir_reports_a_duplicate_name_even_when_the_first_file_is_invalid() {
+        let tmp = TempDir::new("dup-invalid");
+        fs::write(
+            tmp.0.join("a.yaml"),
+            MINIMAL.replace("version: 1", "version: 0"),
+        )
+        .expect("write");
+        fs::write(tmp.0.join("b.yaml"), MINIMAL).expect("write");
+        let errors = load_dir(&tmp.0).expect_err("invalid and duplicate");
+        let found: Vec<_> = errors
+            .iter()
+            .map(|e| (e.file.clone(), e.field.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (tmp.0.join("a.yaml"), "version"),
+                (tmp.0.join("b.yaml"), "name")
+            ],
+            "{}",
+            render(&errors)
+        );
     }
 
     #[test]

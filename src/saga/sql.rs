@@ -46,48 +46,15 @@ pub enum SqlParamError {
 /// [`SqlParamError::Positional`] when the statement already uses `$n` parameters, and
 /// [`SqlParamError::Unterminated`] when a quoted section or comment is never closed.
 pub fn compile_named(sql: &str) -> Result<(String, Vec<String>), SqlParamError> {
-    let lexed = lex(sql, Mode::Named)?;
+    let lexed = lex(sql)?;
     Ok((lexed.statement, lexed.names))
-}
-
-/// Wraps a statement that has a `RETURNING` clause (such as a compiled
-/// [`SqlAction::statement`](crate::saga::SqlAction::statement)) into a query returning
-/// each row as one `jsonb` column named `row`, through a CTE named `skald_step`.
-///
-/// PostgreSQL only accepts data-modifying `WITH` clauses at the top level, so a
-/// statement that starts with its own `WITH` gets `skald_step` appended to its CTE list
-/// instead of being nested. A trailing `;` is dropped, and line breaks keep a trailing
-/// `--` comment from swallowing the closing parenthesis. `$n` parameters are untouched.
-pub fn returning_as_json(statement: &str) -> String {
-    const SELECT: &str = "SELECT to_jsonb(skald_step) AS row FROM skald_step";
-    let Ok(lexed) = lex(statement, Mode::Compiled) else {
-        // It will not parse on the server either; let PostgreSQL say why.
-        return format!("WITH skald_step AS (\n{statement}\n)\n{SELECT}");
-    };
-    let b = statement.as_bytes();
-    // Drop trailing whitespace and code semicolons.
-    let mut end = b.len();
-    while end > 0
-        && (b[end - 1].is_ascii_whitespace() || (b[end - 1] == b';' && lexed.code[end - 1]))
-    {
-        end -= 1;
-    }
-    let body = &statement[..end];
-    match main_statement_start(body, &lexed.code[..end]) {
-        Some(main) => format!(
-            "{}\n, skald_step AS (\n{}\n)\n{SELECT}",
-            body[..main].trim_end(),
-            &body[main..]
-        ),
-        None => format!("WITH skald_step AS (\n{body}\n)\n{SELECT}"),
-    }
 }
 
 /// Whether `keyword` (compared ASCII-case-insensitively) appears as a whole word in the
 /// code of `sql`, ignoring strings, quoted identifiers, comments and parameters. A
 /// statement that does not compile (see [`compile_named`]) contains no keyword.
 pub(crate) fn has_keyword(sql: &str, keyword: &str) -> bool {
-    let Ok(lexed) = lex(sql, Mode::Named) else {
+    let Ok(lexed) = lex(sql) else {
         return false;
     };
     code_words(sql, &lexed.code).any(|(_, word)| word.eq_ignore_ascii_case(keyword))
@@ -97,7 +64,7 @@ pub(crate) fn has_keyword(sql: &str, keyword: &str) -> bool {
 /// the first `;` in code. A statement that does not compile counts as one (its own error
 /// is reported by [`compile_named`]).
 pub(crate) fn is_single_statement(sql: &str) -> bool {
-    let Ok(lexed) = lex(sql, Mode::Named) else {
+    let Ok(lexed) = lex(sql) else {
         return true;
     };
     let b = sql.as_bytes();
@@ -128,70 +95,9 @@ fn code_words<'s>(sql: &'s str, code: &'s [bool]) -> impl Iterator<Item = (usize
     })
 }
 
-/// For a statement that starts with `WITH`, the byte offset of its main statement: the
-/// first `SELECT`/`INSERT`/`UPDATE`/`DELETE`/`VALUES`/`TABLE`/`MERGE` at parenthesis
-/// depth 0 right after a closing parenthesis (the end of the last CTE).
-fn main_statement_start(sql: &str, code: &[bool]) -> Option<usize> {
-    const MAIN: [&str; 7] = [
-        "select", "insert", "update", "delete", "values", "table", "merge",
-    ];
-    let b = sql.as_bytes();
-    let (_, first) = code_words(sql, code).next()?;
-    if !first.eq_ignore_ascii_case("with") {
-        return None;
-    }
-    let mut depth = 0usize;
-    let mut after_close = false;
-    let mut i = 0;
-    while i < b.len() {
-        if !code[i] || b[i].is_ascii_whitespace() {
-            i += 1;
-            continue;
-        }
-        match b[i] {
-            b'(' => {
-                depth += 1;
-                after_close = false;
-            }
-            b')' => {
-                depth = depth.saturating_sub(1);
-                after_close = depth == 0;
-            }
-            c if depth == 0 && is_ident_byte(c) => {
-                let start = i;
-                while i < b.len() && code[i] && is_ident_byte(b[i]) {
-                    i += 1;
-                }
-                let word = &sql[start..i];
-                if after_close && MAIN.iter().any(|k| word.eq_ignore_ascii_case(k)) {
-                    return Some(start);
-                }
-                after_close = false;
-                continue;
-            }
-            _ => {
-                if depth == 0 {
-                    after_close = false;
-                }
-            }
-        }
-        i += 1;
-    }
-    None
-}
-
-/// What the lexer does with parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Saga SQL: `:name` is a parameter, `$n` is an error.
-    Named,
-    /// Already compiled: `$n` is code, `:name` is left alone.
-    Compiled,
-}
-
 /// The result of one pass over a statement.
 struct Lexed {
-    /// The statement with `$n` in place of `:name` (in [`Mode::Named`]).
+    /// The statement with `$n` in place of `:name`.
     statement: String,
     /// Parameter names in `$n` order.
     names: Vec<String>,
@@ -215,7 +121,7 @@ fn is_tag_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80
 }
 
-fn lex(sql: &str, mode: Mode) -> Result<Lexed, SqlParamError> {
+fn lex(sql: &str) -> Result<Lexed, SqlParamError> {
     let b = sql.as_bytes();
     let n = b.len();
     let mut statement = String::with_capacity(n + 8);
@@ -239,14 +145,12 @@ fn lex(sql: &str, mode: Mode) -> Result<Lexed, SqlParamError> {
                 (end, false)
             }
             b'/' if next == Some(b'*') => (block_comment_end(b, i)?, false),
-            b'$' if !prev_is_ident => match dollar(sql, i, mode)? {
+            b'$' if !prev_is_ident => match dollar(sql, i)? {
                 Some(end) => (end, false),
                 None => (i + 1, true),
             },
             b':' if next == Some(b':') => (i + 2, true),
-            b':' if mode == Mode::Named
-                && next.is_some_and(|c| c.is_ascii_alphabetic() || c == b'_') =>
-            {
+            b':' if next.is_some_and(|c| c.is_ascii_alphabetic() || c == b'_') => {
                 let mut end = i + 1;
                 while end < n && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
                     end += 1;
@@ -340,16 +244,12 @@ fn block_comment_end(b: &[u8], start: usize) -> Result<usize, SqlParamError> {
     })
 }
 
-/// At a `$` that does not continue an identifier: a dollar quote returns the end
-/// (exclusive) of the quoted string; a positional parameter is an error in
-/// [`Mode::Named`] and code otherwise (`None`, like anything else).
-fn dollar(sql: &str, start: usize, mode: Mode) -> Result<Option<usize>, SqlParamError> {
+/// At a `$` that does not continue an identifier: a positional parameter is an error, a
+/// dollar quote returns the end (exclusive) of the quoted string, anything else `None`.
+fn dollar(sql: &str, start: usize) -> Result<Option<usize>, SqlParamError> {
     let b = sql.as_bytes();
     let mut k = start + 1;
     if b.get(k).is_some_and(u8::is_ascii_digit) {
-        if mode == Mode::Compiled {
-            return Ok(None);
-        }
         while k < b.len() && b[k].is_ascii_digit() {
             k += 1;
         }
@@ -536,38 +436,5 @@ mod tests {
         assert!(is_single_statement("DO $$ BEGIN PERFORM 1; END $$"));
         assert!(!is_single_statement("SELECT 1; SELECT 2"));
         assert!(!is_single_statement("UPDATE t SET a = :a; DELETE FROM t"));
-    }
-
-    #[test]
-    fn returning_as_json_wraps_a_plain_statement() {
-        assert_eq!(
-            returning_as_json("INSERT INTO t (a) VALUES ($1) RETURNING id; "),
-            "WITH skald_step AS (\nINSERT INTO t (a) VALUES ($1) RETURNING id\n)\n\
-             SELECT to_jsonb(skald_step) AS row FROM skald_step"
-        );
-        // A trailing comment cannot swallow the closing parenthesis.
-        assert!(
-            returning_as_json("DELETE FROM t RETURNING id -- done")
-                .starts_with("WITH skald_step AS (\nDELETE FROM t RETURNING id -- done\n)\n")
-        );
-    }
-
-    #[test]
-    fn returning_as_json_extends_a_leading_with() {
-        let statement = "WITH d AS (\n  UPDATE a SET n = n - $1 WHERE id = $2 RETURNING id\n), \
-                         \"x(\" AS MATERIALIZED (SELECT ')' AS p) -- ) select\n\
-                         INSERT INTO b (a_id) SELECT id FROM d RETURNING b_id";
-        assert_eq!(
-            returning_as_json(statement),
-            "WITH d AS (\n  UPDATE a SET n = n - $1 WHERE id = $2 RETURNING id\n), \
-             \"x(\" AS MATERIALIZED (SELECT ')' AS p) -- ) select\n\
-             , skald_step AS (\nINSERT INTO b (a_id) SELECT id FROM d RETURNING b_id\n)\n\
-             SELECT to_jsonb(skald_step) AS row FROM skald_step"
-        );
-        // A column list after the CTE name is not the end of the CTE list.
-        let with_columns = "with c (x) as (select 1) update t set a = c.x from c returning t.a";
-        assert!(returning_as_json(with_columns).starts_with(
-            "with c (x) as (select 1)\n, skald_step AS (\nupdate t set a = c.x from c returning t.a\n)"
-        ));
     }
 }
