@@ -239,6 +239,7 @@ async fn publish_all(
                         "account": format!("bench-{agg}"),
                         "amount": 1.5,
                     }),
+                    outputs: serde_json::Value::Null,
                 },
                 delay_ms: 0,
             }

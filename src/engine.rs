@@ -30,10 +30,12 @@ use crate::envelope::{Command, Envelope, Malformed, Outgoing, instance_id_for, r
 use crate::handlers::Handlers;
 use crate::metrics::LatencyHistogram;
 use crate::saga::context::StepInput;
-use crate::saga::coordinator::{self, Admission, Cursor, FailureKind, Outcome, Phase, Transition};
+use crate::saga::coordinator::{
+    self, Admission, Cursor, InstanceStatus, Outcome, Phase, Transition,
+};
 use crate::saga::{Catalog, SagaDef};
-use crate::store::effects::{self, EffectError};
-use crate::store::{AttemptRecord, InstanceRow, NewInstance, RunClaim, StepTx, Store, StoreError};
+use crate::store::effects;
+use crate::store::{Disposal, NewInstance, StepRecord, Store, StoreError};
 use crate::transport::{Delivery, Transport, TransportError};
 
 /// An infrastructure failure while handling a message: nothing about the message is
@@ -46,6 +48,9 @@ pub enum EngineError {
     /// The broker failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The instance changed while the message was being disposed of.
+    #[error("instance {0} changed concurrently")]
+    Raced(Uuid),
 }
 
 /// A message that was read successfully and knows where it belongs.
@@ -354,214 +359,190 @@ impl Engine {
     }
 
     /// The transaction part: everything up to and including the commit.
+    ///
+    /// Fast path (a new message for the step its instance expects): effect and record
+    /// in one transaction, as many round trips as a bare consume→commit→ack worker.
+    /// Anything else — a copy, an out-of-date message — is found out by the guarded
+    /// record, rolled back, and disposed of by [`Engine::dispose`].
     async fn handle(&self, job: &Job) -> Result<Handled, EngineError> {
-        let (requested, claim) = match self.claim(job).await? {
-            Claimed::Fresh(tx, row, requested) => (requested, (tx, row)),
-            Claimed::Seen => {
-                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                let outgoing = self.store.outgoing_of(job.envelope.message_id).await?;
-                tracing::debug!(message_id = %job.envelope.message_id, resend = outgoing.len(),
-                    "duplicate message");
-                return Ok(Handled::Send(outgoing));
-            }
-            Claimed::NoInstance(instance_id) => {
-                return Ok(Handled::DeadLetter(
-                    "no_instance",
-                    format!("run message for unknown instance {instance_id}"),
-                ));
-            }
+        let env = &job.envelope;
+        let saga = &job.saga;
+        let (instance_id, requested) = match env.command {
+            Command::Start => (instance_id_for(env.message_id), Cursor::START),
+            Command::Run {
+                instance_id,
+                cursor,
+            } => (instance_id, cursor),
         };
-        let (mut tx, row) = claim;
-        let cursor = match coordinator::admit(row.state, requested) {
-            Admission::Run(cursor) => cursor,
-            Admission::Skip(reason) => {
-                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(message_id = %job.envelope.message_id, ?reason, "message skipped");
-                tx.record_skipped(job.envelope.message_id, row.id).await?;
-                tx.commit().await?;
-                return Ok(Handled::Send(Vec::new()));
-            }
+        let Some(step) = saga.steps.get(requested.step as usize) else {
+            return Ok(Handled::DeadLetter(
+                "unknown_step",
+                format!("saga {} has no step {}", saga.name, requested.step),
+            ));
+        };
+        let action = match requested.phase {
+            Phase::Forward => &step.action,
+            Phase::Compensate => match &step.compensation {
+                Some(c) => c,
+                None => {
+                    return Ok(Handled::DeadLetter(
+                        "no_compensation",
+                        format!("step {} has no compensation", step.name),
+                    ));
+                }
+            },
+        };
+        let empty = Value::Object(Default::default());
+        let outputs_before = if env.outputs.is_object() {
+            &env.outputs
+        } else {
+            &empty
+        };
+        let input = StepInput {
+            instance_id,
+            aggregate_id: &job.aggregate_id,
+            payload: &env.payload,
+            outputs: outputs_before,
         };
 
         let started_at = Utc::now();
-        let step = &job.saga.steps[cursor.step as usize];
-        let action = match cursor.phase {
-            Phase::Forward => &step.action,
-            Phase::Compensate => step
-                .compensation
-                .as_ref()
-                .expect("validation: compensated steps have a compensation"),
-        };
-        let input = StepInput {
-            instance_id: row.id,
-            aggregate_id: &row.aggregate_id,
-            payload: &row.payload,
-            outputs: &row.outputs,
-        };
+        let mut tx = self.store.begin().await?;
         let result = effects::run_action(
             tx.conn(),
             action,
             &input,
             &step.name,
-            cursor,
+            requested,
             &self.handlers,
         )
         .await;
-
-        match result {
-            Ok(output) => {
-                let t =
-                    coordinator::transition(&job.saga, cursor, Outcome::Succeeded, fastrand::f64());
-                let outgoing = self.outgoing(&job.saga, &row, &t);
-                let attempt = AttemptRecord {
-                    cursor,
-                    step_name: &step.name,
-                    outcome: Outcome::Succeeded,
-                    error: None,
-                    started_at,
-                };
-                tx.record_applied(
-                    job.envelope.message_id,
-                    row.id,
-                    &attempt,
-                    t.state,
-                    output.as_ref(),
-                    &outgoing,
-                )
-                .await?;
-                tx.commit().await?;
-                self.stats.applied.fetch_add(1, Ordering::Relaxed);
-                Ok(Handled::Send(outgoing))
-            }
+        let (outcome, output, failure) = match result {
+            Ok(output) => (Outcome::Succeeded, output, None),
             Err(failure) => {
-                // The effect's transaction is aborted: undo it, and record the failure
-                // in a fresh one (which claims the instance again).
+                // The effect's transaction is aborted: undo it, record the failure in a
+                // fresh one.
                 tx.rollback().await?;
-                self.record_failure(job, cursor, &failure, started_at).await
-            }
-        }
-    }
-
-    async fn record_failure(
-        &self,
-        job: &Job,
-        cursor: Cursor,
-        failure: &EffectError,
-        started_at: chrono::DateTime<Utc>,
-    ) -> Result<Handled, EngineError> {
-        let step = &job.saga.steps[cursor.step as usize];
-        tracing::info!(saga = %job.saga.name, step = %step.name, phase = cursor.phase.as_str(),
-            attempt = cursor.attempt, kind = ?failure.kind, error = %failure.message, "step attempt failed");
-        let (mut tx, row) = match self.claim(job).await? {
-            Claimed::Fresh(tx, row, _) => (tx, row),
-            // A copy of this message committed meanwhile (another process?): its
-            // outcome stands.
-            Claimed::Seen => {
-                let outgoing = self.store.outgoing_of(job.envelope.message_id).await?;
-                return Ok(Handled::Send(outgoing));
-            }
-            Claimed::NoInstance(id) => {
-                return Ok(Handled::DeadLetter(
-                    "no_instance",
-                    format!("unknown instance {id}"),
-                ));
+                tx = self.store.begin().await?;
+                tracing::info!(saga = %saga.name, step = %step.name, phase = requested.phase.as_str(),
+                    attempt = requested.attempt, kind = ?failure.kind, error = %failure.message,
+                    "step attempt failed");
+                (Outcome::Failed(failure.kind), None, Some(failure))
             }
         };
-        let outcome = Outcome::Failed(failure.kind);
-        let t = coordinator::transition(&job.saga, cursor, outcome, fastrand::f64());
-        let outgoing = self.outgoing(&job.saga, &row, &t);
-        let attempt = AttemptRecord {
-            cursor,
+
+        let t = coordinator::transition(saga, requested, outcome, fastrand::f64());
+        let outputs = match output {
+            Some(out) => {
+                let mut all = outputs_before.clone();
+                if let Value::Object(map) = &mut all {
+                    map.insert(step.name.clone(), out);
+                }
+                all
+            }
+            None => outputs_before.clone(),
+        };
+        let outgoing = self.outgoing(job, instance_id, &outputs, &t);
+        let record = StepRecord {
+            message_id: env.message_id,
+            instance_id,
+            aggregate_id: &job.aggregate_id,
+            payload: &env.payload,
+            ran: requested,
             step_name: &step.name,
             outcome,
-            error: Some(&failure.message),
+            error: failure.as_ref().map(|f| f.message.as_str()),
             started_at,
+            new_state: t.state,
+            outputs: &outputs,
+            outgoing: &outgoing,
         };
-        tx.record_applied(
-            job.envelope.message_id,
-            row.id,
-            &attempt,
-            t.state,
-            None,
-            &outgoing,
-        )
-        .await?;
+        let recorded = match env.command {
+            Command::Start => {
+                let new = NewInstance {
+                    saga: &saga.name,
+                    saga_version: saga.version,
+                    start_message_id: env.message_id,
+                    sequence: env.sequence,
+                };
+                tx.record_start(&record, &new).await?
+            }
+            Command::Run { .. } => tx.record_run(&record, requested).await?,
+        };
+        if !recorded {
+            tx.rollback().await?;
+            return self.dispose(job, instance_id, requested).await;
+        }
         tx.commit().await?;
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
-        self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-        if t.state.status.is_terminal() {
-            tracing::warn!(saga = %job.saga.name, instance = %row.id, status = t.state.status.as_str(),
-                "saga instance finished after a failure");
+        if failure.is_some() {
+            self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
         }
-        if failure.kind == FailureKind::Fatal {
-            tracing::debug!(instance = %row.id, "fatal failure: no retry");
+        if t.state.status.is_terminal() && t.state.status != InstanceStatus::Completed {
+            tracing::warn!(saga = %saga.name, instance = %instance_id,
+                status = t.state.status.as_str(), "saga instance finished after a failure");
         }
         Ok(Handled::Send(outgoing))
     }
 
-    async fn claim(&self, job: &Job) -> Result<Claimed, EngineError> {
-        let env = &job.envelope;
-        let mut tx = self.store.begin().await?;
-        match env.command {
-            Command::Start => {
-                let new = NewInstance {
-                    id: instance_id_for(env.message_id),
-                    start_message_id: env.message_id,
-                    saga: &job.saga.name,
-                    saga_version: job.saga.version,
-                    aggregate_id: &job.aggregate_id,
-                    payload: &env.payload,
-                    sequence: env.sequence,
-                };
-                match tx.claim_start(&new).await? {
-                    Some(row) => Ok(Claimed::Fresh(tx, row, Cursor::START)),
-                    None => {
-                        tx.rollback().await?;
-                        Ok(Claimed::Seen)
-                    }
-                }
+    /// The slow path: a message whose guarded record did not apply.
+    async fn dispose(
+        &self,
+        job: &Job,
+        instance_id: Uuid,
+        requested: Cursor,
+    ) -> Result<Handled, EngineError> {
+        let message_id = job.envelope.message_id;
+        match self.store.disposal(message_id, instance_id).await? {
+            Disposal::Seen => {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                let outgoing = self.store.outgoing_of(message_id).await?;
+                tracing::debug!(%message_id, resend = outgoing.len(), "duplicate message");
+                Ok(Handled::Send(outgoing))
             }
-            Command::Run {
-                instance_id,
-                cursor,
-            } => match tx.claim_run(env.message_id, instance_id).await? {
-                RunClaim::Fresh(row) => Ok(Claimed::Fresh(tx, row, cursor)),
-                RunClaim::Seen => {
-                    tx.rollback().await?;
-                    Ok(Claimed::Seen)
+            Disposal::NoInstance => Ok(Handled::DeadLetter(
+                "no_instance",
+                format!("run message for unknown instance {instance_id}"),
+            )),
+            Disposal::Live(state) => match coordinator::admit(state, requested) {
+                Admission::Skip(reason) => {
+                    self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%message_id, ?reason, "message out of date: skipped");
+                    let mut tx = self.store.begin().await?;
+                    tx.record_skipped(message_id, instance_id).await?;
+                    tx.commit().await?;
+                    Ok(Handled::Send(Vec::new()))
                 }
-                RunClaim::NoInstance => {
-                    tx.rollback().await?;
-                    Ok(Claimed::NoInstance(instance_id))
-                }
+                // The state moved between the record and this look: try again.
+                Admission::Run(_) => Err(EngineError::Raced(instance_id)),
             },
         }
     }
 
-    fn outgoing(&self, saga: &SagaDef, row: &InstanceRow, t: &Transition) -> Vec<Outgoing> {
+    fn outgoing(
+        &self,
+        job: &Job,
+        instance_id: Uuid,
+        outputs: &Value,
+        t: &Transition,
+    ) -> Vec<Outgoing> {
         t.next
             .iter()
             .map(|next| Outgoing {
                 envelope: Envelope {
-                    message_id: run_message_id(row.id, next.cursor),
-                    saga: saga.name.clone(),
-                    aggregate_id: Some(row.aggregate_id.clone()),
+                    message_id: run_message_id(instance_id, next.cursor),
+                    saga: job.saga.name.clone(),
+                    aggregate_id: Some(job.aggregate_id.clone()),
                     sequence: None,
                     dispatched_at: Some(Utc::now()),
                     command: Command::Run {
-                        instance_id: row.id,
+                        instance_id,
                         cursor: next.cursor,
                     },
-                    payload: Value::Null,
+                    payload: job.envelope.payload.clone(),
+                    outputs: outputs.clone(),
                 },
                 delay_ms: next.delay.as_millis() as u64,
             })
             .collect()
     }
-}
-
-enum Claimed {
-    Fresh(StepTx, InstanceRow, Cursor),
-    Seen,
-    NoInstance(Uuid),
 }

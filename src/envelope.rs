@@ -45,10 +45,14 @@ pub struct Envelope {
     /// What the message asks for; a start when absent.
     #[serde(default)]
     pub command: Command,
-    /// The saga's input on a start (a JSON object); empty on run messages, whose
-    /// instance keeps the payload in PostgreSQL.
+    /// The saga's input (a JSON object). Run messages carry the instance's copy too.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub payload: Value,
+    /// On run messages: the outputs of the steps so far, keyed by step name, as
+    /// committed when this message was decided. The step binds its parameters from
+    /// here and from `payload`, so it need not read the instance first.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub outputs: Value,
 }
 
 /// A message to publish once the transaction that decided it has committed.
@@ -273,7 +277,8 @@ mod tests {
                     attempt: 4,
                 },
             },
-            payload: Value::Null,
+            payload: serde_json::json!({"a": 1}),
+            outputs: serde_json::json!({"s": {"c": 2}}),
         };
         assert_eq!(Envelope::parse(&env.to_body()).unwrap(), env);
     }
@@ -295,7 +300,7 @@ mod tests {
                 "payload_not_object",
             ),
             (
-                format!(r#"{{"message_id":"not-a-uuid","saga":"s","payload":{{}}}}"#).into_bytes(),
+                br#"{"message_id":"not-a-uuid","saga":"s","payload":{}}"#.to_vec(),
                 "invalid",
             ),
         ];

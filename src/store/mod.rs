@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use crate::envelope::Outgoing;
 use crate::saga::SagaDef;
-use crate::saga::coordinator::InstanceStatus;
-pub use steps::{AttemptRecord, InstanceRow, NewInstance, RunClaim, StepTx};
+use crate::saga::coordinator::{Cursor, InstanceState, InstanceStatus, Phase};
+pub use steps::{NewInstance, StepRecord, StepTx};
 
 /// What can go wrong talking to PostgreSQL. Every variant is an infrastructure
 /// problem (the step itself did not fail): callers retry the whole message later.
@@ -44,6 +44,17 @@ pub enum StoreError {
     /// A stored row holds a value skald never writes (edited by hand?).
     #[error("corrupt row: {0}")]
     Corrupt(String),
+}
+
+/// Why a message's guarded record did not apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposal {
+    /// The message id is in the inbox: a copy of a handled message.
+    Seen,
+    /// No instance has the message's instance id.
+    NoInstance,
+    /// The instance exists in this state (terminal, or at another cursor).
+    Live(InstanceState),
 }
 
 /// Count of instances of one saga in one status.
@@ -93,20 +104,35 @@ impl Store {
         Ok(())
     }
 
-    /// Runs each saga's `setup` SQL (idempotent by contract), in saga order.
+    /// Runs each saga's `setup` SQL (idempotent by contract), in saga order, under an
+    /// advisory lock: `CREATE ... IF NOT EXISTS` is not safe against a concurrent
+    /// twin, and several processes may start at once.
     pub async fn run_setup(&self, sagas: &[SagaDef]) -> Result<(), StoreError> {
+        const SETUP_LOCK: i64 = 0x736b_616c_6401; // "skald" + 1
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(SETUP_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        let mut result = Ok(());
         for saga in sagas {
-            if let Some(sql) = &saga.setup_sql {
-                sqlx::raw_sql(AssertSqlSafe(sql.clone()))
-                    .execute(&self.pool)
+            if let Some(sql) = &saga.setup_sql
+                && let Err(source) = sqlx::raw_sql(AssertSqlSafe(sql.clone()))
+                    .execute(&mut *conn)
                     .await
-                    .map_err(|source| StoreError::Setup {
-                        saga: saga.name.clone(),
-                        source,
-                    })?;
+            {
+                result = Err(StoreError::Setup {
+                    saga: saga.name.clone(),
+                    source,
+                });
+                break;
             }
         }
-        Ok(())
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(SETUP_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        result
     }
 
     /// Opens the transaction one message is handled in.
@@ -128,6 +154,41 @@ impl Store {
                 Ok(json.0)
             }
         }
+    }
+
+    /// Why a message's record did not apply: it was handled before, its instance
+    /// does not exist, or the instance is in another state than the message expected.
+    pub async fn disposal(
+        &self,
+        message_id: Uuid,
+        instance_id: Uuid,
+    ) -> Result<Disposal, StoreError> {
+        let row = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM skald.inbox WHERE message_id = $1) AS seen, \
+                    i.status, i.step, i.phase, i.attempt \
+             FROM (SELECT 1) one LEFT JOIN skald.instances i ON i.id = $2",
+        )
+        .bind(message_id)
+        .bind(instance_id)
+        .fetch_one(&self.pool)
+        .await?;
+        if row.try_get::<bool, _>("seen")? {
+            return Ok(Disposal::Seen);
+        }
+        let Some(status) = row.try_get::<Option<String>, _>("status")? else {
+            return Ok(Disposal::NoInstance);
+        };
+        let phase: String = row.try_get("phase")?;
+        let corrupt = |what: String| StoreError::Corrupt(what);
+        Ok(Disposal::Live(InstanceState {
+            status: InstanceStatus::parse(&status)
+                .ok_or_else(|| corrupt(format!("status {status:?}")))?,
+            cursor: Cursor {
+                step: row.try_get::<i32, _>("step")? as u32,
+                phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase:?}")))?,
+                attempt: row.try_get::<i32, _>("attempt")? as u32,
+            },
+        }))
     }
 
     /// Instances per saga and status, for `skald status` and the dashboard.

@@ -289,6 +289,7 @@ pub fn start(saga: &str, aggregate: &str, sequence: u64, payload: Value) -> Enve
         dispatched_at: Some(chrono::Utc::now()),
         command: EnvCommand::Start,
         payload,
+        outputs: Value::Null,
     }
 }
 

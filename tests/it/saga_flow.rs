@@ -50,7 +50,7 @@ async fn a_checkout_completes_with_its_effects_and_drains_the_queue() {
     .unwrap();
     assert_eq!(rows, (1, 1, 1));
     let attempts: Vec<(String, String)> =
-        sqlx::query_as("SELECT step_name, outcome FROM skald.step_attempts ORDER BY id")
+        sqlx::query_as("SELECT step_name, outcome FROM skald.inbox WHERE disposition = 'applied' ORDER BY finished_at")
             .fetch_all(&env.pool)
             .await
             .unwrap();
@@ -89,7 +89,7 @@ async fn a_failed_payment_compensates_the_reservation() {
     assert_eq!(stock, 1_000_000_000, "the reserved stock is given back");
     assert!(released);
     let history: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
-        "SELECT step_name, phase, outcome, error_kind FROM skald.step_attempts ORDER BY id",
+        "SELECT step_name, phase, outcome, error_kind FROM skald.inbox WHERE disposition = 'applied' ORDER BY finished_at",
     )
     .fetch_all(&env.pool)
     .await
