@@ -133,6 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dispatched_at: Some(chrono::Utc::now()),
                 command: Command::Start,
                 payload,
+                outputs: Value::Null,
             };
             tokio_runtime()?.block_on(async {
                 let transport = RabbitTransport::connect(&config.amqp_url, &config.namespace, 1)
