@@ -224,8 +224,8 @@ async fn publish_all(
     let messages: Vec<Outgoing> = (0..sagas)
         .map(|i| {
             let agg = i % aggregates;
-            Outgoing {
-                envelope: Envelope {
+            Outgoing::to_intake(
+                Envelope {
                     message_id: Uuid::new_v4(),
                     saga: "order_checkout".into(),
                     aggregate_id: Some(format!("bench-{agg}")),
@@ -240,9 +240,10 @@ async fn publish_all(
                         "amount": 1.5,
                     }),
                     outputs: serde_json::Value::Null,
+                    errors: Vec::new(),
                 },
-                delay_ms: 0,
-            }
+                0,
+            )
         })
         .collect();
     // Confirms are awaited in windows: order within one aggregate is kept because a

@@ -65,8 +65,57 @@ enum Cmd {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Inspect, replay or discard dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCmd),
     /// Measure throughput against a hand-written baseline worker (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCmd {
+    /// List dead letters, newest first.
+    List {
+        /// Only this kind: malformed, unprocessable, exhausted, compensation_failed.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only this status: pending, replayed, discarded.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter: reason, body, error history, resolution.
+    Show {
+        /// Its id.
+        id: Uuid,
+    },
+    /// Send a dead letter back for processing (again: idempotent).
+    Replay {
+        /// Its id.
+        id: Uuid,
+        /// A JSON object replacing the payload (recorded on the letter).
+        #[arg(long)]
+        data: Option<String>,
+        /// Who is replaying (recorded; default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Set a dead letter aside (recorded, never erased).
+    Discard {
+        /// Its id.
+        id: Uuid,
+        /// Who is discarding (recorded; default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+        /// Why (recorded).
+        #[arg(long)]
+        note: Option<String>,
+    },
 }
 
 /// Parses the arguments, runs the command, and maps failure to a non-zero exit.
@@ -134,16 +183,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 command: Command::Start,
                 payload,
                 outputs: Value::Null,
+                errors: Vec::new(),
             };
             tokio_runtime()?.block_on(async {
                 let transport = RabbitTransport::connect(&config.amqp_url, &config.namespace, 1)
                     .await
                     .context("connecting to RabbitMQ")?;
                 transport
-                    .publish(&Outgoing {
-                        envelope: envelope.clone(),
-                        delay_ms: 0,
-                    })
+                    .publish(&Outgoing::to_intake(envelope.clone(), 0))
                     .await
                     .context("publishing the start message")?;
                 transport.close().await;
@@ -204,6 +251,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Dlq(cmd) => {
+            let config = config()?;
+            tokio_runtime()?.block_on(run_dlq(config, cmd))
+        }
         Cmd::Bench(args) => {
             let config = config()?;
             actix_system().block_on(crate::bench::run(config, args))?;
@@ -258,4 +309,91 @@ pub fn render_status(counts: &[crate::store::StatusCount], json: bool) -> String
         out.push('\n');
     }
     out
+}
+
+async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
+    use crate::store::dead_letters::{self, DeadLetterKind, DeadLetterStatus};
+    let store = Store::connect(&config.database_url, 2).await?;
+    store.migrate().await?;
+    let operator = |by: Option<String>| {
+        by.or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "cli".to_string())
+    };
+    match cmd {
+        DlqCmd::List {
+            kind,
+            status,
+            limit,
+            json,
+        } => {
+            let kind = kind
+                .map(|k| DeadLetterKind::parse(&k).with_context(|| format!("unknown kind {k:?}")))
+                .transpose()?;
+            let status = status
+                .map(|s| {
+                    DeadLetterStatus::parse(&s).with_context(|| format!("unknown status {s:?}"))
+                })
+                .transpose()?;
+            let letters = dead_letters::list(store.pool(), kind, status, limit).await?;
+            for l in &letters {
+                if json {
+                    println!("{}", serde_json::to_string(l)?);
+                } else {
+                    println!(
+                        "{}  {:<19} {:<9} {}  {}",
+                        l.id,
+                        l.kind.as_str(),
+                        l.status.as_str(),
+                        l.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        l.reason
+                    );
+                }
+            }
+            if !json && letters.is_empty() {
+                println!("no dead letters");
+            }
+        }
+        DlqCmd::Show { id } => {
+            let letter = dead_letters::get(store.pool(), id, false)
+                .await?
+                .with_context(|| format!("no dead letter {id}"))?;
+            let mut json = serde_json::to_value(&letter)?;
+            json["body"] = match letter.body_text() {
+                Some(text) => {
+                    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.into()))
+                }
+                None => Value::String(format!("<{} bytes, not UTF-8>", letter.body.len())),
+            };
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+        DlqCmd::Replay { id, data, by } => {
+            let data = data
+                .map(|d| serde_json::from_str::<Value>(&d).context("--data is not JSON"))
+                .transpose()?;
+            let transport =
+                RabbitTransport::connect(&config.amqp_url, &config.namespace, 1).await?;
+            let outcome =
+                crate::dlq::replay(&store, transport.as_ref(), id, data, &operator(by)).await;
+            transport.close().await;
+            match outcome? {
+                crate::dlq::ReplayOutcome::Replayed => println!("replayed {id}"),
+                crate::dlq::ReplayOutcome::AlreadyReplayed { by, at } => println!(
+                    "{id} was already replayed by {} at {}; its message was sent again \
+                     (dropped as a copy if the first one arrived)",
+                    by.unwrap_or_default(),
+                    at.map(|t| t.to_rfc3339()).unwrap_or_default()
+                ),
+            }
+        }
+        DlqCmd::Discard { id, by, note } => {
+            match crate::dlq::discard(&store, id, &operator(by), note.as_deref()).await? {
+                crate::dlq::DiscardOutcome::Discarded => println!("discarded {id}"),
+                crate::dlq::DiscardOutcome::AlreadyResolved(status) => {
+                    println!("{id} is already {}; nothing changed", status.as_str())
+                }
+            }
+        }
+    }
+    store.close().await;
+    Ok(ExitCode::SUCCESS)
 }

@@ -26,7 +26,10 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::envelope::{Command, Envelope, Malformed, Outgoing, instance_id_for, run_message_id};
+use crate::envelope::{
+    AttemptError, Command, DeadLetterNote, Envelope, Malformed, Outgoing, instance_id_for,
+    run_message_id,
+};
 use crate::handlers::Handlers;
 use crate::metrics::LatencyHistogram;
 use crate::saga::context::StepInput;
@@ -34,6 +37,7 @@ use crate::saga::coordinator::{
     self, Admission, Cursor, InstanceStatus, Outcome, Phase, Transition,
 };
 use crate::saga::{Catalog, SagaDef};
+use crate::store::dead_letters::{self, DeadLetterKind, NewDeadLetter};
 use crate::store::effects;
 use crate::store::{Disposal, NewInstance, StepRecord, Store, StoreError};
 use crate::transport::{Delivery, Transport, TransportError};
@@ -311,12 +315,27 @@ impl Engine {
     pub async fn dead_letter(&self, delivery: Delivery, reason: Malformed) {
         self.stats.malformed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(reason = %reason, bytes = delivery.body.len(), "malformed message: dead-lettered");
+        let text = reason.to_string();
+        let record = NewDeadLetter {
+            id: Uuid::new_v4(),
+            kind: DeadLetterKind::Malformed,
+            reason_code: reason.code(),
+            reason: &text,
+            body: &delivery.body,
+            message_id: None,
+            instance_id: None,
+            saga: None,
+        };
         let mut tries = 0;
-        while let Err(e) = self
-            .transport
-            .dead_letter(&delivery.body, reason.code(), &reason.to_string())
-            .await
-        {
+        loop {
+            let stored = async {
+                dead_letters::insert(self.store.pool(), &record).await?;
+                self.transport
+                    .dead_letter(&delivery.body, reason.code(), &text)
+                    .await?;
+                Ok::<(), EngineError>(())
+            };
+            let Err(e) = stored.await else { break };
             if self.shutting_down.load(Ordering::SeqCst) {
                 self.in_flight.leave();
                 return;
@@ -350,9 +369,22 @@ impl Engine {
             }
             Handled::DeadLetter(code, reason) => {
                 tracing::warn!(reason, message_id = %job.envelope.message_id, "dead-lettered");
-                self.transport
-                    .dead_letter(&job.envelope.to_body(), code, &reason)
-                    .await?;
+                let body = job.envelope.to_body();
+                dead_letters::insert(
+                    self.store.pool(),
+                    &NewDeadLetter {
+                        id: Uuid::new_v5(&job.envelope.message_id, b"dead-letter"),
+                        kind: DeadLetterKind::Unprocessable,
+                        reason_code: code,
+                        reason: &reason,
+                        body: &body,
+                        message_id: Some(job.envelope.message_id),
+                        instance_id: None,
+                        saga: Some(&job.saga.name),
+                    },
+                )
+                .await?;
+                self.transport.dead_letter(&body, code, &reason).await?;
             }
         }
         Ok(())
@@ -441,7 +473,44 @@ impl Engine {
             }
             None => outputs_before.clone(),
         };
-        let outgoing = self.outgoing(job, instance_id, &outputs, &t);
+        let mut errors = env.errors.clone();
+        if let Some(f) = &failure {
+            errors.push(AttemptError {
+                step: step.name.clone(),
+                phase: requested.phase,
+                attempt: requested.attempt,
+                at: Utc::now(),
+                kind: f.kind,
+                message: f.message.clone(),
+            });
+        }
+        let mut outgoing = self.outgoing(job, instance_id, &outputs, &errors, &t);
+        let parked = (t.state.status == InstanceStatus::Failed).then(|| {
+            let (kind, code) = match requested.phase {
+                Phase::Forward => (DeadLetterKind::Exhausted, "exhausted"),
+                Phase::Compensate => (DeadLetterKind::CompensationFailed, "compensation_failed"),
+            };
+            let reason = format!(
+                "{} of step {} failed for good after {} attempt(s): {}",
+                requested.phase.as_str(),
+                step.name,
+                requested.attempt,
+                failure.as_ref().map_or("", |f| f.message.as_str())
+            );
+            let mut envelope = env.clone();
+            envelope.errors = errors.clone();
+            (kind, code, reason, envelope)
+        });
+        if let Some((_, code, reason, envelope)) = &parked {
+            outgoing.push(Outgoing {
+                envelope: envelope.clone(),
+                delay_ms: 0,
+                dead_letter: Some(DeadLetterNote {
+                    code: code.to_string(),
+                    reason: reason.clone(),
+                }),
+            });
+        }
         let record = StepRecord {
             message_id: env.message_id,
             instance_id,
@@ -471,6 +540,23 @@ impl Engine {
         if !recorded {
             tx.rollback().await?;
             return self.dispose(job, instance_id, requested).await;
+        }
+        if let Some((kind, code, reason, envelope)) = &parked {
+            let body = envelope.to_body();
+            dead_letters::insert(
+                tx.conn(),
+                &NewDeadLetter {
+                    id: Uuid::new_v5(&env.message_id, b"dead-letter"),
+                    kind: *kind,
+                    reason_code: code,
+                    reason,
+                    body: &body,
+                    message_id: Some(env.message_id),
+                    instance_id: Some(instance_id),
+                    saga: Some(&saga.name),
+                },
+            )
+            .await?;
         }
         tx.commit().await?;
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
@@ -523,25 +609,29 @@ impl Engine {
         job: &Job,
         instance_id: Uuid,
         outputs: &Value,
+        errors: &[AttemptError],
         t: &Transition,
     ) -> Vec<Outgoing> {
         t.next
             .iter()
-            .map(|next| Outgoing {
-                envelope: Envelope {
-                    message_id: run_message_id(instance_id, next.cursor),
-                    saga: job.saga.name.clone(),
-                    aggregate_id: Some(job.aggregate_id.clone()),
-                    sequence: None,
-                    dispatched_at: Some(Utc::now()),
-                    command: Command::Run {
-                        instance_id,
-                        cursor: next.cursor,
+            .map(|next| {
+                Outgoing::to_intake(
+                    Envelope {
+                        message_id: run_message_id(instance_id, next.cursor),
+                        saga: job.saga.name.clone(),
+                        aggregate_id: Some(job.aggregate_id.clone()),
+                        sequence: None,
+                        dispatched_at: Some(Utc::now()),
+                        command: Command::Run {
+                            instance_id,
+                            cursor: next.cursor,
+                        },
+                        payload: job.envelope.payload.clone(),
+                        outputs: outputs.clone(),
+                        errors: errors.to_vec(),
                     },
-                    payload: job.envelope.payload.clone(),
-                    outputs: outputs.clone(),
-                },
-                delay_ms: next.delay.as_millis() as u64,
+                    next.delay.as_millis() as u64,
+                )
             })
             .collect()
     }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::saga::coordinator::Cursor;
+use crate::saga::coordinator::{Cursor, FailureKind, Phase};
 
 /// Bodies above this many bytes are malformed without being parsed (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -53,6 +53,28 @@ pub struct Envelope {
     /// here and from `payload`, so it need not read the instance first.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub outputs: Value,
+    /// Every failed attempt of this instance so far, oldest first: the error history
+    /// travels with the message (and is in PostgreSQL too, one inbox row per attempt).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<AttemptError>,
+}
+
+/// One failed attempt, as carried in a message's error history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttemptError {
+    /// The step's name.
+    pub step: String,
+    /// Action or compensation.
+    pub phase: Phase,
+    /// Which try failed (1 for the first).
+    pub attempt: u32,
+    /// When it failed.
+    pub at: DateTime<Utc>,
+    /// Whether it could be retried.
+    pub kind: FailureKind,
+    /// What went wrong.
+    pub message: String,
 }
 
 /// A message to publish once the transaction that decided it has committed.
@@ -63,6 +85,29 @@ pub struct Outgoing {
     /// Hold it back this long first (a retry's backoff); 0 sends at once.
     #[serde(default)]
     pub delay_ms: u64,
+    /// Send it to the dead-letter queue (with this reason) instead of the intake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetterNote>,
+}
+
+/// Why a message is dead-lettered, as attached to it in the dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterNote {
+    /// A short stable code (`malformed`, `exhausted`, `compensation_failed`...).
+    pub code: String,
+    /// A sentence for a person.
+    pub reason: String,
+}
+
+impl Outgoing {
+    /// A message for skald's intake, sent `delay_ms` from now.
+    pub fn to_intake(envelope: Envelope, delay_ms: u64) -> Self {
+        Outgoing {
+            envelope,
+            delay_ms,
+            dead_letter: None,
+        }
+    }
 }
 
 /// What an envelope asks skald to do.
@@ -245,7 +290,6 @@ pub fn instance_id_for(start_message_id: Uuid) -> Uuid {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::saga::coordinator::Phase;
 
     const ID: &str = "6f1c2a4e-0000-4000-8000-000000000001";
 
@@ -279,6 +323,14 @@ mod tests {
             },
             payload: serde_json::json!({"a": 1}),
             outputs: serde_json::json!({"s": {"c": 2}}),
+            errors: vec![AttemptError {
+                step: "s".into(),
+                phase: Phase::Forward,
+                attempt: 1,
+                at: Utc::now(),
+                kind: FailureKind::Retryable,
+                message: "boom".into(),
+            }],
         };
         assert_eq!(Envelope::parse(&env.to_body()).unwrap(), env);
     }

@@ -35,6 +35,7 @@ pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod dlq;
 pub mod engine;
 pub mod envelope;
 pub mod handlers;

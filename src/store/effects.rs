@@ -234,21 +234,26 @@ const TRANSIENT_SQLSTATES: &[&str] = &[
     "40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03",
 ];
 
+/// SQLSTATE classes no retry can fix: data exceptions (22), syntax errors and
+/// undefined objects (42), unsupported features (0A). Fatal even when undeclared.
+const FATAL_CLASSES: &[&str] = &["22", "42", "0A"];
+
 /// Whether a database error may go away on retry.
 ///
-/// A code listed in `fatal_sqlstates` (exact, or its two-character class) is fatal;
-/// known transient codes and anything that is not a database error (I/O, pool
-/// timeout) are retryable; other database errors are retryable too, bounded by the
-/// step's `max_attempts`, since skald cannot know that a missing table will not be
-/// created a minute later.
+/// Fatal: a code listed in `fatal_sqlstates` (exact, or its two-character class), or
+/// one of the [`FATAL_CLASSES`]. Retryable: known transient codes, anything that is
+/// not a database error (I/O, pool timeout), and every other database error (an
+/// integrity violation may clear once another service catches up), bounded by the
+/// step's `max_attempts`.
 pub fn classify(e: &sqlx::Error, fatal_sqlstates: &[String]) -> FailureKind {
     let Some(code) = e.as_database_error().and_then(|d| d.code()) else {
         return FailureKind::Retryable;
     };
-    let declared_fatal = fatal_sqlstates
-        .iter()
-        .any(|f| f.as_str() == code || (f.len() == 2 && code.starts_with(f.as_str())));
-    if declared_fatal && !TRANSIENT_SQLSTATES.contains(&code.as_ref()) {
+    if TRANSIENT_SQLSTATES.contains(&code.as_ref()) {
+        return FailureKind::Retryable;
+    }
+    let matches = |f: &str| f == code || (f.len() == 2 && code.starts_with(f));
+    if fatal_sqlstates.iter().any(|f| matches(f)) || FATAL_CLASSES.iter().any(|f| matches(f)) {
         FailureKind::Fatal
     } else {
         FailureKind::Retryable

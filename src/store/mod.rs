@@ -5,6 +5,7 @@
 //! - [`steps`]: the statements of one step's transaction (claim, record).
 //! - [`effects`]: running a step's action in that transaction.
 
+pub mod dead_letters;
 pub mod effects;
 pub mod steps;
 
@@ -175,20 +176,10 @@ impl Store {
         if row.try_get::<bool, _>("seen")? {
             return Ok(Disposal::Seen);
         }
-        let Some(status) = row.try_get::<Option<String>, _>("status")? else {
+        if row.try_get::<Option<String>, _>("status")?.is_none() {
             return Ok(Disposal::NoInstance);
-        };
-        let phase: String = row.try_get("phase")?;
-        let corrupt = |what: String| StoreError::Corrupt(what);
-        Ok(Disposal::Live(InstanceState {
-            status: InstanceStatus::parse(&status)
-                .ok_or_else(|| corrupt(format!("status {status:?}")))?,
-            cursor: Cursor {
-                step: row.try_get::<i32, _>("step")? as u32,
-                phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase:?}")))?,
-                attempt: row.try_get::<i32, _>("attempt")? as u32,
-            },
-        }))
+        }
+        Ok(Disposal::Live(state_from_row(&row)?))
     }
 
     /// Instances per saga and status, for `skald status` and the dashboard.
@@ -241,4 +232,85 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), St
     }
     admin.close().await?;
     Ok(())
+}
+
+/// An instance as an operator action needs it.
+#[derive(Debug, Clone)]
+pub struct InstanceSnapshot {
+    /// The saga.
+    pub saga: String,
+    /// The aggregate.
+    pub aggregate_id: String,
+    /// Status and cursor.
+    pub state: InstanceState,
+    /// The start payload.
+    pub payload: serde_json::Value,
+    /// The outputs so far.
+    pub outputs: serde_json::Value,
+}
+
+/// Reads an instance and locks its row (inside a transaction) for an operator action.
+pub async fn lock_instance(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<InstanceSnapshot>, StoreError> {
+    let row = sqlx::query(
+        "SELECT saga, aggregate_id, status, step, phase, attempt, payload, outputs \
+         FROM skald.instances WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(InstanceSnapshot {
+        saga: row.try_get("saga")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        state: state_from_row(&row)?,
+        payload: row
+            .try_get::<sqlx::types::Json<serde_json::Value>, _>("payload")?
+            .0,
+        outputs: row
+            .try_get::<sqlx::types::Json<serde_json::Value>, _>("outputs")?
+            .0,
+    }))
+}
+
+/// Moves a parked instance back to life at `state`, with `payload` (possibly edited).
+pub async fn resume_instance(
+    conn: &mut PgConnection,
+    id: Uuid,
+    state: InstanceState,
+    payload: &serde_json::Value,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE skald.instances SET status = $2, step = $3, phase = $4, attempt = $5, \
+           payload = $6, finished_at = NULL, updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(state.status.as_str())
+    .bind(state.cursor.step as i32)
+    .bind(state.cursor.phase.as_str())
+    .bind(state.cursor.attempt as i32)
+    .bind(sqlx::types::Json(payload))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The status and cursor columns (`status`, `step`, `phase`, `attempt`) of a row.
+fn state_from_row(row: &sqlx::postgres::PgRow) -> Result<InstanceState, StoreError> {
+    let status: String = row.try_get("status")?;
+    let phase: String = row.try_get("phase")?;
+    let corrupt = |what: String| StoreError::Corrupt(what);
+    Ok(InstanceState {
+        status: InstanceStatus::parse(&status)
+            .ok_or_else(|| corrupt(format!("status {status:?}")))?,
+        cursor: Cursor {
+            step: u32::try_from(row.try_get::<i32, _>("step")?)
+                .map_err(|_| corrupt("negative step".into()))?,
+            phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase:?}")))?,
+            attempt: u32::try_from(row.try_get::<i32, _>("attempt")?)
+                .map_err(|_| corrupt("negative attempt".into()))?,
+        },
+    })
 }

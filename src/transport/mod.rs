@@ -75,9 +75,14 @@ impl std::fmt::Debug for Delivery {
 
 /// The broker as skald uses it.
 pub trait Transport: Send + Sync + 'static {
-    /// Publishes a message to skald's intake (after `delay_ms`, durably), returning
-    /// once the broker confirmed it.
+    /// Publishes a message to skald's intake (after `delay_ms`, durably) — or to the
+    /// dead-letter queue when it carries a [`crate::envelope::DeadLetterNote`] —
+    /// returning once the broker confirmed it.
     fn publish<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Publishes a raw body to skald's intake as a foreign publisher would (replay of
+    /// a malformed dead letter), returning once the broker confirmed it.
+    fn publish_raw<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Result<(), TransportError>>;
 
     /// Stores `body` durably in the dead-letter queue with `reason` attached,
     /// returning once the broker confirmed it.

@@ -303,6 +303,9 @@ impl Transport for RabbitTransport {
     fn publish<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
             let body = msg.envelope.to_body();
+            if let Some(note) = &msg.dead_letter {
+                return self.dead_letter(&body, &note.code, &note.reason).await;
+            }
             let properties = BasicProperties::default()
                 .with_message_id(msg.envelope.message_id.to_string().into())
                 .with_content_type("application/json".into());
@@ -313,6 +316,15 @@ impl Transport for RabbitTransport {
                 let queue = self.topology.delay_queue(msg.delay_ms);
                 self.publish_confirmed("", &queue, &body, properties).await
             }
+        })
+    }
+
+    fn publish_raw<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            let properties =
+                BasicProperties::default().with_content_type("application/json".into());
+            self.publish_confirmed(&self.topology.exchange, INTAKE_KEY, body, properties)
+                .await
         })
     }
 

@@ -134,10 +134,7 @@ impl TestEnv {
         let ids = starts.iter().map(|e| e.message_id).collect();
         let outgoing: Vec<Outgoing> = starts
             .into_iter()
-            .map(|envelope| Outgoing {
-                envelope,
-                delay_ms: 0,
-            })
+            .map(|envelope| Outgoing::to_intake(envelope, 0))
             .collect();
         for window in outgoing.chunks(500) {
             let mut confirms: FuturesUnordered<_> =
@@ -290,6 +287,7 @@ pub fn start(saga: &str, aggregate: &str, sequence: u64, payload: Value) -> Enve
         command: EnvCommand::Start,
         payload,
         outputs: Value::Null,
+        errors: Vec::new(),
     }
 }
 

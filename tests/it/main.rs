@@ -5,5 +5,6 @@ mod helpers;
 
 mod cli;
 mod crash;
+mod failures;
 mod malformed;
 mod saga_flow;

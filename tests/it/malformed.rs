@@ -117,5 +117,19 @@ async fn malformed_messages_go_to_the_dead_letter_queue_and_good_ones_complete()
         corpus.len()
     );
     assert_eq!(env.queue_depth(&topology.intake_queue).await, 0);
+    // ...and recorded in PostgreSQL with its reason and raw body.
+    let recorded: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT kind, reason_code, body FROM skald.dead_letters ORDER BY created_at",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded.len(), corpus.len());
+    assert!(recorded.iter().all(|(kind, _, _)| kind == "malformed"));
+    let mut bodies: Vec<&Vec<u8>> = recorded.iter().map(|(_, _, b)| b).collect();
+    let mut sent: Vec<&Vec<u8>> = corpus.iter().map(|(_, b)| b).collect();
+    bodies.sort();
+    sent.sort();
+    assert_eq!(bodies, sent, "raw bodies preserved");
     env.cleanup().await;
 }
