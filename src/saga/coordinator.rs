@@ -327,7 +327,9 @@ pub fn retry_delay(policy: &RetryPolicy, failed_attempt: u32, jitter: f64) -> Du
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::saga::definition::{Action, HandlerAction, StepDef, ValueRef};
+    use crate::saga::definition::{
+        Action, HandlerAction, Isolation, OrderingPolicy, StepDef, ValueRef,
+    };
     use std::path::PathBuf;
 
     fn step(name: &str, role: StepRole, max_attempts: u32) -> StepDef {
@@ -347,6 +349,7 @@ mod tests {
                 max_delay: Duration::from_secs(1),
                 jitter: false,
             },
+            timeout: None,
         }
     }
 
@@ -363,6 +366,9 @@ mod tests {
                 step("ship", StepRole::Pivot, 2),
                 step("notify", StepRole::Retriable, 1),
             ],
+            timeout: None,
+            ordering: OrderingPolicy::LatestWins,
+            isolation: Isolation::Interleave,
             source: PathBuf::from("checkout.yaml"),
         }
     }

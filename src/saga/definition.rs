@@ -24,6 +24,14 @@ pub struct SagaDef {
     pub setup_sql: Option<String>,
     /// In execution order; never empty.
     pub steps: Vec<StepDef>,
+    /// An instance still running this long after it started stops going forward and
+    /// compensates (checked whenever it takes its next step); `None`: no limit.
+    #[serde(with = "opt_millis")]
+    pub timeout: Option<Duration>,
+    /// What happens to a start message older than what its aggregate already applied.
+    pub ordering: OrderingPolicy,
+    /// Whether instances of this saga on one aggregate may interleave their steps.
+    pub isolation: Isolation,
     /// The file the saga was loaded from, for error messages and the dashboard.
     pub source: PathBuf,
 }
@@ -48,6 +56,37 @@ pub struct StepDef {
     pub compensation: Option<Action>,
     /// How failed attempts of this step (and of its compensation) are retried.
     pub retry: RetryPolicy,
+    /// One attempt running longer than this fails (retryably); `None`: no limit.
+    #[serde(with = "opt_millis")]
+    pub timeout: Option<Duration>,
+}
+
+/// Per-aggregate ordering of start messages, by their `sequence`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "policy", rename_all = "snake_case")]
+pub enum OrderingPolicy {
+    /// A start whose sequence is not above the aggregate's watermark is stale: it is
+    /// recorded and dropped, never applied over newer data.
+    LatestWins,
+    /// Starts are applied in sequence order without gaps: a start that arrives early
+    /// is held until the missing ones arrive, for at most `max_wait`; then the gap is
+    /// skipped (and recorded) and the held start applied.
+    Strict {
+        /// The longest a start waits for a missing predecessor.
+        #[serde(with = "millis")]
+        max_wait: Duration,
+    },
+}
+
+/// How instances of one saga on the same aggregate relate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Their steps interleave (each step still runs alone).
+    Interleave,
+    /// One at a time: a later start waits, in order, until the running instance of
+    /// the aggregate is terminal (a semantic lock).
+    Exclusive,
 }
 
 /// The role a step plays in the saga (Garcia-Molina & Salem's classification).
@@ -156,6 +195,18 @@ pub enum Backoff {
     Fixed,
     /// Retry `n` waits `initial_delay * 2^(n-1)`.
     Exponential,
+}
+
+mod opt_millis {
+    use serde::Serializer;
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 mod millis {

@@ -85,7 +85,8 @@ use serde_saphyr::{DuplicateKeyPolicy, Location, MessageFormatter, Spanned};
 use thiserror::Error;
 
 use super::definition::{
-    Action, Backoff, HandlerAction, RetryPolicy, SagaDef, SqlAction, StepDef, StepRole, ValueRef,
+    Action, Backoff, HandlerAction, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction,
+    StepDef, StepRole, ValueRef,
 };
 use super::sql::{compile_named, has_keyword, is_single_statement};
 use super::yaml::{RawAction, RawBackoff, RawRetry, RawRole, RawSaga, RawStep};
@@ -524,6 +525,9 @@ impl Checker<'_> {
             aggregate: aggregate?,
             setup_sql,
             steps: steps?,
+            timeout: None,
+            ordering: OrderingPolicy::LatestWins,
+            isolation: Isolation::Interleave,
             source: self.file.to_path_buf(),
         })
     }
@@ -725,6 +729,7 @@ impl Checker<'_> {
             action: action?,
             compensation: compensation?,
             retry,
+            timeout: None,
         })
     }
 
