@@ -63,8 +63,7 @@ impl App {
         store.migrate().await?;
         let all: Vec<_> = catalog.all().into_iter().map(|s| (**s).clone()).collect();
         store.run_setup(&all).await?;
-        let transport =
-            RabbitTransport::connect(&config.amqp_url, &config.namespace, config.prefetch).await?;
+        let transport = RabbitTransport::connect(&config).await?;
         let engine = Arc::new(Engine::new(
             store.clone(),
             transport.clone(),
@@ -95,7 +94,8 @@ impl App {
     /// shutdown timeout, close the connections. Must run inside an actix system.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
         let router = Router::new(self.engine.clone(), self.config.actor_idle).start();
-        tracing::info!(queue = %self.transport.topology().intake_queue,
+        tracing::info!(exchange = %self.transport.topology().exchange,
+            partitions = self.transport.topology().partitions.len(),
             prefetch = self.config.prefetch, "consuming");
         tokio::pin!(shutdown);
         loop {

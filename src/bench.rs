@@ -145,7 +145,7 @@ async fn measure(
     let baseline = baseline(config, baseline_messages, aggregates).await?;
     eprintln!("bench: baseline {baseline:.1} msgs/s over {baseline_messages} messages");
 
-    let transport = RabbitTransport::connect(&config.amqp_url, &config.namespace, 1).await?;
+    let transport = RabbitTransport::connect(config).await?;
     publish_all(&transport, args.sagas, aggregates).await?;
     transport.close().await;
 
@@ -241,6 +241,7 @@ async fn publish_all(
                     }),
                     outputs: serde_json::Value::Null,
                     errors: Vec::new(),
+                    deadline: None,
                 },
                 0,
             )
@@ -375,7 +376,7 @@ async fn cleanup(base: &PgConnectOptions, config: &Config, scratch: &str) {
     if let Ok(conn) = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await
         && let Ok(ch) = conn.create_channel().await
     {
-        for queue in Topology::new(scratch).all_queues() {
+        for queue in Topology::new(scratch, config.partitions).all_queues() {
             let _ = ch
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;

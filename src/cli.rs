@@ -174,19 +174,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = config()?;
             let payload: Value = serde_json::from_str(&data).context("--data is not JSON")?;
             anyhow::ensure!(payload.is_object(), "--data must be a JSON object");
+            // The aggregate id is the routing key (it picks the partition), so find it
+            // here when not given: where the saga definition says it is.
+            let aggregate = match aggregate {
+                Some(a) => a,
+                None => aggregate_from_payload(&config, &saga, &payload)?,
+            };
             let envelope = Envelope {
                 message_id: message_id.unwrap_or_else(Uuid::new_v4),
                 saga,
-                aggregate_id: aggregate,
+                aggregate_id: Some(aggregate),
                 sequence,
                 dispatched_at: Some(chrono::Utc::now()),
                 command: Command::Start,
                 payload,
                 outputs: Value::Null,
                 errors: Vec::new(),
+                deadline: None,
             };
             tokio_runtime()?.block_on(async {
-                let transport = RabbitTransport::connect(&config.amqp_url, &config.namespace, 1)
+                let transport = RabbitTransport::connect(&config)
                     .await
                     .context("connecting to RabbitMQ")?;
                 transport
@@ -370,8 +377,7 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
             let data = data
                 .map(|d| serde_json::from_str::<Value>(&d).context("--data is not JSON"))
                 .transpose()?;
-            let transport =
-                RabbitTransport::connect(&config.amqp_url, &config.namespace, 1).await?;
+            let transport = RabbitTransport::connect(&config).await?;
             let outcome =
                 crate::dlq::replay(&store, transport.as_ref(), id, data, &operator(by)).await;
             transport.close().await;
@@ -396,4 +402,27 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
     }
     store.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The aggregate id of a start payload, read where saga `saga` (from the configured
+/// sagas directory) says it is.
+fn aggregate_from_payload(config: &Config, saga: &str, payload: &Value) -> anyhow::Result<String> {
+    let sagas = load_dir(&config.sagas_dir).map_err(|errors| {
+        anyhow::anyhow!(
+            "--aggregate not given and the sagas in {} do not load ({} error(s)); \
+             pass --aggregate",
+            config.sagas_dir.display(),
+            errors.len()
+        )
+    })?;
+    let def = sagas
+        .iter()
+        .find(|s| s.name == saga)
+        .with_context(|| format!("no saga {saga:?} in {}", config.sagas_dir.display()))?;
+    def.aggregate_of(payload).with_context(|| {
+        format!(
+            "the payload has no {} (saga {saga}'s aggregate); pass --aggregate",
+            def.aggregate
+        )
+    })
 }

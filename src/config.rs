@@ -16,6 +16,9 @@ pub struct Config {
     /// `SKALD_NAMESPACE`: prefix of every exchange and queue skald declares, so that
     /// several deployments (or tests) share a broker without meeting (default `skald`).
     pub namespace: String,
+    /// `SKALD_PARTITIONS`: how many partition queues the intake is hashed over (by
+    /// aggregate id). Every process of a deployment must use the same number.
+    pub partitions: u16,
     /// `SKALD_PREFETCH`: unacknowledged deliveries this process holds at most. It
     /// bounds the work (and memory) in flight: actor mailboxes never hold more.
     pub prefetch: u16,
@@ -85,7 +88,16 @@ impl Config {
                 reason: "0 would mean unbounded".into(),
             });
         }
+        let partitions: u16 = number(&lookup, "SKALD_PARTITIONS", 8)?;
+        if partitions == 0 || partitions > 1024 {
+            return Err(ConfigError {
+                name: "SKALD_PARTITIONS",
+                value: partitions.to_string(),
+                reason: "must be 1 to 1024".into(),
+            });
+        }
         Ok(Config {
+            partitions,
             database_url: text("DATABASE_URL", DEFAULT_DATABASE_URL),
             amqp_url: text("AMQP_URL", DEFAULT_AMQP_URL),
             sagas_dir: PathBuf::from(text("SKALD_SAGAS_DIR", "sagas")),

@@ -194,6 +194,7 @@ async fn resume_parked(
             payload,
             outputs: snap.outputs,
             errors: Vec::new(),
+            deadline: None,
         },
         0,
     ))

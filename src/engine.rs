@@ -34,11 +34,11 @@ use crate::handlers::Handlers;
 use crate::metrics::LatencyHistogram;
 use crate::saga::context::StepInput;
 use crate::saga::coordinator::{
-    self, Admission, Cursor, InstanceStatus, Outcome, Phase, Transition,
+    self, Admission, Cursor, FailureKind, InstanceStatus, Outcome, Phase, Transition,
 };
 use crate::saga::{Catalog, SagaDef};
 use crate::store::dead_letters::{self, DeadLetterKind, NewDeadLetter};
-use crate::store::effects;
+use crate::store::effects::{self, ActionContext, EffectError};
 use crate::store::{Disposal, NewInstance, StepRecord, Store, StoreError};
 use crate::transport::{Delivery, Transport, TransportError};
 
@@ -253,18 +253,7 @@ impl Engine {
         let aggregate_id = match (&envelope.aggregate_id, envelope.command) {
             (Some(id), _) => id.clone(),
             (None, Command::Start) => saga
-                .aggregate
-                .resolve(&StepInput {
-                    instance_id: Uuid::nil(),
-                    aggregate_id: "",
-                    payload: &envelope.payload,
-                    outputs: &Value::Null,
-                })
-                .and_then(|v| match v {
-                    Value::String(s) => Some(s),
-                    Value::Number(n) => Some(n.to_string()),
-                    _ => None,
-                })
+                .aggregate_of(&envelope.payload)
                 .ok_or_else(|| Malformed::NoAggregate(saga.aggregate.to_string()))?,
             (None, Command::Run { .. }) => {
                 return Err(Malformed::Invalid(
@@ -438,16 +427,28 @@ impl Engine {
         };
 
         let started_at = Utc::now();
+        let deadline = match env.command {
+            Command::Start => saga.timeout.map(|t| started_at + t),
+            Command::Run { .. } => env.deadline,
+        };
         let mut tx = self.store.begin().await?;
-        let result = effects::run_action(
-            tx.conn(),
-            action,
-            &input,
-            &step.name,
-            requested,
-            &self.handlers,
-        )
-        .await;
+        let expired = requested.phase == Phase::Forward && deadline.is_some_and(|d| started_at > d);
+        let result = if expired {
+            // Past the saga's deadline nothing more goes forward: the step counts as
+            // failed for good, so the completed steps are compensated.
+            Err(EffectError {
+                kind: FailureKind::Fatal,
+                message: format!("saga timed out (deadline {})", deadline.expect("expired")),
+            })
+        } else {
+            let ctx = ActionContext {
+                input: &input,
+                step_name: &step.name,
+                cursor: requested,
+                timeout: step.timeout,
+            };
+            effects::run_action(tx.conn(), action, ctx, &self.handlers).await
+        };
         let (outcome, output, failure) = match result {
             Ok(output) => (Outcome::Succeeded, output, None),
             Err(failure) => {
@@ -484,7 +485,7 @@ impl Engine {
                 message: f.message.clone(),
             });
         }
-        let mut outgoing = self.outgoing(job, instance_id, &outputs, &errors, &t);
+        let mut outgoing = self.outgoing(job, instance_id, &outputs, &errors, deadline, &t);
         let parked = (t.state.status == InstanceStatus::Failed).then(|| {
             let (kind, code) = match requested.phase {
                 Phase::Forward => (DeadLetterKind::Exhausted, "exhausted"),
@@ -610,6 +611,7 @@ impl Engine {
         instance_id: Uuid,
         outputs: &Value,
         errors: &[AttemptError],
+        deadline: Option<chrono::DateTime<Utc>>,
         t: &Transition,
     ) -> Vec<Outgoing> {
         t.next
@@ -629,6 +631,7 @@ impl Engine {
                         payload: job.envelope.payload.clone(),
                         outputs: outputs.clone(),
                         errors: errors.to_vec(),
+                        deadline,
                     },
                     next.delay.as_millis() as u64,
                 )

@@ -57,6 +57,10 @@ pub struct Envelope {
     /// travels with the message (and is in PostgreSQL too, one inbox row per attempt).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<AttemptError>,
+    /// On run messages of a saga with a `timeout_ms`: past this instant the instance
+    /// goes no further forward and compensates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 /// One failed attempt, as carried in a message's error history.
@@ -331,6 +335,7 @@ mod tests {
                 kind: FailureKind::Retryable,
                 message: "boom".into(),
             }],
+            deadline: Some(Utc::now()),
         };
         assert_eq!(Envelope::parse(&env.to_body()).unwrap(), env);
     }

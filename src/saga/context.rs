@@ -36,6 +36,24 @@ impl ValueRef {
     }
 }
 
+impl super::SagaDef {
+    /// The aggregate id a start payload carries where the saga's `aggregate` says
+    /// (a string, or a number in its decimal form); `None` when it has none.
+    pub fn aggregate_of(&self, payload: &Value) -> Option<String> {
+        let input = StepInput {
+            instance_id: Uuid::nil(),
+            aggregate_id: "",
+            payload,
+            outputs: &Value::Null,
+        };
+        match self.aggregate.resolve(&input)? {
+            Value::String(s) => Some(s),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Display for ValueRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

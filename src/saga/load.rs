@@ -11,6 +11,10 @@
 //!                               # message's payload carries the aggregate id
 //! setup: |                      # optional: idempotent SQL run at start-up
 //!   CREATE SCHEMA IF NOT EXISTS shop;
+//! timeout_ms: 600000            # optional, integer >= 1: limit of a whole instance
+//! ordering: strict              # latest_wins | strict (default latest_wins)
+//! ordering_max_wait_ms: 2000    # integer >= 1, only with `strict` (default 5000)
+//! isolation: exclusive          # interleave | exclusive (default interleave)
 //! retry:                        # optional saga-level default policy, every field optional
 //!   max_attempts: 5             # >= 1 (default 3)
 //!   backoff: exponential        # fixed | exponential (default exponential)
@@ -33,6 +37,7 @@
 //!       sql: UPDATE shop.stock SET available = available + :qty WHERE sku = :sku
 //!       params: { sku: payload.sku, qty: payload.qty }
 //!     retry: { max_attempts: 10 }   # optional per-step override of the saga policy
+//!     timeout_ms: 5000          # optional, integer >= 1: limit of one attempt
 //!   - name: send_receipt
 //!     role: retriable
 //!     action: { handler: send_email, params: { to: payload.email } }
@@ -69,6 +74,40 @@
 //! A step's policy is [`RetryPolicy::default`], overridden by the fields given in the
 //! saga's `retry`, overridden by the fields given in the step's `retry`.
 //!
+//! ## Timeouts
+//!
+//! A step's `timeout_ms` (at most 2147483647, PostgreSQL's largest `statement_timeout`)
+//! limits one attempt of the step: an attempt running longer fails retryably, like any
+//! other transient failure, and its retry policy decides what comes next. A `sql` action
+//! runs with it as its `statement_timeout`; a handler is cancelled. Without it an attempt
+//! has no limit.
+//!
+//! The saga's `timeout_ms` limits a whole instance: one still running that long after it
+//! started stops going forward and compensates. The limit is checked when the instance
+//! takes its next step, so a step already running is not interrupted by it. Without it
+//! an instance has no limit.
+//!
+//! ## Ordering
+//!
+//! Start messages are ordered per aggregate by their `sequence`:
+//!
+//! - `latest_wins` (the default): a start whose sequence is not above the aggregate's
+//!   watermark (the highest sequence already applied) is stale; it is recorded and
+//!   dropped, never applied over newer data.
+//! - `strict`: starts are applied in sequence order without gaps. A start that arrives
+//!   early is held until the missing ones arrive, for at most `ordering_max_wait_ms`
+//!   (default 5000); then the gap is skipped (and recorded) and the held start applied.
+//!   `ordering_max_wait_ms` is an error with any other policy.
+//!
+//! A start without a `sequence` is never stale.
+//!
+//! ## Isolation
+//!
+//! `isolation` says how instances of the saga on one aggregate relate: with `interleave`
+//! (the default) their steps may interleave (each step still runs alone); with
+//! `exclusive` one instance per aggregate runs at a time and later starts wait, in order,
+//! until it is terminal (a semantic lock).
+//!
 //! ## Errors
 //!
 //! Duplicate keys in any mapping are an error. A file that is not valid YAML for this shape
@@ -89,7 +128,9 @@ use super::definition::{
     StepDef, StepRole, ValueRef,
 };
 use super::sql::{compile_named, has_keyword, is_single_statement};
-use super::yaml::{RawAction, RawBackoff, RawRetry, RawRole, RawSaga, RawStep};
+use super::yaml::{
+    RawAction, RawBackoff, RawIsolation, RawOrdering, RawRetry, RawRole, RawSaga, RawStep,
+};
 
 /// One problem found while loading a saga file, pointing at the offending YAML.
 ///
@@ -281,6 +322,14 @@ fn load_named(src: &str, file: &Path) -> Loaded {
 
 /// The field name of errors that belong to the document as a whole.
 const DOCUMENT: &str = "<document>";
+
+/// How long a start waits for a missing predecessor under `ordering: strict` when
+/// `ordering_max_wait_ms` is not given.
+const DEFAULT_ORDERING_MAX_WAIT: Duration = Duration::from_millis(5000);
+
+/// The largest step `timeout_ms`: PostgreSQL's `statement_timeout` is an `int` of
+/// milliseconds (about 24.8 days).
+const MAX_STEP_TIMEOUT_MS: u64 = i32::MAX as u64;
 
 /// A 1-based position in the file (0 = unknown); orders by line, then column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -518,6 +567,12 @@ impl Checker<'_> {
             Some(retry) => self.retry(&defaults, retry, "retry"),
             None => defaults,
         };
+        let timeout = self.positive_millis(raw.timeout_ms.as_ref(), "timeout_ms", None);
+        let ordering = self.ordering(raw.ordering.as_ref(), raw.ordering_max_wait_ms.as_ref());
+        let isolation = match raw.isolation.as_ref().map(|i| i.value) {
+            None | Some(RawIsolation::Interleave) => Isolation::Interleave,
+            Some(RawIsolation::Exclusive) => Isolation::Exclusive,
+        };
         let steps = self.steps(&raw.steps, &saga_retry);
         Some(SagaDef {
             name: name?,
@@ -525,11 +580,67 @@ impl Checker<'_> {
             aggregate: aggregate?,
             setup_sql,
             steps: steps?,
-            timeout: None,
-            ordering: OrderingPolicy::LatestWins,
-            isolation: Isolation::Interleave,
+            timeout,
+            ordering,
+            isolation,
             source: self.file.to_path_buf(),
         })
+    }
+
+    /// `ordering` and `ordering_max_wait_ms`; an invalid wait is reported and replaced by
+    /// the default so that checking goes on.
+    fn ordering(
+        &mut self,
+        ordering: Option<&Spanned<RawOrdering>>,
+        wait: Option<&Spanned<i64>>,
+    ) -> OrderingPolicy {
+        match ordering.map(|o| o.value) {
+            Some(RawOrdering::Strict) => OrderingPolicy::Strict {
+                max_wait: self
+                    .positive_millis(wait, "ordering_max_wait_ms", None)
+                    .unwrap_or(DEFAULT_ORDERING_MAX_WAIT),
+            },
+            policy => {
+                if let Some(wait) = wait {
+                    let why = match policy {
+                        Some(_) => "this saga has `ordering: latest_wins`",
+                        None => "this saga has no `ordering`, so `latest_wins` applies",
+                    };
+                    self.error(
+                        Pos::at(wait),
+                        "ordering_max_wait_ms",
+                        format!(
+                            "`ordering_max_wait_ms` is only allowed with `ordering: strict` \
+                             ({why}, which never waits)"
+                        ),
+                    );
+                }
+                OrderingPolicy::LatestWins
+            }
+        }
+    }
+
+    /// A `*_ms` field that must be an integer >= 1 (and at most `max` when given);
+    /// `None` when absent or invalid (then reported at `field`).
+    fn positive_millis(
+        &mut self,
+        raw: Option<&Spanned<i64>>,
+        field: &str,
+        max: Option<(u64, &str)>,
+    ) -> Option<Duration> {
+        let raw = raw?;
+        let name = field.rsplit('.').next().unwrap_or(field);
+        let message = match u64::try_from(raw.value) {
+            Ok(ms) if ms >= 1 => match max {
+                Some((max, why)) if ms > max => {
+                    format!("{name} must be at most {max} ({why}), found {ms}")
+                }
+                _ => return Some(Duration::from_millis(ms)),
+            },
+            _ => format!("{name} must be an integer >= 1, found {}", raw.value),
+        };
+        self.error(Pos::at(raw), field, message);
+        None
     }
 
     fn snake_name(&mut self, name: &Spanned<String>, field: &str, what: &str) -> Option<String> {
@@ -723,13 +834,22 @@ impl Checker<'_> {
             Some(retry) => self.retry(saga_retry, retry, &format!("{prefix}.retry")),
             None => saga_retry.clone(),
         };
+        // An invalid timeout is reported; the saga then fails as a whole.
+        let timeout = self.positive_millis(
+            step.timeout_ms.as_ref(),
+            &format!("{prefix}.timeout_ms"),
+            Some((
+                MAX_STEP_TIMEOUT_MS,
+                "the largest PostgreSQL statement_timeout",
+            )),
+        );
         Some(StepDef {
             name: name?,
             role,
             action: action?,
             compensation: compensation?,
             retry,
-            timeout: None,
+            timeout,
         })
     }
 
@@ -1404,10 +1524,279 @@ mod tests {
             .map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or("")))
             .collect();
         let def = loaded(&example);
+        assert_eq!(def.timeout, Some(Duration::from_secs(600)));
+        assert_eq!(
+            def.ordering,
+            OrderingPolicy::Strict {
+                max_wait: Duration::from_secs(2)
+            }
+        );
+        assert_eq!(def.isolation, Isolation::Exclusive);
+        assert_eq!(def.steps[0].timeout, Some(Duration::from_secs(5)));
+        assert_eq!(def.steps[1].timeout, None);
         assert_eq!(def.steps.len(), 2);
         assert_eq!(def.steps[0].retry.max_attempts, 10);
         assert_eq!(def.steps[0].retry.max_delay, Duration::from_secs(10));
         assert_eq!(def.steps[1].retry.max_attempts, 5);
+    }
+
+    /// A one-step saga with `saga_extra` lines after `aggregate` and `step_extra` lines
+    /// at the end of its step (each line already indented for the step).
+    fn with_fields(saga_extra: &str, step_extra: &str) -> String {
+        format!(
+            "name: s\nversion: 1\naggregate: payload.id\n{saga_extra}steps:\n\
+             - name: a\n  role: retriable\n  action: {{ handler: h }}\n{step_extra}"
+        )
+    }
+
+    #[test]
+    fn timeouts_ordering_and_isolation_default() {
+        let def = loaded(&with_fields("", ""));
+        assert_eq!(def.timeout, None);
+        assert_eq!(def.ordering, OrderingPolicy::LatestWins);
+        assert_eq!(def.isolation, Isolation::Interleave);
+        assert_eq!(def.steps[0].timeout, None);
+
+        let def = loaded(&with_fields("ordering: strict\n", ""));
+        assert_eq!(
+            def.ordering,
+            OrderingPolicy::Strict {
+                max_wait: Duration::from_millis(5000)
+            }
+        );
+        assert_eq!(DEFAULT_ORDERING_MAX_WAIT, Duration::from_millis(5000));
+    }
+
+    #[test]
+    fn timeouts_ordering_and_isolation_parse() {
+        // (saga lines, step lines, check)
+        type Check = fn(&SagaDef) -> bool;
+        let cases: &[(&str, &str, Check)] = &[
+            ("timeout_ms: 1\n", "", |d| {
+                d.timeout == Some(Duration::from_millis(1))
+            }),
+            ("timeout_ms: 60000\n", "", |d| {
+                d.timeout == Some(Duration::from_secs(60))
+            }),
+            ("ordering: latest_wins\n", "", |d| {
+                d.ordering == OrderingPolicy::LatestWins
+            }),
+            ("ordering: strict\nordering_max_wait_ms: 250\n", "", |d| {
+                d.ordering
+                    == OrderingPolicy::Strict {
+                        max_wait: Duration::from_millis(250),
+                    }
+            }),
+            // The order of the two keys does not matter.
+            ("ordering_max_wait_ms: 1\nordering: strict\n", "", |d| {
+                d.ordering
+                    == OrderingPolicy::Strict {
+                        max_wait: Duration::from_millis(1),
+                    }
+            }),
+            ("isolation: interleave\n", "", |d| {
+                d.isolation == Isolation::Interleave
+            }),
+            ("isolation: exclusive\n", "", |d| {
+                d.isolation == Isolation::Exclusive
+            }),
+            ("", "  timeout_ms: 1500\n", |d| {
+                d.steps[0].timeout == Some(Duration::from_millis(1500)) && d.timeout.is_none()
+            }),
+            ("", "  timeout_ms: 2147483647\n", |d| {
+                d.steps[0].timeout == Some(Duration::from_millis(2_147_483_647))
+            }),
+            (
+                "timeout_ms: 9000\nordering: strict\nisolation: exclusive\n",
+                "  timeout_ms: 300\n",
+                |d| {
+                    d.timeout == Some(Duration::from_secs(9))
+                        && d.ordering
+                            == OrderingPolicy::Strict {
+                                max_wait: DEFAULT_ORDERING_MAX_WAIT,
+                            }
+                        && d.isolation == Isolation::Exclusive
+                        && d.steps[0].timeout == Some(Duration::from_millis(300))
+                },
+            ),
+        ];
+        for (saga, step, check) in cases {
+            let def = loaded(&with_fields(saga, step));
+            assert!(check(&def), "{saga:?} {step:?}: {def:?}");
+        }
+    }
+
+    #[test]
+    fn timeouts_ordering_and_isolation_are_checked() {
+        // (saga lines, step lines, line, field, phrase): exactly this one error.
+        let cases: &[(&str, &str, u32, &str, &str)] = &[
+            (
+                "timeout_ms: 0\n",
+                "",
+                4,
+                "timeout_ms",
+                "timeout_ms must be an integer >= 1, found 0",
+            ),
+            (
+                "timeout_ms: -1\n",
+                "",
+                4,
+                "timeout_ms",
+                "integer >= 1, found -1",
+            ),
+            (
+                "timeout_ms: 1.5\n",
+                "",
+                4,
+                "timeout_ms",
+                "expected an integer, found `1.5`",
+            ),
+            ("timeout_ms: [1]\n", "", 4, "timeout_ms", "expected"),
+            (
+                "timeout_ms: 99999999999999999999\n",
+                "",
+                4,
+                "timeout_ms",
+                "expected an integer",
+            ),
+            (
+                "ordering: newest\n",
+                "",
+                4,
+                "ordering",
+                "unknown variant `newest`",
+            ),
+            ("ordering: 1\n", "", 4, "ordering", "unknown variant `1`"),
+            (
+                "ordering: Strict\n",
+                "",
+                4,
+                "ordering",
+                "unknown variant `Strict`",
+            ),
+            (
+                "ordering_max_wait_ms: 10\n",
+                "",
+                4,
+                "ordering_max_wait_ms",
+                "no `ordering`, so `latest_wins` applies",
+            ),
+            (
+                "ordering: latest_wins\nordering_max_wait_ms: 10\n",
+                "",
+                5,
+                "ordering_max_wait_ms",
+                "this saga has `ordering: latest_wins`",
+            ),
+            (
+                // Not allowed at all, so its value is not checked on top.
+                "ordering_max_wait_ms: 0\n",
+                "",
+                4,
+                "ordering_max_wait_ms",
+                "only allowed with `ordering: strict`",
+            ),
+            (
+                "ordering: strict\nordering_max_wait_ms: 0\n",
+                "",
+                5,
+                "ordering_max_wait_ms",
+                "ordering_max_wait_ms must be an integer >= 1, found 0",
+            ),
+            (
+                "ordering: strict\nordering_max_wait_ms: soon\n",
+                "",
+                5,
+                "ordering_max_wait_ms",
+                "expected an integer, found `soon`",
+            ),
+            (
+                "isolation: serial\n",
+                "",
+                4,
+                "isolation",
+                "unknown variant `serial`",
+            ),
+            (
+                "isolation: true\n",
+                "",
+                4,
+                "isolation",
+                "unknown variant `true`",
+            ),
+            (
+                "",
+                "  timeout_ms: 0\n",
+                8,
+                "steps[0].timeout_ms",
+                "integer >= 1, found 0",
+            ),
+            (
+                "",
+                "  timeout_ms: -30\n",
+                8,
+                "steps[0].timeout_ms",
+                "integer >= 1, found -30",
+            ),
+            (
+                "",
+                "  timeout_ms: 2147483648\n",
+                8,
+                "steps[0].timeout_ms",
+                "at most 2147483647",
+            ),
+            (
+                "",
+                "  timeout_ms: true\n",
+                8,
+                "steps[0].timeout_ms",
+                "expected an integer, found `true`",
+            ),
+            (
+                "",
+                "  timeout: 5000\n",
+                8,
+                "steps[0].timeout",
+                "unknown field `timeout`",
+            ),
+        ];
+        let mut failures = Vec::new();
+        for &(saga, step, line, field, phrase) in cases {
+            match load(&with_fields(saga, step)) {
+                Ok(def) => failures.push(format!("{saga:?} {step:?}: loaded as {def:?}")),
+                Err(errors) => {
+                    let one = errors.len() == 1
+                        && errors[0].line == line
+                        && errors[0].field == field
+                        && errors[0].message.contains(phrase)
+                        && errors[0].column >= 1;
+                    if !one {
+                        failures.push(format!(
+                            "{saga:?} {step:?}: wanted one error at line {line}, field \
+                             {field}, containing {phrase:?}; got:\n{}",
+                            render(&errors)
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn new_field_errors_are_collected_with_the_others() {
+        let errors = load(&with_fields(
+            "timeout_ms: 0\nordering_max_wait_ms: 5\n",
+            "  timeout_ms: -1\n",
+        ))
+        .expect_err("three errors");
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["timeout_ms", "ordering_max_wait_ms", "steps[0].timeout_ms"],
+            "{}",
+            render(&errors)
+        );
     }
 
     #[test]
@@ -1793,6 +2182,42 @@ mod tests {
             6,
             "steps[0].action",
             "missing field `action`",
+        ),
+        (
+            "ordering_max_wait_without_strict.yaml",
+            6,
+            "ordering_max_wait_ms",
+            "only allowed with `ordering: strict`",
+        ),
+        (
+            "bad_isolation.yaml",
+            5,
+            "isolation",
+            "unknown variant `serial`",
+        ),
+        (
+            "step_timeout_zero.yaml",
+            13,
+            "steps[1].timeout_ms",
+            "timeout_ms must be an integer >= 1, found 0",
+        ),
+        (
+            "bad_ordering.yaml",
+            5,
+            "ordering",
+            "unknown variant `newest`",
+        ),
+        (
+            "saga_timeout_wrong_type.yaml",
+            5,
+            "timeout_ms",
+            "expected an integer, found `10s`",
+        ),
+        (
+            "strict_max_wait_negative.yaml",
+            6,
+            "ordering_max_wait_ms",
+            "ordering_max_wait_ms must be an integer >= 1, found -100",
         ),
     ];
 

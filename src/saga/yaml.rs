@@ -31,6 +31,19 @@ pub(crate) struct RawSaga {
     /// `retry:`: the saga-level default policy.
     #[serde(default)]
     pub retry: Option<Spanned<RawRetry>>,
+    /// `timeout_ms:`: the whole saga's time limit; signed so that `0` or `-1` get a
+    /// semantic error.
+    #[serde(default)]
+    pub timeout_ms: Option<Spanned<i64>>,
+    /// `ordering:`: the per-aggregate ordering policy of start messages.
+    #[serde(default)]
+    pub ordering: Option<Spanned<RawOrdering>>,
+    /// `ordering_max_wait_ms:`: only with `ordering: strict`.
+    #[serde(default)]
+    pub ordering_max_wait_ms: Option<Spanned<i64>>,
+    /// `isolation:`: whether instances on one aggregate may interleave.
+    #[serde(default)]
+    pub isolation: Option<Spanned<RawIsolation>>,
     /// `steps:`: in execution order.
     pub steps: Spanned<Vec<Spanned<RawStep>>>,
 }
@@ -54,6 +67,29 @@ pub(crate) struct RawStep {
     /// `retry:`: overrides of the saga-level policy.
     #[serde(default)]
     pub retry: Option<Spanned<RawRetry>>,
+    /// `timeout_ms:`: the time limit of one attempt of the step.
+    #[serde(default)]
+    pub timeout_ms: Option<Spanned<i64>>,
+}
+
+/// `ordering:` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawOrdering {
+    /// `latest_wins`
+    LatestWins,
+    /// `strict`
+    Strict,
+}
+
+/// `isolation:` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawIsolation {
+    /// `interleave`
+    Interleave,
+    /// `exclusive`
+    Exclusive,
 }
 
 /// `role:` values.

@@ -1,5 +1,7 @@
 //! Running a step's action inside its transaction, and classifying its failures.
 
+use std::time::Duration;
+
 use serde_json::{Map, Value};
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
@@ -29,20 +31,62 @@ impl EffectError {
     }
 }
 
+/// What an action runs with besides its connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ActionContext<'a> {
+    /// The values its parameters bind from.
+    pub input: &'a StepInput<'a>,
+    /// The step's name.
+    pub step_name: &'a str,
+    /// What runs: the step or its compensation, and which try.
+    pub cursor: Cursor,
+    /// One attempt longer than this fails retryably.
+    pub timeout: Option<Duration>,
+}
+
 /// Runs `action` on `conn` (inside the step's transaction) and returns the step's
 /// output: the captured `returning` columns of a SQL action, or a handler's object.
 /// `None` when the action captures nothing.
+///
+/// A step timeout becomes the transaction's `statement_timeout` for SQL (the server
+/// cancels the statement: SQLSTATE 57014, retryable), and a deadline for a handler.
 pub async fn run_action(
     conn: &mut PgConnection,
     action: &Action,
-    input: &StepInput<'_>,
-    step_name: &str,
-    cursor: Cursor,
+    ctx: ActionContext<'_>,
     handlers: &Handlers,
 ) -> Result<Option<Value>, EffectError> {
     match action {
-        Action::Sql(sql) => run_sql(conn, sql, input).await,
-        Action::Handler(h) => run_handler(conn, h, input, step_name, cursor, handlers).await,
+        Action::Sql(sql) => {
+            if let Some(timeout) = ctx.timeout {
+                // SET cannot take a bind parameter; the value is a number we format.
+                sqlx::query(AssertSqlSafe(format!(
+                    "SET LOCAL statement_timeout = {}",
+                    timeout.as_millis().max(1)
+                )))
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| EffectError {
+                    kind: FailureKind::Retryable,
+                    message: e.to_string(),
+                })?;
+            }
+            run_sql(conn, sql, ctx.input).await
+        }
+        Action::Handler(h) => {
+            let call = run_handler(conn, h, ctx.input, ctx.step_name, ctx.cursor, handlers);
+            match ctx.timeout {
+                None => call.await,
+                Some(timeout) => tokio::time::timeout(timeout, call)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(EffectError {
+                            kind: FailureKind::Retryable,
+                            message: format!("handler timed out after {} ms", timeout.as_millis()),
+                        })
+                    }),
+            }
+        }
     }
 }
 

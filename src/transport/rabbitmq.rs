@@ -4,20 +4,30 @@
 //!
 //! | name | kind | what for |
 //! |---|---|---|
-//! | `NS` | direct exchange | intake: every start and run message, routing key `intake` |
-//! | `NS.intake` | durable queue, single active consumer | what skald consumes |
-//! | `NS.delay.<ms>` | durable queue, `x-message-ttl` = ms, dead-letters to `NS`/`intake` | retries waiting out their backoff |
-//! | `NS.dlx` | fanout exchange | dead letters |
-//! | `NS.dead` | durable queue | dead letters, kept for a person |
+//! | `NS` | consistent-hash exchange (`x-consistent-hash`) | intake: every start and run message, routing key = aggregate id |
+//! | `NS.p.<i>`, i in 0..N | durable queues, single active consumer, bound to `NS` with weight 1 | the partitions skald consumes |
+//! | `NS.delay` | headers exchange | retries, routed by header `skald-delay` to their tier |
+//! | `NS.delay.<ms>` | durable queues, `x-message-ttl` = ms, dead-letter to `NS` | retries waiting out their backoff |
+//! | `NS.dlx` → `NS.dead` | fanout exchange → durable queue | dead letters, kept for a person |
 //!
-//! A per-message TTL only expires at the head of a queue, so one queue with mixed
-//! delays would hold short delays behind long ones. Each delay tier is a queue of its
-//! own with a queue-level TTL instead; a delay is rounded *up* to the next tier, so a
-//! retry never happens earlier than its policy says.
+//! **Partitions.** The consistent-hash exchange (shipped with RabbitMQ, enabled with
+//! `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange`) sends every message of
+//! one aggregate to the same partition queue. Each partition queue has
+//! `x-single-active-consumer`: every skald process subscribes to every partition, the
+//! broker lets one consumer at a time receive from each, and when that process dies
+//! (its connection closes) the broker hands the partition — unacked messages first,
+//! in order — to the next subscriber. So per-aggregate order holds across processes
+//! and failover needs no coordinator of skald's own. Which process is active for a
+//! partition is decided by subscription order: processes subscribe starting at a
+//! random partition, so processes started together share the partitions, and a
+//! process started later is a standby until another one goes away.
 //!
-//! The intake queue has `x-single-active-consumer`: several skald processes may
-//! consume it, but one at a time, so per-aggregate order holds across processes and
-//! a standby takes over (with the unacked messages) when the active one dies.
+//! **Delays.** A per-message TTL only expires at the head of a queue, so one queue
+//! with mixed delays would hold short delays behind long ones. Each delay tier is a
+//! queue of its own with a queue-level TTL; a delay is rounded *up* to the next tier,
+//! so a retry never happens earlier than its policy says. Delayed messages keep their
+//! routing key (the aggregate id) when dead-lettered back to `NS`, so they return to
+//! their aggregate's partition.
 //!
 //! Every publish is persistent, `mandatory` and confirmed: a nack or an unroutable
 //! return is an error, not a success.
@@ -39,6 +49,7 @@ use lapin::{
 use tokio::sync::Mutex;
 
 use super::{Acknowledge, Delivery, Transport, TransportError};
+use crate::config::Config;
 use crate::envelope::Outgoing;
 
 /// Delay tiers in milliseconds; a delay is rounded up to the next one (the last one
@@ -47,16 +58,19 @@ pub const DELAY_TIERS_MS: &[u64] = &[
     100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000,
 ];
 
-/// The routing key of the intake queue on the namespace exchange.
-const INTAKE_KEY: &str = "intake";
+/// The header that routes a delayed message to its tier queue.
+// Not `x-...`: a headers exchange ignores headers starting with `x-` when matching.
+const DELAY_HEADER: &str = "skald-delay";
 
 /// The names of everything skald declares, derived from the namespace.
 #[derive(Debug, Clone)]
 pub struct Topology {
-    /// The intake exchange.
+    /// The intake exchange (consistent hash on the aggregate id).
     pub exchange: String,
-    /// The queue skald consumes.
-    pub intake_queue: String,
+    /// The partition queues skald consumes.
+    pub partitions: Vec<String>,
+    /// The exchange delayed messages are published to.
+    pub delay_exchange: String,
     /// The dead-letter exchange.
     pub dead_exchange: String,
     /// The dead-letter queue.
@@ -65,30 +79,38 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// The names for `namespace`.
-    pub fn new(namespace: &str) -> Self {
+    /// The names for `namespace` with `partitions` partition queues.
+    pub fn new(namespace: &str, partitions: u16) -> Self {
         Topology {
             exchange: namespace.to_string(),
-            intake_queue: format!("{namespace}.intake"),
+            partitions: (0..partitions.max(1))
+                .map(|i| format!("{namespace}.p.{i}"))
+                .collect(),
+            delay_exchange: format!("{namespace}.delay"),
             dead_exchange: format!("{namespace}.dlx"),
             dead_queue: format!("{namespace}.dead"),
             namespace: namespace.to_string(),
         }
     }
 
-    /// The queue a message delayed by `delay_ms` waits in.
-    pub fn delay_queue(&self, delay_ms: u64) -> String {
-        let tier = DELAY_TIERS_MS
+    /// The delay tier (ms) a delay of `delay_ms` waits in: the next one up.
+    pub fn delay_tier(delay_ms: u64) -> u64 {
+        DELAY_TIERS_MS
             .iter()
             .copied()
             .find(|&t| t >= delay_ms)
-            .unwrap_or(*DELAY_TIERS_MS.last().expect("tiers are not empty"));
-        format!("{}.delay.{tier}", self.namespace)
+            .unwrap_or(*DELAY_TIERS_MS.last().expect("tiers are not empty"))
+    }
+
+    /// The queue of delay tier `tier_ms`.
+    pub fn delay_queue(&self, tier_ms: u64) -> String {
+        format!("{}.delay.{tier_ms}", self.namespace)
     }
 
     /// Every queue skald declares (for tests and tools that clean up).
     pub fn all_queues(&self) -> Vec<String> {
-        let mut queues = vec![self.intake_queue.clone(), self.dead_queue.clone()];
+        let mut queues = self.partitions.clone();
+        queues.push(self.dead_queue.clone());
         queues.extend(DELAY_TIERS_MS.iter().map(|&t| self.delay_queue(t)));
         queues
     }
@@ -97,7 +119,7 @@ impl Topology {
 struct Link {
     connection: Connection,
     publisher: Channel,
-    consumer: Option<(Channel, ShortString)>,
+    consumers: Vec<(Channel, ShortString)>,
 }
 
 /// skald's RabbitMQ transport: one connection, a confirming publish channel shared by
@@ -126,17 +148,13 @@ fn text(s: &str) -> AMQPValue {
 }
 
 impl RabbitTransport {
-    /// Connects to `url` and declares the topology for `namespace`. Must be called
+    /// Connects to the broker of `config` and declares its topology. Must be called
     /// inside a tokio runtime.
-    pub async fn connect(
-        url: &str,
-        namespace: &str,
-        prefetch: u16,
-    ) -> Result<Arc<RabbitTransport>, TransportError> {
+    pub async fn connect(config: &Config) -> Result<Arc<RabbitTransport>, TransportError> {
         let transport = RabbitTransport {
-            url: url.to_string(),
-            topology: Topology::new(namespace),
-            prefetch,
+            url: config.amqp_url.clone(),
+            topology: Topology::new(&config.namespace, config.partitions),
+            prefetch: config.prefetch,
             link: Mutex::new(None),
         };
         transport.link().await?;
@@ -168,13 +186,21 @@ impl RabbitTransport {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(conn_err)?;
-        declare(&publisher, &self.topology)
-            .await
-            .map_err(conn_err)?;
+        declare(&publisher, &self.topology).await.map_err(|e| {
+            let text = e.to_string();
+            if text.contains("x-consistent-hash") {
+                TransportError::Connection(format!(
+                    "{text}: enable the plugin with \
+                     `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange`"
+                ))
+            } else {
+                conn_err(e)
+            }
+        })?;
         *guard = Some(Link {
             connection,
             publisher: publisher.clone(),
-            consumer: None,
+            consumers: Vec::new(),
         });
         Ok(publisher)
     }
@@ -230,29 +256,62 @@ async fn declare(ch: &Channel, topology: &Topology) -> lapin::Result<()> {
     };
     ch.exchange_declare(
         topology.exchange.as_str().into(),
-        ExchangeKind::Direct,
+        ExchangeKind::Custom("x-consistent-hash".into()),
         durable_exchange,
         FieldTable::default(),
     )
     .await?;
+    for partition in &topology.partitions {
+        ch.queue_declare(
+            partition.as_str().into(),
+            durable_queue,
+            table(&[("x-single-active-consumer", AMQPValue::Boolean(true))]),
+        )
+        .await?;
+        // For a consistent-hash exchange the binding key is the partition's weight.
+        ch.queue_bind(
+            partition.as_str().into(),
+            topology.exchange.as_str().into(),
+            "1".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    ch.exchange_declare(
+        topology.delay_exchange.as_str().into(),
+        ExchangeKind::Headers,
+        durable_exchange,
+        FieldTable::default(),
+    )
+    .await?;
+    for &tier in DELAY_TIERS_MS {
+        let queue = topology.delay_queue(tier);
+        ch.queue_declare(
+            queue.as_str().into(),
+            durable_queue,
+            table(&[
+                ("x-message-ttl", AMQPValue::LongLongInt(tier as i64)),
+                ("x-dead-letter-exchange", text(&topology.exchange)),
+            ]),
+        )
+        .await?;
+        ch.queue_bind(
+            queue.as_str().into(),
+            topology.delay_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            table(&[
+                ("x-match", text("all")),
+                (DELAY_HEADER, text(&tier.to_string())),
+            ]),
+        )
+        .await?;
+    }
     ch.exchange_declare(
         topology.dead_exchange.as_str().into(),
         ExchangeKind::Fanout,
         durable_exchange,
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(
-        topology.intake_queue.as_str().into(),
-        durable_queue,
-        table(&[("x-single-active-consumer", AMQPValue::Boolean(true))]),
-    )
-    .await?;
-    ch.queue_bind(
-        topology.intake_queue.as_str().into(),
-        topology.exchange.as_str().into(),
-        INTAKE_KEY.into(),
-        QueueBindOptions::default(),
         FieldTable::default(),
     )
     .await?;
@@ -270,19 +329,13 @@ async fn declare(ch: &Channel, topology: &Topology) -> lapin::Result<()> {
         FieldTable::default(),
     )
     .await?;
-    for &tier in DELAY_TIERS_MS {
-        ch.queue_declare(
-            topology.delay_queue(tier).as_str().into(),
-            durable_queue,
-            table(&[
-                ("x-message-ttl", AMQPValue::LongLongInt(tier as i64)),
-                ("x-dead-letter-exchange", text(&topology.exchange)),
-                ("x-dead-letter-routing-key", text(INTAKE_KEY)),
-            ]),
-        )
-        .await?;
-    }
     Ok(())
+}
+
+/// The routing key of a message: its aggregate, which picks its partition. A body
+/// without one (only malformed bodies replayed by hand) goes to some partition.
+fn routing_key(aggregate_id: Option<&str>) -> &str {
+    aggregate_id.unwrap_or("unrouted")
 }
 
 struct RabbitAcker(lapin::Acker);
@@ -306,24 +359,31 @@ impl Transport for RabbitTransport {
             if let Some(note) = &msg.dead_letter {
                 return self.dead_letter(&body, &note.code, &note.reason).await;
             }
+            let key = routing_key(msg.envelope.aggregate_id.as_deref());
             let properties = BasicProperties::default()
                 .with_message_id(msg.envelope.message_id.to_string().into())
                 .with_content_type("application/json".into());
             if msg.delay_ms == 0 {
-                self.publish_confirmed(&self.topology.exchange, INTAKE_KEY, &body, properties)
+                self.publish_confirmed(&self.topology.exchange, key, &body, properties)
                     .await
             } else {
-                let queue = self.topology.delay_queue(msg.delay_ms);
-                self.publish_confirmed("", &queue, &body, properties).await
+                let tier = Topology::delay_tier(msg.delay_ms).to_string();
+                let properties = properties.with_headers(table(&[(DELAY_HEADER, text(&tier))]));
+                self.publish_confirmed(&self.topology.delay_exchange, key, &body, properties)
+                    .await
             }
         })
     }
 
     fn publish_raw<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
+            let aggregate = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("aggregate_id")?.as_str().map(str::to_string));
             let properties =
                 BasicProperties::default().with_content_type("application/json".into());
-            self.publish_confirmed(&self.topology.exchange, INTAKE_KEY, body, properties)
+            let key = routing_key(aggregate.as_deref());
+            self.publish_confirmed(&self.topology.exchange, key, body, properties)
                 .await
         })
     }
@@ -352,45 +412,60 @@ impl Transport for RabbitTransport {
                 .as_mut()
                 .ok_or_else(|| TransportError::Connection("no link".into()))?;
             let channel = link.connection.create_channel().await.map_err(conn_err)?;
+            // Prefetch applies per consumer: share the budget among the partitions.
+            let per_partition = (self.prefetch / self.topology.partitions.len() as u16).max(1);
             channel
-                .basic_qos(self.prefetch, BasicQosOptions::default())
+                .basic_qos(per_partition, BasicQosOptions::default())
                 .await
                 .map_err(conn_err)?;
-            let consumer = channel
-                .basic_consume(
-                    self.topology.intake_queue.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(conn_err)?;
-            link.consumer = Some((channel, consumer.tag()));
-            let stream = consumer
-                .take_while(|item| {
-                    if let Err(e) = item {
-                        tracing::warn!(error = %e, "consumer stream failed");
-                    }
-                    std::future::ready(item.is_ok())
-                })
-                .filter_map(|item| {
-                    std::future::ready(item.ok().map(|d| {
-                        Delivery::new(d.data, d.redelivered, Box::new(RabbitAcker(d.acker)))
-                    }))
-                });
-            Ok(stream.boxed())
+            // Start at a random partition so that processes started together share the
+            // partitions (the first subscriber of a partition is its active consumer).
+            let n = self.topology.partitions.len();
+            let first = fastrand::usize(..n);
+            let mut streams = Vec::with_capacity(n);
+            link.consumers.clear();
+            for i in 0..n {
+                let queue = &self.topology.partitions[(first + i) % n];
+                let consumer = channel
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(conn_err)?;
+                link.consumers.push((channel.clone(), consumer.tag()));
+                streams.push(
+                    consumer
+                        .take_while(|item| {
+                            if let Err(e) = item {
+                                tracing::warn!(error = %e, "consumer stream failed");
+                            }
+                            std::future::ready(item.is_ok())
+                        })
+                        .filter_map(|item| {
+                            std::future::ready(item.ok().map(|d| {
+                                Delivery::new(d.data, d.redelivered, Box::new(RabbitAcker(d.acker)))
+                            }))
+                        })
+                        .boxed(),
+                );
+            }
+            Ok(futures_util::stream::select_all(streams).boxed())
         })
     }
 
     fn stop_consuming(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let guard = self.link.lock().await;
-            if let Some((channel, tag)) = guard.as_ref().and_then(|l| l.consumer.as_ref())
-                && let Err(e) = channel
+            for (channel, tag) in guard.iter().flat_map(|l| l.consumers.iter()) {
+                if let Err(e) = channel
                     .basic_cancel(tag.clone(), BasicCancelOptions::default())
                     .await
-            {
-                tracing::debug!(error = %e, "cancelling the consumer failed");
+                {
+                    tracing::debug!(error = %e, "cancelling a consumer failed");
+                }
             }
         })
     }

@@ -58,7 +58,7 @@ async fn crash_then_recover(crash_at: &str) {
         ],
         "exactly one effect per step"
     );
-    assert_eq!(env.queue_depth(&env.topology().intake_queue).await, 0);
+    assert_eq!(env.intake_depth().await, 0);
     env.cleanup().await;
 }
 

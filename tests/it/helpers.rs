@@ -55,6 +55,7 @@ impl TestEnv {
             amqp_url: AMQP.to_string(),
             sagas_dir,
             namespace: name.clone(),
+            partitions: 4,
             prefetch: 64,
             db_pool: 5,
             actor_idle: Duration::from_millis(500),
@@ -100,6 +101,7 @@ impl TestEnv {
                 self.config.sagas_dir.display().to_string(),
             ),
             ("SKALD_DB_POOL", "5".into()),
+            ("SKALD_PARTITIONS", self.config.partitions.to_string()),
             ("SKALD_LOG", "info".into()),
         ]
     }
@@ -123,7 +125,7 @@ impl TestEnv {
 
     /// A transport for publishing test messages.
     pub async fn transport(&self) -> Arc<RabbitTransport> {
-        RabbitTransport::connect(&self.config.amqp_url, &self.config.namespace, 1)
+        RabbitTransport::connect(&self.config)
             .await
             .expect("connect to RabbitMQ")
     }
@@ -228,9 +230,18 @@ impl TestEnv {
         q.message_count()
     }
 
+    /// Messages ready in all partition queues together.
+    pub async fn intake_depth(&self) -> u32 {
+        let mut total = 0;
+        for queue in self.topology().partitions {
+            total += self.queue_depth(&queue).await;
+        }
+        total
+    }
+
     /// The topology names of this test's namespace.
     pub fn topology(&self) -> Topology {
-        Topology::new(&self.config.namespace)
+        Topology::new(&self.config.namespace, self.config.partitions)
     }
 
     /// Drops the database and deletes the queues.
@@ -288,6 +299,7 @@ pub fn start(saga: &str, aggregate: &str, sequence: u64, payload: Value) -> Enve
         payload,
         outputs: Value::Null,
         errors: Vec::new(),
+        deadline: None,
     }
 }
 

@@ -116,7 +116,7 @@ async fn malformed_messages_go_to_the_dead_letter_queue_and_good_ones_complete()
         env.queue_depth(&topology.dead_queue).await as usize,
         corpus.len()
     );
-    assert_eq!(env.queue_depth(&topology.intake_queue).await, 0);
+    assert_eq!(env.intake_depth().await, 0);
     // ...and recorded in PostgreSQL with its reason and raw body.
     let recorded: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
         "SELECT kind, reason_code, body FROM skald.dead_letters ORDER BY created_at",

@@ -59,7 +59,7 @@ async fn a_checkout_completes_with_its_effects_and_drains_the_queue() {
         .map(|s| (s.to_string(), "succeeded".to_string()))
         .collect();
     assert_eq!(attempts, expected);
-    assert_eq!(env.queue_depth(&env.topology().intake_queue).await, 0);
+    assert_eq!(env.intake_depth().await, 0);
     env.cleanup().await;
 }
 
@@ -162,7 +162,7 @@ async fn the_same_start_message_twice_makes_one_instance_with_one_effect_per_ste
             ("third".into(), 1)
         ]
     );
-    assert_eq!(env.queue_depth(&env.topology().intake_queue).await, 0);
+    assert_eq!(env.intake_depth().await, 0);
     env.cleanup().await;
 }
 
