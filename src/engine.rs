@@ -128,6 +128,8 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     /// Messages out of date for their instance, recorded and dropped.
     pub skipped: AtomicU64,
+    /// Starts older than their aggregate's watermark, recorded and dropped.
+    pub stale: AtomicU64,
     /// Attempts that failed (and were recorded).
     pub failed_attempts: AtomicU64,
     /// Unreadable messages sent to the dead-letter queue.
@@ -240,6 +242,15 @@ impl Engine {
     /// unacked (the broker redelivers it) instead of being tried again.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// The highest start sequence applied for `saga` on `aggregate_id`.
+    pub async fn watermark(
+        &self,
+        saga: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<i64>, EngineError> {
+        Ok(self.store.watermark(saga, aggregate_id).await?)
     }
 
     /// Reads a raw body into a [`Job`]: envelope, saga, aggregate.
@@ -428,7 +439,9 @@ impl Engine {
 
         let started_at = Utc::now();
         let deadline = match env.command {
-            Command::Start => saga.timeout.map(|t| started_at + t),
+            Command::Start => saga
+                .timeout
+                .and_then(|t| started_at.checked_add_signed(chrono::Duration::from_std(t).ok()?)),
             Command::Run { .. } => env.deadline,
         };
         let mut tx = self.store.begin().await?;
@@ -586,16 +599,35 @@ impl Engine {
                 tracing::debug!(%message_id, resend = outgoing.len(), "duplicate message");
                 Ok(Handled::Send(outgoing))
             }
-            Disposal::NoInstance => Ok(Handled::DeadLetter(
-                "no_instance",
-                format!("run message for unknown instance {instance_id}"),
-            )),
+            Disposal::NoInstance => match (job.envelope.command, job.envelope.sequence) {
+                // A start that created nothing: its sequence is not above the watermark.
+                (Command::Start, Some(sequence)) => {
+                    let watermark = self
+                        .store
+                        .watermark(&job.saga.name, &job.aggregate_id)
+                        .await?;
+                    if watermark.is_none_or(|w| (sequence as i64) > w) {
+                        return Err(EngineError::Raced(instance_id));
+                    }
+                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%message_id, saga = %job.saga.name, aggregate = %job.aggregate_id,
+                        sequence, ?watermark, "stale start: discarded and recorded");
+                    let mut tx = self.store.begin().await?;
+                    tx.record_skipped(message_id, instance_id, true).await?;
+                    tx.commit().await?;
+                    Ok(Handled::Send(Vec::new()))
+                }
+                _ => Ok(Handled::DeadLetter(
+                    "no_instance",
+                    format!("run message for unknown instance {instance_id}"),
+                )),
+            },
             Disposal::Live(state) => match coordinator::admit(state, requested) {
                 Admission::Skip(reason) => {
                     self.stats.skipped.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%message_id, ?reason, "message out of date: skipped");
                     let mut tx = self.store.begin().await?;
-                    tx.record_skipped(message_id, instance_id).await?;
+                    tx.record_skipped(message_id, instance_id, false).await?;
                     tx.commit().await?;
                     Ok(Handled::Send(Vec::new()))
                 }

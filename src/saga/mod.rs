@@ -9,7 +9,8 @@ pub mod sql;
 mod yaml;
 
 pub use definition::{
-    Action, Backoff, RetryPolicy, SagaDef, SqlAction, StepDef, StepRole, ValueRef,
+    Action, Backoff, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction, StepDef, StepRole,
+    ValueRef,
 };
 pub use load::{LoadError, load_dir, load_file, load_str};
 

@@ -182,6 +182,21 @@ impl Store {
         Ok(Disposal::Live(state_from_row(&row)?))
     }
 
+    /// The highest start sequence applied for `saga` on `aggregate_id`, if any.
+    pub async fn watermark(
+        &self,
+        saga: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT sequence FROM skald.watermarks WHERE saga = $1 AND aggregate_id = $2",
+        )
+        .bind(saga)
+        .bind(aggregate_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     /// Instances per saga and status, for `skald status` and the dashboard.
     pub async fn status_counts(&self) -> Result<Vec<StatusCount>, StoreError> {
         let rows = sqlx::query(

@@ -91,7 +91,9 @@ impl StepTx {
     }
 
     /// Records the first step of a new instance, creating the instance in its new
-    /// state. `false` when this start message was handled before (nothing written).
+    /// state, and moves the aggregate's watermark to the start's sequence (if it has
+    /// one). `false` (nothing written) when this start message was handled before, or
+    /// when its sequence is not above the watermark (stale).
     pub async fn record_start(
         &mut self,
         rec: &StepRecord<'_>,
@@ -99,11 +101,19 @@ impl StepTx {
     ) -> Result<bool, StoreError> {
         let sql = format!(
             "{INBOX_CTE} \
+             , watermark AS ( \
+               INSERT INTO skald.watermarks (saga, aggregate_id, sequence) \
+               SELECT $18, $20, $23 WHERE $23 IS NOT NULL AND EXISTS (SELECT 1 FROM inbox) \
+               ON CONFLICT (saga, aggregate_id) DO UPDATE \
+                 SET sequence = EXCLUDED.sequence, updated_at = now() \
+                 WHERE skald.watermarks.sequence < EXCLUDED.sequence \
+               RETURNING 1) \
              INSERT INTO skald.instances (id, status, step, phase, attempt, outputs, finished_at, \
                saga, saga_version, aggregate_id, payload, start_message_id, sequence) \
              SELECT $2, $12, $13, $14, $15, $16, CASE WHEN $17 THEN now() END, \
                $18, $19, $20, $21, $22, $23 \
              WHERE EXISTS (SELECT 1 FROM inbox) \
+               AND ($23::bigint IS NULL OR EXISTS (SELECT 1 FROM watermark)) \
              ON CONFLICT (id) DO NOTHING"
         );
         let done = bind_record(sqlx::query(sqlx::AssertSqlSafe(sql)), rec)
@@ -143,19 +153,22 @@ impl StepTx {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Records a message that was handled without running anything (out of date for
-    /// its instance), so that copies of it are recognised too.
+    /// Records a message that was handled without running anything — out of date for
+    /// its instance (`skipped`), or a start older than its aggregate's watermark
+    /// (`stale`) — so that copies of it are recognised too.
     pub async fn record_skipped(
         &mut self,
         message_id: Uuid,
         instance_id: Uuid,
+        stale: bool,
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO skald.inbox (message_id, instance_id, disposition) \
-             VALUES ($1, $2, 'skipped') ON CONFLICT (message_id) DO NOTHING",
+             VALUES ($1, $2, $3) ON CONFLICT (message_id) DO NOTHING",
         )
         .bind(message_id)
         .bind(instance_id)
+        .bind(if stale { "stale" } else { "skipped" })
         .execute(&mut *self.tx)
         .await?;
         Ok(())

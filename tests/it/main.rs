@@ -7,4 +7,5 @@ mod cli;
 mod crash;
 mod failures;
 mod malformed;
+mod ordering;
 mod saga_flow;
