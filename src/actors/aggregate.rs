@@ -179,9 +179,10 @@ impl Handler<Process> for AggregateActor {
                         let (saga, seq, max_wait) = strict.clone().expect("held starts are strict");
                         tracing::debug!(saga, seq, aggregate = %act.key, "strict order: holding an early start");
                         act.held.entry(saga.clone()).or_default().insert(seq, msg);
-                        if !act.gap_timers.contains_key(&saga) {
-                            let timer = ctx.notify_later(GapTimeout { saga: saga.clone() }, max_wait);
-                            act.gap_timers.insert(saga, timer);
+                        if let std::collections::hash_map::Entry::Vacant(slot) =
+                            act.gap_timers.entry(saga.clone())
+                        {
+                            slot.insert(ctx.notify_later(GapTimeout { saga }, max_wait));
                         }
                         let done: ResponseActFuture<Self, ()> = Box::pin(actix::fut::ready(()));
                         done
