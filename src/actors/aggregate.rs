@@ -223,19 +223,16 @@ impl Handler<GapTimeout> for AggregateActor {
         }
         if held.is_empty() {
             self.held.remove(&msg.saga);
-        } else if let Some(timer_saga) = Some(msg.saga.clone()) {
+        } else {
+            // More gaps may follow: wait again for the next one.
             let wait = held
                 .values()
                 .next()
                 .and_then(Self::strict_start)
                 .map_or(Duration::from_secs(1), |(_, _, w)| w);
-            let timer = ctx.notify_later(
-                GapTimeout {
-                    saga: timer_saga.clone(),
-                },
-                wait,
-            );
-            self.gap_timers.insert(timer_saga, timer);
+            let saga = msg.saga.clone();
+            let timer = ctx.notify_later(GapTimeout { saga }, wait);
+            self.gap_timers.insert(msg.saga, timer);
         }
     }
 }
