@@ -130,6 +130,8 @@ pub struct Stats {
     pub skipped: AtomicU64,
     /// Starts older than their aggregate's watermark, recorded and dropped.
     pub stale: AtomicU64,
+    /// Aggregate actors alive now (a gauge: it goes down as idle actors stop).
+    pub live_actors: AtomicU64,
     /// Attempts that failed (and were recorded).
     pub failed_attempts: AtomicU64,
     /// Unreadable messages sent to the dead-letter queue.

@@ -20,4 +20,4 @@ mod aggregate;
 mod router;
 
 pub use aggregate::AggregateActor;
-pub use router::{Dispatch, LiveActors, Router};
+pub use router::{Dispatch, Router};

@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use actix::{Actor, Addr, AsyncContext, Context, Handler, Message};
@@ -58,9 +59,13 @@ impl Handler<Dispatch> for Router {
 
     fn handle(&mut self, msg: Dispatch, ctx: &mut Context<Self>) {
         let key = msg.job.aggregate_id.clone();
-        let entry = self.actors.entry(key.clone()).or_insert_with(|| Entry {
-            addr: AggregateActor::new(key, self.engine.clone(), ctx.address(), self.idle).start(),
-            dispatched: 0,
+        let engine = &self.engine;
+        let entry = self.actors.entry(key.clone()).or_insert_with(|| {
+            engine.stats().live_actors.fetch_add(1, Ordering::Relaxed);
+            Entry {
+                addr: AggregateActor::new(key, engine.clone(), ctx.address(), self.idle).start(),
+                dispatched: 0,
+            }
         });
         entry.dispatched += 1;
         entry.addr.do_send(Process {
@@ -81,20 +86,15 @@ impl Handler<Idle> for Router {
             .is_some_and(|e| e.dispatched == msg.processed)
             && let Some(entry) = self.actors.remove(&msg.key)
         {
+            self.engine
+                .stats()
+                .live_actors
+                .fetch_sub(1, Ordering::Relaxed);
             entry.addr.do_send(Stop);
+            // Give the map's memory back once it is mostly empty.
+            if self.actors.capacity() > 1024 && self.actors.len() < self.actors.capacity() / 4 {
+                self.actors.shrink_to_fit();
+            }
         }
-    }
-}
-
-/// How many aggregate actors are alive (for tests and the dashboard).
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct LiveActors;
-
-impl Handler<LiveActors> for Router {
-    type Result = usize;
-
-    fn handle(&mut self, _: LiveActors, _: &mut Context<Self>) -> usize {
-        self.actors.len()
     }
 }

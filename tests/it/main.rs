@@ -9,3 +9,4 @@ mod failures;
 mod malformed;
 mod ordering;
 mod saga_flow;
+mod scale;
