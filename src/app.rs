@@ -30,6 +30,9 @@ pub enum AppError {
     /// RabbitMQ failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The API would be exposed without a token, or its address cannot be bound.
+    #[error("API: {0}")]
+    Api(String),
 }
 
 /// A built skald process, ready to consume.
@@ -38,6 +41,8 @@ pub struct App {
     store: Store,
     transport: Arc<RabbitTransport>,
     engine: Arc<Engine>,
+    /// Bound in `build`, so that a port-0 address is known before serving.
+    http: std::net::TcpListener,
 }
 
 impl App {
@@ -49,6 +54,8 @@ impl App {
         handlers: Handlers,
         faults: Faults,
     ) -> Result<App, AppError> {
+        crate::api::check_exposure(config.http_addr, config.api_token.as_deref())
+            .map_err(AppError::Api)?;
         let sagas = load_dir(&config.sagas_dir).map_err(AppError::Sagas)?;
         for saga in &sagas {
             tracing::info!(saga = %saga.name, version = saga.version, steps = saga.steps.len(),
@@ -71,11 +78,14 @@ impl App {
             handlers,
             faults,
         ));
+        let http = std::net::TcpListener::bind(config.http_addr)
+            .map_err(|e| AppError::Api(format!("cannot listen on {}: {e}", config.http_addr)))?;
         Ok(App {
             config,
             store,
             transport,
             engine,
+            http,
         })
     }
 
@@ -89,11 +99,47 @@ impl App {
         &self.store
     }
 
+    /// What the API handlers share (for serving it, or testing it in-process).
+    pub fn api_state(&self) -> crate::api::ApiState {
+        crate::api::ApiState {
+            store: self.store.clone(),
+            transport: self.transport.clone(),
+            engine: self.engine.clone(),
+            token: self.config.api_token.clone(),
+            loopback: self.http_addr().ip().is_loopback(),
+        }
+    }
+
+    /// Where the API listens.
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.http
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
     /// Consumes until `shutdown` resolves, then shuts down gracefully: stop
     /// consuming, let in-flight steps finish (commit, publish, ack) within the
     /// shutdown timeout, close the connections. Must run inside an actix system.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
         let router = Router::new(self.engine.clone(), self.config.actor_idle).start();
+        let http_addr = self.http_addr();
+        let state = self.api_state();
+        let listener = self
+            .http
+            .try_clone()
+            .map_err(|e| AppError::Api(e.to_string()))?;
+        let server = actix_web::HttpServer::new(move || {
+            actix_web::App::new().configure(crate::api::configure(state.clone()))
+        })
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .listen(listener)
+        .map_err(|e| AppError::Api(e.to_string()))?
+        .run();
+        let http = server.handle();
+        actix::spawn(server);
+        tracing::info!(%http_addr, auth = self.config.api_token.is_some(), "dashboard API listening");
         tracing::info!(exchange = %self.transport.topology().exchange,
             partitions = self.transport.topology().partitions.len(),
             prefetch = self.config.prefetch, "consuming");
@@ -109,6 +155,7 @@ impl App {
                     }
                 }
             };
+            self.engine.set_consuming(true);
             let stopped = loop {
                 tokio::select! {
                     next = deliveries.next() => match next {
@@ -118,12 +165,14 @@ impl App {
                     _ = &mut shutdown => break true,
                 }
             };
+            self.engine.set_consuming(false);
             if stopped {
                 break;
             }
             tracing::warn!("consumer stream ended; reconnecting");
             tokio::time::sleep(RECONNECT_DELAY).await;
         }
+        http.stop(true).await;
         self.shut_down().await;
         Ok(())
     }

@@ -27,6 +27,12 @@ pub struct Config {
     pub db_pool: u32,
     /// `SKALD_ACTOR_IDLE_MS`: an aggregate's actor stops after this long without work.
     pub actor_idle: Duration,
+    /// `SKALD_HTTP_ADDR`: where the dashboard API listens (default `127.0.0.1:8080`;
+    /// port 0 picks a free port).
+    pub http_addr: std::net::SocketAddr,
+    /// `SKALD_API_TOKEN`: when set, every `/api/v1` request needs it as a bearer token;
+    /// required to listen on a non-loopback address.
+    pub api_token: Option<String>,
     /// `SKALD_SHUTDOWN_TIMEOUT_MS`: how long a graceful shutdown waits for in-flight
     /// steps before closing anyway (unacked work is redelivered, never lost).
     pub shutdown_timeout: Duration,
@@ -96,7 +102,17 @@ impl Config {
                 reason: "must be 1 to 1024".into(),
             });
         }
+        let http_addr = text("SKALD_HTTP_ADDR", "127.0.0.1:8080");
+        let http_addr = http_addr
+            .parse()
+            .map_err(|e: std::net::AddrParseError| ConfigError {
+                name: "SKALD_HTTP_ADDR",
+                reason: e.to_string(),
+                value: http_addr,
+            })?;
         Ok(Config {
+            http_addr,
+            api_token: lookup("SKALD_API_TOKEN").filter(|t| !t.is_empty()),
             partitions,
             database_url: text("DATABASE_URL", DEFAULT_DATABASE_URL),
             amqp_url: text("AMQP_URL", DEFAULT_AMQP_URL),

@@ -36,7 +36,7 @@ use crate::saga::context::StepInput;
 use crate::saga::coordinator::{
     self, Admission, Cursor, FailureKind, InstanceStatus, Outcome, Phase, Transition,
 };
-use crate::saga::{Catalog, SagaDef};
+use crate::saga::{Catalog, Isolation, SagaDef};
 use crate::store::dead_letters::{self, DeadLetterKind, NewDeadLetter};
 use crate::store::effects::{self, ActionContext, EffectError};
 use crate::store::{Disposal, NewInstance, StepRecord, Store, StoreError};
@@ -130,6 +130,8 @@ pub struct Stats {
     pub skipped: AtomicU64,
     /// Starts older than their aggregate's watermark, recorded and dropped.
     pub stale: AtomicU64,
+    /// Starts of exclusive sagas queued behind another instance of their aggregate.
+    pub queued: AtomicU64,
     /// Aggregate actors alive now (a gauge: it goes down as idle actors stop).
     pub live_actors: AtomicU64,
     /// Attempts that failed (and were recorded).
@@ -197,6 +199,7 @@ pub struct Engine {
     stats: Stats,
     in_flight: InFlight,
     shutting_down: AtomicBool,
+    consuming: AtomicBool,
 }
 
 /// Waits between tries after an infrastructure failure: 100 ms doubling to 5 s.
@@ -222,6 +225,7 @@ impl Engine {
             stats: Stats::default(),
             in_flight: InFlight::default(),
             shutting_down: AtomicBool::new(false),
+            consuming: AtomicBool::new(false),
         }
     }
 
@@ -238,6 +242,16 @@ impl Engine {
     /// The sagas this engine runs.
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// Records whether deliveries are flowing (for readiness).
+    pub fn set_consuming(&self, consuming: bool) {
+        self.consuming.store(consuming, Ordering::SeqCst);
+    }
+
+    /// Whether deliveries are flowing.
+    pub fn is_consuming(&self) -> bool {
+        self.consuming.load(Ordering::SeqCst)
     }
 
     /// From now on, a message that meets an infrastructure failure is abandoned
@@ -447,6 +461,36 @@ impl Engine {
             Command::Run { .. } => env.deadline,
         };
         let mut tx = self.store.begin().await?;
+        let new_instance = NewInstance {
+            saga: &saga.name,
+            saga_version: saga.version,
+            start_message_id: env.message_id,
+            sequence: env.sequence,
+        };
+        if env.command == Command::Start
+            && saga.isolation == Isolation::Exclusive
+            && tx.exclusive_busy(&saga.name, &job.aggregate_id).await?
+        {
+            // Another instance holds the aggregate: queue this one behind it.
+            let queued = tx
+                .record_waiting(
+                    env.message_id,
+                    instance_id,
+                    &job.aggregate_id,
+                    &env.payload,
+                    &new_instance,
+                )
+                .await?;
+            if !queued {
+                tx.rollback().await?;
+                return self.dispose(job, instance_id, requested).await;
+            }
+            tx.commit().await?;
+            self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(instance = %instance_id, aggregate = %job.aggregate_id,
+                "exclusive saga busy on this aggregate: instance waits its turn");
+            return Ok(Handled::Send(Vec::new()));
+        }
         let expired = requested.phase == Phase::Forward && deadline.is_some_and(|d| started_at > d);
         let result = if expired {
             // Past the saga's deadline nothing more goes forward: the step counts as
@@ -527,6 +571,14 @@ impl Engine {
                 }),
             });
         }
+        if saga.isolation == Isolation::Exclusive
+            && t.state.status.is_terminal()
+            && let Some((next, payload)) = tx.promote_next(&saga.name, &job.aggregate_id).await?
+        {
+            // The semantic lock passes to the oldest waiting instance, in this same
+            // transaction: if this record does not commit, neither does the promotion.
+            outgoing.push(self.first_step_of(job, next, payload));
+        }
         let record = StepRecord {
             message_id: env.message_id,
             instance_id,
@@ -542,15 +594,7 @@ impl Engine {
             outgoing: &outgoing,
         };
         let recorded = match env.command {
-            Command::Start => {
-                let new = NewInstance {
-                    saga: &saga.name,
-                    saga_version: saga.version,
-                    start_message_id: env.message_id,
-                    sequence: env.sequence,
-                };
-                tx.record_start(&record, &new).await?
-            }
+            Command::Start => tx.record_start(&record, &new_instance).await?,
             Command::Run { .. } => tx.record_run(&record, requested).await?,
         };
         if !recorded {
@@ -637,6 +681,32 @@ impl Engine {
                 Admission::Run(_) => Err(EngineError::Raced(instance_id)),
             },
         }
+    }
+
+    /// The message that runs the first step of a promoted waiting instance.
+    fn first_step_of(&self, job: &Job, instance_id: Uuid, payload: Value) -> Outgoing {
+        let now = Utc::now();
+        Outgoing::to_intake(
+            Envelope {
+                message_id: run_message_id(instance_id, Cursor::START),
+                saga: job.saga.name.clone(),
+                aggregate_id: Some(job.aggregate_id.clone()),
+                sequence: None,
+                dispatched_at: Some(now),
+                command: Command::Run {
+                    instance_id,
+                    cursor: Cursor::START,
+                },
+                payload,
+                outputs: Value::Object(Default::default()),
+                errors: Vec::new(),
+                deadline: job
+                    .saga
+                    .timeout
+                    .and_then(|t| now.checked_add_signed(chrono::Duration::from_std(t).ok()?)),
+            },
+            0,
+        )
     }
 
     fn outgoing(

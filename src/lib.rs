@@ -20,6 +20,8 @@
 //!   one aggregate, and the router that creates and evicts them.
 //! - [`app`]: wiring: build everything from a [`config::Config`], consume until
 //!   shutdown, drain in-flight work.
+//! - [`api`]: the dashboard's HTTP API (actix-web) and `/metrics`.
+//! - [`dlq`]: operator actions on dead letters (replay, discard).
 //! - [`cli`]: the `skald` command line.
 //!
 //! ## The path of one message
@@ -31,6 +33,7 @@
 //! publish those messages with confirms; only then ack the delivery.
 
 pub mod actors;
+pub mod api;
 pub mod app;
 pub mod bench;
 pub mod cli;

@@ -18,6 +18,9 @@ use super::definition::{Backoff, RetryPolicy, SagaDef, StepRole};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceStatus {
+    /// Started, but queued behind another instance of its saga on the same aggregate
+    /// (`isolation: exclusive`); it runs when that one is terminal.
+    Waiting,
     /// Running its steps forward.
     Running,
     /// A step failed for good; completed steps are being undone in reverse.
@@ -32,7 +35,8 @@ pub enum InstanceStatus {
 
 impl InstanceStatus {
     /// Every status, in the order a report lists them.
-    pub const ALL: [InstanceStatus; 5] = [
+    pub const ALL: [InstanceStatus; 6] = [
+        InstanceStatus::Waiting,
         InstanceStatus::Running,
         InstanceStatus::Compensating,
         InstanceStatus::Completed,
@@ -43,6 +47,7 @@ impl InstanceStatus {
     /// The spelling stored in PostgreSQL and printed by the CLI.
     pub fn as_str(self) -> &'static str {
         match self {
+            InstanceStatus::Waiting => "waiting",
             InstanceStatus::Running => "running",
             InstanceStatus::Compensating => "compensating",
             InstanceStatus::Completed => "completed",
@@ -150,7 +155,7 @@ pub enum Admission {
 pub fn admit(state: InstanceState, requested: Cursor) -> Admission {
     if state.status.is_terminal() {
         Admission::Skip(SkipReason::Terminal)
-    } else if state.cursor != requested {
+    } else if state.status == InstanceStatus::Waiting || state.cursor != requested {
         Admission::Skip(SkipReason::NotCurrent)
     } else {
         Admission::Run(requested)
@@ -403,6 +408,19 @@ mod tests {
         ] {
             assert_eq!(admit(state, stale), Admission::Skip(SkipReason::NotCurrent));
         }
+    }
+
+    #[test]
+    fn a_waiting_instance_admits_nothing_until_promoted() {
+        let state = InstanceState {
+            status: InstanceStatus::Waiting,
+            cursor: Cursor::START,
+        };
+        assert_eq!(
+            admit(state, Cursor::START),
+            Admission::Skip(SkipReason::NotCurrent)
+        );
+        assert!(!InstanceStatus::Waiting.is_terminal());
     }
 
     #[test]

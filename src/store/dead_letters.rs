@@ -296,3 +296,18 @@ pub async fn mark_discarded<'e>(
     .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// The dead letters of one instance, oldest first.
+pub async fn for_instance<'e>(
+    exec: impl PgExecutor<'e>,
+    instance_id: Uuid,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM skald.dead_letters WHERE instance_id = $1 ORDER BY created_at"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(instance_id)
+        .fetch_all(exec)
+        .await?;
+    rows.iter().map(from_row).collect()
+}

@@ -7,6 +7,7 @@
 
 pub mod dead_letters;
 pub mod effects;
+pub mod queries;
 pub mod steps;
 
 use std::str::FromStr;
@@ -313,7 +314,7 @@ pub async fn resume_instance(
 }
 
 /// The status and cursor columns (`status`, `step`, `phase`, `attempt`) of a row.
-fn state_from_row(row: &sqlx::postgres::PgRow) -> Result<InstanceState, StoreError> {
+pub(crate) fn state_from_row(row: &sqlx::postgres::PgRow) -> Result<InstanceState, StoreError> {
     let status: String = row.try_get("status")?;
     let phase: String = row.try_get("phase")?;
     let corrupt = |what: String| StoreError::Corrupt(what);

@@ -153,6 +153,85 @@ impl StepTx {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Whether another instance of `saga` on `aggregate_id` is waiting or live — the
+    /// semantic lock of `isolation: exclusive`.
+    pub async fn exclusive_busy(
+        &mut self,
+        saga: &str,
+        aggregate_id: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM skald.instances WHERE aggregate_id = $2 AND saga = $1 \
+               AND status IN ('waiting', 'running', 'compensating'))",
+        )
+        .bind(saga)
+        .bind(aggregate_id)
+        .fetch_one(&mut *self.tx)
+        .await?)
+    }
+
+    /// Records a start of an exclusive saga that must wait its turn: the instance is
+    /// created `waiting` (nothing runs) and the watermark moves as for any start.
+    /// `false` (nothing written) for a copy or a stale start.
+    pub async fn record_waiting(
+        &mut self,
+        message_id: Uuid,
+        instance_id: Uuid,
+        aggregate_id: &str,
+        payload: &Value,
+        new: &NewInstance<'_>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "WITH inbox AS ( \
+               INSERT INTO skald.inbox (message_id, instance_id, disposition) \
+               VALUES ($1, $2, 'queued') ON CONFLICT (message_id) DO NOTHING RETURNING 1) \
+             , watermark AS ( \
+               INSERT INTO skald.watermarks (saga, aggregate_id, sequence) \
+               SELECT $3, $4, $7 WHERE $7 IS NOT NULL AND EXISTS (SELECT 1 FROM inbox) \
+               ON CONFLICT (saga, aggregate_id) DO UPDATE \
+                 SET sequence = EXCLUDED.sequence, updated_at = now() \
+                 WHERE skald.watermarks.sequence < EXCLUDED.sequence \
+               RETURNING 1) \
+             INSERT INTO skald.instances (id, status, step, phase, attempt, saga, saga_version, \
+               aggregate_id, payload, start_message_id, sequence) \
+             SELECT $2, 'waiting', 0, 'forward', 1, $3, $5, $4, $6, $1, $7 \
+             WHERE EXISTS (SELECT 1 FROM inbox) \
+               AND ($7::bigint IS NULL OR EXISTS (SELECT 1 FROM watermark)) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(message_id)
+        .bind(instance_id)
+        .bind(new.saga)
+        .bind(aggregate_id)
+        .bind(new.saga_version as i32)
+        .bind(sqlx::types::Json(payload))
+        .bind(new.sequence.map(|s| s as i64))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Promotes the oldest waiting instance of `saga` on `aggregate_id` to running;
+    /// returns its id and payload, to send it its first step.
+    pub async fn promote_next(
+        &mut self,
+        saga: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<(Uuid, Value)>, StoreError> {
+        let row: Option<(Uuid, sqlx::types::Json<Value>)> = sqlx::query_as(
+            "UPDATE skald.instances SET status = 'running', updated_at = now() \
+             WHERE id = (SELECT id FROM skald.instances \
+                         WHERE saga = $1 AND aggregate_id = $2 AND status = 'waiting' \
+                         ORDER BY created_at, sequence LIMIT 1 FOR UPDATE) \
+             RETURNING id, payload",
+        )
+        .bind(saga)
+        .bind(aggregate_id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        Ok(row.map(|(id, payload)| (id, payload.0)))
+    }
+
     /// Records a message that was handled without running anything — out of date for
     /// its instance (`skipped`), or a start older than its aggregate's watermark
     /// (`stale`) — so that copies of it are recognised too.

@@ -101,6 +101,9 @@ pub trait Transport: Send + Sync + 'static {
     /// already received can still be acknowledged.
     fn stop_consuming(&self) -> BoxFuture<'_, ()>;
 
+    /// Whether the broker connection is up (for readiness checks).
+    fn healthy(&self) -> BoxFuture<'_, bool>;
+
     /// Closes the connection. Unacknowledged deliveries go back to their queue.
     fn close(&self) -> BoxFuture<'_, ()>;
 }

@@ -470,6 +470,14 @@ impl Transport for RabbitTransport {
         })
     }
 
+    fn healthy(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            self.link.lock().await.as_ref().is_some_and(|l| {
+                l.connection.status().connected() && l.publisher.status().connected()
+            })
+        })
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             if let Some(link) = self.link.lock().await.take() {

@@ -274,3 +274,75 @@ async fn kill_9_while_a_retry_waits_loses_nothing() {
     assert_eq!(effects, [("one".to_string(), 1), ("two".to_string(), 1)]);
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn a_step_over_its_timeout_is_cancelled_and_retried_then_compensated() {
+    let env = TestEnv::new(failing_sagas()).await;
+    let app = env.start_app().await;
+    let instance = start_one(&env, "slow_step").await;
+    env.wait_for_terminal(1, Duration::from_secs(30)).await;
+    app.stop().await;
+
+    assert_eq!(status_of(&env, instance).await, "compensated");
+    let attempts = attempts(&env, instance).await;
+    assert_eq!(
+        summary(&attempts),
+        [
+            "one forward succeeded",
+            "two forward failed retryable",
+            "two forward failed retryable",
+            "one compensate succeeded"
+        ]
+    );
+    for a in &attempts[1..3] {
+        let took = a.finished_at - a.started_at;
+        assert!(
+            took < chrono::Duration::milliseconds(1500),
+            "cancelled early: {took:?}"
+        );
+    }
+    let error: String = sqlx::query_scalar(
+        "SELECT error FROM skald.inbox WHERE instance_id = $1 AND outcome = 'failed' LIMIT 1",
+    )
+    .bind(instance)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(error.contains("statement timeout"), "{error}");
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_saga_past_its_deadline_stops_going_forward_and_compensates() {
+    let env = TestEnv::new(failing_sagas()).await;
+    let app = env.start_app().await;
+    let instance = start_one(&env, "saga_timeout").await;
+    env.wait_for_terminal(1, Duration::from_secs(30)).await;
+    app.stop().await;
+
+    assert_eq!(status_of(&env, instance).await, "compensated");
+    let attempts = attempts(&env, instance).await;
+    let summary = summary(&attempts);
+    assert_eq!(
+        summary.first().map(String::as_str),
+        Some("one forward succeeded")
+    );
+    assert_eq!(
+        summary.last().map(String::as_str),
+        Some("one compensate succeeded")
+    );
+    assert_eq!(
+        summary[summary.len() - 2],
+        "two forward failed fatal",
+        "the attempt after the deadline is fatal: {summary:?}"
+    );
+    let last_error: String = sqlx::query_scalar(
+        "SELECT error FROM skald.inbox WHERE instance_id = $1 AND error_kind = 'fatal'",
+    )
+    .bind(instance)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(last_error.contains("timed out"), "{last_error}");
+    env.cleanup().await;
+}

@@ -59,6 +59,8 @@ impl TestEnv {
             prefetch: 64,
             db_pool: 5,
             actor_idle: Duration::from_millis(500),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            api_token: None,
             shutdown_timeout: Duration::from_secs(10),
         };
         let store = skald::store::Store::connect(&config.database_url, 1)
@@ -79,6 +81,7 @@ impl TestEnv {
             .await
             .expect("skald builds");
         let engine = app.engine().clone();
+        let api = app.api_state();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handle = actix::spawn(app.run_until(async {
             let _ = stopped.await;
@@ -87,6 +90,7 @@ impl TestEnv {
             stop,
             handle,
             engine,
+            api,
         }
     }
 
@@ -101,6 +105,7 @@ impl TestEnv {
                 self.config.sagas_dir.display().to_string(),
             ),
             ("SKALD_DB_POOL", "5".into()),
+            ("SKALD_HTTP_ADDR", "127.0.0.1:0".into()),
             ("SKALD_PARTITIONS", self.config.partitions.to_string()),
             ("SKALD_LOG", "info".into()),
         ]
@@ -274,6 +279,8 @@ pub struct RunningApp {
     stop: tokio::sync::oneshot::Sender<()>,
     handle: tokio::task::JoinHandle<Result<(), AppError>>,
     pub engine: Arc<Engine>,
+    /// The API's state, to serve it in-process with actix-web's test tools.
+    pub api: skald::api::ApiState,
 }
 
 impl RunningApp {

@@ -3,9 +3,11 @@
 
 mod helpers;
 
+mod api;
 mod cli;
 mod crash;
 mod failures;
+mod isolation;
 mod malformed;
 mod ordering;
 mod saga_flow;
