@@ -21,7 +21,8 @@
 //! - [`app`]: wiring: build everything from a [`config::Config`], consume until
 //!   shutdown, drain in-flight work.
 //! - [`api`]: the dashboard's HTTP API (actix-web) and `/metrics`.
-//! - [`dlq`]: operator actions on dead letters (replay, discard).
+//! - [`dlq`]: operator actions on dead letters (replay, discard); [`operator`]:
+//!   on instances (retry now, cancel, resume).
 //! - [`cli`]: the `skald` command line.
 //!
 //! ## The path of one message
@@ -43,6 +44,7 @@ pub mod engine;
 pub mod envelope;
 pub mod handlers;
 pub mod metrics;
+pub mod operator;
 pub mod saga;
 pub mod store;
 pub mod transport;

@@ -5,6 +5,7 @@ use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
 use crate::dlq::DlqError;
+use crate::operator::OperatorError;
 use crate::store::StoreError;
 use crate::transport::TransportError;
 
@@ -92,6 +93,18 @@ impl From<DlqError> for ApiError {
             DlqError::BadPayload(_) => ApiError::BadRequest(e.to_string()),
             DlqError::Store(s) => s.into(),
             DlqError::Transport(t) => t.into(),
+        }
+    }
+}
+
+impl From<OperatorError> for ApiError {
+    fn from(e: OperatorError) -> Self {
+        match e {
+            OperatorError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            OperatorError::Conflict(_) => ApiError::Conflict(e.to_string()),
+            OperatorError::Store(s) => s.into(),
+            OperatorError::Transport(t) => t.into(),
+            OperatorError::Dlq(d) => d.into(),
         }
     }
 }

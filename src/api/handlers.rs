@@ -481,3 +481,139 @@ pub async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse> {
         .content_type("text/plain; version=0.0.4")
         .body(out))
 }
+
+/// `GET /`: the dashboard page (embedded in the binary).
+pub async fn page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(include_str!("dashboard.html"))
+}
+
+/// `GET /api/v1/openapi.json`: the OpenAPI 3 document, generated from the route list.
+pub async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().json(super::openapi())
+}
+
+fn action_json(id: Uuid, action: &str, outcome: crate::operator::ActionOutcome) -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "id": id, "action": action, "outcome": outcome }))
+}
+
+/// `POST /api/v1/instances/{id}/retry`.
+pub async fn retry_now(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+    body: Option<web::Json<ActionRequest>>,
+) -> Result<HttpResponse> {
+    let body = body.map(|b| b.into_inner()).unwrap_or_default();
+    let by = operator(&req, &body);
+    let outcome =
+        crate::operator::retry_now(&state.store, state.transport.as_ref(), *id, &by).await?;
+    Ok(action_json(*id, "retry", outcome))
+}
+
+/// `POST /api/v1/instances/{id}/cancel`.
+pub async fn cancel(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+    body: Option<web::Json<ActionRequest>>,
+) -> Result<HttpResponse> {
+    let body = body.map(|b| b.into_inner()).unwrap_or_default();
+    let by = operator(&req, &body);
+    let outcome = crate::operator::cancel(
+        &state.store,
+        state.engine.catalog(),
+        state.transport.as_ref(),
+        *id,
+        &by,
+    )
+    .await?;
+    Ok(action_json(*id, "cancel", outcome))
+}
+
+/// `POST /api/v1/instances/{id}/resume`.
+pub async fn resume(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+    body: Option<web::Json<ActionRequest>>,
+) -> Result<HttpResponse> {
+    let body = body.map(|b| b.into_inner()).unwrap_or_default();
+    let by = operator(&req, &body);
+    let outcome = crate::operator::resume(&state.store, state.transport.as_ref(), *id, &by).await?;
+    Ok(action_json(*id, "resume", outcome))
+}
+
+/// Body of `POST /api/v1/dead-letters/replay`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkReplayRequest {
+    /// Only this kind.
+    kind: Option<String>,
+    /// Only this saga.
+    saga: Option<String>,
+    /// At most this many (default 100, at most 1000).
+    limit: Option<i64>,
+    /// Replays per second at most (default 50, at most 1000).
+    per_second: Option<u32>,
+    /// Who replays.
+    by: Option<String>,
+}
+
+/// `POST /api/v1/dead-letters/replay`: replays pending dead letters matching the
+/// filter one at a time, oldest first (so one aggregate's letters keep their order),
+/// at most `per_second` a second.
+pub async fn bulk_replay(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    body: Option<web::Json<BulkReplayRequest>>,
+) -> Result<HttpResponse> {
+    let body = body.map(|b| b.into_inner()).unwrap_or_default();
+    let kind = body
+        .kind
+        .as_deref()
+        .map(|k| {
+            DeadLetterKind::parse(k)
+                .ok_or_else(|| ApiError::BadRequest(format!("unknown kind {k:?}")))
+        })
+        .transpose()?;
+    let limit = body.limit.unwrap_or(100);
+    let per_second = body.per_second.unwrap_or(50);
+    if !(1..=1000).contains(&limit) || !(1..=1000).contains(&per_second) {
+        return Err(ApiError::BadRequest(
+            "limit and per_second must be 1 to 1000".into(),
+        ));
+    }
+    let by = body
+        .by
+        .clone()
+        .or_else(|| {
+            req.headers()
+                .get("x-skald-operator")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "api".into());
+    let mut letters = dead_letters::list(
+        state.store.pool(),
+        kind,
+        Some(DeadLetterStatus::Pending),
+        limit,
+    )
+    .await?;
+    letters.retain(|l| {
+        body.saga
+            .as_ref()
+            .is_none_or(|s| l.saga.as_ref() == Some(s))
+    });
+    letters.reverse(); // oldest first
+    let pause = std::time::Duration::from_secs_f64(1.0 / f64::from(per_second));
+    let mut replayed = Vec::new();
+    for letter in &letters {
+        crate::dlq::replay(&state.store, state.transport.as_ref(), letter.id, None, &by).await?;
+        replayed.push(letter.id);
+        tokio::time::sleep(pause).await;
+    }
+    Ok(HttpResponse::Ok().json(json!({ "replayed": replayed })))
+}

@@ -85,33 +85,97 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
             .app_data(json)
             .app_data(query)
             .app_data(path)
+            .route("/", web::get().to(handlers::page))
             .route("/metrics", web::get().to(handlers::metrics))
             .service(
-                web::scope("/api/v1")
-                    .wrap(from_fn(access))
-                    .route("/health", web::get().to(handlers::health))
-                    .route("/ready", web::get().to(handlers::ready))
-                    .route("/sagas", web::get().to(handlers::sagas))
-                    .route("/sagas/{name}", web::get().to(handlers::saga))
-                    .route("/instances", web::get().to(handlers::instances))
-                    .route("/instances", web::post().to(handlers::start))
-                    .route("/instances/{id}", web::get().to(handlers::instance))
-                    .route("/dead-letters", web::get().to(handlers::dead_letters))
-                    .route("/dead-letters/{id}", web::get().to(handlers::dead_letter))
-                    .route(
-                        "/dead-letters/{id}/replay",
-                        web::post().to(handlers::replay),
-                    )
-                    .route(
-                        "/dead-letters/{id}/discard",
-                        web::post().to(handlers::discard),
-                    )
-                    .route("/stats", web::get().to(handlers::stats))
+                register(web::scope("/api/v1"))
                     .default_service(web::to(|| async {
                         Err::<HttpResponse, _>(ApiError::NotFound("no such endpoint".into()))
-                    })),
+                    }))
+                    .wrap(from_fn(access)),
             );
     }
+}
+
+/// Declares the `/api/v1` routes once: the same list registers the handlers and
+/// generates the OpenAPI document, so the document cannot drift from the routes.
+macro_rules! api_routes {
+    ($( $method:ident $path:literal => $handler:path, $summary:literal; )*) => {
+        fn register(scope: actix_web::Scope) -> actix_web::Scope {
+            scope $( .route($path, web::$method().to($handler)) )*
+        }
+
+        /// Every `/api/v1` route: method, path (relative to `/api/v1`), summary.
+        pub const ROUTES: &[(&str, &str, &str)] = &[ $( (stringify!($method), $path, $summary), )* ];
+    };
+}
+
+api_routes! {
+    get "/health" => handlers::health, "The process is alive.";
+    get "/ready" => handlers::ready, "PostgreSQL and RabbitMQ answer and skald consumes; 503 otherwise.";
+    get "/openapi.json" => handlers::openapi, "This document.";
+    get "/sagas" => handlers::sagas, "The loaded saga definitions.";
+    get "/sagas/{name}" => handlers::saga, "One definition with its steps, policies and step graph.";
+    get "/instances" => handlers::instances, "Instances, newest first; filters saga, status, aggregate_id, since, until; cursor pages.";
+    post "/instances" => handlers::start, "Start an instance (same message_id, same instance); 202 once the broker confirmed.";
+    get "/instances/{id}" => handlers::instance, "One instance with its timeline and dead letters.";
+    post "/instances/{id}/retry" => handlers::retry_now, "Run a pending retry now instead of after its delay (recorded, idempotent).";
+    post "/instances/{id}/cancel" => handlers::cancel, "Stop going forward and compensate the completed steps (recorded, idempotent).";
+    post "/instances/{id}/resume" => handlers::resume, "Resume a parked (failed) instance by replaying its dead letter.";
+    get "/dead-letters" => handlers::dead_letters, "Dead letters, newest first; filters kind and status.";
+    post "/dead-letters/replay" => handlers::bulk_replay, "Replay every pending dead letter matching a filter, rate-limited, in order.";
+    get "/dead-letters/{id}" => handlers::dead_letter, "One dead letter: raw body, reason, history, resolution.";
+    post "/dead-letters/{id}/replay" => handlers::replay, "Replay, optionally with an edited payload (recorded, idempotent).";
+    post "/dead-letters/{id}/discard" => handlers::discard, "Set aside (recorded, never erased).";
+    get "/stats" => handlers::stats, "Counts by saga and state, engine counters, dead letters, steps per minute.";
+}
+
+/// The OpenAPI 3 document of [`ROUTES`].
+pub fn openapi() -> serde_json::Value {
+    use serde_json::json;
+    let error = json!({
+        "description": "Error",
+        "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } }
+    });
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary) in ROUTES {
+        let params: Vec<serde_json::Value> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+            .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }))
+            .collect();
+        let mut op = json!({
+            "summary": summary,
+            "parameters": params,
+            "responses": {
+                "200": { "description": "OK", "content": { "application/json": {} } },
+                "4XX": error.clone(),
+                "5XX": error.clone(),
+            },
+        });
+        if *method == "post" {
+            op["requestBody"] = json!({ "required": false, "content": { "application/json": {} } });
+        }
+        let entry = paths
+            .entry(format!("/api/v1{path}"))
+            .or_insert_with(|| json!({}));
+        entry[*method] = op;
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": { "title": "skald dashboard API", "version": env!("CARGO_PKG_VERSION") },
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
+            "schemas": { "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": {
+                    "code": { "type": "string" }, "message": { "type": "string" } } } }
+            } }
+        },
+        "security": [ { "bearer": [] } ],
+        "paths": paths,
+    })
 }
 
 /// Bearer-token check (constant time) and the no-token mutation rule. A refusal is

@@ -269,6 +269,35 @@ pub fn transition(saga: &SagaDef, ran: Cursor, outcome: Outcome, jitter: f64) ->
     }
 }
 
+/// Why an instance cannot be cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelRefusal {
+    /// It is already terminal.
+    Terminal(InstanceStatus),
+    /// It is already compensating (a repeated cancel: nothing more to do).
+    AlreadyCompensating,
+    /// It went past the pivot: its remaining steps can only go forward.
+    PastPivot,
+}
+
+/// An operator's cancel: stop going forward and compensate the completed steps, as
+/// if the current step had failed for good — unless the instance is past the point
+/// of no return.
+pub fn cancel(saga: &SagaDef, state: InstanceState) -> Result<Transition, CancelRefusal> {
+    match state.status {
+        s if s.is_terminal() => return Err(CancelRefusal::Terminal(s)),
+        InstanceStatus::Compensating => return Err(CancelRefusal::AlreadyCompensating),
+        _ => {}
+    }
+    let pivot_done = saga.steps[..state.cursor.step as usize]
+        .iter()
+        .any(|s| s.role == StepRole::Pivot);
+    if pivot_done || saga.steps[state.cursor.step as usize].role == StepRole::Retriable {
+        return Err(CancelRefusal::PastPivot);
+    }
+    Ok(compensate_below(state.cursor.step, state.cursor))
+}
+
 /// Compensation of the step just below `step`, or `Compensated` when there is none.
 /// Validation guarantees every step before a pivot or compensatable step is
 /// compensatable, so "the step below" always has a compensation.
@@ -421,6 +450,37 @@ mod tests {
             Admission::Skip(SkipReason::NotCurrent)
         );
         assert!(!InstanceStatus::Waiting.is_terminal());
+    }
+
+    #[test]
+    fn cancel_compensates_completed_steps_and_refuses_past_the_pivot() {
+        let s = saga();
+        let running_at = |step| InstanceState {
+            status: InstanceStatus::Running,
+            cursor: cur(step, Phase::Forward, 2),
+        };
+        let t = cancel(&s, running_at(2)).unwrap();
+        assert_eq!(t.state.status, InstanceStatus::Compensating);
+        assert_eq!(next_of(&t), Some(cur(1, Phase::Compensate, 1)));
+        let t = cancel(&s, running_at(0)).unwrap();
+        assert_eq!(t.state.status, InstanceStatus::Compensated);
+        assert_eq!(cancel(&s, running_at(3)), Err(CancelRefusal::PastPivot));
+        let compensating = InstanceState {
+            status: InstanceStatus::Compensating,
+            cursor: cur(0, Phase::Compensate, 1),
+        };
+        assert_eq!(
+            cancel(&s, compensating),
+            Err(CancelRefusal::AlreadyCompensating)
+        );
+        let done = InstanceState {
+            status: InstanceStatus::Completed,
+            cursor: cur(3, Phase::Forward, 1),
+        };
+        assert_eq!(
+            cancel(&s, done),
+            Err(CancelRefusal::Terminal(InstanceStatus::Completed))
+        );
     }
 
     #[test]

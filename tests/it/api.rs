@@ -417,3 +417,203 @@ async fn a_token_guards_every_call_and_without_one_only_loopback_may_mutate() {
     assert!(matches!(refused, Err(skald::app::AppError::Api(_))));
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn the_openapi_document_lists_exactly_the_served_routes() {
+    let env = TestEnv::new(sample_sagas()).await;
+    let app = env.start_app().await;
+    let svc = service(app.api.clone()).await;
+    let doc = get(&svc, "/api/v1/openapi.json").await;
+    assert_eq!(doc.0, StatusCode::OK);
+    assert_eq!(doc.1["openapi"], "3.0.3");
+    let paths = doc.1["paths"].as_object().unwrap();
+    let mut operations = 0;
+    for (path, methods) in paths {
+        for method in methods.as_object().unwrap().keys() {
+            operations += 1;
+            let uri = path
+                .replace("{name}", "order_checkout")
+                .replace("{id}", &Uuid::new_v4().to_string());
+            let req = match method.as_str() {
+                "get" => test::TestRequest::get(),
+                "post" => test::TestRequest::post().set_json(json!({})),
+                other => panic!("unexpected method {other}"),
+            };
+            let (status, body) = call(&svc, req.uri(&uri)).await;
+            // Served: whatever it answers, it is not the unknown-endpoint fallback.
+            assert!(
+                !(status == StatusCode::NOT_FOUND
+                    && body["error"]["message"] == "no such endpoint"),
+                "{method} {uri} is documented but not served"
+            );
+            assert!(status.as_u16() < 500, "{method} {uri}: {status} {body:?}");
+        }
+    }
+    assert_eq!(operations, skald::api::ROUTES.len());
+    app.stop().await;
+    env.cleanup().await;
+}
+
+fn failing_sagas() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/failing")
+}
+
+async fn wait_status(env: &TestEnv, id: Uuid, want: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM skald.instances WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&env.pool)
+                .await
+                .unwrap();
+        if status.as_deref() == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "instance is {status:?}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_failed_attempt(env: &TestEnv, id: Uuid) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM skald.inbox WHERE instance_id = $1 AND outcome = 'failed'",
+        )
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        if n > 0 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no failed attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn start_gated(svc_start: &(StatusCode, Value)) -> Uuid {
+    assert_eq!(svc_start.0, StatusCode::ACCEPTED, "{:?}", svc_start.1);
+    svc_start.1["instance_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[actix_rt::test]
+async fn operators_retry_now_cancel_and_resume_instances_idempotently() {
+    let env = TestEnv::new(failing_sagas()).await;
+    let app = env.start_app().await;
+    let svc = service(app.api.clone()).await;
+
+    // Cancel while a retry waits: compensated, and a second cancel changes nothing.
+    let id = start_gated(
+        &post(
+            &svc,
+            "/api/v1/instances",
+            json!({"saga": "gated", "payload": {"key": "a"}}),
+        )
+        .await,
+    )
+    .await;
+    wait_failed_attempt(&env, id).await;
+    let cancelled = post(
+        &svc,
+        &format!("/api/v1/instances/{id}/cancel"),
+        json!({"by": "ops"}),
+    )
+    .await;
+    assert_eq!(cancelled.1["outcome"], "done", "{:?}", cancelled.1);
+    wait_status(&env, id, "compensated").await;
+    let again = post(&svc, &format!("/api/v1/instances/{id}/cancel"), json!({})).await;
+    assert_eq!(again.1["outcome"], "already_done");
+    let actor: String = sqlx::query_scalar(
+        "SELECT actor FROM skald.operator_actions WHERE instance_id = $1 AND action = 'cancel'",
+    )
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(actor, "ops");
+
+    // Retry now: the fixed cause is retried at once, not after the 2 s backoff.
+    let id = start_gated(
+        &post(
+            &svc,
+            "/api/v1/instances",
+            json!({"saga": "gated", "payload": {"key": "b"}}),
+        )
+        .await,
+    )
+    .await;
+    wait_failed_attempt(&env, id).await;
+    sqlx::query("UPDATE ft.gate SET open = true")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let retried = post(&svc, &format!("/api/v1/instances/{id}/retry"), json!({})).await;
+    assert_eq!(retried.0, StatusCode::OK, "{:?}", retried.1);
+    wait_status(&env, id, "completed").await;
+    let gap: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(finished_at) - min(finished_at))::float8 FROM skald.inbox \
+         WHERE instance_id = $1 AND step_name = 'two'",
+    )
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(gap < 1.5, "retried after {gap} s, not at once");
+    assert_error(
+        &post(&svc, &format!("/api/v1/instances/{id}/retry"), json!({})).await,
+        StatusCode::CONFLICT,
+        "conflict",
+    );
+    assert_error(
+        &post(&svc, &format!("/api/v1/instances/{id}/cancel"), json!({})).await,
+        StatusCode::CONFLICT,
+        "conflict",
+    );
+
+    // Resume a parked instance once its cause is fixed (the gate is open now).
+    sqlx::query("UPDATE ft.gate SET open = false")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let id = start_gated(
+        &post(
+            &svc,
+            "/api/v1/instances",
+            json!({"saga": "bad_compensation", "payload": {"key": "c"}}),
+        )
+        .await,
+    )
+    .await;
+    wait_status(&env, id, "failed").await;
+    sqlx::query("UPDATE ft.gate SET open = true")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let resumed = post(&svc, &format!("/api/v1/instances/{id}/resume"), json!({})).await;
+    assert_eq!(resumed.1["outcome"], "done", "{:?}", resumed.1);
+    wait_status(&env, id, "compensated").await;
+    let again = post(&svc, &format!("/api/v1/instances/{id}/resume"), json!({})).await;
+    assert_eq!(again.1["outcome"], "already_done");
+    assert_error(
+        &post(
+            &svc,
+            &format!("/api/v1/instances/{}/cancel", Uuid::new_v4()),
+            json!({}),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -82,6 +82,7 @@ impl TestEnv {
             .expect("skald builds");
         let engine = app.engine().clone();
         let api = app.api_state();
+        let http_addr = app.http_addr();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handle = actix::spawn(app.run_until(async {
             let _ = stopped.await;
@@ -91,6 +92,7 @@ impl TestEnv {
             handle,
             engine,
             api,
+            http_addr,
         }
     }
 
@@ -281,6 +283,8 @@ pub struct RunningApp {
     pub engine: Arc<Engine>,
     /// The API's state, to serve it in-process with actix-web's test tools.
     pub api: skald::api::ApiState,
+    /// Where its HTTP server (dashboard page and API) listens.
+    pub http_addr: std::net::SocketAddr,
 }
 
 impl RunningApp {
