@@ -136,6 +136,10 @@ pub struct Stats {
     pub live_actors: AtomicU64,
     /// Attempts that failed (and were recorded).
     pub failed_attempts: AtomicU64,
+    /// Retries scheduled (a failed attempt followed by a delayed one).
+    pub retries: AtomicU64,
+    /// Compensations committed successfully.
+    pub compensations: AtomicU64,
     /// Unreadable messages sent to the dead-letter queue.
     pub malformed: AtomicU64,
     /// Infrastructure errors that made the engine wait and try a message again.
@@ -622,6 +626,13 @@ impl Engine {
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
         if failure.is_some() {
             self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+            if t.next.is_some_and(|n| {
+                n.cursor.step == requested.step && n.cursor.phase == requested.phase
+            }) {
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            }
+        } else if requested.phase == Phase::Compensate {
+            self.stats.compensations.fetch_add(1, Ordering::Relaxed);
         }
         if t.state.status.is_terminal() && t.state.status != InstanceStatus::Completed {
             tracing::warn!(saga = %saga.name, instance = %instance_id,

@@ -346,7 +346,7 @@ pub async fn discard(
 }
 
 /// `GET /api/v1/stats`: counts by saga and state, engine counters, dead letters,
-/// and steps per minute over the last 15 minutes.
+/// queue depths, and steps per minute over the last 15 minutes.
 pub async fn stats(state: web::Data<ApiState>) -> Result<HttpResponse> {
     let counts = state.store.status_counts().await?;
     let letters = state.store.dead_letter_counts().await?;
@@ -359,14 +359,24 @@ pub async fn stats(state: web::Data<ApiState>) -> Result<HttpResponse> {
             |(minute, steps, failed)| json!({ "minute": minute, "steps": steps, "failed": failed }),
         )
         .collect();
+    let queues: Value = match state.transport.queue_depths().await {
+        Ok(depths) => depths
+            .into_iter()
+            .map(|(queue, ready)| json!({ "queue": queue, "ready": ready }))
+            .collect(),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
     let s = state.engine.stats();
     Ok(HttpResponse::Ok().json(json!({
+        "queues": queues,
         "instances": counts,
         "dead_letters": letters.iter().map(|(k, st, n)| json!({"kind": k, "status": st, "count": n})).collect::<Vec<_>>(),
         "throughput": throughput,
         "engine": {
             "applied": s.applied.load(Ordering::Relaxed),
             "failed_attempts": s.failed_attempts.load(Ordering::Relaxed),
+            "retries": s.retries.load(Ordering::Relaxed),
+            "compensations": s.compensations.load(Ordering::Relaxed),
             "duplicates": s.duplicates.load(Ordering::Relaxed),
             "skipped": s.skipped.load(Ordering::Relaxed),
             "stale": s.stale.load(Ordering::Relaxed),
@@ -404,6 +414,16 @@ pub async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse> {
         "skald_step_failures_total",
         "Attempts that failed (each retried or compensated).",
         s.failed_attempts.load(Ordering::Relaxed),
+    );
+    counter(
+        "skald_retries_total",
+        "Retries scheduled after a failed attempt.",
+        s.retries.load(Ordering::Relaxed),
+    );
+    counter(
+        "skald_compensations_total",
+        "Compensations committed.",
+        s.compensations.load(Ordering::Relaxed),
     );
     counter(
         "skald_duplicates_total",

@@ -101,6 +101,10 @@ pub trait Transport: Send + Sync + 'static {
     /// already received can still be acknowledged.
     fn stop_consuming(&self) -> BoxFuture<'_, ()>;
 
+    /// Messages ready in each of skald's queues (partitions, delay tiers, dead
+    /// letters), for the dashboard.
+    fn queue_depths(&self) -> BoxFuture<'_, Result<Vec<(String, u32)>, TransportError>>;
+
     /// Whether the broker connection is up (for readiness checks).
     fn healthy(&self) -> BoxFuture<'_, bool>;
 

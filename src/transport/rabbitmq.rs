@@ -470,6 +470,37 @@ impl Transport for RabbitTransport {
         })
     }
 
+    fn queue_depths(&self) -> BoxFuture<'_, Result<Vec<(String, u32)>, TransportError>> {
+        Box::pin(async move {
+            self.link().await?;
+            // A passive declare of a missing queue closes its channel: use a spare one.
+            let channel = {
+                let guard = self.link.lock().await;
+                let link = guard
+                    .as_ref()
+                    .ok_or_else(|| TransportError::Connection("no link".into()))?;
+                link.connection.create_channel().await.map_err(conn_err)?
+            };
+            let mut depths = Vec::new();
+            for queue in self.topology.all_queues() {
+                let q = channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(conn_err)?;
+                depths.push((queue, q.message_count()));
+            }
+            let _ = channel.close(200, "depths read".into()).await;
+            Ok(depths)
+        })
+    }
+
     fn healthy(&self) -> BoxFuture<'_, bool> {
         Box::pin(async move {
             self.link.lock().await.as_ref().is_some_and(|l| {

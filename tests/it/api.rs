@@ -265,9 +265,18 @@ async fn the_api_starts_lists_shows_and_reports_instances() {
     let stats = get(&svc, "/api/v1/stats").await;
     assert_eq!(stats.0, StatusCode::OK);
     assert!(stats.1["engine"]["applied"].as_u64().unwrap() >= 10);
+    assert_eq!(stats.1["engine"]["compensations"], 1);
+    let queues = stats.1["queues"].as_array().unwrap();
+    assert!(
+        queues
+            .iter()
+            .any(|q| q["queue"].as_str().unwrap().ends_with(".dead")),
+        "{queues:?}"
+    );
     let metrics = call(&svc, test::TestRequest::get().uri("/metrics")).await;
     let text = metrics.1.as_str().unwrap();
     assert!(text.contains("skald_steps_applied_total"), "{text}");
+    assert!(text.contains("skald_compensations_total 1"), "{text}");
     assert!(
         text.contains("skald_instances{saga=\"order_checkout\",status=\"completed\"} 3"),
         "{text}"

@@ -53,7 +53,13 @@ async fn a_person_replays_a_failed_saga_from_the_dashboard() {
         .unwrap();
 
     let base = format!("http://{}/", app.http_addr);
-    let screenshot = root.join("docs/dashboard.png");
+    // UPDATE_SCREENSHOT=1 refreshes the picture in README; otherwise it goes to a
+    // scratch file, so that running the tests leaves the tree clean.
+    let screenshot = if std::env::var_os("UPDATE_SCREENSHOT").is_some() {
+        root.join("docs/dashboard.png")
+    } else {
+        std::env::temp_dir().join(format!("skald-dashboard-{}.png", env.name))
+    };
     let run = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(root.join("tests/browser/e2e.mjs"))

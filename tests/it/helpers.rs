@@ -77,7 +77,12 @@ impl TestEnv {
 
     /// Builds skald (migrations, setup SQL, topology) and consumes in the background.
     pub async fn start_app(&self) -> RunningApp {
-        let app = App::build(self.config.clone(), Handlers::default(), Faults::none())
+        self.start_app_with(Handlers::default()).await
+    }
+
+    /// [`TestEnv::start_app`] with Rust step handlers registered.
+    pub async fn start_app_with(&self, handlers: Handlers) -> RunningApp {
+        let app = App::build(self.config.clone(), handlers, Faults::none())
             .await
             .expect("skald builds");
         let engine = app.engine().clone();

@@ -8,6 +8,7 @@ mod browser;
 mod cli;
 mod crash;
 mod failures;
+mod handlers;
 mod isolation;
 mod malformed;
 mod ordering;
