@@ -206,6 +206,14 @@ pub struct Engine {
     consuming: AtomicBool,
 }
 
+/// `start + timeout`, or `None` without a timeout (or past the calendar's end).
+fn deadline_after(
+    start: chrono::DateTime<Utc>,
+    timeout: Option<Duration>,
+) -> Option<chrono::DateTime<Utc>> {
+    start.checked_add_signed(chrono::Duration::from_std(timeout?).ok()?)
+}
+
 /// Waits between tries after an infrastructure failure: 100 ms doubling to 5 s.
 fn infra_backoff(tries: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << tries.min(6))).min(Duration::from_secs(5))
@@ -459,9 +467,7 @@ impl Engine {
 
         let started_at = Utc::now();
         let deadline = match env.command {
-            Command::Start => saga
-                .timeout
-                .and_then(|t| started_at.checked_add_signed(chrono::Duration::from_std(t).ok()?)),
+            Command::Start => deadline_after(started_at, saga.timeout),
             Command::Run { .. } => env.deadline,
         };
         let mut tx = self.store.begin().await?;
@@ -711,10 +717,7 @@ impl Engine {
                 payload,
                 outputs: Value::Object(Default::default()),
                 errors: Vec::new(),
-                deadline: job
-                    .saga
-                    .timeout
-                    .and_then(|t| now.checked_add_signed(chrono::Duration::from_std(t).ok()?)),
+                deadline: deadline_after(now, job.saga.timeout),
             },
             0,
         )

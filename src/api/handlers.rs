@@ -399,57 +399,60 @@ const LATENCY_BOUNDS: &[f64] = &[
 pub async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse> {
     let s = state.engine.stats();
     let mut out = String::new();
-    let mut counter = |name: &str, help: &str, value: u64| {
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 9] = [
+        (
+            "skald_steps_applied_total",
+            "Step and compensation attempts committed.",
+            &s.applied,
+        ),
+        (
+            "skald_step_failures_total",
+            "Attempts that failed (each retried or compensated).",
+            &s.failed_attempts,
+        ),
+        (
+            "skald_retries_total",
+            "Retries scheduled after a failed attempt.",
+            &s.retries,
+        ),
+        (
+            "skald_compensations_total",
+            "Compensations committed.",
+            &s.compensations,
+        ),
+        (
+            "skald_duplicates_total",
+            "Copies of handled messages dropped by the inbox.",
+            &s.duplicates,
+        ),
+        (
+            "skald_stale_discards_total",
+            "Starts older than their aggregate's watermark.",
+            &s.stale,
+        ),
+        (
+            "skald_skipped_total",
+            "Messages out of date for their instance.",
+            &s.skipped,
+        ),
+        (
+            "skald_malformed_total",
+            "Unreadable messages sent to the dead-letter queue.",
+            &s.malformed,
+        ),
+        (
+            "skald_infra_retries_total",
+            "Waits after a database or broker failure.",
+            &s.infra_retries,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let value = value.load(Ordering::Relaxed);
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
-    };
-    counter(
-        "skald_steps_applied_total",
-        "Step and compensation attempts committed.",
-        s.applied.load(Ordering::Relaxed),
-    );
-    counter(
-        "skald_step_failures_total",
-        "Attempts that failed (each retried or compensated).",
-        s.failed_attempts.load(Ordering::Relaxed),
-    );
-    counter(
-        "skald_retries_total",
-        "Retries scheduled after a failed attempt.",
-        s.retries.load(Ordering::Relaxed),
-    );
-    counter(
-        "skald_compensations_total",
-        "Compensations committed.",
-        s.compensations.load(Ordering::Relaxed),
-    );
-    counter(
-        "skald_duplicates_total",
-        "Copies of handled messages dropped by the inbox.",
-        s.duplicates.load(Ordering::Relaxed),
-    );
-    counter(
-        "skald_stale_discards_total",
-        "Starts older than their aggregate's watermark.",
-        s.stale.load(Ordering::Relaxed),
-    );
-    counter(
-        "skald_skipped_total",
-        "Messages out of date for their instance.",
-        s.skipped.load(Ordering::Relaxed),
-    );
-    counter(
-        "skald_malformed_total",
-        "Unreadable messages sent to the dead-letter queue.",
-        s.malformed.load(Ordering::Relaxed),
-    );
-    counter(
-        "skald_infra_retries_total",
-        "Waits after a database or broker failure.",
-        s.infra_retries.load(Ordering::Relaxed),
-    );
+    }
     let _ = writeln!(
         out,
         "# HELP skald_live_actors Aggregate actors alive.\n# TYPE skald_live_actors gauge\nskald_live_actors {}",

@@ -213,6 +213,39 @@ impl TestEnv {
         }
     }
 
+    /// How many instances are in `status`.
+    pub async fn count_status(&self, status: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM skald.instances WHERE status = $1")
+            .bind(status)
+            .fetch_one(&self.pool)
+            .await
+            .expect("count instances")
+    }
+
+    /// For the `ordered` test saga: exactly `expected` effects, one per step, and per
+    /// aggregate each step's effects applied in publish (sequence) order.
+    pub async fn assert_ordered_effects(&self, expected: u64) {
+        let effects: Vec<(String, i64, String)> =
+            sqlx::query_as("SELECT aggregate_id, seq, step FROM it.effects ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .expect("read effects");
+        assert_eq!(
+            effects.len() as u64,
+            expected,
+            "exactly one effect per step"
+        );
+        let mut last: std::collections::HashMap<(String, String), i64> = Default::default();
+        for (aggregate, seq, step) in &effects {
+            if let Some(prev) = last.insert((aggregate.clone(), step.clone()), *seq) {
+                assert!(
+                    *seq > prev,
+                    "aggregate {aggregate} step {step}: seq {seq} applied after {prev}"
+                );
+            }
+        }
+    }
+
     /// Status of every instance, by instance id.
     pub async fn statuses(&self) -> Vec<(Uuid, String)> {
         sqlx::query_as("SELECT id, status FROM skald.instances ORDER BY created_at")

@@ -30,11 +30,7 @@ async fn run_three(saga: &str) -> Vec<(usize, String)> {
     let app = env.start_app().await;
     env.wait_for_terminal(3, Duration::from_secs(30)).await;
     app.stop().await;
-    let completed: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM skald.instances WHERE status = 'completed'")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
+    let completed = env.count_status("completed").await;
     assert_eq!(completed, 3);
     let effects: Vec<(Uuid, String)> =
         sqlx::query_as("SELECT instance_id, step FROM iso.effects WHERE saga = $1 ORDER BY id")

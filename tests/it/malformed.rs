@@ -104,11 +104,7 @@ async fn malformed_messages_go_to_the_dead_letter_queue_and_good_ones_complete()
     );
     app.stop().await;
 
-    let completed: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM skald.instances WHERE status = 'completed'")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
+    let completed = env.count_status("completed").await;
     assert_eq!(completed, good, "every good message completed");
     // Count in = count out: each malformed message is in the dead-letter queue once.
     let topology = env.topology();

@@ -1,12 +1,10 @@
 //! Given a saga and some messages, then this state: the core promises of one
 //! process — effects happen once, order holds per aggregate, failures compensate.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::json;
 use skald::envelope::instance_id_for;
-use uuid::Uuid;
 
 use crate::helpers::{TestEnv, sample_sagas, start, test_sagas};
 
@@ -189,31 +187,7 @@ async fn two_thousand_sagas_over_fifty_aggregates_complete_in_publish_order_per_
         .await;
     app.stop().await;
 
-    let completed: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM skald.instances WHERE status = 'completed'")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-    assert_eq!(completed, SAGAS as i64);
-    let effects: Vec<(Uuid, String, i64, String)> =
-        sqlx::query_as("SELECT instance_id, aggregate_id, seq, step FROM it.effects ORDER BY id")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
-    assert_eq!(
-        effects.len() as u64,
-        SAGAS * 3,
-        "exactly one effect per step"
-    );
-    // Per aggregate, each step's effects were applied in publish (sequence) order.
-    let mut last: HashMap<(String, String), i64> = HashMap::new();
-    for (_, aggregate, seq, step) in &effects {
-        if let Some(prev) = last.insert((aggregate.clone(), step.clone()), *seq) {
-            assert!(
-                *seq > prev,
-                "aggregate {aggregate} step {step}: seq {seq} applied after {prev}"
-            );
-        }
-    }
+    assert_eq!(env.count_status("completed").await, SAGAS as i64);
+    env.assert_ordered_effects(SAGAS * 3).await;
     env.cleanup().await;
 }

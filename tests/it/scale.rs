@@ -1,12 +1,10 @@
 //! Several processes, failover, and memory that does not grow with the number of
 //! aggregates ever seen.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use uuid::Uuid;
 
 use crate::helpers::{TestEnv, start, test_sagas, wait_child};
 
@@ -57,31 +55,8 @@ async fn three_processes_one_killed_mid_run_complete_everything_in_order() {
         assert!(wait_child(&mut p, Duration::from_secs(30)).success());
     }
 
-    let completed: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM skald.instances WHERE status = 'completed'")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-    assert_eq!(completed, SAGAS as i64);
-    let effects: Vec<(Uuid, String, i64, String)> =
-        sqlx::query_as("SELECT instance_id, aggregate_id, seq, step FROM it.effects ORDER BY id")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
-    assert_eq!(
-        effects.len() as u64,
-        SAGAS * 3,
-        "exactly one effect per step"
-    );
-    let mut last: HashMap<(String, String), i64> = HashMap::new();
-    for (_, aggregate, seq, step) in &effects {
-        if let Some(prev) = last.insert((aggregate.clone(), step.clone()), *seq) {
-            assert!(
-                *seq > prev,
-                "aggregate {aggregate} step {step}: {seq} after {prev}"
-            );
-        }
-    }
+    assert_eq!(env.count_status("completed").await, SAGAS as i64);
+    env.assert_ordered_effects(SAGAS * 3).await;
     env.cleanup().await;
 }
 
