@@ -208,7 +208,12 @@ impl App {
         }
         self.transport.close().await;
         self.store.close().await;
-        tracing::info!("stopped");
+        let applied = self
+            .engine
+            .stats()
+            .applied
+            .load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(applied, "stopped");
     }
 }
 

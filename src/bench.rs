@@ -82,10 +82,12 @@ pub struct BenchReport {
     /// `steps_per_s / baseline_msgs_per_s`.
     pub ratio: f64,
     /// Median time to handle one message (taken by its actor to acked), milliseconds;
-    /// measured in this process only.
-    pub p50_ms: f64,
+    /// only with one process (children's latencies are not collected).
+    pub p50_ms: Option<f64>,
     /// 99th percentile of the same.
-    pub p99_ms: f64,
+    pub p99_ms: Option<f64>,
+    /// Steps each process committed: how the partitions were shared.
+    pub per_process_steps: Vec<u64>,
     /// Peak resident memory of the whole bench process, MiB.
     pub peak_rss_mb: f64,
     /// PostgreSQL connections used by each side.
@@ -118,7 +120,8 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "sagas {} over {} aggregates, {} process(es): {} completed in {:.2}s\n\
-             skald     {:>9.1} sagas/s  {:>9.1} steps/s  p50 {:.2} ms  p99 {:.2} ms\n\
+             skald     {:>9.1} sagas/s  {:>9.1} steps/s  p50 {:?} ms  p99 {:?} ms\n\
+             steps per process {:?}\n\
              baseline  {:>9.1} msgs/s\n\
              ratio     {:.3} (steps/s over baseline msgs/s)\n\
              peak RSS  {:.1} MiB (pool {}, prefetch {})",
@@ -131,6 +134,7 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
             report.steps_per_s,
             report.p50_ms,
             report.p99_ms,
+            report.per_process_steps,
             report.baseline_msgs_per_s,
             report.ratio,
             report.peak_rss_mb,
@@ -163,10 +167,15 @@ async fn measure(
     let pool = app.store().pool().clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
-    let mut children = spawn_children(config, args.processes.saturating_sub(1))?;
-    let runner = actix::spawn(app.run_until(async {
-        let _ = stop_rx.await;
-    }));
+    // One process: this one. Several: that many `skald run` children, started
+    // together so that they share the partitions; this process only watches.
+    let multi = args.processes > 1;
+    let mut children = spawn_children(config, if multi { args.processes } else { 0 })?;
+    let runner = (!multi).then(|| {
+        actix::spawn(app.run_until(async {
+            let _ = stop_rx.await;
+        }))
+    });
     let target = args.sagas as i64;
     let completed = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -190,13 +199,22 @@ async fn measure(
             .await?;
     let steps = steps as f64;
     let _ = stop_tx.send(());
-    runner.await??;
+    if let Some(runner) = runner {
+        runner.await??;
+    }
+    let mut per_process_steps = Vec::new();
     for child in &mut children {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
+        per_process_steps.push(applied_by(child));
         let _ = child.wait();
     }
+    if !multi {
+        per_process_steps.push(engine.stats().applied.load(Ordering::Relaxed));
+    }
+    // Latencies are only seen for this process's own work.
+    let latency = |q: f64| (!multi).then(|| engine.stats().step_latency.quantile_ms(q));
 
     let steps_per_s = steps / seconds;
     Ok(BenchReport {
@@ -209,16 +227,17 @@ async fn measure(
         steps_per_s,
         baseline_msgs_per_s: baseline,
         ratio: steps_per_s / baseline,
-        p50_ms: engine.stats().step_latency.quantile_ms(0.50),
-        p99_ms: engine.stats().step_latency.quantile_ms(0.99),
+        p50_ms: latency(0.50),
+        p99_ms: latency(0.99),
+        per_process_steps,
         peak_rss_mb: peak_rss_mb(),
         db_pool: config.db_pool,
         prefetch: config.prefetch,
     })
 }
 
-/// Starts `n` more `skald run` processes on the bench's scratch database and
-/// namespace (the same binary as this one).
+/// Starts `n` `skald run` processes on the bench's scratch database and namespace
+/// (the same binary as this one), their logs piped for [`applied_by`].
 fn spawn_children(config: &Config, n: usize) -> anyhow::Result<Vec<std::process::Child>> {
     let exe = std::env::current_exe()?;
     (0..n)
@@ -232,13 +251,34 @@ fn spawn_children(config: &Config, n: usize) -> anyhow::Result<Vec<std::process:
                 .env("SKALD_PARTITIONS", config.partitions.to_string())
                 .env("SKALD_PREFETCH", config.prefetch.to_string())
                 .env("SKALD_DB_POOL", config.db_pool.to_string())
-                .env("SKALD_LOG", "warn")
+                .env("SKALD_LOG", "warn,skald::app=info")
                 .env("SKALD_HTTP_ADDR", "127.0.0.1:0")
                 .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
                 .spawn()
                 .context("spawning a skald process")
         })
         .collect()
+}
+
+/// The steps a child reported when it stopped (its `stopped applied=N` log line).
+fn applied_by(child: &mut std::process::Child) -> u64 {
+    use std::io::Read;
+    let mut log = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.read_to_string(&mut log);
+    }
+    log.lines()
+        .filter(|l| l.contains("stopped"))
+        .find_map(|l| {
+            l.split("applied=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 /// Stock and accounts for every bench aggregate, so that sagas on different

@@ -19,6 +19,9 @@ pub struct Config {
     /// `SKALD_PARTITIONS`: how many partition queues the intake is hashed over (by
     /// aggregate id). Every process of a deployment must use the same number.
     pub partitions: u16,
+    /// `SKALD_SUBSCRIBE_STAGGER_MS`: pause between subscribing to two partitions, so
+    /// that processes started together share them (default 250; 0 in tests).
+    pub subscribe_stagger: Duration,
     /// `SKALD_PREFETCH`: unacknowledged deliveries this process holds at most. It
     /// bounds the work (and memory) in flight: actor mailboxes never hold more.
     pub prefetch: u16,
@@ -111,6 +114,11 @@ impl Config {
                 value: http_addr,
             })?;
         Ok(Config {
+            subscribe_stagger: Duration::from_millis(number(
+                &lookup,
+                "SKALD_SUBSCRIBE_STAGGER_MS",
+                250,
+            )?),
             http_addr,
             api_token: lookup("SKALD_API_TOKEN").filter(|t| !t.is_empty()),
             partitions,

@@ -18,9 +18,10 @@
 //! (its connection closes) the broker hands the partition — unacked messages first,
 //! in order — to the next subscriber. So per-aggregate order holds across processes
 //! and failover needs no coordinator of skald's own. Which process is active for a
-//! partition is decided by subscription order: processes subscribe starting at a
-//! random partition, so processes started together share the partitions, and a
-//! process started later is a standby until another one goes away.
+//! partition is decided by subscription order: each process subscribes from a random
+//! partition, one partition every `SKALD_SUBSCRIBE_STAGGER_MS` (±50%), so processes
+//! started within a few seconds of each other share the partitions, and a process
+//! started later is a standby until another one goes away.
 //!
 //! **Delays.** A per-message TTL only expires at the head of a queue, so one queue
 //! with mixed delays would hold short delays behind long ones. Each delay tier is a
@@ -33,6 +34,7 @@
 //! return is an error, not a success.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -119,7 +121,6 @@ impl Topology {
 struct Link {
     connection: Connection,
     publisher: Channel,
-    consumers: Vec<(Channel, ShortString)>,
 }
 
 /// skald's RabbitMQ transport: one connection, a confirming publish channel shared by
@@ -128,7 +129,13 @@ pub struct RabbitTransport {
     url: String,
     topology: Topology,
     prefetch: u16,
+    /// Pause between subscribing to two partitions (see `consume`).
+    stagger: Duration,
     link: Mutex<Option<Link>>,
+    /// The partition consumers of the current `consume`, for `stop_consuming`.
+    consumers: Arc<std::sync::Mutex<Vec<(Channel, ShortString)>>>,
+    /// Set by `stop_consuming`: subscribe to no further partition.
+    stopping: Arc<AtomicBool>,
 }
 
 fn conn_err(e: lapin::Error) -> TransportError {
@@ -155,7 +162,10 @@ impl RabbitTransport {
             url: config.amqp_url.clone(),
             topology: Topology::new(&config.namespace, config.partitions),
             prefetch: config.prefetch,
+            stagger: config.subscribe_stagger,
             link: Mutex::new(None),
+            consumers: Default::default(),
+            stopping: Default::default(),
         };
         transport.link().await?;
         Ok(Arc::new(transport))
@@ -200,7 +210,6 @@ impl RabbitTransport {
         *guard = Some(Link {
             connection,
             publisher: publisher.clone(),
-            consumers: Vec::new(),
         });
         Ok(publisher)
     }
@@ -338,6 +347,25 @@ fn routing_key(aggregate_id: Option<&str>) -> &str {
     aggregate_id.unwrap_or("unrouted")
 }
 
+/// Passes one partition's deliveries on until its consumer ends (connection lost,
+/// cancelled) or nobody listens any more.
+async fn forward(mut consumer: lapin::Consumer, tx: tokio::sync::mpsc::Sender<Delivery>) {
+    while let Some(item) = consumer.next().await {
+        match item {
+            Ok(d) => {
+                let delivery = Delivery::new(d.data, d.redelivered, Box::new(RabbitAcker(d.acker)));
+                if tx.send(delivery).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer stream failed");
+                break;
+            }
+        }
+    }
+}
+
 struct RabbitAcker(lapin::Acker);
 
 impl Acknowledge for RabbitAcker {
@@ -407,59 +435,74 @@ impl Transport for RabbitTransport {
     fn consume(&self) -> BoxFuture<'_, Result<BoxStream<'static, Delivery>, TransportError>> {
         Box::pin(async move {
             self.link().await?;
-            let mut guard = self.link.lock().await;
-            let link = guard
-                .as_mut()
-                .ok_or_else(|| TransportError::Connection("no link".into()))?;
-            let channel = link.connection.create_channel().await.map_err(conn_err)?;
+            let channel = {
+                let guard = self.link.lock().await;
+                let link = guard
+                    .as_ref()
+                    .ok_or_else(|| TransportError::Connection("no link".into()))?;
+                link.connection.create_channel().await.map_err(conn_err)?
+            };
             // Prefetch applies per consumer: share the budget among the partitions.
             let per_partition = (self.prefetch / self.topology.partitions.len() as u16).max(1);
             channel
                 .basic_qos(per_partition, BasicQosOptions::default())
                 .await
                 .map_err(conn_err)?;
-            // Start at a random partition so that processes started together share the
-            // partitions (the first subscriber of a partition is its active consumer).
+            self.consumers.lock().expect("consumers lock").clear();
+            self.stopping.store(false, Ordering::SeqCst);
+
+            // The first subscriber of a partition is its active consumer. Subscribing
+            // from a random partition, one partition every `stagger`, lets processes
+            // that start within a few seconds of each other share the partitions.
             let n = self.topology.partitions.len();
             let first = fastrand::usize(..n);
-            let mut streams = Vec::with_capacity(n);
-            link.consumers.clear();
-            for i in 0..n {
-                let queue = &self.topology.partitions[(first + i) % n];
-                let consumer = channel
-                    .basic_consume(
-                        queue.as_str().into(),
-                        "".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(conn_err)?;
-                link.consumers.push((channel.clone(), consumer.tag()));
-                streams.push(
-                    consumer
-                        .take_while(|item| {
-                            if let Err(e) = item {
-                                tracing::warn!(error = %e, "consumer stream failed");
-                            }
-                            std::future::ready(item.is_ok())
-                        })
-                        .filter_map(|item| {
-                            std::future::ready(item.ok().map(|d| {
-                                Delivery::new(d.data, d.redelivered, Box::new(RabbitAcker(d.acker)))
-                            }))
-                        })
-                        .boxed(),
-                );
-            }
-            Ok(futures_util::stream::select_all(streams).boxed())
+            let order: Vec<String> = (0..n)
+                .map(|i| self.topology.partitions[(first + i) % n].clone())
+                .collect();
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Delivery>(self.prefetch as usize);
+            let consumers = self.consumers.clone();
+            let stopping = self.stopping.clone();
+            let stagger = self.stagger;
+            tokio::spawn(async move {
+                for (i, queue) in order.iter().enumerate() {
+                    if stopping.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let consumer = match channel
+                        .basic_consume(
+                            queue.as_str().into(),
+                            "".into(),
+                            BasicConsumeOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                    {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, %queue, "cannot subscribe to a partition");
+                            break;
+                        }
+                    };
+                    consumers
+                        .lock()
+                        .expect("consumers lock")
+                        .push((channel.clone(), consumer.tag()));
+                    tokio::spawn(forward(consumer, tx.clone()));
+                    if i + 1 < order.len() && !stagger.is_zero() {
+                        tokio::time::sleep(stagger.mul_f64(0.5 + fastrand::f64())).await;
+                    }
+                }
+            });
+            let deliveries = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            Ok(deliveries.boxed())
         })
     }
 
     fn stop_consuming(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let guard = self.link.lock().await;
-            for (channel, tag) in guard.iter().flat_map(|l| l.consumers.iter()) {
+            self.stopping.store(true, Ordering::SeqCst);
+            let consumers = self.consumers.lock().expect("consumers lock").clone();
+            for (channel, tag) in &consumers {
                 if let Err(e) = channel
                     .basic_cancel(tag.clone(), BasicCancelOptions::default())
                     .await

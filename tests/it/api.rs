@@ -349,6 +349,44 @@ async fn dead_letters_are_listed_shown_replayed_and_discarded_over_the_api() {
         StatusCode::BAD_REQUEST,
         "bad_request",
     );
+
+    // Bulk replay of a filtered set, oldest first, rate-limited. (The replayed
+    // letter above came back as a new malformed letter: three are pending now.)
+    env.publish_raw(&[b"third".to_vec(), b"fourth".to_vec()])
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while get(&svc, "/api/v1/dead-letters?status=pending").await.1["items"]
+        .as_array()
+        .unwrap()
+        .len()
+        < 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new dead letters never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bulk = post(
+        &svc,
+        "/api/v1/dead-letters/replay",
+        json!({"kind": "malformed", "per_second": 100}),
+    )
+    .await;
+    assert_eq!(bulk.0, StatusCode::OK, "{:?}", bulk.1);
+    assert_eq!(bulk.1["replayed"].as_array().unwrap().len(), 3);
+    let replayed = get(&svc, "/api/v1/dead-letters?status=replayed").await;
+    assert_eq!(replayed.1["items"].as_array().unwrap().len(), 4);
+    assert_error(
+        &post(
+            &svc,
+            "/api/v1/dead-letters/replay",
+            json!({"per_second": 0}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
     assert_error(
         &get(&svc, &format!("/api/v1/dead-letters/{}", Uuid::new_v4())).await,
         StatusCode::NOT_FOUND,

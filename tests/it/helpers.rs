@@ -56,6 +56,7 @@ impl TestEnv {
             sagas_dir,
             namespace: name.clone(),
             partitions: 4,
+            subscribe_stagger: Duration::ZERO,
             prefetch: 64,
             db_pool: 5,
             actor_idle: Duration::from_millis(500),
