@@ -188,7 +188,11 @@ impl RabbitTransport {
         if guard.is_some() {
             tracing::warn!("RabbitMQ link lost; reconnecting");
         }
-        let connection = Connection::connect(&self.url, ConnectionProperties::default())
+        // Named after the namespace, so that operators (and tests) can tell skald's
+        // connections apart in `rabbitmqctl list_connections`.
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("skald:{}", self.topology.namespace).into());
+        let connection = Connection::connect(&self.url, properties)
             .await
             .map_err(conn_err)?;
         let publisher = connection.create_channel().await.map_err(conn_err)?;

@@ -12,5 +12,6 @@ mod handlers;
 mod isolation;
 mod malformed;
 mod ordering;
+mod resilience;
 mod saga_flow;
 mod scale;

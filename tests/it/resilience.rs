@@ -1,0 +1,122 @@
+//! Promise 1: losing PostgreSQL or RabbitMQ connections mid-run changes how long the
+//! sagas take, never their outcome: all complete, one effect per step, in order.
+
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::{TestEnv, start, test_sagas};
+
+const SAGAS: u64 = 600;
+const AGGREGATES: u64 = 30;
+
+async fn publish(env: &TestEnv, sagas: u64) {
+    let starts = (0..sagas)
+        .map(|i| {
+            let account = format!("acct-{}", i % AGGREGATES);
+            let seq = i / AGGREGATES;
+            start(
+                "ordered",
+                &account,
+                seq,
+                json!({"account": account, "seq": seq}),
+            )
+        })
+        .collect();
+    env.publish_starts(starts).await;
+}
+
+async fn effects(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM it.effects")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap_or(0)
+}
+
+#[actix_rt::test]
+async fn killing_postgres_connections_mid_run_changes_nothing_but_time() {
+    let env = TestEnv::new(test_sagas()).await;
+    publish(&env, SAGAS).await;
+    let app = env.start_app().await;
+    // Five times, once some work is done, cut every connection to the test database
+    // (skald's included, mid-transaction) but the one doing the cutting.
+    for _ in 0..5 {
+        while effects(&env).await == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .execute(&env.pool)
+        .await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    env.wait_for_terminal(SAGAS as i64, Duration::from_secs(120))
+        .await;
+    assert!(
+        app.engine.stats().infra_retries.load(Ordering::Relaxed) > 0,
+        "the connections were cut while skald worked"
+    );
+    app.stop().await;
+    assert_eq!(env.count_status("completed").await, SAGAS as i64);
+    env.assert_ordered_effects(SAGAS * 3).await;
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn losing_the_broker_connection_mid_run_changes_nothing_but_time() {
+    // More sagas: closing takes `rabbitmqctl` a second or two, and work must remain.
+    const MANY: u64 = 3 * SAGAS;
+    let env = TestEnv::new(test_sagas()).await;
+    publish(&env, MANY).await;
+    let app = env.start_app().await;
+    while effects(&env).await < 100 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let namespace = env.config.namespace.clone();
+    let closed = tokio::task::spawn_blocking(move || close_broker_connections(&namespace))
+        .await
+        .unwrap();
+    assert!(closed > 0, "skald's broker connection was found and closed");
+    assert!(
+        effects(&env).await < (MANY * 3) as i64,
+        "the connection must close while work remains"
+    );
+    env.wait_for_terminal(MANY as i64, Duration::from_secs(180))
+        .await;
+    app.stop().await;
+    assert_eq!(env.count_status("completed").await, MANY as i64);
+    env.assert_ordered_effects(MANY * 3).await;
+    env.cleanup().await;
+}
+
+/// Closes skald's broker connections of this namespace (as a broker restart would);
+/// returns how many there were.
+fn close_broker_connections(namespace: &str) -> usize {
+    let name = format!("skald:{namespace}");
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let pids: Vec<String> = listing
+        .lines()
+        .filter(|l| l.contains(&name))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    for pid in &pids {
+        let _ = Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "resilience test"])
+            .output();
+    }
+    pids.len()
+}
