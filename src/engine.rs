@@ -475,7 +475,7 @@ impl Engine {
             saga: &saga.name,
             saga_version: saga.version,
             start_message_id: env.message_id,
-            sequence: env.sequence,
+            sequence: env.order_key(),
         };
         if env.command == Command::Start
             && saga.isolation == Isolation::Exclusive
@@ -662,7 +662,7 @@ impl Engine {
                 tracing::debug!(%message_id, resend = outgoing.len(), "duplicate message");
                 Ok(Handled::Send(outgoing))
             }
-            Disposal::NoInstance => match (job.envelope.command, job.envelope.sequence) {
+            Disposal::NoInstance => match (job.envelope.command, job.envelope.order_key()) {
                 // A start that created nothing: its sequence is not above the watermark.
                 (Command::Start, Some(sequence)) => {
                     let watermark = self

@@ -195,6 +195,16 @@ impl Envelope {
         Ok(env)
     }
 
+    /// What orders this start among its aggregate's starts: its `sequence`, or, for a
+    /// publisher that keeps none, its `dispatched_at` in microseconds. `None`: never
+    /// stale.
+    pub fn order_key(&self) -> Option<u64> {
+        self.sequence.or_else(|| {
+            self.dispatched_at
+                .and_then(|t| u64::try_from(t.timestamp_micros()).ok())
+        })
+    }
+
     /// The JSON body to publish.
     pub fn to_body(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("an envelope always serialises")
@@ -365,6 +375,16 @@ mod tests {
             let err = Envelope::parse(&body).unwrap_err();
             assert_eq!(err.code(), code, "{err}");
         }
+    }
+
+    #[test]
+    fn the_order_key_is_the_sequence_else_the_dispatch_time() {
+        let mut env = Envelope::parse(start(r#","sequence":7"#).as_bytes()).unwrap();
+        assert_eq!(env.order_key(), Some(7));
+        env.sequence = None;
+        assert_eq!(env.order_key(), None);
+        env.dispatched_at = Some("2026-01-01T00:00:00.000001Z".parse().unwrap());
+        assert_eq!(env.order_key(), Some(1_767_225_600_000_001));
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub struct NewInstance<'a> {
     pub saga_version: u32,
     /// The start message's id (the instance id derives from it).
     pub start_message_id: Uuid,
-    /// The publisher's sequence number, if given.
+    /// The start's order key ([`crate::envelope::Envelope::order_key`]), if any.
     pub sequence: Option<u64>,
 }
 

@@ -109,3 +109,30 @@ async fn strict_skips_a_gap_after_the_bounded_wait_and_then_drops_the_late_start
     assert_eq!(applied(&env, "strict").await, [1, 3], "the late 2 is stale");
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn without_a_sequence_the_dispatch_time_orders_starts() {
+    let env = TestEnv::new(ordering_sagas()).await;
+    let at =
+        |ms: i64| Some(chrono::DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap());
+    let starts = [(1, 20), (2, 10)] // the second was dispatched earlier: stale
+        .into_iter()
+        .map(|(seq, ms)| {
+            let mut s = start(
+                "latest",
+                "acct-1",
+                seq,
+                json!({"account": "acct-1", "seq": seq}),
+            );
+            s.sequence = None;
+            s.dispatched_at = at(ms);
+            s
+        })
+        .collect();
+    env.publish_starts(starts).await;
+    let app = env.start_app().await;
+    wait_for_inbox(&env, 2).await;
+    app.stop().await;
+    assert_eq!(applied(&env, "latest").await, [1]);
+    env.cleanup().await;
+}
