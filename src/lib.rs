@@ -33,6 +33,8 @@
 //! the inbox row, the instance's new state and the messages to send next; commit;
 //! publish those messages with confirms; only then ack the delivery.
 
+#![warn(missing_docs)]
+
 pub mod actors;
 pub mod api;
 pub mod app;

@@ -147,10 +147,18 @@ pub struct HandlerAction {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "from", rename_all = "snake_case")]
 pub enum ValueRef {
-    /// `payload.a.b`: a field of the start message's payload (path of object keys).
-    Payload { path: Vec<String> },
+    /// `payload.a.b`: a field of the start message's payload.
+    Payload {
+        /// The object keys from the payload's root, in order.
+        path: Vec<String>,
+    },
     /// `steps.<step>.<column>`: a column captured by an earlier step's `returning`.
-    StepOutput { step: String, column: String },
+    StepOutput {
+        /// The step that captured it.
+        step: String,
+        /// The captured column.
+        column: String,
+    },
     /// `saga.instance_id`: the instance's UUID (stable across redeliveries).
     InstanceId,
     /// `saga.aggregate_id`: the aggregate the instance belongs to.
