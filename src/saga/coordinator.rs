@@ -370,6 +370,7 @@ mod tests {
         let action = Action::Handler(HandlerAction {
             name: "noop".into(),
             params: vec![],
+            fatal_errors: vec![],
         });
         StepDef {
             name: name.into(),

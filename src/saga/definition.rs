@@ -141,6 +141,10 @@ pub struct HandlerAction {
     pub name: String,
     /// Named arguments, resolved and handed to the handler as a JSON object.
     pub params: Vec<(String, ValueRef)>,
+    /// Error codes that make a handler's retryable error fatal: a
+    /// `HandlerError::Retryable("card_declined: …")` is not retried when
+    /// `card_declined` is listed.
+    pub fatal_errors: Vec<String>,
 }
 
 /// A reference to a value known when a step runs.

@@ -48,7 +48,9 @@
 //! A `sql` action is one statement with `:name` parameters (see
 //! [`crate::saga::sql::compile_named`]): every `:name` must have a `params` entry and every
 //! `params` key must be used. A `handler` action names a Rust handler; `expect_rows`,
-//! `returning` and `fatal_sqlstates` are not allowed with it, and its `params` are handed
+//! `returning` and `fatal_sqlstates` are not allowed with it; instead `fatal_errors` lists
+//! error codes (one word each) that make a handler's retryable error fatal — an error
+//! whose message starts with `code:` is not retried. Its `params` are handed
 //! over in the order written in the file. `params` keys match `^[A-Za-z_][A-Za-z0-9_]*$`.
 //!
 //! ## Value references
@@ -1012,9 +1014,28 @@ impl Checker<'_> {
             );
             return None;
         }
+        let mut fatal_errors = Vec::new();
+        for (j, code) in a
+            .fatal_errors
+            .iter()
+            .flat_map(|l| l.value.iter())
+            .enumerate()
+        {
+            let text = code.value.trim();
+            if text.is_empty() || text.contains(char::is_whitespace) || text.contains(':') {
+                self.error(
+                    Pos::at(code),
+                    format!("{field}.fatal_errors[{j}]"),
+                    format!("error code `{}` must be one word without `:`", code.value),
+                );
+            } else {
+                fatal_errors.push(text.to_owned());
+            }
+        }
         Some(Action::Handler(HandlerAction {
             name: name.to_owned(),
             params: params.into_iter().map(|(k, r)| (k.to_owned(), r)).collect(),
+            fatal_errors,
         }))
     }
 
@@ -1026,6 +1047,14 @@ impl Checker<'_> {
         keys: &[(&str, Pos)],
         resolved: &[(&str, ValueRef)],
     ) -> Option<Action> {
+        if let Some(codes) = &a.fatal_errors {
+            self.error(
+                Pos::at(codes),
+                format!("{field}.fatal_errors"),
+                "`fatal_errors` is only allowed with `handler`; SQL uses `fatal_sqlstates`"
+                    .to_string(),
+            );
+        }
         let sql_field = format!("{field}.sql");
         if sql.value.trim().is_empty() {
             self.error(Pos::at(sql), sql_field, "`sql` is empty");
@@ -2170,6 +2199,12 @@ mod tests {
             12,
             "steps[0].action.expect_rows",
             "only allowed with `sql`",
+        ),
+        (
+            "sql_with_fatal_errors.yaml",
+            11,
+            "steps[0].action.fatal_errors",
+            "only allowed with `handler`",
         ),
         (
             "aggregate_not_payload.yaml",

@@ -129,6 +129,9 @@ pub(crate) struct RawAction {
     /// `fatal_sqlstates:`
     #[serde(default)]
     pub fatal_sqlstates: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `fatal_errors:` (handler actions only)
+    #[serde(default)]
+    pub fatal_errors: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// A `retry:` block; every field is optional.

@@ -265,10 +265,20 @@ async fn run_handler(
             "handler {:?} returned {other}, not a JSON object",
             action.name
         ))),
-        Err(e) => Err(EffectError {
-            kind: e.kind(),
-            message: e.to_string(),
-        }),
+        Err(e) => {
+            let message = e.to_string();
+            // `code: text` — a code the saga declares fatal is not retried.
+            let code = message.split(':').next().unwrap_or("").trim();
+            let declared_fatal = action.fatal_errors.iter().any(|f| f == code);
+            Err(EffectError {
+                kind: if declared_fatal {
+                    FailureKind::Fatal
+                } else {
+                    e.kind()
+                },
+                message,
+            })
+        }
     }
 }
 

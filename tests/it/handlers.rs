@@ -49,11 +49,12 @@ fn release<'a>(conn: &'a mut PgConnection, input: HandlerInput) -> HandlerFuture
     })
 }
 
-/// Refuses the key `refuse` for good.
+/// Refuses the key `refuse` with a (retryable-typed) `refused:` error, which the
+/// saga declares fatal in `fatal_errors`.
 fn confirm<'a>(conn: &'a mut PgConnection, input: HandlerInput) -> HandlerFuture<'a> {
     Box::pin(async move {
         if input.params["key"] == "refuse" {
-            return Err(HandlerError::Fatal("order refused".into()));
+            return Err(HandlerError::Retryable("refused: order refused".into()));
         }
         log(conn, &input, "confirm", "").await?;
         Ok(serde_json::Value::Null)
@@ -115,6 +116,18 @@ async fn handler_steps_run_in_the_step_transaction_and_honour_their_errors() {
     );
     let refused_log: Vec<String> = log_of(refused).await.into_iter().map(|(w, _)| w).collect();
     assert_eq!(refused_log, ["reserve", "release"]);
+    let confirm_attempts: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT error_kind FROM skald.inbox WHERE instance_id = $1 AND step_name = 'confirm'",
+    )
+    .bind(refused)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        confirm_attempts,
+        [Some("fatal".to_string())],
+        "declared fatal: no retry"
+    );
     let outputs: serde_json::Value =
         sqlx::query_scalar("SELECT outputs FROM skald.instances WHERE id = $1")
             .bind(ok)
