@@ -206,6 +206,35 @@ pub struct Engine {
     consuming: AtomicBool,
 }
 
+/// The message that runs the first step of a waiting instance once it is promoted
+/// (`isolation: exclusive`).
+pub fn first_step_message(
+    saga: &SagaDef,
+    aggregate_id: &str,
+    instance_id: Uuid,
+    payload: Value,
+) -> Outgoing {
+    let now = Utc::now();
+    Outgoing::to_intake(
+        Envelope {
+            message_id: run_message_id(instance_id, Cursor::START),
+            saga: saga.name.clone(),
+            aggregate_id: Some(aggregate_id.to_string()),
+            sequence: None,
+            dispatched_at: Some(now),
+            command: Command::Run {
+                instance_id,
+                cursor: Cursor::START,
+            },
+            payload,
+            outputs: Value::Object(Default::default()),
+            errors: Vec::new(),
+            deadline: deadline_after(now, saga.timeout),
+        },
+        0,
+    )
+}
+
 /// `start + timeout`, or `None` without a timeout (or past the calendar's end).
 fn deadline_after(
     start: chrono::DateTime<Utc>,
@@ -587,7 +616,7 @@ impl Engine {
         {
             // The semantic lock passes to the oldest waiting instance, in this same
             // transaction: if this record does not commit, neither does the promotion.
-            outgoing.push(self.first_step_of(job, next, payload));
+            outgoing.push(first_step_message(saga, &job.aggregate_id, next, payload));
         }
         let record = StepRecord {
             message_id: env.message_id,
@@ -698,29 +727,6 @@ impl Engine {
                 Admission::Run(_) => Err(EngineError::Raced(instance_id)),
             },
         }
-    }
-
-    /// The message that runs the first step of a promoted waiting instance.
-    fn first_step_of(&self, job: &Job, instance_id: Uuid, payload: Value) -> Outgoing {
-        let now = Utc::now();
-        Outgoing::to_intake(
-            Envelope {
-                message_id: run_message_id(instance_id, Cursor::START),
-                saga: job.saga.name.clone(),
-                aggregate_id: Some(job.aggregate_id.clone()),
-                sequence: None,
-                dispatched_at: Some(now),
-                command: Command::Run {
-                    instance_id,
-                    cursor: Cursor::START,
-                },
-                payload,
-                outputs: Value::Object(Default::default()),
-                errors: Vec::new(),
-                deadline: deadline_after(now, job.saga.timeout),
-            },
-            0,
-        )
     }
 
     fn outgoing(

@@ -15,10 +15,12 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::dlq::{self, DlqError, ReplayOutcome};
+use crate::engine::first_step_message;
 use crate::envelope::{Command, Envelope, Outgoing, run_message_id};
-use crate::saga::Catalog;
 use crate::saga::coordinator::{self, CancelRefusal, InstanceStatus};
+use crate::saga::{Catalog, Isolation};
 use crate::store::dead_letters::{self, DeadLetterStatus};
+use crate::store::steps::promote_next;
 use crate::store::{InstanceSnapshot, Store, StoreError, lock_instance, resume_instance};
 use crate::transport::{Transport, TransportError};
 
@@ -163,7 +165,7 @@ pub async fn cancel(
     let saga = catalog
         .get(&snap.saga)
         .ok_or_else(|| OperatorError::Conflict(format!("saga {} is not loaded", snap.saga)))?;
-    let (message, outcome) = match coordinator::cancel(saga, snap.state) {
+    let (messages, outcome) = match coordinator::cancel(saga, snap.state) {
         Ok(t) => {
             resume_instance(&mut tx, id, t.state, &snap.payload).await?;
             if t.state.status.is_terminal() {
@@ -176,7 +178,21 @@ pub async fn cancel(
                 state: t.state,
                 ..snap.clone()
             };
-            let message = t.next.map(|_| current_message(id, &moved));
+            let mut messages: Vec<Outgoing> = t
+                .next
+                .map(|_| current_message(id, &moved))
+                .into_iter()
+                .collect();
+            // The lock holder ended at once (nothing to undo): an exclusive saga's lock
+            // passes on. A cancelled *waiting* instance never held it.
+            if t.state.status.is_terminal()
+                && saga.isolation == Isolation::Exclusive
+                && snap.state.status != InstanceStatus::Waiting
+                && let Some((next, payload)) =
+                    promote_next(&mut tx, &snap.saga, &snap.aggregate_id).await?
+            {
+                messages.push(first_step_message(saga, &snap.aggregate_id, next, payload));
+            }
             record(
                 &mut tx,
                 id,
@@ -185,13 +201,13 @@ pub async fn cancel(
                 json!({ "from": snap.state.cursor }),
             )
             .await?;
-            (message, ActionOutcome::Done)
+            (messages, ActionOutcome::Done)
         }
         Err(CancelRefusal::AlreadyCompensating) => {
-            (Some(current_message(id, &snap)), ActionOutcome::AlreadyDone)
+            (vec![current_message(id, &snap)], ActionOutcome::AlreadyDone)
         }
         Err(CancelRefusal::Terminal(InstanceStatus::Compensated)) => {
-            (None, ActionOutcome::AlreadyDone)
+            (Vec::new(), ActionOutcome::AlreadyDone)
         }
         Err(CancelRefusal::Terminal(status)) => {
             return Err(OperatorError::Conflict(format!(
@@ -206,7 +222,7 @@ pub async fn cancel(
         }
     };
     tx.commit().await?;
-    if let Some(m) = &message {
+    for m in &messages {
         transport.publish(m).await?;
     }
     tracing::info!(instance = %id, by, ?outcome, "operator: cancel");

@@ -211,25 +211,13 @@ impl StepTx {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Promotes the oldest waiting instance of `saga` on `aggregate_id` to running;
-    /// returns its id and payload, to send it its first step.
+    /// [`promote_next`] inside this transaction.
     pub async fn promote_next(
         &mut self,
         saga: &str,
         aggregate_id: &str,
     ) -> Result<Option<(Uuid, Value)>, StoreError> {
-        let row: Option<(Uuid, sqlx::types::Json<Value>)> = sqlx::query_as(
-            "UPDATE skald.instances SET status = 'running', updated_at = now() \
-             WHERE id = (SELECT id FROM skald.instances \
-                         WHERE saga = $1 AND aggregate_id = $2 AND status = 'waiting' \
-                         ORDER BY created_at, sequence LIMIT 1 FOR UPDATE) \
-             RETURNING id, payload",
-        )
-        .bind(saga)
-        .bind(aggregate_id)
-        .fetch_optional(&mut *self.tx)
-        .await?;
-        Ok(row.map(|(id, payload)| (id, payload.0)))
+        promote_next(&mut self.tx, saga, aggregate_id).await
     }
 
     /// Records a message that was handled without running anything — out of date for
@@ -293,4 +281,25 @@ fn bind_record<'q>(
         .bind(rec.new_state.cursor.attempt as i32)
         .bind(sqlx::types::Json(rec.outputs.clone()))
         .bind(rec.new_state.status.is_terminal())
+}
+
+/// Promotes the oldest waiting instance of `saga` on `aggregate_id` to running (the
+/// semantic lock passes on); returns its id and payload, to send it its first step.
+pub async fn promote_next(
+    conn: &mut PgConnection,
+    saga: &str,
+    aggregate_id: &str,
+) -> Result<Option<(Uuid, Value)>, StoreError> {
+    let row: Option<(Uuid, sqlx::types::Json<Value>)> = sqlx::query_as(
+        "UPDATE skald.instances SET status = 'running', updated_at = now() \
+         WHERE id = (SELECT id FROM skald.instances \
+                     WHERE saga = $1 AND aggregate_id = $2 AND status = 'waiting' \
+                     ORDER BY created_at, sequence LIMIT 1 FOR UPDATE) \
+         RETURNING id, payload",
+    )
+    .bind(saga)
+    .bind(aggregate_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|(id, payload)| (id, payload.0)))
 }
