@@ -100,3 +100,59 @@ fn start_refuses_a_payload_that_is_not_an_object() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("JSON object"));
 }
+
+#[actix_rt::test]
+async fn dlq_commands_list_show_and_discard_dead_letters() {
+    let env = TestEnv::new(sample_sagas()).await;
+    let app = env.start_app().await;
+    env.publish_raw(&[b"not json at all".to_vec()]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let out = env.skald(&["dlq", "list", "--json"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if !text.trim().is_empty() {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter listed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    app.stop().await;
+    let letter: serde_json::Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
+    assert_eq!(letter["kind"], "malformed");
+    let id = letter["id"].as_str().unwrap();
+
+    let shown = env.skald(&["dlq", "show", id]).output().unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["body"], "not json at all", "the raw body is kept");
+    assert_eq!(shown["reason_code"], "invalid");
+
+    let discard = |by: &str| {
+        let out = env
+            .skald(&["dlq", "discard", id, "--by", by, "--note", "junk"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(discard("ops").starts_with("discarded"));
+    assert!(discard("ops").contains("already discarded"));
+    let pending = env
+        .skald(&["dlq", "list", "--status", "pending"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&pending.stdout).contains("no dead letters"));
+    let bad = env
+        .skald(&["dlq", "list", "--kind", "weird"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    env.cleanup().await;
+}

@@ -303,13 +303,24 @@ impl TestEnv {
             }
             let _ = conn.close(200, "".into()).await;
         }
+        // A pool that is being closed may still be handing a connection back: retry
+        // the drop a few times rather than leave the database behind.
         if let Ok(mut admin) = PgConnection::connect(&format!("{SERVER}/postgres")).await {
-            let _ = sqlx::query(AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            )))
-            .execute(&mut admin)
-            .await;
+            for _ in 0..5 {
+                let dropped = sqlx::query(AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                    self.name
+                )))
+                .execute(&mut admin)
+                .await;
+                match dropped {
+                    Ok(_) => break,
+                    Err(e) => {
+                        eprintln!("dropping {}: {e}; retrying", self.name);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
             let _ = admin.close().await;
         }
     }
