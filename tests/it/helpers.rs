@@ -364,6 +364,23 @@ pub fn start(saga: &str, aggregate: &str, sequence: u64, payload: Value) -> Enve
     }
 }
 
+/// Starts of the `ordered` test saga: `sagas` of them round-robin over `aggregates`
+/// accounts, each account's sequence counting up from 0 in publish order.
+pub fn ordered_starts(sagas: u64, aggregates: u64) -> Vec<Envelope> {
+    (0..sagas)
+        .map(|i| {
+            let account = format!("acct-{}", i % aggregates);
+            let seq = i / aggregates;
+            start(
+                "ordered",
+                &account,
+                seq,
+                serde_json::json!({"account": account, "seq": seq}),
+            )
+        })
+        .collect()
+}
+
 /// Waits for a child process to exit, killing it after `timeout`.
 pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     let started = Instant::now();

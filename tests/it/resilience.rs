@@ -5,27 +5,13 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use serde_json::json;
-
-use crate::helpers::{TestEnv, start, test_sagas};
+use crate::helpers::{TestEnv, ordered_starts, test_sagas};
 
 const SAGAS: u64 = 600;
 const AGGREGATES: u64 = 30;
 
 async fn publish(env: &TestEnv, sagas: u64) {
-    let starts = (0..sagas)
-        .map(|i| {
-            let account = format!("acct-{}", i % AGGREGATES);
-            let seq = i / AGGREGATES;
-            start(
-                "ordered",
-                &account,
-                seq,
-                json!({"account": account, "seq": seq}),
-            )
-        })
-        .collect();
-    env.publish_starts(starts).await;
+    env.publish_starts(ordered_starts(sagas, AGGREGATES)).await;
 }
 
 async fn effects(env: &TestEnv) -> i64 {

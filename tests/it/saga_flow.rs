@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 use skald::envelope::instance_id_for;
 
-use crate::helpers::{TestEnv, sample_sagas, start, test_sagas};
+use crate::helpers::{TestEnv, ordered_starts, sample_sagas, start, test_sagas};
 
 fn order(order_id: &str, sku: &str, qty: i64, account: &str, amount: f64) -> serde_json::Value {
     json!({"order_id": order_id, "sku": sku, "qty": qty, "account": account, "amount": amount})
@@ -169,19 +169,7 @@ async fn two_thousand_sagas_over_fifty_aggregates_complete_in_publish_order_per_
     const SAGAS: u64 = 2_000;
     const AGGREGATES: u64 = 50;
     let env = TestEnv::new(test_sagas()).await;
-    let starts = (0..SAGAS)
-        .map(|i| {
-            let account = format!("acct-{}", i % AGGREGATES);
-            let seq = i / AGGREGATES;
-            start(
-                "ordered",
-                &account,
-                seq,
-                json!({"account": account, "seq": seq}),
-            )
-        })
-        .collect();
-    env.publish_starts(starts).await;
+    env.publish_starts(ordered_starts(SAGAS, AGGREGATES)).await;
     let app = env.start_app().await;
     env.wait_for_terminal(SAGAS as i64, Duration::from_secs(240))
         .await;

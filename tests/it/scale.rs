@@ -6,26 +6,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::{TestEnv, start, test_sagas, wait_child};
+use crate::helpers::{TestEnv, ordered_starts, start, test_sagas, wait_child};
 
 #[actix_rt::test]
 async fn three_processes_one_killed_mid_run_complete_everything_in_order() {
     const SAGAS: u64 = 5_000;
     const AGGREGATES: u64 = 100;
     let env = TestEnv::new(test_sagas()).await;
-    let starts = (0..SAGAS)
-        .map(|i| {
-            let account = format!("acct-{}", i % AGGREGATES);
-            let seq = i / AGGREGATES;
-            start(
-                "ordered",
-                &account,
-                seq,
-                json!({"account": account, "seq": seq}),
-            )
-        })
-        .collect();
-    env.publish_starts(starts).await;
+    env.publish_starts(ordered_starts(SAGAS, AGGREGATES)).await;
 
     let mut processes: Vec<_> = (0..3).map(|_| env.spawn_process(&[])).collect();
     // Kill one when about a fifth of the work is done.
