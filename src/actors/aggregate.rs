@@ -178,7 +178,12 @@ impl Handler<Process> for AggregateActor {
                     Gate::Hold => {
                         let (saga, seq, max_wait) = strict.clone().expect("held starts are strict");
                         tracing::debug!(saga, seq, aggregate = %act.key, "strict order: holding an early start");
-                        act.held.entry(saga.clone()).or_default().insert(seq, msg);
+                        let held = act.held.entry(saga.clone()).or_default();
+                        if held.insert(seq, msg).is_some() {
+                            // A redelivered copy replaces the held one (whose delivery
+                            // died with its channel): it no longer counts as in flight.
+                            act.engine.in_flight().leave();
+                        }
                         if let std::collections::hash_map::Entry::Vacant(slot) =
                             act.gap_timers.entry(saga.clone())
                         {
