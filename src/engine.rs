@@ -1,13 +1,15 @@
-//! One message, end to end: read, claim, run, record, commit, publish, ack.
+//! One message, end to end: read, run, record, commit, publish, ack.
 //!
 //! [`Engine`] is a plain component: the actors call [`Engine::process`] one message
 //! at a time per aggregate, but nothing here depends on actix, so a test (or a
 //! future fault-injection mode) can drive it directly.
 //!
 //! The order of operations is what keeps the promises:
-//! 1. one PostgreSQL transaction: claim the instance (or see that this message id was
-//!    handled already), run the step's effect, record inbox row + attempt + new state
-//!    + the messages to send next; commit;
+//! 1. one PostgreSQL transaction: run the step's effect, then record — guarded on the
+//!    message being new and the instance expecting exactly this step — the inbox row
+//!    (the attempt and the messages to send next) and the instance's new state;
+//!    commit (a copy or an out-of-date message rolls back instead: see
+//!    [`crate::store::steps`]);
 //! 2. publish those messages, each confirmed by the broker;
 //! 3. ack the delivery.
 //!

@@ -14,7 +14,7 @@
 //! - [`store`]: PostgreSQL. All of skald's SQL lives here and in `migrations/`.
 //! - [`transport`]: the [`transport::Transport`] seam (publish with confirm, consume
 //!   with manual ack, delay, dead-letter) and its RabbitMQ implementation.
-//! - [`engine`]: one message, end to end: claim, effect, commit, publish, ack. A plain
+//! - [`engine`]: one message, end to end: effect, guarded record, commit, publish, ack. A plain
 //!   component, driven by the actors but testable without them.
 //! - [`actors`]: per-aggregate actix actors that serialise the engine's work for
 //!   one aggregate, and the router that creates and evicts them.

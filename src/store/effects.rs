@@ -295,7 +295,7 @@ const FATAL_CLASSES: &[&str] = &["22", "42", "0A"];
 /// Whether a database error may go away on retry.
 ///
 /// Fatal: a code listed in `fatal_sqlstates` (exact, or its two-character class), or
-/// one of the [`FATAL_CLASSES`]. Retryable: known transient codes, anything that is
+/// one of the fatal classes (22, 42, 0A). Retryable: known transient codes, anything that is
 /// not a database error (I/O, pool timeout), and every other database error (an
 /// integrity violation may clear once another service catches up), bounded by the
 /// step's `max_attempts`.

@@ -2,7 +2,7 @@
 //! in `migrations/`.
 //!
 //! - [`Store`]: the pool, database creation, migrations, saga setup SQL, reports.
-//! - [`steps`]: the statements of one step's transaction (claim, record).
+//! - [`steps`]: the statements of one step's transaction (the guarded record).
 //! - [`effects`]: running a step's action in that transaction.
 
 pub mod dead_letters;
