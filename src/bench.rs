@@ -312,6 +312,7 @@ async fn publish_all(
             Envelope {
                 message_id: Uuid::new_v4(),
                 saga: "order_checkout".into(),
+                saga_version: None,
                 aggregate_id: Some(format!("bench-{agg}")),
                 sequence: Some((i / aggregates) as u64),
                 dispatched_at: None,

@@ -186,6 +186,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let envelope = Envelope {
                 message_id: message_id.unwrap_or_else(Uuid::new_v4),
                 saga,
+                saga_version: None,
                 aggregate_id: Some(aggregate),
                 sequence,
                 dispatched_at: Some(chrono::Utc::now()),

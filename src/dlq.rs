@@ -184,6 +184,7 @@ async fn resume_parked(
         Envelope {
             message_id: run_message_id(instance, cursor),
             saga: snap.saga,
+            saga_version: None,
             aggregate_id: Some(snap.aggregate_id),
             sequence: None,
             dispatched_at: Some(Utc::now()),

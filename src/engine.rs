@@ -221,6 +221,7 @@ pub fn first_step_message(
         Envelope {
             message_id: run_message_id(instance_id, Cursor::START),
             saga: saga.name.clone(),
+            saga_version: None,
             aggregate_id: Some(aggregate_id.to_string()),
             sequence: None,
             dispatched_at: Some(now),
@@ -320,6 +321,15 @@ impl Engine {
             .get(&envelope.saga)
             .ok_or_else(|| Malformed::UnknownSaga(envelope.saga.clone()))?
             .clone();
+        if let Some(wanted) = envelope.saga_version
+            && wanted != saga.version
+        {
+            return Err(Malformed::UnknownVersion {
+                saga: saga.name.clone(),
+                wanted,
+                loaded: saga.version,
+            });
+        }
         let aggregate_id = match (&envelope.aggregate_id, envelope.command) {
             (Some(id), _) => id.clone(),
             (None, Command::Start) => saga
@@ -747,6 +757,7 @@ impl Engine {
                     Envelope {
                         message_id: run_message_id(instance_id, next.cursor),
                         saga: job.saga.name.clone(),
+                        saga_version: None,
                         aggregate_id: Some(job.aggregate_id.clone()),
                         sequence: None,
                         dispatched_at: Some(Utc::now()),

@@ -32,6 +32,10 @@ pub struct Envelope {
     pub message_id: Uuid,
     /// The saga this message belongs to.
     pub saga: String,
+    /// The saga version the publisher means, if it says; a start for a version other
+    /// than the loaded one is malformed (not silently run with other steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saga_version: Option<u32>,
     /// The aggregate (order, account...) the message is about. Optional on a start:
     /// then it is read from the payload where the saga's `aggregate` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,6 +156,16 @@ pub enum Malformed {
     /// No saga of that name is loaded.
     #[error("unknown saga {0:?}")]
     UnknownSaga(String),
+    /// The saga is loaded, but in another version.
+    #[error("saga {saga:?} version {wanted} is not loaded (loaded: {loaded})")]
+    UnknownVersion {
+        /// The saga.
+        saga: String,
+        /// The version the message asked for.
+        wanted: u32,
+        /// The version that is loaded.
+        loaded: u32,
+    },
     /// A start without `aggregate_id` whose payload lacks the saga's aggregate field.
     #[error("no aggregate id: envelope has none and payload has no {0}")]
     NoAggregate(String),
@@ -170,6 +184,7 @@ impl Malformed {
             Malformed::Invalid(_) => "invalid",
             Malformed::DuplicateKey(_) => "duplicate_key",
             Malformed::UnknownSaga(_) => "unknown_saga",
+            Malformed::UnknownVersion { .. } => "unknown_version",
             Malformed::NoAggregate(_) => "no_aggregate",
             Malformed::PayloadNotObject => "payload_not_object",
         }
@@ -324,6 +339,7 @@ mod tests {
         let env = Envelope {
             message_id: Uuid::new_v4(),
             saga: "s".into(),
+            saga_version: None,
             aggregate_id: Some("a".into()),
             sequence: Some(3),
             dispatched_at: None,

@@ -88,6 +88,7 @@ fn current_message(id: Uuid, snap: &InstanceSnapshot) -> Outgoing {
         Envelope {
             message_id: run_message_id(id, snap.state.cursor),
             saga: snap.saga.clone(),
+            saga_version: None,
             aggregate_id: Some(snap.aggregate_id.clone()),
             sequence: None,
             dispatched_at: Some(Utc::now()),

@@ -207,6 +207,7 @@ pub async fn start(
     let envelope = Envelope {
         message_id: req.message_id.unwrap_or_else(Uuid::new_v4),
         saga: req.saga,
+        saga_version: None,
         aggregate_id: Some(aggregate_id),
         sequence: req.sequence,
         dispatched_at: Some(Utc::now()),

@@ -353,6 +353,7 @@ pub fn start(saga: &str, aggregate: &str, sequence: u64, payload: Value) -> Enve
     Envelope {
         message_id: Uuid::new_v4(),
         saga: saga.into(),
+        saga_version: None,
         aggregate_id: Some(aggregate.into()),
         sequence: Some(sequence),
         dispatched_at: Some(chrono::Utc::now()),

@@ -60,6 +60,7 @@ fn corpus() -> Vec<(&'static str, Vec<u8>)> {
             "unknown command",
             good_shape(r#","command":{"type":"explode"}"#),
         ),
+        ("unknown saga version", good_shape(r#","saga_version":99"#)),
     ]
 }
 
