@@ -299,6 +299,16 @@ pub struct ActionRequest {
     by: Option<String>,
 }
 
+/// The action's body (empty when none was sent) and who acts.
+fn action_body(
+    req: &HttpRequest,
+    body: Option<web::Json<ActionRequest>>,
+) -> (ActionRequest, String) {
+    let body = body.map(|b| b.into_inner()).unwrap_or_default();
+    let by = operator(req, &body);
+    (body, by)
+}
+
 fn operator(req: &HttpRequest, body: &ActionRequest) -> String {
     body.by
         .clone()
@@ -318,8 +328,7 @@ pub async fn replay(
     id: web::Path<Uuid>,
     body: Option<web::Json<ActionRequest>>,
 ) -> Result<HttpResponse> {
-    let body = body.map(|b| b.into_inner()).unwrap_or_default();
-    let by = operator(&req, &body);
+    let (body, by) = action_body(&req, body);
     let outcome =
         crate::dlq::replay(&state.store, state.transport.as_ref(), *id, body.data, &by).await?;
     let already = matches!(outcome, crate::dlq::ReplayOutcome::AlreadyReplayed { .. });
@@ -336,8 +345,7 @@ pub async fn discard(
     id: web::Path<Uuid>,
     body: Option<web::Json<ActionRequest>>,
 ) -> Result<HttpResponse> {
-    let body = body.map(|b| b.into_inner()).unwrap_or_default();
-    let by = operator(&req, &body);
+    let (body, by) = action_body(&req, body);
     let outcome = crate::dlq::discard(&state.store, *id, &by, body.note.as_deref()).await?;
     let status = match outcome {
         crate::dlq::DiscardOutcome::Discarded => "discarded",
@@ -529,8 +537,7 @@ pub async fn retry_now(
     id: web::Path<Uuid>,
     body: Option<web::Json<ActionRequest>>,
 ) -> Result<HttpResponse> {
-    let body = body.map(|b| b.into_inner()).unwrap_or_default();
-    let by = operator(&req, &body);
+    let (_, by) = action_body(&req, body);
     let outcome =
         crate::operator::retry_now(&state.store, state.transport.as_ref(), *id, &by).await?;
     Ok(action_json(*id, "retry", outcome))
@@ -543,8 +550,7 @@ pub async fn cancel(
     id: web::Path<Uuid>,
     body: Option<web::Json<ActionRequest>>,
 ) -> Result<HttpResponse> {
-    let body = body.map(|b| b.into_inner()).unwrap_or_default();
-    let by = operator(&req, &body);
+    let (_, by) = action_body(&req, body);
     let outcome = crate::operator::cancel(
         &state.store,
         state.engine.catalog(),
@@ -563,8 +569,7 @@ pub async fn resume(
     id: web::Path<Uuid>,
     body: Option<web::Json<ActionRequest>>,
 ) -> Result<HttpResponse> {
-    let body = body.map(|b| b.into_inner()).unwrap_or_default();
-    let by = operator(&req, &body);
+    let (_, by) = action_body(&req, body);
     let outcome = crate::operator::resume(&state.store, state.transport.as_ref(), *id, &by).await?;
     Ok(action_json(*id, "resume", outcome))
 }

@@ -218,6 +218,16 @@ impl RabbitTransport {
         Ok(publisher)
     }
 
+    /// A fresh channel on the current connection (reconnecting if it is down).
+    async fn new_channel(&self) -> Result<Channel, TransportError> {
+        self.link().await?;
+        let guard = self.link.lock().await;
+        let link = guard
+            .as_ref()
+            .ok_or_else(|| TransportError::Connection("no link".into()))?;
+        link.connection.create_channel().await.map_err(conn_err)
+    }
+
     async fn publish_confirmed(
         &self,
         exchange: &str,
@@ -438,14 +448,7 @@ impl Transport for RabbitTransport {
 
     fn consume(&self) -> BoxFuture<'_, Result<BoxStream<'static, Delivery>, TransportError>> {
         Box::pin(async move {
-            self.link().await?;
-            let channel = {
-                let guard = self.link.lock().await;
-                let link = guard
-                    .as_ref()
-                    .ok_or_else(|| TransportError::Connection("no link".into()))?;
-                link.connection.create_channel().await.map_err(conn_err)?
-            };
+            let channel = self.new_channel().await?;
             // Prefetch applies per consumer: share the budget among the partitions.
             let per_partition = (self.prefetch / self.topology.partitions.len() as u16).max(1);
             channel
@@ -519,15 +522,8 @@ impl Transport for RabbitTransport {
 
     fn queue_depths(&self) -> BoxFuture<'_, Result<Vec<(String, u32)>, TransportError>> {
         Box::pin(async move {
-            self.link().await?;
             // A passive declare of a missing queue closes its channel: use a spare one.
-            let channel = {
-                let guard = self.link.lock().await;
-                let link = guard
-                    .as_ref()
-                    .ok_or_else(|| TransportError::Connection("no link".into()))?;
-                link.connection.create_channel().await.map_err(conn_err)?
-            };
+            let channel = self.new_channel().await?;
             let mut depths = Vec::new();
             for queue in self.topology.all_queues() {
                 let q = channel
