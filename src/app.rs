@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::{Actor, Addr};
 use futures_util::StreamExt;
@@ -66,11 +67,19 @@ impl App {
         if !missing.is_empty() {
             return Err(AppError::MissingHandlers(missing));
         }
-        let store = Store::connect(&config.database_url, config.db_pool).await?;
+        // A service that is (re)starting at the same moment delays start-up; it
+        // does not fail it.
+        let store = until_reachable("PostgreSQL", config.startup_timeout, || {
+            Store::connect(&config.database_url, config.db_pool)
+        })
+        .await?;
         store.migrate().await?;
         let all: Vec<_> = catalog.all().into_iter().map(|s| (**s).clone()).collect();
         store.run_setup(&all).await?;
-        let transport = RabbitTransport::connect(&config).await?;
+        let transport = until_reachable("RabbitMQ", config.startup_timeout, || {
+            RabbitTransport::connect(&config)
+        })
+        .await?;
         let engine = Arc::new(Engine::new(
             store.clone(),
             transport.clone(),
@@ -217,6 +226,52 @@ impl App {
     }
 }
 
+/// Runs `connect` until it succeeds or `timeout` has passed, waiting 0.5 s doubling
+/// to 5 s between tries, and logging each failure. Errors that no wait can fix (a
+/// malformed URL) are returned at once.
+async fn until_reachable<T, E, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut connect: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display + Retriable,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match connect().await {
+            Ok(value) => return Ok(value),
+            Err(e) if e.worth_retrying() && tokio::time::Instant::now() + wait < deadline => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
+                    "{what} is not reachable yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether waiting may fix a start-up error.
+trait Retriable {
+    fn worth_retrying(&self) -> bool;
+}
+
+impl Retriable for StoreError {
+    fn worth_retrying(&self) -> bool {
+        matches!(self, StoreError::Database(_))
+    }
+}
+
+impl Retriable for TransportError {
+    fn worth_retrying(&self) -> bool {
+        true
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -236,5 +291,51 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("Ctrl-C received"),
         _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[tokio::test]
+    async fn start_up_waits_for_a_service_that_comes_up() {
+        let tries = Cell::new(0);
+        let result: Result<u32, TransportError> =
+            until_reachable("test", Duration::from_secs(10), || {
+                tries.set(tries.get() + 1);
+                let n = tries.get();
+                async move {
+                    if n < 3 {
+                        Err(TransportError::Connection("refused".into()))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(result.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn start_up_gives_up_after_its_timeout_and_at_once_on_a_bad_url() {
+        let started = std::time::Instant::now();
+        let result: Result<(), TransportError> =
+            until_reachable("test", Duration::from_millis(800), || async {
+                Err(TransportError::Connection("refused".into()))
+            })
+            .await;
+        assert!(result.is_err());
+        assert!(started.elapsed() < Duration::from_secs(3));
+        let tries = Cell::new(0);
+        let result: Result<(), StoreError> =
+            until_reachable("test", Duration::from_secs(10), || {
+                tries.set(tries.get() + 1);
+                async { Err(StoreError::Url("nonsense".into())) }
+            })
+            .await;
+        assert!(result.is_err());
+        assert_eq!(tries.get(), 1, "a bad URL is not retried");
     }
 }

@@ -36,6 +36,9 @@ pub struct Config {
     /// `SKALD_API_TOKEN`: when set, every `/api/v1` request needs it as a bearer token;
     /// required to listen on a non-loopback address.
     pub api_token: Option<String>,
+    /// `SKALD_STARTUP_TIMEOUT_MS`: how long start-up waits for PostgreSQL and RabbitMQ
+    /// to become reachable before giving up (default 60 s).
+    pub startup_timeout: Duration,
     /// `SKALD_SHUTDOWN_TIMEOUT_MS`: how long a graceful shutdown waits for in-flight
     /// steps before closing anyway (unacked work is redelivered, never lost).
     pub shutdown_timeout: Duration,
@@ -114,6 +117,11 @@ impl Config {
                 value: http_addr,
             })?;
         Ok(Config {
+            startup_timeout: Duration::from_millis(number(
+                &lookup,
+                "SKALD_STARTUP_TIMEOUT_MS",
+                60_000,
+            )?),
             subscribe_stagger: Duration::from_millis(number(
                 &lookup,
                 "SKALD_SUBSCRIBE_STAGGER_MS",

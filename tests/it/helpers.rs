@@ -57,6 +57,7 @@ impl TestEnv {
             namespace: name.clone(),
             partitions: 4,
             subscribe_stagger: Duration::ZERO,
+            startup_timeout: Duration::from_secs(10),
             prefetch: 64,
             db_pool: 5,
             actor_idle: Duration::from_millis(500),
