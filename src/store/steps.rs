@@ -14,6 +14,8 @@
 //! out of date. Concurrent handlers of one instance serialise on its row lock, and the
 //! later one re-checks the guard against the committed state.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::PgArguments;
@@ -67,6 +69,51 @@ pub struct StepRecord<'a> {
     pub outgoing: &'a [Outgoing],
 }
 
+/// The record of a start (see [`StepTx::record_start`]), built once.
+static RECORD_START: LazyLock<String> = LazyLock::new(|| {
+    let watermark = watermark_cte("$18", "$20", "$23");
+    format!(
+        "{INBOX_CTE} \
+         {watermark} \
+         INSERT INTO skald.instances (id, status, step, phase, attempt, outputs, finished_at, \
+           saga, saga_version, aggregate_id, payload, start_message_id, sequence) \
+         SELECT $2, $12, $13, $14, $15, $16, CASE WHEN $17 THEN now() END, \
+           $18, $19, $20, $21, $22, $23 \
+         WHERE EXISTS (SELECT 1 FROM inbox) \
+           AND ($23::bigint IS NULL OR EXISTS (SELECT 1 FROM watermark)) \
+         ON CONFLICT (id) DO NOTHING"
+    )
+});
+
+/// The record of a run message (see [`StepTx::record_run`]), built once.
+static RECORD_RUN: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{INBOX_CTE} \
+         UPDATE skald.instances SET status = $12, step = $13, phase = $14, attempt = $15, \
+           outputs = $16, finished_at = CASE WHEN $17 THEN now() END, updated_at = now() \
+         WHERE id = $2 AND status IN ('running', 'compensating') \
+           AND step = $18 AND phase = $19 AND attempt = $20 \
+           AND EXISTS (SELECT 1 FROM inbox)"
+    )
+});
+
+/// The record of a queued start (see [`StepTx::record_waiting`]), built once.
+static RECORD_WAITING: LazyLock<String> = LazyLock::new(|| {
+    let watermark = watermark_cte("$3", "$4", "$7");
+    format!(
+        "WITH inbox AS ( \
+           INSERT INTO skald.inbox (message_id, instance_id, disposition) \
+           VALUES ($1, $2, 'queued') ON CONFLICT (message_id) DO NOTHING RETURNING 1) \
+         {watermark} \
+         INSERT INTO skald.instances (id, status, step, phase, attempt, saga, saga_version, \
+           aggregate_id, payload, start_message_id, sequence) \
+         SELECT $2, 'waiting', 0, 'forward', 1, $3, $5, $4, $6, $1, $7 \
+         WHERE EXISTS (SELECT 1 FROM inbox) \
+           AND ($7::bigint IS NULL OR EXISTS (SELECT 1 FROM watermark)) \
+         ON CONFLICT (id) DO NOTHING"
+    )
+});
+
 /// The transaction one message is handled in.
 pub struct StepTx {
     tx: Transaction<'static, Postgres>,
@@ -99,24 +146,7 @@ impl StepTx {
         rec: &StepRecord<'_>,
         new: &NewInstance<'_>,
     ) -> Result<bool, StoreError> {
-        let sql = format!(
-            "{INBOX_CTE} \
-             , watermark AS ( \
-               INSERT INTO skald.watermarks (saga, aggregate_id, sequence) \
-               SELECT $18, $20, $23 WHERE $23 IS NOT NULL AND EXISTS (SELECT 1 FROM inbox) \
-               ON CONFLICT (saga, aggregate_id) DO UPDATE \
-                 SET sequence = EXCLUDED.sequence, updated_at = now() \
-                 WHERE skald.watermarks.sequence < EXCLUDED.sequence \
-               RETURNING 1) \
-             INSERT INTO skald.instances (id, status, step, phase, attempt, outputs, finished_at, \
-               saga, saga_version, aggregate_id, payload, start_message_id, sequence) \
-             SELECT $2, $12, $13, $14, $15, $16, CASE WHEN $17 THEN now() END, \
-               $18, $19, $20, $21, $22, $23 \
-             WHERE EXISTS (SELECT 1 FROM inbox) \
-               AND ($23::bigint IS NULL OR EXISTS (SELECT 1 FROM watermark)) \
-             ON CONFLICT (id) DO NOTHING"
-        );
-        let done = bind_record(sqlx::query(sqlx::AssertSqlSafe(sql)), rec)
+        let done = bind_record(sqlx::query(RECORD_START.as_str()), rec)
             .bind(new.saga.to_string())
             .bind(new.saga_version as i32)
             .bind(rec.aggregate_id.to_string())
@@ -136,15 +166,7 @@ impl StepTx {
         rec: &StepRecord<'_>,
         expected: Cursor,
     ) -> Result<bool, StoreError> {
-        let sql = format!(
-            "{INBOX_CTE} \
-             UPDATE skald.instances SET status = $12, step = $13, phase = $14, attempt = $15, \
-               outputs = $16, finished_at = CASE WHEN $17 THEN now() END, updated_at = now() \
-             WHERE id = $2 AND status IN ('running', 'compensating') \
-               AND step = $18 AND phase = $19 AND attempt = $20 \
-               AND EXISTS (SELECT 1 FROM inbox)"
-        );
-        let done = bind_record(sqlx::query(sqlx::AssertSqlSafe(sql)), rec)
+        let done = bind_record(sqlx::query(RECORD_RUN.as_str()), rec)
             .bind(expected.step as i32)
             .bind(expected.phase.as_str())
             .bind(expected.attempt as i32)
@@ -181,33 +203,16 @@ impl StepTx {
         payload: &Value,
         new: &NewInstance<'_>,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "WITH inbox AS ( \
-               INSERT INTO skald.inbox (message_id, instance_id, disposition) \
-               VALUES ($1, $2, 'queued') ON CONFLICT (message_id) DO NOTHING RETURNING 1) \
-             , watermark AS ( \
-               INSERT INTO skald.watermarks (saga, aggregate_id, sequence) \
-               SELECT $3, $4, $7 WHERE $7 IS NOT NULL AND EXISTS (SELECT 1 FROM inbox) \
-               ON CONFLICT (saga, aggregate_id) DO UPDATE \
-                 SET sequence = EXCLUDED.sequence, updated_at = now() \
-                 WHERE skald.watermarks.sequence < EXCLUDED.sequence \
-               RETURNING 1) \
-             INSERT INTO skald.instances (id, status, step, phase, attempt, saga, saga_version, \
-               aggregate_id, payload, start_message_id, sequence) \
-             SELECT $2, 'waiting', 0, 'forward', 1, $3, $5, $4, $6, $1, $7 \
-             WHERE EXISTS (SELECT 1 FROM inbox) \
-               AND ($7::bigint IS NULL OR EXISTS (SELECT 1 FROM watermark)) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(message_id)
-        .bind(instance_id)
-        .bind(new.saga)
-        .bind(aggregate_id)
-        .bind(new.saga_version as i32)
-        .bind(sqlx::types::Json(payload))
-        .bind(new.sequence.map(|s| s as i64))
-        .execute(&mut *self.tx)
-        .await?;
+        let done = sqlx::query(RECORD_WAITING.as_str())
+            .bind(message_id)
+            .bind(instance_id)
+            .bind(new.saga)
+            .bind(aggregate_id)
+            .bind(new.saga_version as i32)
+            .bind(sqlx::types::Json(payload))
+            .bind(new.sequence.map(|s| s as i64))
+            .execute(&mut *self.tx)
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -252,6 +257,22 @@ impl StepTx {
         self.tx.rollback().await?;
         Ok(())
     }
+}
+
+/// The CTE that moves the (saga, aggregate) watermark to `sequence` — only forward,
+/// and only if the `inbox` CTE inserted the message. Empty when the start is stale,
+/// so the statement that follows it creates nothing. Arguments are placeholders.
+fn watermark_cte(saga: &str, aggregate_id: &str, sequence: &str) -> String {
+    format!(
+        ", watermark AS ( \
+           INSERT INTO skald.watermarks (saga, aggregate_id, sequence) \
+           SELECT {saga}, {aggregate_id}, {sequence} \
+           WHERE {sequence} IS NOT NULL AND EXISTS (SELECT 1 FROM inbox) \
+           ON CONFLICT (saga, aggregate_id) DO UPDATE \
+             SET sequence = EXCLUDED.sequence, updated_at = now() \
+             WHERE skald.watermarks.sequence < EXCLUDED.sequence \
+           RETURNING 1)"
+    )
 }
 
 /// Binds `$1..$17`: the inbox row (`$1..$11`) and the new state (`$12..$17`).

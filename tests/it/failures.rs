@@ -71,13 +71,19 @@ async fn start_one(env: &TestEnv, saga: &str) -> Uuid {
     instance_id_for(ids[0])
 }
 
+/// Runs one instance of `saga` in a fresh skald until it is terminal.
+async fn run_to_end(env: &TestEnv, saga: &str) -> Uuid {
+    let app = env.start_app().await;
+    let instance = start_one(env, saga).await;
+    env.wait_for_terminal(1, Duration::from_secs(30)).await;
+    app.stop().await;
+    instance
+}
+
 #[actix_rt::test]
 async fn a_step_failing_twice_then_succeeding_completes_after_delayed_retries() {
     let env = TestEnv::new(failing_sagas()).await;
-    let app = env.start_app().await;
-    let instance = start_one(&env, "flaky").await;
-    env.wait_for_terminal(1, Duration::from_secs(30)).await;
-    app.stop().await;
+    let instance = run_to_end(&env, "flaky").await;
 
     assert_eq!(status_of(&env, instance).await, "completed");
     let attempts = attempts(&env, instance).await;
@@ -114,10 +120,7 @@ async fn a_step_failing_twice_then_succeeding_completes_after_delayed_retries() 
 #[actix_rt::test]
 async fn a_fatal_failure_in_step_three_compensates_two_then_one_without_retrying() {
     let env = TestEnv::new(failing_sagas()).await;
-    let app = env.start_app().await;
-    let instance = start_one(&env, "fatal_third").await;
-    env.wait_for_terminal(1, Duration::from_secs(30)).await;
-    app.stop().await;
+    let instance = run_to_end(&env, "fatal_third").await;
 
     assert_eq!(status_of(&env, instance).await, "compensated");
     assert_eq!(
@@ -278,10 +281,7 @@ async fn kill_9_while_a_retry_waits_loses_nothing() {
 #[actix_rt::test]
 async fn a_step_over_its_timeout_is_cancelled_and_retried_then_compensated() {
     let env = TestEnv::new(failing_sagas()).await;
-    let app = env.start_app().await;
-    let instance = start_one(&env, "slow_step").await;
-    env.wait_for_terminal(1, Duration::from_secs(30)).await;
-    app.stop().await;
+    let instance = run_to_end(&env, "slow_step").await;
 
     assert_eq!(status_of(&env, instance).await, "compensated");
     let attempts = attempts(&env, instance).await;
@@ -315,10 +315,7 @@ async fn a_step_over_its_timeout_is_cancelled_and_retried_then_compensated() {
 #[actix_rt::test]
 async fn a_saga_past_its_deadline_stops_going_forward_and_compensates() {
     let env = TestEnv::new(failing_sagas()).await;
-    let app = env.start_app().await;
-    let instance = start_one(&env, "saga_timeout").await;
-    env.wait_for_terminal(1, Duration::from_secs(30)).await;
-    app.stop().await;
+    let instance = run_to_end(&env, "saga_timeout").await;
 
     assert_eq!(status_of(&env, instance).await, "compensated");
     let attempts = attempts(&env, instance).await;
