@@ -124,6 +124,9 @@ pub struct SqlAction {
     pub statement: String,
     /// What to bind to `$1..$n`, in order (`params[0]` is `$1`).
     pub params: Vec<ValueRef>,
+    /// The parameters' names in the saga file, in the same order (`param_names[0]` is
+    /// `$1`), for error messages.
+    pub param_names: Vec<String>,
     /// When set, a different number of affected rows is a fatal (business) failure.
     pub expect_rows: Option<u64>,
     /// Columns of the statement's `RETURNING` clause captured (from the first row) as

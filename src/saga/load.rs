@@ -1177,6 +1177,7 @@ impl Checker<'_> {
             sql: sql.value.clone(),
             statement,
             params: params?,
+            param_names: names,
             expect_rows,
             returning,
             fatal_sqlstates,

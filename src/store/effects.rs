@@ -3,9 +3,11 @@
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use sqlx::postgres::{PgArguments, PgRow};
-use sqlx::query::Query;
-use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row};
+use sqlx::postgres::PgRow;
+use sqlx::{AssertSqlSafe, Either, Executor, PgConnection, Row, SqlSafeStr, Statement};
+
+use super::params;
+use crate::saga::sql::has_keyword;
 
 use crate::handlers::{HandlerInput, Handlers};
 use crate::saga::context::StepInput;
@@ -68,7 +70,7 @@ pub async fn run_action(
                 .await
                 .map_err(|e| EffectError {
                     kind: FailureKind::Retryable,
-                    message: e.to_string(),
+                    message: error_text(&e),
                 })?;
             }
             run_sql(conn, sql, ctx.input).await
@@ -95,20 +97,35 @@ async fn run_sql(
     action: &SqlAction,
     input: &StepInput<'_>,
 ) -> Result<Option<Value>, EffectError> {
-    let values = action
-        .params
-        .iter()
-        .map(|r| {
-            r.resolve(input)
-                .ok_or_else(|| EffectError::fatal(format!("no value for {r}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let fail = |e: sqlx::Error| EffectError {
         kind: classify(&e, &action.fatal_sqlstates),
-        message: e.to_string(),
+        message: error_text(&e),
     };
+    // The statement's own parameter types decide how each value is bound. Preparing is
+    // cached per connection by sqlx (no round trip after the first), and the execution
+    // below reuses this very prepared statement.
+    let prepared = (&mut *conn)
+        .prepare(AssertSqlSafe(action.statement.clone()).into_sql_str())
+        .await
+        .map_err(fail)?;
+    let declared = match prepared.parameters() {
+        Some(Either::Left(types)) => types,
+        _ => &[],
+    };
+    let mut q = sqlx::query(AssertSqlSafe(action.statement.clone()));
+    for (i, r) in action.params.iter().enumerate() {
+        let name = action.param_names.get(i).map_or("?", String::as_str);
+        let value = r
+            .resolve(input)
+            .ok_or_else(|| EffectError::fatal(format!("parameter {name}: no value for {r}")))?;
+        let ty = declared.get(i).ok_or_else(|| {
+            EffectError::fatal(format!("parameter {name}: the statement does not use it"))
+        })?;
+        let bound =
+            params::convert(name, &value, ty).map_err(|e| EffectError::fatal(e.to_string()))?;
+        q = q.bind(bound);
+    }
 
-    let q = bind_all(sqlx::query(AssertSqlSafe(action.statement.clone())), values);
     let (rows, output) = if action.returning.is_empty() {
         (
             q.execute(&mut *conn).await.map_err(fail)?.rows_affected(),
@@ -125,11 +142,35 @@ async fn run_sql(
     if let Some(expected) = action.expect_rows
         && rows != expected
     {
+        // A query (rows out, no RETURNING clause) returns rows; anything else affects them.
+        let query = !prepared.columns().is_empty() && !has_keyword(&action.sql, "returning");
+        let verb = if query { "returned" } else { "affected" };
         return Err(EffectError::fatal(format!(
-            "expected {expected} row(s), statement affected {rows}"
+            "expected {expected} row(s), statement {verb} {rows}"
         )));
     }
     Ok(output)
+}
+
+/// A database error as a person reads it: PostgreSQL's message, its SQLSTATE, and the
+/// detail and hint when the server gave them — not the server's C source line.
+pub fn error_text(e: &sqlx::Error) -> String {
+    let Some(db) = e.as_database_error() else {
+        return e.to_string();
+    };
+    let mut text = db.message().to_string();
+    if let Some(code) = db.code() {
+        text.push_str(&format!(" (SQLSTATE {code})"));
+    }
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        if let Some(detail) = pg.detail() {
+            text.push_str(&format!("; detail: {detail}"));
+        }
+        if let Some(hint) = pg.hint() {
+            text.push_str(&format!("; hint: {hint}"));
+        }
+    }
+    text
 }
 
 /// The `returning` columns of `row` as a JSON object. Common types convert directly;
@@ -201,29 +242,6 @@ fn column_json(row: &PgRow, column: &str) -> Result<Value, String> {
         }
     };
     Ok(value.unwrap_or(Value::Null))
-}
-
-/// Binds JSON values with the PostgreSQL type closest to their JSON type: integers as
-/// `int8`, other numbers as `float8`, strings as `text`, booleans as `bool`, objects and
-/// arrays as `jsonb`, null as a `text` NULL. Casts in the SQL (`:amount::numeric`)
-/// convert from there.
-fn bind_all<'q>(
-    mut q: Query<'q, Postgres, PgArguments>,
-    values: Vec<Value>,
-) -> Query<'q, Postgres, PgArguments> {
-    for v in values {
-        q = match v {
-            Value::Null => q.bind(None::<String>),
-            Value::Bool(b) => q.bind(b),
-            Value::Number(n) => match n.as_i64() {
-                Some(i) => q.bind(i),
-                None => q.bind(n.as_f64().unwrap_or(f64::NAN)),
-            },
-            Value::String(s) => q.bind(s),
-            other => q.bind(sqlx::types::Json(other)),
-        };
-    }
-    q
 }
 
 async fn run_handler(

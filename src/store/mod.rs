@@ -7,6 +7,7 @@
 
 pub mod dead_letters;
 pub mod effects;
+pub mod params;
 pub mod queries;
 pub mod steps;
 

@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod failures;
 mod handlers;
+mod integrity;
 mod isolation;
 mod malformed;
 mod ordering;

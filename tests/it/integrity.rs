@@ -1,0 +1,222 @@
+//! Given inputs that used to write wrong data or hold an aggregate for good, then skald
+//! writes each value exactly as sent or refuses it clearly, without retrying a refusal
+//! (DESIGN.md promise 7; issue #8).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use skald::envelope::instance_id_for;
+use uuid::Uuid;
+
+use crate::helpers::{TestEnv, start};
+
+fn integrity_sagas() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/integrity")
+}
+
+/// Publishes one start and waits until its instance is terminal; returns the instance
+/// and its status.
+async fn finish(env: &TestEnv, saga: &str, aggregate: &str, payload: Value) -> (Uuid, String) {
+    let ids = env
+        .publish_starts(vec![start(saga, aggregate, 0, payload)])
+        .await;
+    let instance = instance_id_for(ids[0]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM skald.instances WHERE id = $1")
+                .bind(instance)
+                .fetch_optional(&env.pool)
+                .await
+                .unwrap();
+        if let Some(s) =
+            status.filter(|s| ["completed", "compensated", "failed"].contains(&s.as_str()))
+        {
+            return (instance, s);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "instance {instance} not terminal"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every attempt of `instance`: (outcome, error kind, error).
+async fn attempts(env: &TestEnv, instance: Uuid) -> Vec<(String, Option<String>, Option<String>)> {
+    sqlx::query_as(
+        "SELECT outcome, error_kind, error FROM skald.inbox \
+         WHERE instance_id = $1 AND disposition = 'applied' ORDER BY finished_at",
+    )
+    .bind(instance)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[derive(Debug, PartialEq, sqlx::FromRow)]
+struct Typed {
+    cents: Option<i64>,
+    ratio: Option<f64>,
+    amount: Option<String>,
+    qty: Option<i32>,
+    label: Option<String>,
+}
+
+async fn typed_row(env: &TestEnv, id: &str) -> Typed {
+    sqlx::query_as(
+        "SELECT cents, ratio, amount::text AS amount, qty, label FROM typed.rows WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[actix_rt::test]
+async fn values_bind_as_the_statement_declares_whatever_json_type_came_first() {
+    let mut env = TestEnv::new(integrity_sagas()).await;
+    // One connection: every start reuses the statement prepared by the first.
+    env.config.db_pool = 1;
+    let app = env.start_app().await;
+
+    // Integers first, then floats, then integers again, then null, then strings where
+    // the column is numeric: each value as written.
+    let rows = [
+        (
+            "a",
+            json!({"cents": 2500, "ratio": 20, "amount": 20, "qty": 2, "label": "x"}),
+        ),
+        (
+            "b",
+            json!({"cents": 2500.0, "ratio": 19.9, "amount": 19.9, "qty": 3.0, "label": "y"}),
+        ),
+        (
+            "c",
+            json!({"cents": 7, "ratio": 1, "amount": "19.90", "qty": 4, "label": "z"}),
+        ),
+        (
+            "d",
+            json!({"cents": null, "ratio": null, "amount": null, "qty": null, "label": null}),
+        ),
+        (
+            "e",
+            json!({"cents": 9, "ratio": 0.5, "amount": 12345678901234567890u64, "qty": -1, "label": ""}),
+        ),
+    ];
+    for (id, values) in &rows {
+        let mut payload = values.clone();
+        payload["id"] = json!(id);
+        let (_, status) = finish(&env, "typed", id, payload).await;
+        assert_eq!(status, "completed", "row {id}");
+    }
+    let expect = |cents: Option<i64>,
+                  ratio: Option<f64>,
+                  amount: Option<&str>,
+                  qty: Option<i32>,
+                  label: Option<&str>| Typed {
+        cents,
+        ratio,
+        amount: amount.map(str::to_string),
+        qty,
+        label: label.map(str::to_string),
+    };
+    assert_eq!(
+        typed_row(&env, "a").await,
+        expect(Some(2500), Some(20.0), Some("20"), Some(2), Some("x"))
+    );
+    assert_eq!(
+        typed_row(&env, "b").await,
+        expect(Some(2500), Some(19.9), Some("19.9"), Some(3), Some("y"))
+    );
+    assert_eq!(
+        typed_row(&env, "c").await,
+        expect(Some(7), Some(1.0), Some("19.90"), Some(4), Some("z"))
+    );
+    assert_eq!(
+        typed_row(&env, "d").await,
+        expect(None, None, None, None, None)
+    );
+    assert_eq!(
+        typed_row(&env, "e").await,
+        expect(
+            Some(9),
+            Some(0.5),
+            Some("12345678901234567890"),
+            Some(-1),
+            Some("")
+        )
+    );
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_value_that_does_not_fit_its_parameter_fails_fatally_once_naming_it() {
+    let mut env = TestEnv::new(integrity_sagas()).await;
+    env.config.db_pool = 1;
+    let app = env.start_app().await;
+    let good = json!({"cents": 1, "ratio": 1.5, "amount": 1, "qty": 1, "label": "ok"});
+    let cases = [
+        (
+            "qty",
+            json!("two"),
+            "parameter qty: expected integer, got string \"two\"",
+        ),
+        (
+            "qty",
+            json!(2.5),
+            "parameter qty: expected integer, got number 2.5",
+        ),
+        (
+            "cents",
+            json!("2500"),
+            "parameter cents: expected integer, got string \"2500\"",
+        ),
+        (
+            "label",
+            json!(42),
+            "parameter label: expected string, got number 42",
+        ),
+        (
+            "amount",
+            json!("12 apples"),
+            "parameter amount: expected number or decimal string",
+        ),
+    ];
+    for (i, (field, bad, error)) in cases.iter().enumerate() {
+        let id = format!("bad-{i}");
+        let mut payload = good.clone();
+        payload["id"] = json!(id);
+        payload[*field] = bad.clone();
+        let (instance, status) = finish(&env, "typed", &id, payload).await;
+        assert_eq!(status, "compensated", "{field}={bad}");
+        let tried = attempts(&env, instance).await;
+        assert_eq!(tried.len(), 1, "a refusal is never retried: {tried:?}");
+        let (outcome, kind, message) = &tried[0];
+        assert_eq!(
+            (outcome.as_str(), kind.as_deref()),
+            ("failed", Some("fatal"))
+        );
+        assert!(
+            message.as_deref().unwrap_or("").starts_with(error),
+            "{field}={bad}: {message:?}"
+        );
+    }
+    // Nothing was written by the refused starts, and the statement still works.
+    let (_, status) = finish(&env, "typed", "after", {
+        let mut p = good.clone();
+        p["id"] = json!("after");
+        p
+    })
+    .await;
+    assert_eq!(status, "completed");
+    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM typed.rows")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(written, 1);
+    app.stop().await;
+    env.cleanup().await;
+}
