@@ -80,13 +80,10 @@ impl App {
             RabbitTransport::connect(&config)
         })
         .await?;
-        let engine = Arc::new(Engine::new(
-            store.clone(),
-            transport.clone(),
-            catalog,
-            handlers,
-            faults,
-        ));
+        let engine = Arc::new(
+            Engine::new(store.clone(), transport.clone(), catalog, handlers, faults)
+                .with_stuck_after(config.stuck_after),
+        );
         let http = std::net::TcpListener::bind(config.http_addr)
             .map_err(|e| AppError::Api(format!("cannot listen on {}: {e}", config.http_addr)))?;
         Ok(App {

@@ -196,6 +196,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 errors: Vec::new(),
                 deadline: None,
             };
+            envelope.check().context("refusing to publish this start")?;
             tokio_runtime()?.block_on(async {
                 let transport = RabbitTransport::connect(&config)
                     .await

@@ -42,6 +42,9 @@ pub struct Config {
     /// `SKALD_SHUTDOWN_TIMEOUT_MS`: how long a graceful shutdown waits for in-flight
     /// steps before closing anyway (unacked work is redelivered, never lost).
     pub shutdown_timeout: Duration,
+    /// `SKALD_STUCK_AFTER_MS`: a message held by infrastructure failures this long is
+    /// reported stuck (error log, `skald_stuck_messages`, `/ready` detail).
+    pub stuck_after: Duration,
 }
 
 /// A configuration variable that is set but unusable.
@@ -142,6 +145,7 @@ impl Config {
                 "SKALD_SHUTDOWN_TIMEOUT_MS",
                 30_000,
             )?),
+            stuck_after: Duration::from_millis(number(&lookup, "SKALD_STUCK_AFTER_MS", 60_000)?),
         })
     }
 }

@@ -29,8 +29,8 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::envelope::{
-    AttemptError, Command, DeadLetterNote, Envelope, Malformed, Outgoing, instance_id_for,
-    run_message_id,
+    AttemptError, Command, DeadLetterNote, Envelope, Malformed, Outgoing, check_aggregate_id,
+    instance_id_for, run_message_id,
 };
 use crate::handlers::Handlers;
 use crate::metrics::LatencyHistogram;
@@ -146,6 +146,12 @@ pub struct Stats {
     pub malformed: AtomicU64,
     /// Infrastructure errors that made the engine wait and try a message again.
     pub infra_retries: AtomicU64,
+    /// Messages being tried again after infrastructure failures for longer than the
+    /// engine's `stuck_after` (a gauge): an outage that needs a person.
+    pub stuck: AtomicU64,
+    /// Messages whose data PostgreSQL refused while recording them (never retried:
+    /// dead-lettered as `unprocessable`, code `data_error`).
+    pub data_errors: AtomicU64,
     /// Time to handle one message, from the actor taking it to its ack.
     pub step_latency: LatencyHistogram,
 }
@@ -187,6 +193,13 @@ impl InFlight {
     }
 }
 
+impl EngineError {
+    /// Whether PostgreSQL refused the message's data (see [`StoreError::is_data_error`]).
+    fn is_data_error(&self) -> bool {
+        matches!(self, EngineError::Store(e) if e.is_data_error())
+    }
+}
+
 /// The result of one try at a message.
 enum Handled {
     /// Send these (possibly none), then ack.
@@ -206,7 +219,12 @@ pub struct Engine {
     in_flight: InFlight,
     shutting_down: AtomicBool,
     consuming: AtomicBool,
+    stuck_after: Duration,
 }
+
+/// How long a message may be tried again through infrastructure failures before the
+/// engine reports it stuck (see [`Engine::with_stuck_after`]).
+pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(60);
 
 /// The message that runs the first step of a waiting instance once it is promoted
 /// (`isolation: exclusive`).
@@ -270,7 +288,15 @@ impl Engine {
             in_flight: InFlight::default(),
             shutting_down: AtomicBool::new(false),
             consuming: AtomicBool::new(false),
+            stuck_after: DEFAULT_STUCK_AFTER,
         }
+    }
+
+    /// Reports a message as stuck (an error log, the `stuck` gauge, `/ready`'s detail)
+    /// once infrastructure failures have held it this long.
+    pub fn with_stuck_after(mut self, stuck_after: Duration) -> Self {
+        self.stuck_after = stuck_after;
+        self
     }
 
     /// What the engine did so far.
@@ -332,9 +358,13 @@ impl Engine {
         }
         let aggregate_id = match (&envelope.aggregate_id, envelope.command) {
             (Some(id), _) => id.clone(),
-            (None, Command::Start) => saga
-                .aggregate_of(&envelope.payload)
-                .ok_or_else(|| Malformed::NoAggregate(saga.aggregate.to_string()))?,
+            (None, Command::Start) => {
+                let id = saga
+                    .aggregate_of(&envelope.payload)
+                    .ok_or_else(|| Malformed::NoAggregate(saga.aggregate.to_string()))?;
+                check_aggregate_id(&id)?;
+                id
+            }
             (None, Command::Run { .. }) => {
                 return Err(Malformed::Invalid(
                     "run message without aggregate_id".into(),
@@ -353,24 +383,48 @@ impl Engine {
     pub async fn process(&self, job: Job, delivery: Delivery) {
         let started = Instant::now();
         let mut tries = 0;
-        loop {
-            match self.try_once(&job).await {
-                Ok(()) => break,
-                Err(e) => {
-                    self.stats.infra_retries.fetch_add(1, Ordering::Relaxed);
-                    if self.shutting_down.load(Ordering::SeqCst) {
-                        tracing::warn!(error = %e, message_id = %job.envelope.message_id,
-                            "shutting down: leaving the message unacked for redelivery");
-                        self.in_flight.leave();
-                        return;
-                    }
-                    let wait = infra_backoff(tries);
-                    tracing::warn!(error = %e, message_id = %job.envelope.message_id,
-                        retry_in_ms = wait.as_millis() as u64, "infrastructure failure; will retry");
-                    tokio::time::sleep(wait).await;
-                    tries += 1;
+        let mut stuck = false;
+        let finished = loop {
+            let e = match self.try_once(&job).await {
+                Ok(()) => break true,
+                Err(e) => e,
+            };
+            if e.is_data_error() {
+                // PostgreSQL refused what the message carries: no retry can fix that,
+                // and retrying would hold the aggregate for good.
+                self.stats.data_errors.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("PostgreSQL refused the message's data: {e}");
+                match self.park_unprocessable(&job, "data_error", &reason).await {
+                    Ok(()) => break true,
+                    Err(park) => tracing::warn!(error = %park, "dead-lettering failed; will retry"),
                 }
             }
+            self.stats.infra_retries.fetch_add(1, Ordering::Relaxed);
+            if self.shutting_down.load(Ordering::SeqCst) {
+                tracing::warn!(error = %e, message_id = %job.envelope.message_id,
+                    "shutting down: leaving the message unacked for redelivery");
+                break false;
+            }
+            let wait = infra_backoff(tries);
+            if !stuck && started.elapsed() >= self.stuck_after {
+                stuck = true;
+                self.stats.stuck.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, message_id = %job.envelope.message_id,
+                    aggregate = %job.aggregate_id, stuck_for_ms = started.elapsed().as_millis() as u64,
+                    "message stuck behind infrastructure failures; its aggregate waits");
+            } else {
+                tracing::warn!(error = %e, message_id = %job.envelope.message_id,
+                    retry_in_ms = wait.as_millis() as u64, "infrastructure failure; will retry");
+            }
+            tokio::time::sleep(wait).await;
+            tries += 1;
+        };
+        if stuck {
+            self.stats.stuck.fetch_sub(1, Ordering::Relaxed);
+        }
+        if !finished {
+            self.in_flight.leave();
+            return;
         }
         if let Err(e) = delivery.ack().await {
             // The broker will redeliver it; the inbox makes that copy harmless.
@@ -437,25 +491,37 @@ impl Engine {
                 self.faults.hit(CrashPoint::AfterPublish, step_name);
             }
             Handled::DeadLetter(code, reason) => {
-                tracing::warn!(reason, message_id = %job.envelope.message_id, "dead-lettered");
-                let body = job.envelope.to_body();
-                dead_letters::insert(
-                    self.store.pool(),
-                    &NewDeadLetter {
-                        id: Uuid::new_v5(&job.envelope.message_id, b"dead-letter"),
-                        kind: DeadLetterKind::Unprocessable,
-                        reason_code: code,
-                        reason: &reason,
-                        body: &body,
-                        message_id: Some(job.envelope.message_id),
-                        instance_id: None,
-                        saga: Some(&job.saga.name),
-                    },
-                )
-                .await?;
-                self.transport.dead_letter(&body, code, &reason).await?;
+                self.park_unprocessable(job, code, &reason).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Records `job` as an `unprocessable` dead letter (in PostgreSQL, then in the
+    /// dead-letter queue) with its reason.
+    async fn park_unprocessable(
+        &self,
+        job: &Job,
+        code: &'static str,
+        reason: &str,
+    ) -> Result<(), EngineError> {
+        tracing::warn!(reason, code, message_id = %job.envelope.message_id, "dead-lettered");
+        let body = job.envelope.to_body();
+        dead_letters::insert(
+            self.store.pool(),
+            &NewDeadLetter {
+                id: Uuid::new_v5(&job.envelope.message_id, b"dead-letter"),
+                kind: DeadLetterKind::Unprocessable,
+                reason_code: code,
+                reason,
+                body: &body,
+                message_id: Some(job.envelope.message_id),
+                instance_id: None,
+                saga: Some(&job.saga.name),
+            },
+        )
+        .await?;
+        self.transport.dead_letter(&body, code, reason).await?;
         Ok(())
     }
 

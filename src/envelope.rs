@@ -15,6 +15,10 @@ use crate::saga::coordinator::{Cursor, FailureKind, Phase};
 /// Bodies above this many bytes are malformed without being parsed (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// The longest aggregate id, in bytes: it is the broker's routing key, which AMQP
+/// caps at 255 bytes.
+pub const MAX_AGGREGATE_ID_BYTES: usize = 255;
+
 /// One message, as it travels on the wire.
 ///
 /// ```
@@ -172,6 +176,12 @@ pub enum Malformed {
     /// A start payload that is not a JSON object.
     #[error("payload of a start must be a JSON object")]
     PayloadNotObject,
+    /// The aggregate id is empty or longer than [`MAX_AGGREGATE_ID_BYTES`].
+    #[error("aggregate id must be 1 to {MAX_AGGREGATE_ID_BYTES} bytes, got {0}")]
+    BadAggregate(usize),
+    /// A string holds NUL (`\u0000`), which PostgreSQL cannot store in text or jsonb.
+    #[error("{0} contains a NUL character (\\u0000), which PostgreSQL cannot store")]
+    NulCharacter(&'static str),
 }
 
 impl Malformed {
@@ -187,6 +197,8 @@ impl Malformed {
             Malformed::UnknownVersion { .. } => "unknown_version",
             Malformed::NoAggregate(_) => "no_aggregate",
             Malformed::PayloadNotObject => "payload_not_object",
+            Malformed::BadAggregate(_) => "bad_aggregate",
+            Malformed::NulCharacter(_) => "nul_character",
         }
     }
 }
@@ -204,10 +216,31 @@ impl Envelope {
         reject_duplicate_keys(text)?;
         let env: Envelope =
             serde_json::from_str(text).map_err(|e| Malformed::Invalid(e.to_string()))?;
-        if env.command == Command::Start && !env.payload.is_object() {
+        env.check()?;
+        Ok(env)
+    }
+
+    /// The checks on content that every start must pass wherever it comes from (the
+    /// queue, the API, the CLI): a start's payload is an object, the aggregate id (when
+    /// given) is 1 to [`MAX_AGGREGATE_ID_BYTES`] bytes, and no string holds NUL — data
+    /// PostgreSQL cannot store would otherwise fail every attempt to record it.
+    pub fn check(&self) -> Result<(), Malformed> {
+        if self.command == Command::Start && !self.payload.is_object() {
             return Err(Malformed::PayloadNotObject);
         }
-        Ok(env)
+        if let Some(id) = &self.aggregate_id {
+            check_aggregate_id(id)?;
+        }
+        if self.saga.contains('\0') {
+            return Err(Malformed::NulCharacter("saga"));
+        }
+        if holds_nul(&self.payload) {
+            return Err(Malformed::NulCharacter("payload"));
+        }
+        if holds_nul(&self.outputs) {
+            return Err(Malformed::NulCharacter("outputs"));
+        }
+        Ok(())
     }
 
     /// What orders this start among its aggregate's starts: its `sequence`, or, for a
@@ -223,6 +256,27 @@ impl Envelope {
     /// The JSON body to publish.
     pub fn to_body(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("an envelope always serialises")
+    }
+}
+
+/// An aggregate id is 1 to [`MAX_AGGREGATE_ID_BYTES`] bytes without NUL.
+pub fn check_aggregate_id(id: &str) -> Result<(), Malformed> {
+    if id.is_empty() || id.len() > MAX_AGGREGATE_ID_BYTES {
+        return Err(Malformed::BadAggregate(id.len()));
+    }
+    if id.contains('\0') {
+        return Err(Malformed::NulCharacter("aggregate_id"));
+    }
+    Ok(())
+}
+
+/// Whether any string or object key in `value` holds NUL.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
     }
 }
 
@@ -386,11 +440,41 @@ mod tests {
                 br#"{"message_id":"not-a-uuid","saga":"s","payload":{}}"#.to_vec(),
                 "invalid",
             ),
+            (start(r#","aggregate_id":"""#).into_bytes(), "bad_aggregate"),
+            (
+                start(&format!(r#","aggregate_id":"{}""#, "a".repeat(256))).into_bytes(),
+                "bad_aggregate",
+            ),
+            (
+                start(r#","aggregate_id":"a\u0000b""#).into_bytes(),
+                "nul_character",
+            ),
+            (
+                format!(r#"{{"message_id":"{ID}","saga":"s","payload":{{"a":["x\u0000"]}}}}"#)
+                    .into_bytes(),
+                "nul_character",
+            ),
+            (
+                format!(r#"{{"message_id":"{ID}","saga":"s","payload":{{"k\u0000":1}}}}"#)
+                    .into_bytes(),
+                "nul_character",
+            ),
         ];
         for (body, code) in cases {
             let err = Envelope::parse(&body).unwrap_err();
             assert_eq!(err.code(), code, "{err}");
         }
+    }
+
+    #[test]
+    fn an_escaped_backslash_before_u0000_is_not_nul() {
+        let body = start(r#","aggregate_id":"a\\u0000""#);
+        let env = Envelope::parse(body.as_bytes()).unwrap();
+        assert_eq!(env.aggregate_id.as_deref(), Some("a\\u0000"));
+        assert!(
+            Envelope::parse(start(&format!(r#","aggregate_id":"{}""#, "a".repeat(255))).as_bytes())
+                .is_ok()
+        );
     }
 
     #[test]

@@ -28,7 +28,11 @@ pub async fn ready(state: web::Data<ApiState>) -> HttpResponse {
     let database = state.store.ping().await.is_ok();
     let broker = state.transport.healthy().await;
     let consuming = state.engine.is_consuming();
-    let body = json!({ "database": database, "broker": broker, "consuming": consuming });
+    // Detail, not a condition: a stuck message means a dependency failed for long,
+    // which the checks above already show while it lasts.
+    let stuck = state.engine.stats().stuck.load(Ordering::Relaxed);
+    let body = json!({ "database": database, "broker": broker, "consuming": consuming,
+        "stuck_messages": stuck });
     if database && broker && consuming {
         HttpResponse::Ok().json(body)
     } else {
@@ -217,6 +221,11 @@ pub async fn start(
         errors: Vec::new(),
         deadline: None,
     };
+    // The same content checks as a start arriving on the queue, answered here as 400
+    // instead of a dead letter.
+    envelope
+        .check()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let message_id = envelope.message_id;
     state
         .transport
@@ -408,7 +417,7 @@ const LATENCY_BOUNDS: &[f64] = &[
 pub async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse> {
     let s = state.engine.stats();
     let mut out = String::new();
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 9] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 10] = [
         (
             "skald_steps_applied_total",
             "Step and compensation attempts committed.",
@@ -454,6 +463,11 @@ pub async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse> {
             "Waits after a database or broker failure.",
             &s.infra_retries,
         ),
+        (
+            "skald_data_errors_total",
+            "Messages whose data PostgreSQL refused (dead-lettered, code data_error).",
+            &s.data_errors,
+        ),
     ];
     for (name, help, value) in counters {
         let value = value.load(Ordering::Relaxed);
@@ -466,6 +480,11 @@ pub async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse> {
         out,
         "# HELP skald_live_actors Aggregate actors alive.\n# TYPE skald_live_actors gauge\nskald_live_actors {}",
         s.live_actors.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP skald_stuck_messages Messages held by infrastructure failures for longer than SKALD_STUCK_AFTER_MS.\n# TYPE skald_stuck_messages gauge\nskald_stuck_messages {}",
+        s.stuck.load(Ordering::Relaxed)
     );
     let h = &s.step_latency;
     let _ = writeln!(

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Either, Executor, PgConnection, Row, SqlSafeStr, Statement};
 
-use super::params;
+use super::{error_text, params};
 use crate::saga::sql::has_keyword;
 
 use crate::handlers::{HandlerInput, Handlers};
@@ -150,27 +150,6 @@ async fn run_sql(
         )));
     }
     Ok(output)
-}
-
-/// A database error as a person reads it: PostgreSQL's message, its SQLSTATE, and the
-/// detail and hint when the server gave them — not the server's C source line.
-pub fn error_text(e: &sqlx::Error) -> String {
-    let Some(db) = e.as_database_error() else {
-        return e.to_string();
-    };
-    let mut text = db.message().to_string();
-    if let Some(code) = db.code() {
-        text.push_str(&format!(" (SQLSTATE {code})"));
-    }
-    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-        if let Some(detail) = pg.detail() {
-            text.push_str(&format!("; detail: {detail}"));
-        }
-        if let Some(hint) = pg.hint() {
-            text.push_str(&format!("; hint: {hint}"));
-        }
-    }
-    text
 }
 
 /// The `returning` columns of `row` as a JSON object. Common types convert directly;

@@ -28,7 +28,7 @@ pub use steps::{NewInstance, StepRecord, StepTx};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A query or connection failed.
-    #[error("database: {0}")]
+    #[error("database: {}", error_text(.0))]
     Database(#[from] sqlx::Error),
     /// A migration could not be applied.
     #[error("migration: {0}")]
@@ -47,6 +47,46 @@ pub enum StoreError {
     /// A stored row holds a value skald never writes (edited by hand?).
     #[error("corrupt row: {0}")]
     Corrupt(String),
+}
+
+/// A database error as a person reads it: PostgreSQL's message, its SQLSTATE, and the
+/// detail and hint when the server gave them — not the server's C source line.
+pub fn error_text(e: &sqlx::Error) -> String {
+    let Some(db) = e.as_database_error() else {
+        return e.to_string();
+    };
+    let mut text = db.message().to_string();
+    if let Some(code) = db.code() {
+        text.push_str(&format!(" (SQLSTATE {code})"));
+    }
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        if let Some(detail) = pg.detail() {
+            text.push_str(&format!("; detail: {detail}"));
+        }
+        if let Some(hint) = pg.hint() {
+            text.push_str(&format!("; hint: {hint}"));
+        }
+    }
+    text
+}
+
+impl StoreError {
+    /// Whether PostgreSQL refused the *data* rather than failed: a data exception
+    /// (SQLSTATE class 22, e.g. a value out of range or a NUL in text), an integrity
+    /// violation (class 23) or a protocol violation from a value it could not read
+    /// (08P01), or a value sqlx could not encode. Trying again cannot help.
+    pub fn is_data_error(&self) -> bool {
+        let StoreError::Database(e) = self else {
+            return false;
+        };
+        if matches!(e, sqlx::Error::Encode(_)) {
+            return true;
+        }
+        let Some(code) = e.as_database_error().and_then(|d| d.code()) else {
+            return false;
+        };
+        code.starts_with("22") || code.starts_with("23") || code == "08P01"
+    }
 }
 
 /// Why a message's guarded record did not apply.

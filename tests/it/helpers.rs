@@ -64,6 +64,7 @@ impl TestEnv {
             http_addr: "127.0.0.1:0".parse().unwrap(),
             api_token: None,
             shutdown_timeout: Duration::from_secs(10),
+            stuck_after: Duration::from_secs(60),
         };
         let store = skald::store::Store::connect(&config.database_url, 1)
             .await

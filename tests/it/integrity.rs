@@ -9,10 +9,33 @@ use serde_json::{Value, json};
 use skald::envelope::instance_id_for;
 use uuid::Uuid;
 
-use crate::helpers::{TestEnv, start};
+use skald::handlers::{HandlerFuture, HandlerInput, Handlers};
+use sqlx::PgConnection;
+
+use crate::helpers::{RunningApp, TestEnv, start};
 
 fn integrity_sagas() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/integrity")
+}
+
+/// Echoes its key; for the key `poison`, with a NUL character PostgreSQL cannot store.
+fn emit<'a>(_conn: &'a mut PgConnection, input: HandlerInput) -> HandlerFuture<'a> {
+    Box::pin(async move {
+        let key = input.params["key"].as_str().unwrap_or_default().to_string();
+        let echo = if key == "poison" {
+            format!("{key}\0")
+        } else {
+            key
+        };
+        Ok(json!({ "echo": echo }))
+    })
+}
+
+/// skald on the integrity sagas, with their handler registered.
+async fn start_app(env: &TestEnv) -> RunningApp {
+    let mut handlers = Handlers::default();
+    handlers.register("emit", emit);
+    env.start_app_with(handlers).await
 }
 
 /// Publishes one start and waits until its instance is terminal; returns the instance
@@ -79,7 +102,7 @@ async fn values_bind_as_the_statement_declares_whatever_json_type_came_first() {
     let mut env = TestEnv::new(integrity_sagas()).await;
     // One connection: every start reuses the statement prepared by the first.
     env.config.db_pool = 1;
-    let app = env.start_app().await;
+    let app = start_app(&env).await;
 
     // Integers first, then floats, then integers again, then null, then strings where
     // the column is numeric: each value as written.
@@ -156,7 +179,7 @@ async fn values_bind_as_the_statement_declares_whatever_json_type_came_first() {
 async fn a_value_that_does_not_fit_its_parameter_fails_fatally_once_naming_it() {
     let mut env = TestEnv::new(integrity_sagas()).await;
     env.config.db_pool = 1;
-    let app = env.start_app().await;
+    let app = start_app(&env).await;
     let good = json!({"cents": 1, "ratio": 1.5, "amount": 1, "qty": 1, "label": "ok"});
     let cases = [
         (
@@ -217,6 +240,43 @@ async fn a_value_that_does_not_fit_its_parameter_fails_fatally_once_naming_it() 
         .await
         .unwrap();
     assert_eq!(written, 1);
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn data_postgresql_refuses_to_record_is_dead_lettered_at_once_and_the_aggregate_goes_on() {
+    let env = TestEnv::new(integrity_sagas()).await;
+    let app = start_app(&env).await;
+    let started = Instant::now();
+    env.publish_starts(vec![start("emits", "k", 0, json!({"key": "poison"}))])
+        .await;
+    // The next start of the same aggregate is not held behind the refused one.
+    let (_, status) = finish(&env, "emits", "k", json!({"key": "fine"})).await;
+    assert_eq!(status, "completed");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "held for {:?}",
+        started.elapsed()
+    );
+    let letters: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT kind, reason_code, reason FROM skald.dead_letters")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let (kind, code, reason) = &letters[0];
+    assert_eq!(
+        (kind.as_str(), code.as_str()),
+        ("unprocessable", "data_error")
+    );
+    assert!(reason.contains("22P05"), "{reason}");
+    let stats = app.engine.stats();
+    assert_eq!(
+        stats.data_errors.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(env.queue_depth(&env.topology().dead_queue).await, 1);
     app.stop().await;
     env.cleanup().await;
 }

@@ -61,6 +61,26 @@ fn corpus() -> Vec<(&'static str, Vec<u8>)> {
             good_shape(r#","command":{"type":"explode"}"#),
         ),
         ("unknown saga version", good_shape(r#","saga_version":99"#)),
+        // Data PostgreSQL cannot store: refused at the edge, not retried for ever while
+        // the aggregate ("a", started again below) waits behind it.
+        (
+            "NUL in the payload",
+            format!(
+                r#"{{"message_id":"{id}","saga":"ordered","payload":{{"account":"a","seq":1,"note":"x\u0000y"}}}}"#
+            )
+            .into_bytes(),
+        ),
+        ("NUL in the aggregate id", good_shape(r#","aggregate_id":"a\u0000""#)),
+        ("empty aggregate id", good_shape(r#","aggregate_id":"""#)),
+        (
+            "empty aggregate in the payload",
+            format!(r#"{{"message_id":"{id}","saga":"ordered","payload":{{"account":"","seq":1}}}}"#)
+                .into_bytes(),
+        ),
+        (
+            "aggregate id over 255 bytes",
+            good_shape(&format!(r#","aggregate_id":"{}""#, "a".repeat(256))),
+        ),
     ]
 }
 
@@ -86,6 +106,9 @@ async fn malformed_messages_go_to_the_dead_letter_queue_and_good_ones_complete()
         );
         good += 1;
     }
+    // The aggregate the refused NUL-bearing start named is not held.
+    bodies.push(start("ordered", "a", 2, json!({"account": "a", "seq": 2})).to_body());
+    good += 1;
     env.publish_raw(&bodies).await;
     let app = env.start_app().await;
     env.wait_for_terminal(good, Duration::from_secs(60)).await;
@@ -123,6 +146,16 @@ async fn malformed_messages_go_to_the_dead_letter_queue_and_good_ones_complete()
     .unwrap();
     assert_eq!(recorded.len(), corpus.len());
     assert!(recorded.iter().all(|(kind, _, _)| kind == "malformed"));
+    let codes: std::collections::BTreeSet<&str> =
+        recorded.iter().map(|(_, code, _)| code.as_str()).collect();
+    for code in [
+        "nul_character",
+        "bad_aggregate",
+        "no_aggregate",
+        "unknown_saga",
+    ] {
+        assert!(codes.contains(code), "{code} in {codes:?}");
+    }
     let mut bodies: Vec<&Vec<u8>> = recorded.iter().map(|(_, _, b)| b).collect();
     let mut sent: Vec<&Vec<u8>> = corpus.iter().map(|(_, b)| b).collect();
     bodies.sort();
