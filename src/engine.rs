@@ -39,6 +39,7 @@ use crate::saga::coordinator::{
     self, Admission, Cursor, FailureKind, InstanceStatus, Outcome, Phase, Transition,
 };
 use crate::saga::{Catalog, Isolation, SagaDef};
+use crate::seen::SeenIds;
 use crate::store::dead_letters::{self, DeadLetterKind, NewDeadLetter};
 use crate::store::effects::{self, ActionContext, EffectError};
 use crate::store::{Disposal, NewInstance, StepRecord, Store, StoreError};
@@ -220,6 +221,7 @@ pub struct Engine {
     shutting_down: AtomicBool,
     consuming: AtomicBool,
     stuck_after: Duration,
+    seen: SeenIds,
 }
 
 /// How long a message may be tried again through infrastructure failures before the
@@ -289,6 +291,7 @@ impl Engine {
             shutting_down: AtomicBool::new(false),
             consuming: AtomicBool::new(false),
             stuck_after: DEFAULT_STUCK_AFTER,
+            seen: SeenIds::default(),
         }
     }
 
@@ -385,7 +388,7 @@ impl Engine {
         let mut tries = 0;
         let mut stuck = false;
         let finished = loop {
-            let e = match self.try_once(&job).await {
+            let e = match self.try_once(&job, delivery.redelivered).await {
                 Ok(()) => break true,
                 Err(e) => e,
             };
@@ -473,7 +476,7 @@ impl Engine {
         self.in_flight.leave();
     }
 
-    async fn try_once(&self, job: &Job) -> Result<(), EngineError> {
+    async fn try_once(&self, job: &Job, redelivered: bool) -> Result<(), EngineError> {
         let step_name = match job.envelope.command {
             Command::Start => job.saga.steps.first().map(|s| s.name.as_str()),
             Command::Run { cursor, .. } => job
@@ -482,7 +485,12 @@ impl Engine {
                 .get(cursor.step as usize)
                 .map(|s| s.name.as_str()),
         };
-        match self.handle(job).await? {
+        // A copy is looked up before its step runs again: when the broker says it is a
+        // redelivery, or when this process recorded its id lately.
+        let suspect_copy = redelivered || self.seen.contains(&job.envelope.message_id);
+        let handled = self.handle(job, suspect_copy).await?;
+        self.seen.insert(job.envelope.message_id);
+        match handled {
             Handled::Send(outgoing) => {
                 self.faults.hit(CrashPoint::AfterCommit, step_name);
                 for msg in &outgoing {
@@ -531,7 +539,7 @@ impl Engine {
     /// in one transaction, as many round trips as a bare consume→commit→ack worker.
     /// Anything else — a copy, an out-of-date message — is found out by the guarded
     /// record, rolled back, and disposed of by [`Engine::dispose`].
-    async fn handle(&self, job: &Job) -> Result<Handled, EngineError> {
+    async fn handle(&self, job: &Job, suspect_copy: bool) -> Result<Handled, EngineError> {
         let env = &job.envelope;
         let saga = &job.saga;
         let (instance_id, requested) = match env.command {
@@ -571,6 +579,11 @@ impl Engine {
             payload: &env.payload,
             outputs: outputs_before,
         };
+
+        if suspect_copy && self.store.disposal(env.message_id, instance_id).await? == Disposal::Seen
+        {
+            return self.resend_copy(env.message_id).await;
+        }
 
         let started_at = Utc::now();
         let deadline = match env.command {
@@ -632,9 +645,6 @@ impl Engine {
                 // fresh one.
                 tx.rollback().await?;
                 tx = self.store.begin().await?;
-                tracing::info!(saga = %saga.name, step = %step.name, phase = requested.phase.as_str(),
-                    attempt = requested.attempt, kind = ?failure.kind, error = %failure.message,
-                    "step attempt failed");
                 (Outcome::Failed(failure.kind), None, Some(failure))
             }
         };
@@ -737,7 +747,11 @@ impl Engine {
         }
         tx.commit().await?;
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
-        if failure.is_some() {
+        if let Some(failure) = &failure {
+            // Logged only now that it is recorded: a copy's failed re-run is not an attempt.
+            tracing::info!(saga = %saga.name, step = %step.name, phase = requested.phase.as_str(),
+                attempt = requested.attempt, kind = ?failure.kind, error = %failure.message,
+                "step attempt failed");
             self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
             if t.next.is_some_and(|n| {
                 n.cursor.step == requested.step && n.cursor.phase == requested.phase
@@ -763,12 +777,7 @@ impl Engine {
     ) -> Result<Handled, EngineError> {
         let message_id = job.envelope.message_id;
         match self.store.disposal(message_id, instance_id).await? {
-            Disposal::Seen => {
-                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                let outgoing = self.store.outgoing_of(message_id).await?;
-                tracing::debug!(%message_id, resend = outgoing.len(), "duplicate message");
-                Ok(Handled::Send(outgoing))
-            }
+            Disposal::Seen => self.resend_copy(message_id).await,
             Disposal::NoInstance => match (job.envelope.command, job.envelope.order_key()) {
                 // A start that created nothing: its sequence is not above the watermark.
                 (Command::Start, Some(sequence)) => {
@@ -805,6 +814,16 @@ impl Engine {
                 Admission::Run(_) => Err(EngineError::Raced(instance_id)),
             },
         }
+    }
+
+    /// A copy of a handled message: runs nothing, re-sends what the first handling
+    /// sent (in case that publish was lost; the receivers drop copies by id).
+    async fn resend_copy(&self, message_id: Uuid) -> Result<Handled, EngineError> {
+        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        let outgoing = self.store.outgoing_of(message_id).await?;
+        tracing::info!(%message_id, resend = outgoing.len(),
+            "copy of a handled message: ran nothing, re-sent what it sent");
+        Ok(Handled::Send(outgoing))
     }
 
     fn outgoing(

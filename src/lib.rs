@@ -21,6 +21,8 @@
 //! - [`app`]: wiring: build everything from a [`config::Config`], consume until
 //!   shutdown, drain in-flight work.
 //! - [`api`]: the dashboard's HTTP API (actix-web) and `/metrics`.
+//! - [`seen`]: the message ids this process recorded lately, so a copy is looked up
+//!   in the inbox before its step runs again.
 //! - [`dlq`]: operator actions on dead letters (replay, discard); [`operator`]:
 //!   on instances (retry now, cancel, resume).
 //! - [`cli`]: the `skald` command line.
@@ -48,5 +50,6 @@ pub mod handlers;
 pub mod metrics;
 pub mod operator;
 pub mod saga;
+pub mod seen;
 pub mod store;
 pub mod transport;

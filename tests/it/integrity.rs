@@ -280,3 +280,40 @@ async fn data_postgresql_refuses_to_record_is_dead_lettered_at_once_and_the_aggr
     app.stop().await;
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn copies_of_a_handled_start_run_nothing_and_are_not_failures() {
+    let env = TestEnv::new(integrity_sagas()).await;
+    let app = start_app(&env).await;
+    let original = start("counted", "other", 0, json!({"key": "k"}));
+    let (_, status) = finish(&env, "counted", "k", json!({"key": "warm-up"})).await;
+    assert_eq!(status, "completed");
+    env.publish_starts(vec![original.clone(); 20]).await;
+    let stats = app.engine.stats();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // 19 copies of the start, and with them the copies of the step-two message that
+    // each re-sent.
+    while stats.duplicates.load(std::sync::atomic::Ordering::Relaxed) < 19 {
+        assert!(Instant::now() < deadline, "copies not all handled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.wait_for_terminal(2, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let runs: i64 = sqlx::query_scalar("SELECT last_value FROM counted.runs")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        runs, 4,
+        "two steps for each of the two instances ran, nothing else"
+    );
+    assert_eq!(
+        stats
+            .failed_attempts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a copy is not a failed attempt"
+    );
+    app.stop().await;
+    env.cleanup().await;
+}
