@@ -195,7 +195,7 @@ async fn resume_parked(
             payload,
             outputs: snap.outputs,
             errors: Vec::new(),
-            deadline: None,
+            deadline: snap.deadline,
         },
         0,
     ))

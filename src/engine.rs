@@ -38,6 +38,7 @@ use crate::saga::context::StepInput;
 use crate::saga::coordinator::{
     self, Admission, Cursor, FailureKind, InstanceStatus, Outcome, Phase, Transition,
 };
+use crate::saga::definition::StepRole;
 use crate::saga::{Catalog, Isolation, SagaDef};
 use crate::seen::SeenIds;
 use crate::store::dead_letters::{self, DeadLetterKind, NewDeadLetter};
@@ -229,12 +230,13 @@ pub struct Engine {
 pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(60);
 
 /// The message that runs the first step of a waiting instance once it is promoted
-/// (`isolation: exclusive`).
+/// (`isolation: exclusive`), with the deadline its promotion recorded.
 pub fn first_step_message(
     saga: &SagaDef,
     aggregate_id: &str,
     instance_id: Uuid,
     payload: Value,
+    deadline: Option<chrono::DateTime<Utc>>,
 ) -> Outgoing {
     let now = Utc::now();
     Outgoing::to_intake(
@@ -252,14 +254,14 @@ pub fn first_step_message(
             payload,
             outputs: Value::Object(Default::default()),
             errors: Vec::new(),
-            deadline: deadline_after(now, saga.timeout),
+            deadline,
         },
         0,
     )
 }
 
 /// `start + timeout`, or `None` without a timeout (or past the calendar's end).
-fn deadline_after(
+pub fn deadline_after(
     start: chrono::DateTime<Utc>,
     timeout: Option<Duration>,
 ) -> Option<chrono::DateTime<Utc>> {
@@ -596,6 +598,7 @@ impl Engine {
             saga_version: saga.version,
             start_message_id: env.message_id,
             sequence: env.order_key(),
+            deadline,
         };
         if env.command == Command::Start
             && saga.isolation == Isolation::Exclusive
@@ -621,7 +624,11 @@ impl Engine {
                 "exclusive saga busy on this aggregate: instance waits its turn");
             return Ok(Handled::Send(Vec::new()));
         }
-        let expired = requested.phase == Phase::Forward && deadline.is_some_and(|d| started_at > d);
+        // The deadline stops a saga going forward only while it can still be undone:
+        // after the pivot, retriable steps must finish (an operator's replay too).
+        let expired = requested.phase == Phase::Forward
+            && step.role != StepRole::Retriable
+            && deadline.is_some_and(|d| started_at > d);
         let result = if expired {
             // Past the saga's deadline nothing more goes forward: the step counts as
             // failed for good, so the completed steps are compensated.
@@ -700,11 +707,20 @@ impl Engine {
         }
         if saga.isolation == Isolation::Exclusive
             && t.state.status.is_terminal()
-            && let Some((next, payload)) = tx.promote_next(&saga.name, &job.aggregate_id).await?
+            && let promoted_deadline = deadline_after(Utc::now(), saga.timeout)
+            && let Some((next, payload)) = tx
+                .promote_next(&saga.name, &job.aggregate_id, promoted_deadline)
+                .await?
         {
             // The semantic lock passes to the oldest waiting instance, in this same
             // transaction: if this record does not commit, neither does the promotion.
-            outgoing.push(first_step_message(saga, &job.aggregate_id, next, payload));
+            outgoing.push(first_step_message(
+                saga,
+                &job.aggregate_id,
+                next,
+                payload,
+                promoted_deadline,
+            ));
         }
         let record = StepRecord {
             message_id: env.message_id,

@@ -15,7 +15,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::dlq::{self, DlqError, ReplayOutcome};
-use crate::engine::first_step_message;
+use crate::engine::{deadline_after, first_step_message};
 use crate::envelope::{Command, Envelope, Outgoing, run_message_id};
 use crate::saga::coordinator::{self, CancelRefusal, InstanceStatus};
 use crate::saga::{Catalog, Isolation};
@@ -99,7 +99,7 @@ fn current_message(id: Uuid, snap: &InstanceSnapshot) -> Outgoing {
             payload: snap.payload.clone(),
             outputs: snap.outputs.clone(),
             errors: Vec::new(),
-            deadline: None,
+            deadline: snap.deadline,
         },
         0,
     )
@@ -189,10 +189,17 @@ pub async fn cancel(
             if t.state.status.is_terminal()
                 && saga.isolation == Isolation::Exclusive
                 && snap.state.status != InstanceStatus::Waiting
+                && let deadline = deadline_after(Utc::now(), saga.timeout)
                 && let Some((next, payload)) =
-                    promote_next(&mut tx, &snap.saga, &snap.aggregate_id).await?
+                    promote_next(&mut tx, &snap.saga, &snap.aggregate_id, deadline).await?
             {
-                messages.push(first_step_message(saga, &snap.aggregate_id, next, payload));
+                messages.push(first_step_message(
+                    saga,
+                    &snap.aggregate_id,
+                    next,
+                    payload,
+                    deadline,
+                ));
             }
             record(
                 &mut tx,

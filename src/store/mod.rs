@@ -304,6 +304,8 @@ pub struct InstanceSnapshot {
     pub payload: serde_json::Value,
     /// The outputs so far.
     pub outputs: serde_json::Value,
+    /// The saga's deadline, if it has a timeout.
+    pub deadline: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Reads an instance and locks its row (inside a transaction) for an operator action.
@@ -312,7 +314,7 @@ pub async fn lock_instance(
     id: Uuid,
 ) -> Result<Option<InstanceSnapshot>, StoreError> {
     let row = sqlx::query(
-        "SELECT saga, aggregate_id, status, step, phase, attempt, payload, outputs \
+        "SELECT saga, aggregate_id, status, step, phase, attempt, payload, outputs, deadline \
          FROM skald.instances WHERE id = $1 FOR UPDATE",
     )
     .bind(id)
@@ -329,6 +331,7 @@ pub async fn lock_instance(
         outputs: row
             .try_get::<sqlx::types::Json<serde_json::Value>, _>("outputs")?
             .0,
+        deadline: row.try_get("deadline")?,
     }))
 }
 

@@ -38,6 +38,8 @@ pub struct NewInstance<'a> {
     pub start_message_id: Uuid,
     /// The start's order key ([`crate::envelope::Envelope::order_key`]), if any.
     pub sequence: Option<u64>,
+    /// The saga's deadline, if it has a timeout.
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 /// What one handled message leaves behind: the attempt, and the instance's new state.
@@ -76,9 +78,9 @@ static RECORD_START: LazyLock<String> = LazyLock::new(|| {
         "{INBOX_CTE} \
          {watermark} \
          INSERT INTO skald.instances (id, status, step, phase, attempt, outputs, finished_at, \
-           saga, saga_version, aggregate_id, payload, start_message_id, sequence) \
+           saga, saga_version, aggregate_id, payload, start_message_id, sequence, deadline) \
          SELECT $2, $12, $13, $14, $15, $16, CASE WHEN $17 THEN now() END, \
-           $18, $19, $20, $21, $22, $23 \
+           $18, $19, $20, $21, $22, $23, $24 \
          WHERE EXISTS (SELECT 1 FROM inbox) \
            AND ($23::bigint IS NULL OR EXISTS (SELECT 1 FROM watermark)) \
          ON CONFLICT (id) DO NOTHING"
@@ -153,6 +155,7 @@ impl StepTx {
             .bind(sqlx::types::Json(rec.payload.clone()))
             .bind(new.start_message_id)
             .bind(new.sequence.map(|s| s as i64))
+            .bind(new.deadline)
             .execute(&mut *self.tx)
             .await?;
         Ok(done.rows_affected() == 1)
@@ -221,8 +224,9 @@ impl StepTx {
         &mut self,
         saga: &str,
         aggregate_id: &str,
+        deadline: Option<DateTime<Utc>>,
     ) -> Result<Option<(Uuid, Value)>, StoreError> {
-        promote_next(&mut self.tx, saga, aggregate_id).await
+        promote_next(&mut self.tx, saga, aggregate_id, deadline).await
     }
 
     /// Records a message that was handled without running anything — out of date for
@@ -305,14 +309,16 @@ fn bind_record<'q>(
 }
 
 /// Promotes the oldest waiting instance of `saga` on `aggregate_id` to running (the
-/// semantic lock passes on); returns its id and payload, to send it its first step.
+/// semantic lock passes on) with its saga `deadline` (its clock starts now); returns
+/// its id and payload, to send it its first step.
 pub async fn promote_next(
     conn: &mut PgConnection,
     saga: &str,
     aggregate_id: &str,
+    deadline: Option<DateTime<Utc>>,
 ) -> Result<Option<(Uuid, Value)>, StoreError> {
     let row: Option<(Uuid, sqlx::types::Json<Value>)> = sqlx::query_as(
-        "UPDATE skald.instances SET status = 'running', updated_at = now() \
+        "UPDATE skald.instances SET status = 'running', deadline = $3, updated_at = now() \
          WHERE id = (SELECT id FROM skald.instances \
                      WHERE saga = $1 AND aggregate_id = $2 AND status = 'waiting' \
                      ORDER BY created_at, sequence LIMIT 1 FOR UPDATE) \
@@ -320,6 +326,7 @@ pub async fn promote_next(
     )
     .bind(saga)
     .bind(aggregate_id)
+    .bind(deadline)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(row.map(|(id, payload)| (id, payload.0)))

@@ -343,3 +343,43 @@ async fn a_saga_past_its_deadline_stops_going_forward_and_compensates() {
     assert!(last_error.contains("timed out"), "{last_error}");
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn an_operator_retry_after_the_deadline_keeps_the_deadline_and_compensates() {
+    let env = TestEnv::new(failing_sagas()).await;
+    let app = env.start_app().await;
+    let instance = start_one(&env, "deadline_retry").await;
+    // Step two fails once; its next try would come 20 s later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while attempts(&env, instance).await.len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "step two never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    open_gate(&env).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    // The operator runs it now, past the saga's deadline: the message the action sends
+    // must carry the deadline, so the step does not go forward.
+    skald::operator::retry_now(&app.api.store, app.api.transport.as_ref(), instance, "test")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !["compensated", "completed", "failed"]
+        .contains(&status_of(&env, instance).await.as_str())
+    {
+        assert!(std::time::Instant::now() < deadline, "retry did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status_of(&env, instance).await, "compensated");
+    let summary = summary(&attempts(&env, instance).await);
+    assert_eq!(
+        summary,
+        [
+            "one forward succeeded",
+            "two forward failed retryable",
+            "two forward failed fatal",
+            "one compensate succeeded"
+        ]
+    );
+    app.stop().await;
+    env.cleanup().await;
+}
