@@ -71,6 +71,43 @@ enum Send {
     Raw(Vec<u8>),
 }
 
+/// Which pending dead letters a bulk replay takes, and how fast it sends them.
+#[derive(Debug, Clone)]
+pub struct BulkReplay {
+    /// Only this kind.
+    pub kind: Option<DeadLetterKind>,
+    /// Only this saga.
+    pub saga: Option<String>,
+    /// The oldest this many.
+    pub limit: i64,
+    /// At most this many replays a second (at least 1).
+    pub per_second: u32,
+}
+
+/// Replays the oldest pending dead letters matching `what`, oldest first (so one
+/// aggregate's letters keep their order), pausing `1 / per_second` between two.
+/// Returns the ids replayed, in order.
+pub async fn bulk_replay(
+    store: &Store,
+    transport: &dyn Transport,
+    what: &BulkReplay,
+    by: &str,
+) -> Result<Vec<Uuid>, DlqError> {
+    let letters =
+        dead_letters::oldest_pending(store.pool(), what.kind, what.saga.as_deref(), what.limit)
+            .await?;
+    let pause = std::time::Duration::from_secs_f64(1.0 / f64::from(what.per_second.max(1)));
+    let mut replayed = Vec::with_capacity(letters.len());
+    for letter in &letters {
+        if !replayed.is_empty() {
+            tokio::time::sleep(pause).await;
+        }
+        replay(store, transport, letter.id, None, by).await?;
+        replayed.push(letter.id);
+    }
+    Ok(replayed)
+}
+
 /// Replays dead letter `id`, with `data` replacing the payload when given.
 pub async fn replay(
     store: &Store,

@@ -643,25 +643,13 @@ pub async fn bulk_replay(
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "api".into());
-    let mut letters = dead_letters::list(
-        state.store.pool(),
+    let what = crate::dlq::BulkReplay {
         kind,
-        Some(DeadLetterStatus::Pending),
+        saga: body.saga.clone(),
         limit,
-    )
-    .await?;
-    letters.retain(|l| {
-        body.saga
-            .as_ref()
-            .is_none_or(|s| l.saga.as_ref() == Some(s))
-    });
-    letters.reverse(); // oldest first
-    let pause = std::time::Duration::from_secs_f64(1.0 / f64::from(per_second));
-    let mut replayed = Vec::new();
-    for letter in &letters {
-        crate::dlq::replay(&state.store, state.transport.as_ref(), letter.id, None, &by).await?;
-        replayed.push(letter.id);
-        tokio::time::sleep(pause).await;
-    }
+        per_second,
+    };
+    let replayed =
+        crate::dlq::bulk_replay(&state.store, state.transport.as_ref(), &what, &by).await?;
     Ok(HttpResponse::Ok().json(json!({ "replayed": replayed })))
 }

@@ -194,6 +194,29 @@ pub async fn list<'e>(
     rows.iter().map(from_row).collect()
 }
 
+/// The oldest `limit` pending dead letters, optionally of one kind and one saga,
+/// oldest first: the order a bulk replay sends them in.
+pub async fn oldest_pending<'e>(
+    exec: impl PgExecutor<'e>,
+    kind: Option<DeadLetterKind>,
+    saga: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM skald.dead_letters \
+         WHERE status = 'pending' AND ($1::text IS NULL OR kind = $1) \
+           AND ($2::text IS NULL OR saga = $2) \
+         ORDER BY created_at, id LIMIT $3"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(kind.map(DeadLetterKind::as_str))
+        .bind(saga)
+        .bind(limit)
+        .fetch_all(exec)
+        .await?;
+    rows.iter().map(from_row).collect()
+}
+
 /// One dead letter; `lock` takes a row lock (inside a transaction) for resolving it.
 pub async fn get<'e>(
     exec: impl PgExecutor<'e>,

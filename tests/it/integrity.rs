@@ -317,3 +317,78 @@ async fn copies_of_a_handled_start_run_nothing_and_are_not_failures() {
     app.stop().await;
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn bulk_replay_takes_the_oldest_matching_letters_in_order_at_the_rate_asked() {
+    use skald::dlq::{BulkReplay, bulk_replay};
+    use skald::store::dead_letters::{DeadLetterKind, NewDeadLetter, insert};
+
+    let env = TestEnv::new(integrity_sagas()).await;
+    let store = skald::store::Store::connect(&env.config.database_url, 2)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let transport = env.transport().await;
+    // Oldest first: a1 b1 a2 b2 a3 b3.
+    let mut ids = std::collections::HashMap::new();
+    for (i, saga) in ["a", "b", "a", "b", "a", "b"].iter().enumerate() {
+        let id = Uuid::new_v4();
+        let body = format!(r#"{{"letter":{i}}}"#).into_bytes();
+        insert(
+            store.pool(),
+            &NewDeadLetter {
+                id,
+                kind: DeadLetterKind::Unprocessable,
+                reason_code: "no_instance",
+                reason: "test",
+                body: &body,
+                message_id: None,
+                instance_id: None,
+                saga: Some(saga),
+            },
+        )
+        .await
+        .unwrap();
+        ids.insert(format!("{saga}{}", i / 2 + 1), id);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    let only_a = BulkReplay {
+        kind: None,
+        saga: Some("a".into()),
+        limit: 2,
+        per_second: 5,
+    };
+    let replayed = bulk_replay(&store, transport.as_ref(), &only_a, "test")
+        .await
+        .unwrap();
+    assert_eq!(replayed, [ids["a1"], ids["a2"]], "the two oldest of saga a");
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "5 a second at most"
+    );
+    let resolved: Vec<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT resolved_at FROM skald.dead_letters WHERE status = 'replayed' ORDER BY resolved_at",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(resolved.len(), 2);
+    assert!(resolved[1] - resolved[0] >= chrono::Duration::milliseconds(190));
+
+    let any = BulkReplay {
+        saga: None,
+        ..only_a
+    };
+    let replayed = bulk_replay(&store, transport.as_ref(), &any, "test")
+        .await
+        .unwrap();
+    assert_eq!(
+        replayed,
+        [ids["b1"], ids["b2"]],
+        "the two oldest still pending"
+    );
+    skald::transport::Transport::close(transport.as_ref()).await;
+    store.close().await;
+    env.cleanup().await;
+}
