@@ -392,3 +392,91 @@ async fn bulk_replay_takes_the_oldest_matching_letters_in_order_at_the_rate_aske
     store.close().await;
     env.cleanup().await;
 }
+
+/// `POST path` with a JSON body to skald's HTTP server; the status and JSON answer.
+async fn post_json(addr: std::net::SocketAddr, path: &str, body: &Value) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let json = response
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    (status, json)
+}
+
+#[actix_rt::test]
+async fn starts_with_an_empty_aggregate_or_a_nul_are_refused_by_the_api_and_the_cli() {
+    let env = TestEnv::new(integrity_sagas()).await;
+    let app = start_app(&env).await;
+    let good = json!({"id": "x", "cents": 1, "ratio": 1, "amount": 1, "qty": 1, "label": "l"});
+    let mut nul = good.clone();
+    nul["label"] = json!("a\u{0}b");
+    let mut empty_in_payload = good.clone();
+    empty_in_payload["id"] = json!("");
+    let cases = [
+        (
+            json!({"saga": "typed", "aggregate_id": "", "payload": good}),
+            "aggregate id",
+        ),
+        (
+            json!({"saga": "typed", "aggregate_id": "k\u{0}", "payload": good}),
+            "NUL",
+        ),
+        (
+            json!({"saga": "typed", "payload": empty_in_payload}),
+            "aggregate id",
+        ),
+        (json!({"saga": "typed", "payload": nul}), "NUL"),
+    ];
+    for (body, says) in &cases {
+        let (status, answer) = post_json(app.http_addr, "/api/v1/instances", body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{body}: {message}");
+    }
+    let refused = |args: &[&str]| {
+        let out = env.skald(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let data = good.to_string();
+    assert!(
+        refused(&["start", "typed", "--aggregate", "", "--data", &data]).contains("aggregate id")
+    );
+    let nul_data = r#"{"id":"x","label":"a\u0000b"}"#;
+    assert!(refused(&["start", "typed", "--data", nul_data]).contains("NUL"));
+    app.stop().await;
+    // Nothing was published, nothing started.
+    assert_eq!(env.intake_depth().await, 0);
+    let instances: i64 = sqlx::query_scalar("SELECT count(*) FROM skald.instances")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(instances, 0);
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_check_that_finds_nothing_says_what_its_query_returned() {
+    let env = TestEnv::new(integrity_sagas()).await;
+    let app = start_app(&env).await;
+    let (instance, status) = finish(&env, "checked", "nobody", json!({"key": "nobody"})).await;
+    assert_eq!(status, "compensated");
+    let tried = attempts(&env, instance).await;
+    assert_eq!(
+        tried[0].2.as_deref(),
+        Some("expected 1 row(s), statement returned 0")
+    );
+    app.stop().await;
+    env.cleanup().await;
+}
