@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::envelope::{Command, Envelope, Outgoing, run_message_id};
+use crate::envelope::{Envelope, Outgoing};
 use crate::saga::coordinator::{Cursor, InstanceState, InstanceStatus, Phase};
 use crate::store::dead_letters::{self, DeadLetterKind, DeadLetterStatus};
 use crate::store::{Store, StoreError, lock_instance, resume_instance};
@@ -219,20 +219,9 @@ async fn resume_parked(
     resume_instance(tx, instance, InstanceState { status, cursor }, &payload).await?;
     Ok(Outgoing::to_intake(
         Envelope {
-            message_id: run_message_id(instance, cursor),
-            saga: snap.saga,
-            saga_version: None,
-            aggregate_id: Some(snap.aggregate_id),
-            sequence: None,
-            dispatched_at: Some(Utc::now()),
-            command: Command::Run {
-                instance_id: instance,
-                cursor,
-            },
-            payload,
             outputs: snap.outputs,
-            errors: Vec::new(),
             deadline: snap.deadline,
+            ..Envelope::run(&snap.saga, &snap.aggregate_id, instance, cursor, payload)
         },
         0,
     ))

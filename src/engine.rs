@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::envelope::{
     AttemptError, Command, DeadLetterNote, Envelope, Malformed, Outgoing, check_aggregate_id,
-    instance_id_for, run_message_id,
+    instance_id_for,
 };
 use crate::handlers::Handlers;
 use crate::metrics::LatencyHistogram;
@@ -238,23 +238,16 @@ pub fn first_step_message(
     payload: Value,
     deadline: Option<chrono::DateTime<Utc>>,
 ) -> Outgoing {
-    let now = Utc::now();
     Outgoing::to_intake(
         Envelope {
-            message_id: run_message_id(instance_id, Cursor::START),
-            saga: saga.name.clone(),
-            saga_version: None,
-            aggregate_id: Some(aggregate_id.to_string()),
-            sequence: None,
-            dispatched_at: Some(now),
-            command: Command::Run {
-                instance_id,
-                cursor: Cursor::START,
-            },
-            payload,
-            outputs: Value::Object(Default::default()),
-            errors: Vec::new(),
             deadline,
+            ..Envelope::run(
+                &saga.name,
+                aggregate_id,
+                instance_id,
+                Cursor::START,
+                payload,
+            )
         },
         0,
     )
@@ -856,20 +849,16 @@ impl Engine {
             .map(|next| {
                 Outgoing::to_intake(
                     Envelope {
-                        message_id: run_message_id(instance_id, next.cursor),
-                        saga: job.saga.name.clone(),
-                        saga_version: None,
-                        aggregate_id: Some(job.aggregate_id.clone()),
-                        sequence: None,
-                        dispatched_at: Some(Utc::now()),
-                        command: Command::Run {
-                            instance_id,
-                            cursor: next.cursor,
-                        },
-                        payload: job.envelope.payload.clone(),
                         outputs: outputs.clone(),
                         errors: errors.to_vec(),
                         deadline,
+                        ..Envelope::run(
+                            &job.saga.name,
+                            &job.aggregate_id,
+                            instance_id,
+                            next.cursor,
+                            job.envelope.payload.clone(),
+                        )
                     },
                     next.delay.as_millis() as u64,
                 )

@@ -204,6 +204,53 @@ impl Malformed {
 }
 
 impl Envelope {
+    /// A start of `saga` with `payload`, dispatched now, under a fresh message id; set
+    /// `message_id`, `sequence` or `aggregate_id` with struct update syntax.
+    pub fn start(saga: &str, aggregate_id: Option<String>, payload: Value) -> Envelope {
+        Envelope {
+            message_id: Uuid::new_v4(),
+            saga: saga.to_string(),
+            saga_version: None,
+            aggregate_id,
+            sequence: None,
+            dispatched_at: Some(Utc::now()),
+            command: Command::Start,
+            payload,
+            outputs: Value::Null,
+            errors: Vec::new(),
+            deadline: None,
+        }
+    }
+
+    /// The run message that moves `instance_id` of `saga` on `aggregate_id` to
+    /// `cursor`, dispatched now, with its deterministic id ([`run_message_id`]). It
+    /// carries the start `payload`; set `outputs`, `errors` and `deadline` with struct
+    /// update syntax.
+    pub fn run(
+        saga: &str,
+        aggregate_id: &str,
+        instance_id: Uuid,
+        cursor: Cursor,
+        payload: Value,
+    ) -> Envelope {
+        Envelope {
+            message_id: run_message_id(instance_id, cursor),
+            saga: saga.to_string(),
+            saga_version: None,
+            aggregate_id: Some(aggregate_id.to_string()),
+            sequence: None,
+            dispatched_at: Some(Utc::now()),
+            command: Command::Run {
+                instance_id,
+                cursor,
+            },
+            payload,
+            outputs: Value::Object(Default::default()),
+            errors: Vec::new(),
+            deadline: None,
+        }
+    }
+
     /// Reads a raw body: size, UTF-8, duplicate keys, then the envelope's shape.
     pub fn parse(body: &[u8]) -> Result<Envelope, Malformed> {
         if body.is_empty() {

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::dlq::{self, DlqError, ReplayOutcome};
 use crate::engine::{deadline_after, first_step_message};
-use crate::envelope::{Command, Envelope, Outgoing, run_message_id};
+use crate::envelope::{Envelope, Outgoing};
 use crate::saga::coordinator::{self, CancelRefusal, InstanceStatus};
 use crate::saga::{Catalog, Isolation};
 use crate::store::dead_letters::{self, DeadLetterStatus};
@@ -86,20 +86,15 @@ async fn record(
 fn current_message(id: Uuid, snap: &InstanceSnapshot) -> Outgoing {
     Outgoing::to_intake(
         Envelope {
-            message_id: run_message_id(id, snap.state.cursor),
-            saga: snap.saga.clone(),
-            saga_version: None,
-            aggregate_id: Some(snap.aggregate_id.clone()),
-            sequence: None,
-            dispatched_at: Some(Utc::now()),
-            command: Command::Run {
-                instance_id: id,
-                cursor: snap.state.cursor,
-            },
-            payload: snap.payload.clone(),
             outputs: snap.outputs.clone(),
-            errors: Vec::new(),
             deadline: snap.deadline,
+            ..Envelope::run(
+                &snap.saga,
+                &snap.aggregate_id,
+                id,
+                snap.state.cursor,
+                snap.payload.clone(),
+            )
         },
         0,
     )
