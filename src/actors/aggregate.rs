@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use super::router::{Idle, Router};
 use crate::engine::{Engine, Job};
 use crate::envelope::Command;
 use crate::saga::OrderingPolicy;
+use crate::saga::strict::{Offer, StrictOrder};
 use crate::transport::Delivery;
 
 /// Handle one message of this actor's aggregate.
@@ -34,15 +35,8 @@ struct GapTimeout {
     saga: String,
 }
 
-/// What to do with a message before handling it.
-enum Gate {
-    /// Handle it now.
-    Go,
-    /// A strict-order start that arrived before its predecessor: hold it.
-    Hold,
-}
-
-/// Serialises the handling of one aggregate's messages.
+/// Serialises the handling of one aggregate's messages. It holds no rule of its own:
+/// strict order is decided by [`StrictOrder`]; the actor keeps its timers.
 pub struct AggregateActor {
     key: String,
     engine: Arc<Engine>,
@@ -52,12 +46,9 @@ pub struct AggregateActor {
     /// eviction, so that an actor with queued or held work is never stopped.
     processed: u64,
     idle_timer: Option<SpawnHandle>,
-    /// Strict-order sagas: the last sequence applied, per saga (loaded from
-    /// PostgreSQL the first time, then kept up to date here).
-    watermarks: HashMap<String, Option<i64>>,
-    /// Strict-order starts that arrived early, per saga, by sequence. Their deliveries
-    /// stay unacked, so a crash hands them back to the broker.
-    held: HashMap<String, BTreeMap<u64, Process>>,
+    /// Strict-order starts: which go, which wait. Held deliveries stay unacked, so a
+    /// crash hands them back to the broker.
+    strict: StrictOrder<Process>,
     gap_timers: HashMap<String, SpawnHandle>,
 }
 
@@ -71,8 +62,7 @@ impl AggregateActor {
             idle,
             processed: 0,
             idle_timer: None,
-            watermarks: HashMap::new(),
-            held: HashMap::new(),
+            strict: StrictOrder::default(),
             gap_timers: HashMap::new(),
         }
     }
@@ -89,7 +79,8 @@ impl AggregateActor {
         }));
     }
 
-    /// The strict-order wait of a start, or `None` if it is not one.
+    /// The saga, sequence and bounded wait of a strict-order start, or `None` if the
+    /// message is not one.
     fn strict_start(msg: &Process) -> Option<(String, u64, Duration)> {
         let job = &msg.job;
         match (
@@ -104,27 +95,10 @@ impl AggregateActor {
         }
     }
 
-    /// After a strict start with `seq` was applied: release the held successor, if any.
-    fn applied(&mut self, saga: &str, seq: u64, ctx: &mut Context<Self>) {
-        let wm = self.watermarks.entry(saga.to_string()).or_insert(None);
-        *wm = Some(wm.map_or(seq as i64, |w| w.max(seq as i64)));
-        let next = wm.map_or(0, |w| w + 1) as u64;
-        let Some(held) = self.held.get_mut(saga) else {
-            return;
-        };
-        // Anything held at or below the new watermark is stale now; the engine records
-        // it as such. The successor, if it is here, goes next.
-        let ready: Vec<u64> = held.range(..=next).map(|(s, _)| *s).collect();
-        for s in ready {
-            if let Some(msg) = held.remove(&s) {
-                ctx.notify(msg);
-            }
-        }
-        if held.is_empty() {
-            self.held.remove(saga);
-            if let Some(timer) = self.gap_timers.remove(saga) {
-                ctx.cancel_future(timer);
-            }
+    fn arm_gap_timer(&mut self, saga: String, wait: Duration, ctx: &mut Context<Self>) {
+        let timer = ctx.notify_later(GapTimeout { saga: saga.clone() }, wait);
+        if let Some(old) = self.gap_timers.insert(saga, timer) {
+            ctx.cancel_future(old);
         }
     }
 }
@@ -143,67 +117,74 @@ impl Handler<Process> for AggregateActor {
     fn handle(&mut self, msg: Process, _: &mut Context<Self>) -> Self::Result {
         let engine = self.engine.clone();
         let strict = Self::strict_start(&msg);
-        let known = strict
+        // The watermark of a strict saga is read once per actor life.
+        let to_learn = strict
             .as_ref()
-            .and_then(|(saga, _, _)| self.watermarks.get(saga).copied());
+            .filter(|(saga, _, _)| !self.strict.knows(saga))
+            .cloned();
         let key = self.key.clone();
-        let strict_saga = strict.as_ref().map(|(saga, _, _)| saga.clone());
         AtomicResponse::new(Box::pin(
             async move {
-                // The watermark of a strict saga, read once per actor life.
-                let watermark = match (&strict_saga, known) {
-                    (Some(_), Some(w)) => Some(w),
-                    (Some(saga), None) => {
-                        Some(engine.watermark(saga, &key).await.unwrap_or_else(|e| {
+                let learned = match to_learn {
+                    Some((saga, _, max_wait)) => match engine.watermark(&saga, &key).await {
+                        Ok(w) => Some((saga, w, max_wait)),
+                        Err(e) => {
                             tracing::warn!(error = %e, "cannot read the watermark; not holding");
                             None
-                        }))
-                    }
-                    (None, _) => None,
+                        }
+                    },
+                    None => None,
                 };
-                (engine, watermark)
+                (engine, learned)
             }
             .into_actor(self)
-            .then(move |(engine, watermark), act, ctx| {
-                let gate = match (&strict, watermark) {
-                    (Some((saga, seq, _)), Some(w)) => {
-                        act.watermarks.insert(saga.clone(), w);
-                        // Sequences start at 0 or 1: with nothing applied, 0 and 1 go.
-                        let expected = w.map_or(1, |w| w + 1);
-                        if (*seq as i64) > expected { Gate::Hold } else { Gate::Go }
-                    }
-                    _ => Gate::Go,
+            .then(move |(engine, learned), act, ctx| {
+                if let Some((saga, w, max_wait)) = learned {
+                    act.strict.learn(&saga, w, max_wait);
+                }
+                let offer = match &strict {
+                    Some((saga, seq, _)) => act.strict.offer(saga, *seq, msg),
+                    None => Offer::Go(msg),
                 };
-                match gate {
-                    Gate::Hold => {
-                        let (saga, seq, max_wait) = strict.clone().expect("held starts are strict");
+                let msg = match offer {
+                    Offer::Go(msg) => msg,
+                    Offer::Held {
+                        arm_timer,
+                        replaced,
+                    } => {
+                        let (saga, seq, _) = strict.clone().expect("only strict starts are held");
                         tracing::debug!(saga, seq, aggregate = %act.key, "strict order: holding an early start");
-                        let held = act.held.entry(saga.clone()).or_default();
-                        if held.insert(seq, msg).is_some() {
-                            // A redelivered copy replaces the held one (whose delivery
-                            // died with its channel): it no longer counts as in flight.
+                        if replaced.is_some() {
+                            // A redelivered copy replaced the held one (whose delivery
+                            // died with its channel): that one is no longer in flight.
                             act.engine.in_flight().leave();
                         }
-                        if let std::collections::hash_map::Entry::Vacant(slot) =
-                            act.gap_timers.entry(saga.clone())
-                        {
-                            slot.insert(ctx.notify_later(GapTimeout { saga }, max_wait));
+                        if let Some(wait) = arm_timer {
+                            act.arm_gap_timer(saga, wait, ctx);
                         }
                         let done: ResponseActFuture<Self, ()> = Box::pin(actix::fut::ready(()));
-                        done
+                        return done;
                     }
-                    Gate::Go => Box::pin(
-                        async move { engine.process(msg.job, msg.delivery).await }
-                            .into_actor(act)
-                            .map(move |(), act, ctx| {
-                                act.processed += 1;
-                                if let Some((saga, seq, _)) = &strict {
-                                    act.applied(saga, *seq, ctx);
+                };
+                Box::pin(
+                    async move { engine.process(msg.job, msg.delivery).await }
+                        .into_actor(act)
+                        .map(move |(), act, ctx| {
+                            act.processed += 1;
+                            if let Some((saga, seq, _)) = &strict {
+                                let released = act.strict.applied(saga, *seq);
+                                for next in released.ready {
+                                    ctx.notify(next);
                                 }
-                                act.arm_idle_timer(ctx);
-                            }),
-                    ),
-                }
+                                if released.cancel_timer
+                                    && let Some(timer) = act.gap_timers.remove(saga)
+                                {
+                                    ctx.cancel_future(timer);
+                                }
+                            }
+                            act.arm_idle_timer(ctx);
+                        }),
+                )
             }),
         ))
     }
@@ -214,30 +195,14 @@ impl Handler<GapTimeout> for AggregateActor {
 
     fn handle(&mut self, msg: GapTimeout, ctx: &mut Context<Self>) {
         self.gap_timers.remove(&msg.saga);
-        let Some(held) = self.held.get_mut(&msg.saga) else {
-            return;
-        };
-        if let Some((seq, first)) = held.pop_first() {
-            tracing::warn!(saga = %msg.saga, aggregate = %self.key, seq,
+        let skip = self.strict.gap_timeout(&msg.saga);
+        if let Some(next) = skip.next {
+            tracing::warn!(saga = %msg.saga, aggregate = %self.key,
                 "strict order: predecessor missing after the bounded wait; skipping the gap");
-            // Applying it moves the watermark past the gap: a late predecessor is
-            // then stale, recorded and dropped.
-            self.watermarks
-                .insert(msg.saga.clone(), Some(seq as i64 - 1));
-            ctx.notify(first);
+            ctx.notify(next);
         }
-        if held.is_empty() {
-            self.held.remove(&msg.saga);
-        } else {
-            // More gaps may follow: wait again for the next one.
-            let wait = held
-                .values()
-                .next()
-                .and_then(Self::strict_start)
-                .map_or(Duration::from_secs(1), |(_, _, w)| w);
-            let saga = msg.saga.clone();
-            let timer = ctx.notify_later(GapTimeout { saga }, wait);
-            self.gap_timers.insert(msg.saga, timer);
+        if let Some(wait) = skip.rearm_timer {
+            self.arm_gap_timer(msg.saga, wait, ctx);
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod coordinator;
 pub mod definition;
 pub mod load;
 pub mod sql;
+pub mod strict;
 mod yaml;
 
 pub use definition::{
