@@ -29,16 +29,13 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::envelope::{
-    AttemptError, Command, DeadLetterNote, Envelope, Malformed, Outgoing, check_aggregate_id,
-    instance_id_for,
+    Command, Envelope, Malformed, Outgoing, check_aggregate_id, instance_id_for,
 };
 use crate::handlers::Handlers;
 use crate::metrics::LatencyHistogram;
 use crate::saga::context::StepInput;
-use crate::saga::coordinator::{
-    self, Admission, Cursor, FailureKind, InstanceStatus, Outcome, Phase, Transition,
-};
-use crate::saga::definition::StepRole;
+use crate::saga::coordinator::{Cursor, FailureKind, InstanceStatus, Phase};
+use crate::saga::decide::{self, Attempt, Disposition, ParkKind, StepResult, Target};
 use crate::saga::{Catalog, Isolation, SagaDef};
 use crate::seen::SeenIds;
 use crate::store::dead_letters::{self, DeadLetterKind, NewDeadLetter};
@@ -253,13 +250,7 @@ pub fn first_step_message(
     )
 }
 
-/// `start + timeout`, or `None` without a timeout (or past the calendar's end).
-pub fn deadline_after(
-    start: chrono::DateTime<Utc>,
-    timeout: Option<Duration>,
-) -> Option<chrono::DateTime<Utc>> {
-    start.checked_add_signed(chrono::Duration::from_std(timeout?).ok()?)
-}
+pub use crate::saga::decide::deadline_after;
 
 /// Waits between tries after an infrastructure failure: 100 ms doubling to 5 s.
 fn infra_backoff(tries: u32) -> Duration {
@@ -528,7 +519,8 @@ impl Engine {
         Ok(())
     }
 
-    /// The transaction part: everything up to and including the commit.
+    /// The transaction part: everything up to and including the commit. The
+    /// decisions are [`decide`]'s; this carries them out.
     ///
     /// Fast path (a new message for the step its instance expects): effect and record
     /// in one transaction, as many round trips as a bare consume→commit→ack worker.
@@ -544,46 +536,23 @@ impl Engine {
                 cursor,
             } => (instance_id, cursor),
         };
-        let Some(step) = saga.steps.get(requested.step as usize) else {
-            return Ok(Handled::DeadLetter(
-                "unknown_step",
-                format!("saga {} has no step {}", saga.name, requested.step),
-            ));
+        let (step, action) = match decide::target(saga, requested) {
+            Target::Run { step, action } => (step, action),
+            Target::DeadLetter { code, reason } => return Ok(Handled::DeadLetter(code, reason)),
         };
-        let action = match requested.phase {
-            Phase::Forward => &step.action,
-            Phase::Compensate => match &step.compensation {
-                Some(c) => c,
-                None => {
-                    return Ok(Handled::DeadLetter(
-                        "no_compensation",
-                        format!("step {} has no compensation", step.name),
-                    ));
-                }
-            },
-        };
-        let empty = Value::Object(Default::default());
-        let outputs_before = if env.outputs.is_object() {
-            &env.outputs
-        } else {
-            &empty
-        };
-        let input = StepInput {
-            instance_id,
-            aggregate_id: &job.aggregate_id,
-            payload: &env.payload,
-            outputs: outputs_before,
-        };
-
         if suspect_copy && self.store.disposal(env.message_id, instance_id).await? == Disposal::Seen
         {
             return self.resend_copy(env.message_id).await;
         }
 
         let started_at = Utc::now();
-        let deadline = match env.command {
-            Command::Start => deadline_after(started_at, saga.timeout),
-            Command::Run { .. } => env.deadline,
+        let at = Attempt {
+            saga,
+            envelope: env,
+            aggregate_id: &job.aggregate_id,
+            instance_id,
+            cursor: requested,
+            deadline: decide::deadline(saga, env, started_at),
         };
         let mut tx = self.store.begin().await?;
         let new_instance = NewInstance {
@@ -591,7 +560,7 @@ impl Engine {
             saga_version: saga.version,
             start_message_id: env.message_id,
             sequence: env.order_key(),
-            deadline,
+            deadline: at.deadline,
         };
         if env.command == Command::Start
             && saga.isolation == Isolation::Exclusive
@@ -617,103 +586,56 @@ impl Engine {
                 "exclusive saga busy on this aggregate: instance waits its turn");
             return Ok(Handled::Send(Vec::new()));
         }
-        // The deadline stops a saga going forward only while it can still be undone:
-        // after the pivot, retriable steps must finish (an operator's replay too).
-        let expired = requested.phase == Phase::Forward
-            && step.role != StepRole::Retriable
-            && deadline.is_some_and(|d| started_at > d);
-        let result = if expired {
-            // Past the saga's deadline nothing more goes forward: the step counts as
-            // failed for good, so the completed steps are compensated.
-            Err(EffectError {
-                kind: FailureKind::Fatal,
-                message: format!("saga timed out (deadline {})", deadline.expect("expired")),
-            })
-        } else {
-            let ctx = ActionContext {
-                input: &input,
-                step_name: &step.name,
-                cursor: requested,
-                timeout: step.timeout,
-            };
-            effects::run_action(tx.conn(), action, ctx, &self.handlers).await
-        };
-        let (outcome, output, failure) = match result {
-            Ok(output) => (Outcome::Succeeded, output, None),
-            Err(failure) => {
-                // The effect's transaction is aborted: undo it, record the failure in a
-                // fresh one.
-                tx.rollback().await?;
-                tx = self.store.begin().await?;
-                (Outcome::Failed(failure.kind), None, Some(failure))
-            }
-        };
 
-        let t = coordinator::transition(saga, requested, outcome, fastrand::f64());
-        let outputs = match output {
-            Some(out) => {
-                let mut all = outputs_before.clone();
-                if let Value::Object(map) = &mut all {
-                    map.insert(step.name.clone(), out);
+        let result = match decide::expired(step, requested, at.deadline, started_at) {
+            // Past the deadline the step counts as failed for good.
+            Some(message) => StepResult::Failed {
+                kind: FailureKind::Fatal,
+                message,
+            },
+            None => {
+                let input = StepInput {
+                    instance_id,
+                    aggregate_id: &job.aggregate_id,
+                    payload: &env.payload,
+                    outputs: &env.outputs,
+                };
+                let ctx = ActionContext {
+                    input: &input,
+                    step_name: &step.name,
+                    cursor: requested,
+                    timeout: step.timeout,
+                };
+                match effects::run_action(tx.conn(), action, ctx, &self.handlers).await {
+                    Ok(output) => StepResult::Succeeded(output),
+                    Err(EffectError { kind, message }) => StepResult::Failed { kind, message },
                 }
-                all
             }
-            None => outputs_before.clone(),
         };
-        let mut errors = env.errors.clone();
-        if let Some(f) = &failure {
-            errors.push(AttemptError {
-                step: step.name.clone(),
-                phase: requested.phase,
-                attempt: requested.attempt,
-                at: Utc::now(),
-                kind: f.kind,
-                message: f.message.clone(),
-            });
+        if matches!(result, StepResult::Failed { .. }) {
+            // The effect's transaction is aborted: undo it, record the failure in a
+            // fresh one.
+            tx.rollback().await?;
+            tx = self.store.begin().await?;
         }
-        let mut outgoing = self.outgoing(job, instance_id, &outputs, &errors, deadline, &t);
-        let parked = (t.state.status == InstanceStatus::Failed).then(|| {
-            let (kind, code) = match requested.phase {
-                Phase::Forward => (DeadLetterKind::Exhausted, "exhausted"),
-                Phase::Compensate => (DeadLetterKind::CompensationFailed, "compensation_failed"),
-            };
-            let reason = format!(
-                "{} of step {} failed for good after {} attempt(s): {}",
-                requested.phase.as_str(),
-                step.name,
-                requested.attempt,
-                failure.as_ref().map_or("", |f| f.message.as_str())
-            );
-            let mut envelope = env.clone();
-            envelope.errors = errors.clone();
-            (kind, code, reason, envelope)
-        });
-        if let Some((_, code, reason, envelope)) = &parked {
-            outgoing.push(Outgoing {
-                envelope: envelope.clone(),
-                delay_ms: 0,
-                dead_letter: Some(DeadLetterNote {
-                    code: code.to_string(),
-                    reason: reason.clone(),
-                }),
-            });
-        }
-        if saga.isolation == Isolation::Exclusive
-            && t.state.status.is_terminal()
-            && let promoted_deadline = deadline_after(Utc::now(), saga.timeout)
-            && let Some((next, payload)) = tx
-                .promote_next(&saga.name, &job.aggregate_id, promoted_deadline)
-                .await?
-        {
+
+        let mut plan = decide::decide(&at, result, Utc::now(), fastrand::f64());
+        if plan.pass_lock {
             // The semantic lock passes to the oldest waiting instance, in this same
             // transaction: if this record does not commit, neither does the promotion.
-            outgoing.push(first_step_message(
-                saga,
-                &job.aggregate_id,
-                next,
-                payload,
-                promoted_deadline,
-            ));
+            let deadline = decide::deadline_after(Utc::now(), saga.timeout);
+            if let Some((next, payload)) = tx
+                .promote_next(&saga.name, &job.aggregate_id, deadline)
+                .await?
+            {
+                plan.outgoing.push(first_step_message(
+                    saga,
+                    &job.aggregate_id,
+                    next,
+                    payload,
+                    deadline,
+                ));
+            }
         }
         let record = StepRecord {
             message_id: env.message_id,
@@ -722,12 +644,12 @@ impl Engine {
             payload: &env.payload,
             ran: requested,
             step_name: &step.name,
-            outcome,
-            error: failure.as_ref().map(|f| f.message.as_str()),
+            outcome: plan.outcome,
+            error: plan.error.as_deref(),
             started_at,
-            new_state: t.state,
-            outputs: &outputs,
-            outgoing: &outgoing,
+            new_state: plan.state,
+            outputs: &plan.outputs,
+            outgoing: &plan.outgoing,
         };
         let recorded = match env.command {
             Command::Start => tx.record_start(&record, &new_instance).await?,
@@ -737,15 +659,19 @@ impl Engine {
             tx.rollback().await?;
             return self.dispose(job, instance_id, requested).await;
         }
-        if let Some((kind, code, reason, envelope)) = &parked {
-            let body = envelope.to_body();
+        if let Some(park) = &plan.park {
+            let body = park.envelope.to_body();
+            let kind = match park.kind {
+                ParkKind::Exhausted => DeadLetterKind::Exhausted,
+                ParkKind::CompensationFailed => DeadLetterKind::CompensationFailed,
+            };
             dead_letters::insert(
                 tx.conn(),
                 &NewDeadLetter {
                     id: Uuid::new_v5(&env.message_id, b"dead-letter"),
-                    kind: *kind,
-                    reason_code: code,
-                    reason,
+                    kind,
+                    reason_code: park.kind.code(),
+                    reason: &park.reason,
                     body: &body,
                     message_id: Some(env.message_id),
                     instance_id: Some(instance_id),
@@ -756,25 +682,23 @@ impl Engine {
         }
         tx.commit().await?;
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
-        if let Some(failure) = &failure {
+        if let Some(error) = &plan.error {
             // Logged only now that it is recorded: a copy's failed re-run is not an attempt.
             tracing::info!(saga = %saga.name, step = %step.name, phase = requested.phase.as_str(),
-                attempt = requested.attempt, kind = ?failure.kind, error = %failure.message,
+                attempt = requested.attempt, outcome = ?plan.outcome, error = %error,
                 "step attempt failed");
             self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-            if t.next.is_some_and(|n| {
-                n.cursor.step == requested.step && n.cursor.phase == requested.phase
-            }) {
+            if plan.retries {
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
             }
         } else if requested.phase == Phase::Compensate {
             self.stats.compensations.fetch_add(1, Ordering::Relaxed);
         }
-        if t.state.status.is_terminal() && t.state.status != InstanceStatus::Completed {
+        if plan.state.status.is_terminal() && plan.state.status != InstanceStatus::Completed {
             tracing::warn!(saga = %saga.name, instance = %instance_id,
-                status = t.state.status.as_str(), "saga instance finished after a failure");
+                status = plan.state.status.as_str(), "saga instance finished after a failure");
         }
-        Ok(Handled::Send(outgoing))
+        Ok(Handled::Send(plan.outgoing))
     }
 
     /// The slow path: a message whose guarded record did not apply.
@@ -784,44 +708,37 @@ impl Engine {
         instance_id: Uuid,
         requested: Cursor,
     ) -> Result<Handled, EngineError> {
-        let message_id = job.envelope.message_id;
-        match self.store.disposal(message_id, instance_id).await? {
-            Disposal::Seen => self.resend_copy(message_id).await,
-            Disposal::NoInstance => match (job.envelope.command, job.envelope.order_key()) {
-                // A start that created nothing: its sequence is not above the watermark.
-                (Command::Start, Some(sequence)) => {
-                    let watermark = self
-                        .store
-                        .watermark(&job.saga.name, &job.aggregate_id)
-                        .await?;
-                    if watermark.is_none_or(|w| (sequence as i64) > w) {
-                        return Err(EngineError::Raced(instance_id));
-                    }
-                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(%message_id, saga = %job.saga.name, aggregate = %job.aggregate_id,
-                        sequence, ?watermark, "stale start: discarded and recorded");
-                    let mut tx = self.store.begin().await?;
-                    tx.record_skipped(message_id, instance_id, true).await?;
-                    tx.commit().await?;
-                    Ok(Handled::Send(Vec::new()))
-                }
-                _ => Ok(Handled::DeadLetter(
-                    "no_instance",
-                    format!("run message for unknown instance {instance_id}"),
-                )),
-            },
-            Disposal::Live(state) => match coordinator::admit(state, requested) {
-                Admission::Skip(reason) => {
-                    self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%message_id, ?reason, "message out of date: skipped");
-                    let mut tx = self.store.begin().await?;
-                    tx.record_skipped(message_id, instance_id, false).await?;
-                    tx.commit().await?;
-                    Ok(Handled::Send(Vec::new()))
-                }
-                // The state moved between the record and this look: try again.
-                Admission::Run(_) => Err(EngineError::Raced(instance_id)),
-            },
+        let env = &job.envelope;
+        let message_id = env.message_id;
+        let disposal = self.store.disposal(message_id, instance_id).await?;
+        let watermark = if decide::needs_watermark(disposal, env) {
+            self.store
+                .watermark(&job.saga.name, &job.aggregate_id)
+                .await?
+        } else {
+            None
+        };
+        match decide::dispose(disposal, env, instance_id, requested, watermark) {
+            Disposition::ResendCopy => self.resend_copy(message_id).await,
+            Disposition::RecordStale => {
+                self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%message_id, saga = %job.saga.name, aggregate = %job.aggregate_id,
+                    order_key = env.order_key(), ?watermark, "stale start: discarded and recorded");
+                let mut tx = self.store.begin().await?;
+                tx.record_skipped(message_id, instance_id, true).await?;
+                tx.commit().await?;
+                Ok(Handled::Send(Vec::new()))
+            }
+            Disposition::RecordSkipped(reason) => {
+                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%message_id, ?reason, "message out of date: skipped");
+                let mut tx = self.store.begin().await?;
+                tx.record_skipped(message_id, instance_id, false).await?;
+                tx.commit().await?;
+                Ok(Handled::Send(Vec::new()))
+            }
+            Disposition::DeadLetter { code, reason } => Ok(Handled::DeadLetter(code, reason)),
+            Disposition::Raced => Err(EngineError::Raced(instance_id)),
         }
     }
 
@@ -833,36 +750,5 @@ impl Engine {
         tracing::info!(%message_id, resend = outgoing.len(),
             "copy of a handled message: ran nothing, re-sent what it sent");
         Ok(Handled::Send(outgoing))
-    }
-
-    fn outgoing(
-        &self,
-        job: &Job,
-        instance_id: Uuid,
-        outputs: &Value,
-        errors: &[AttemptError],
-        deadline: Option<chrono::DateTime<Utc>>,
-        t: &Transition,
-    ) -> Vec<Outgoing> {
-        t.next
-            .iter()
-            .map(|next| {
-                Outgoing::to_intake(
-                    Envelope {
-                        outputs: outputs.clone(),
-                        errors: errors.to_vec(),
-                        deadline,
-                        ..Envelope::run(
-                            &job.saga.name,
-                            &job.aggregate_id,
-                            instance_id,
-                            next.cursor,
-                            job.envelope.payload.clone(),
-                        )
-                    },
-                    next.delay.as_millis() as u64,
-                )
-            })
-            .collect()
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod context;
 pub mod coordinator;
+pub mod decide;
 pub mod definition;
 pub mod load;
 pub mod sql;

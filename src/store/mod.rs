@@ -89,16 +89,7 @@ impl StoreError {
     }
 }
 
-/// Why a message's guarded record did not apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposal {
-    /// The message id is in the inbox: a copy of a handled message.
-    Seen,
-    /// No instance has the message's instance id.
-    NoInstance,
-    /// The instance exists in this state (terminal, or at another cursor).
-    Live(InstanceState),
-}
+pub use crate::saga::decide::Disposal;
 
 /// Count of instances of one saga in one status.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
