@@ -17,7 +17,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::envelope::{Envelope, Outgoing};
-use crate::saga::coordinator::{Cursor, InstanceState, InstanceStatus, Phase};
+use crate::saga::decide;
 use crate::store::dead_letters::{self, DeadLetterKind, DeadLetterStatus};
 use crate::store::{Store, StoreError, lock_instance, resume_instance};
 use crate::transport::{Transport, TransportError};
@@ -204,19 +204,11 @@ async fn resume_parked(
     let snap = lock_instance(tx, instance)
         .await?
         .ok_or(DlqError::NotParked(instance, "missing"))?;
-    if snap.state.status != InstanceStatus::Failed {
-        return Err(DlqError::NotParked(instance, snap.state.status.as_str()));
-    }
-    let cursor = Cursor {
-        attempt: snap.state.cursor.attempt + 1,
-        ..snap.state.cursor
-    };
-    let status = match cursor.phase {
-        Phase::Forward => InstanceStatus::Running,
-        Phase::Compensate => InstanceStatus::Compensating,
-    };
+    let state = decide::resume(snap.state)
+        .ok_or(DlqError::NotParked(instance, snap.state.status.as_str()))?;
     let payload = data.unwrap_or(snap.payload);
-    resume_instance(tx, instance, InstanceState { status, cursor }, &payload).await?;
+    resume_instance(tx, instance, state, &payload).await?;
+    let cursor = state.cursor;
     Ok(Outgoing::to_intake(
         Envelope {
             outputs: snap.outputs,

@@ -18,7 +18,7 @@ use crate::dlq::{self, DlqError, ReplayOutcome};
 use crate::engine::{deadline_after, first_step_message};
 use crate::envelope::{Envelope, Outgoing};
 use crate::saga::coordinator::{self, CancelRefusal, InstanceStatus};
-use crate::saga::{Catalog, Isolation};
+use crate::saga::{Catalog, decide};
 use crate::store::dead_letters::{self, DeadLetterStatus};
 use crate::store::steps::promote_next;
 use crate::store::{InstanceSnapshot, Store, StoreError, lock_instance, resume_instance};
@@ -181,9 +181,7 @@ pub async fn cancel(
                 .collect();
             // The lock holder ended at once (nothing to undo): an exclusive saga's lock
             // passes on. A cancelled *waiting* instance never held it.
-            if t.state.status.is_terminal()
-                && saga.isolation == Isolation::Exclusive
-                && snap.state.status != InstanceStatus::Waiting
+            if decide::passes_lock(saga, snap.state.status, t.state.status)
                 && let deadline = deadline_after(Utc::now(), saga.timeout)
                 && let Some((next, payload)) =
                     promote_next(&mut tx, &snap.saga, &snap.aggregate_id, deadline).await?

@@ -281,9 +281,32 @@ pub fn decide(at: &Attempt<'_>, result: StepResult, now: DateTime<Utc>, jitter: 
         errors,
         outgoing,
         park,
-        pass_lock: at.saga.isolation == Isolation::Exclusive && t.state.status.is_terminal(),
+        pass_lock: passes_lock(at.saga, InstanceStatus::Running, t.state.status),
         retries,
     }
+}
+
+/// Whether an instance moving from `from` to `to` passes its exclusive saga's lock to
+/// the oldest waiting instance: it held the lock (it was not waiting) and it ended.
+pub fn passes_lock(saga: &SagaDef, from: InstanceStatus, to: InstanceStatus) -> bool {
+    saga.isolation == Isolation::Exclusive && from != InstanceStatus::Waiting && to.is_terminal()
+}
+
+/// Where a parked (`failed`) instance resumes: the step or compensation that failed,
+/// as a new attempt. `None` when the instance is not parked.
+pub fn resume(state: InstanceState) -> Option<InstanceState> {
+    if state.status != InstanceStatus::Failed {
+        return None;
+    }
+    let cursor = Cursor {
+        attempt: state.cursor.attempt + 1,
+        ..state.cursor
+    };
+    let status = match cursor.phase {
+        Phase::Forward => InstanceStatus::Running,
+        Phase::Compensate => InstanceStatus::Compensating,
+    };
+    Some(InstanceState { status, cursor })
 }
 
 /// Why a message's guarded record did not apply, as PostgreSQL says.
@@ -567,6 +590,56 @@ steps:
             )
             .pass_lock
         );
+    }
+
+    #[test]
+    fn a_parked_instance_resumes_where_it_failed_as_a_new_attempt() {
+        let parked = InstanceState {
+            status: InstanceStatus::Failed,
+            cursor: cursor(0, Phase::Compensate, 3),
+        };
+        assert_eq!(
+            resume(parked),
+            Some(InstanceState {
+                status: InstanceStatus::Compensating,
+                cursor: cursor(0, Phase::Compensate, 4)
+            })
+        );
+        let exhausted = InstanceState {
+            status: InstanceStatus::Failed,
+            cursor: cursor(2, Phase::Forward, 9),
+        };
+        assert_eq!(resume(exhausted).unwrap().status, InstanceStatus::Running);
+        let running = InstanceState {
+            status: InstanceStatus::Running,
+            ..parked
+        };
+        assert_eq!(resume(running), None);
+    }
+
+    #[test]
+    fn only_a_lock_holder_that_ends_passes_the_lock() {
+        let s = saga("isolation: exclusive\n");
+        assert!(passes_lock(
+            &s,
+            InstanceStatus::Running,
+            InstanceStatus::Compensated
+        ));
+        assert!(!passes_lock(
+            &s,
+            InstanceStatus::Waiting,
+            InstanceStatus::Compensated
+        ));
+        assert!(!passes_lock(
+            &s,
+            InstanceStatus::Running,
+            InstanceStatus::Compensating
+        ));
+        assert!(!passes_lock(
+            &saga(""),
+            InstanceStatus::Running,
+            InstanceStatus::Completed
+        ));
     }
 
     #[test]
