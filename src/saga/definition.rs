@@ -9,6 +9,29 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+/// The limits of a saga file's values, each checked by [`crate::saga::load`] with an error
+/// naming the file, line and field (README, *Saga files*, lists them).
+pub mod limits {
+    /// Saga and step names: at most this many characters (PostgreSQL's identifier length).
+    pub const MAX_NAME_CHARS: usize = 63;
+    /// The largest `version`: it is stored in a PostgreSQL `integer` column.
+    pub const MAX_VERSION: u64 = i32::MAX as u64;
+    /// The largest `max_attempts`: attempt numbers are stored as PostgreSQL `integer`s.
+    pub const MAX_ATTEMPTS: u64 = i32::MAX as u64;
+    /// The largest `initial_delay_ms` and `max_delay_ms` (1 hour): the longest delay the
+    /// transport holds a retry for without sending it early (its longest delay tier).
+    pub const MAX_RETRY_DELAY_MS: u64 = 3_600_000;
+    /// The largest step `timeout_ms`: PostgreSQL's `statement_timeout` is an `int` of
+    /// milliseconds (about 24.8 days).
+    pub const MAX_STEP_TIMEOUT_MS: u64 = i32::MAX as u64;
+    /// The largest saga `timeout_ms` (365 days).
+    pub const MAX_SAGA_TIMEOUT_MS: u64 = 365 * 24 * 3_600_000;
+    /// The largest `ordering_max_wait_ms` (10 minutes): a held start's delivery stays
+    /// unacked while it waits, and RabbitMQ closes the channel of a delivery left unacked
+    /// longer than its `consumer_timeout` (30 minutes by default).
+    pub const MAX_ORDERING_WAIT_MS: u64 = 600_000;
+}
+
 /// One saga: an ordered list of steps run one after another for one aggregate.
 #[derive(Debug, Clone, Serialize)]
 pub struct SagaDef {

@@ -5,24 +5,24 @@
 //! One saga per file, one YAML document per file:
 //!
 //! ```yaml
-//! name: order_checkout          # required, ^[a-z][a-z0-9_]*$
-//! version: 1                    # required, integer >= 1
+//! name: order_checkout          # required, ^[a-z][a-z0-9_]*$, at most 63 characters
+//! version: 1                    # required, integer 1..=2147483647
 //! aggregate: payload.order_id   # required, a `payload.*` reference: where a start
 //!                               # message's payload carries the aggregate id
 //! setup: |                      # optional: idempotent SQL run at start-up
 //!   CREATE SCHEMA IF NOT EXISTS shop;
-//! timeout_ms: 600000            # optional, integer >= 1: limit of a whole instance
+//! timeout_ms: 600000            # optional, 1..=31536000000 (365 days): limit of a whole instance
 //! ordering: strict              # latest_wins | strict (default latest_wins)
-//! ordering_max_wait_ms: 2000    # integer >= 1, only with `strict` (default 5000)
+//! ordering_max_wait_ms: 2000    # 1..=600000, only with `strict` (default 5000)
 //! isolation: exclusive          # interleave | exclusive (default interleave)
 //! retry:                        # optional saga-level default policy, every field optional
-//!   max_attempts: 5             # >= 1 (default 3)
+//!   max_attempts: 5             # 1..=2147483647 (default 3)
 //!   backoff: exponential        # fixed | exponential (default exponential)
-//!   initial_delay_ms: 200       # >= 0 (default 200)
-//!   max_delay_ms: 10000         # >= initial_delay_ms (default 30000)
+//!   initial_delay_ms: 200       # 0..=3600000 (default 200)
+//!   max_delay_ms: 10000         # initial_delay_ms..=3600000 (default 30000)
 //!   jitter: true                # default true
 //! steps:                        # required, non-empty, run in this order
-//!   - name: reserve_stock       # required, ^[a-z][a-z0-9_]*$, unique in the saga
+//!   - name: reserve_stock       # required, ^[a-z][a-z0-9_]*$, at most 63 characters, unique
 //!     role: compensatable       # required: compensatable | pivot | retriable
 //!     action:                   # required: exactly one of `sql` or `handler`
 //!       sql: |
@@ -37,7 +37,7 @@
 //!       sql: UPDATE shop.stock SET available = available + :qty WHERE sku = :sku
 //!       params: { sku: payload.sku, qty: payload.qty }
 //!     retry: { max_attempts: 10 }   # optional per-step override of the saga policy
-//!     timeout_ms: 5000          # optional, integer >= 1: limit of one attempt
+//!     timeout_ms: 5000          # optional, 1..=2147483647: limit of one attempt
 //!   - name: send_receipt
 //!     role: retriable
 //!     action: { handler: send_email, params: { to: payload.email } }
@@ -75,6 +75,17 @@
 //!
 //! A step's policy is [`RetryPolicy::default`], overridden by the fields given in the
 //! saga's `retry`, overridden by the fields given in the step's `retry`.
+//!
+//! Delays are at most 3600000 ms (1 hour, [`limits::MAX_RETRY_DELAY_MS`]): the transport
+//! holds a retry for at most its longest delay tier, and a longer delay would be cut
+//! short, which would break the promise that a retry never comes early.
+//!
+//! ## Limits
+//!
+//! Every limit is in [`limits`]; a value outside its range is an error at its line,
+//! `{field} must be at most {max} ({why}), found {value}` (or `must be an integer >=
+//! {min}`), and a name over 63 characters is `{saga|step} name `<first 20
+//! characters>...` is {n} characters long: at most 63 are allowed`.
 //!
 //! ## Timeouts
 //!
@@ -126,7 +137,7 @@ use serde_saphyr::{DuplicateKeyPolicy, Location, MessageFormatter, Spanned};
 use thiserror::Error;
 
 use super::definition::{
-    Action, Backoff, HandlerAction, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction,
+    limits, Action, Backoff, HandlerAction, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction,
     StepDef, StepRole, ValueRef,
 };
 use super::sql::{compile_named, has_keyword, is_single_statement};
@@ -329,10 +340,6 @@ const DOCUMENT: &str = "<document>";
 /// `ordering_max_wait_ms` is not given.
 const DEFAULT_ORDERING_MAX_WAIT: Duration = Duration::from_millis(5000);
 
-/// The largest step `timeout_ms`: PostgreSQL's `statement_timeout` is an `int` of
-/// milliseconds (about 24.8 days).
-const MAX_STEP_TIMEOUT_MS: u64 = i32::MAX as u64;
-
 /// A 1-based position in the file (0 = unknown); orders by line, then column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Pos {
@@ -534,20 +541,14 @@ impl Checker<'_> {
 
     fn saga(&mut self, raw: RawSaga) -> Option<SagaDef> {
         let name = self.snake_name(&raw.name, "name", "saga");
-        let version = match u32::try_from(raw.version.value) {
-            Ok(v) if v >= 1 => Some(v),
-            _ => {
-                self.error(
-                    Pos::at(&raw.version),
-                    "version",
-                    format!(
-                        "version must be an integer >= 1, found {}",
-                        raw.version.value
-                    ),
-                );
-                None
-            }
-        };
+        let version = self
+            .integer_in(
+                Some(&raw.version),
+                "version",
+                1,
+                (limits::MAX_VERSION, "it is stored as a PostgreSQL integer"),
+            )
+            .map(|v| u32::try_from(v).expect("MAX_VERSION fits in u32"));
         let aggregate = match parse_value_ref(&raw.aggregate.value) {
             Ok(r @ ValueRef::Payload { .. }) => Some(r),
             _ => {
@@ -569,7 +570,12 @@ impl Checker<'_> {
             Some(retry) => self.retry(&defaults, retry, "retry"),
             None => defaults,
         };
-        let timeout = self.positive_millis(raw.timeout_ms.as_ref(), "timeout_ms", None);
+        let timeout = self.millis_in(
+            raw.timeout_ms.as_ref(),
+            "timeout_ms",
+            1,
+            (limits::MAX_SAGA_TIMEOUT_MS, "365 days"),
+        );
         let ordering = self.ordering(raw.ordering.as_ref(), raw.ordering_max_wait_ms.as_ref());
         let isolation = match raw.isolation.as_ref().map(|i| i.value) {
             None | Some(RawIsolation::Interleave) => Isolation::Interleave,
@@ -599,7 +605,16 @@ impl Checker<'_> {
         match ordering.map(|o| o.value) {
             Some(RawOrdering::Strict) => OrderingPolicy::Strict {
                 max_wait: self
-                    .positive_millis(wait, "ordering_max_wait_ms", None)
+                    .millis_in(
+                        wait,
+                        "ordering_max_wait_ms",
+                        1,
+                        (
+                            limits::MAX_ORDERING_WAIT_MS,
+                            "10 minutes: a held start stays unacked, and RabbitMQ's \
+                             consumer_timeout is 30 minutes by default",
+                        ),
+                    )
                     .unwrap_or(DEFAULT_ORDERING_MAX_WAIT),
             },
             policy => {
@@ -622,40 +637,55 @@ impl Checker<'_> {
         }
     }
 
-    /// A `*_ms` field that must be an integer >= 1 (and at most `max` when given);
-    /// `None` when absent or invalid (then reported at `field`).
-    fn positive_millis(
+    /// An integer field that must lie in `min..=max` (`max` with the reason for it);
+    /// `None` when absent or out of range (then reported at `field`).
+    fn integer_in(
         &mut self,
         raw: Option<&Spanned<i64>>,
         field: &str,
-        max: Option<(u64, &str)>,
-    ) -> Option<Duration> {
+        min: u64,
+        (max, why): (u64, &str),
+    ) -> Option<u64> {
         let raw = raw?;
         let name = field.rsplit('.').next().unwrap_or(field);
         let message = match u64::try_from(raw.value) {
-            Ok(ms) if ms >= 1 => match max {
-                Some((max, why)) if ms > max => {
-                    format!("{name} must be at most {max} ({why}), found {ms}")
-                }
-                _ => return Some(Duration::from_millis(ms)),
-            },
-            _ => format!("{name} must be an integer >= 1, found {}", raw.value),
+            Ok(v) if v < min => format!("{name} must be an integer >= {min}, found {v}"),
+            Ok(v) if v > max => format!("{name} must be at most {max} ({why}), found {v}"),
+            Ok(v) => return Some(v),
+            Err(_) => format!("{name} must be an integer >= {min}, found {}", raw.value),
         };
         self.error(Pos::at(raw), field, message);
         None
     }
 
+    /// [`Checker::integer_in`] for a `*_ms` field, as a duration.
+    fn millis_in(
+        &mut self,
+        raw: Option<&Spanned<i64>>,
+        field: &str,
+        min: u64,
+        max: (u64, &str),
+    ) -> Option<Duration> {
+        self.integer_in(raw, field, min, max)
+            .map(Duration::from_millis)
+    }
+
     fn snake_name(&mut self, name: &Spanned<String>, field: &str, what: &str) -> Option<String> {
-        if is_snake_name(&name.value) {
-            Some(name.value.clone())
+        let chars = name.value.chars().count();
+        let message = if chars > limits::MAX_NAME_CHARS {
+            // The name itself may be huge: show its start only.
+            let start: String = name.value.chars().take(20).collect();
+            format!(
+                "{what} name `{start}...` is {chars} characters long: at most {} are allowed",
+                limits::MAX_NAME_CHARS
+            )
+        } else if is_snake_name(&name.value) {
+            return Some(name.value.clone());
         } else {
-            self.error(
-                Pos::at(name),
-                field,
-                format!("{what} name `{}` must match ^[a-z][a-z0-9_]*$", name.value),
-            );
-            None
-        }
+            format!("{what} name `{}` must match ^[a-z][a-z0-9_]*$", name.value)
+        };
+        self.error(Pos::at(name), field, message);
+        None
     }
 
     fn steps(
@@ -837,13 +867,14 @@ impl Checker<'_> {
             None => saga_retry.clone(),
         };
         // An invalid timeout is reported; the saga then fails as a whole.
-        let timeout = self.positive_millis(
+        let timeout = self.millis_in(
             step.timeout_ms.as_ref(),
             &format!("{prefix}.timeout_ms"),
-            Some((
-                MAX_STEP_TIMEOUT_MS,
+            1,
+            (
+                limits::MAX_STEP_TIMEOUT_MS,
                 "the largest PostgreSQL statement_timeout",
-            )),
+            ),
         );
         Some(StepDef {
             name: name?,
@@ -860,22 +891,39 @@ impl Checker<'_> {
     fn retry(&mut self, base: &RetryPolicy, raw: &Spanned<RawRetry>, field: &str) -> RetryPolicy {
         let r = &raw.value;
         let mut given = RetryOverride::default();
-        if let Some(max) = &r.max_attempts {
-            match u32::try_from(max.value) {
-                Ok(v) if v >= 1 => given.max_attempts = Some(v),
-                _ => self.error(
-                    Pos::at(max),
-                    format!("{field}.max_attempts"),
-                    format!("max_attempts must be an integer >= 1, found {}", max.value),
+        given.max_attempts = self
+            .integer_in(
+                r.max_attempts.as_ref(),
+                &format!("{field}.max_attempts"),
+                1,
+                (
+                    limits::MAX_ATTEMPTS,
+                    "attempts are counted in a PostgreSQL integer",
                 ),
-            }
-        }
+            )
+            .map(|v| u32::try_from(v).expect("MAX_ATTEMPTS fits in u32"));
         given.backoff = r.backoff.as_ref().map(|b| match b.value {
             RawBackoff::Fixed => Backoff::Fixed,
             RawBackoff::Exponential => Backoff::Exponential,
         });
-        given.initial_delay = self.millis(r.initial_delay_ms.as_ref(), field, "initial_delay_ms");
-        given.max_delay = self.millis(r.max_delay_ms.as_ref(), field, "max_delay_ms");
+        // A longer delay would be cut to the longest delay tier: the retry would come
+        // earlier than the policy says.
+        let delay_cap = (
+            limits::MAX_RETRY_DELAY_MS,
+            "1 hour, the longest delay skald holds a retry for",
+        );
+        given.initial_delay = self.millis_in(
+            r.initial_delay_ms.as_ref(),
+            &format!("{field}.initial_delay_ms"),
+            0,
+            delay_cap,
+        );
+        given.max_delay = self.millis_in(
+            r.max_delay_ms.as_ref(),
+            &format!("{field}.max_delay_ms"),
+            0,
+            delay_cap,
+        );
         given.jitter = r.jitter.as_ref().map(|j| j.value);
 
         let merged = given.apply(base);
@@ -900,21 +948,6 @@ impl Checker<'_> {
             );
         }
         merged
-    }
-
-    fn millis(&mut self, raw: Option<&Spanned<i64>>, field: &str, name: &str) -> Option<Duration> {
-        let raw = raw?;
-        match u64::try_from(raw.value) {
-            Ok(ms) => Some(Duration::from_millis(ms)),
-            Err(_) => {
-                self.error(
-                    Pos::at(raw),
-                    format!("{field}.{name}"),
-                    format!("{name} must be an integer >= 0, found {}", raw.value),
-                );
-                None
-            }
-        }
     }
 
     fn action(
@@ -2028,6 +2061,91 @@ mod tests {
         );
     }
 
+    /// A saga with every limited field set from `values`: (field, value) replaces the
+    /// `{field}` placeholder; the others keep a valid value.
+    fn with_limits(values: &[(&str, String)]) -> String {
+        let mut src = "name: {name}\nversion: {version}\naggregate: payload.id\n\
+                       timeout_ms: {saga_timeout}\nordering: strict\n\
+                       ordering_max_wait_ms: {wait}\n\
+                       retry: { max_attempts: {attempts}, initial_delay_ms: {initial}, \
+                       max_delay_ms: {max_delay} }\n\
+                       steps:\n\
+                       - name: {step}\n  role: retriable\n  action: { handler: h }\n\
+                       \x20 timeout_ms: {step_timeout}\n"
+            .to_owned();
+        let defaults = [
+            ("name", "s"),
+            ("version", "1"),
+            ("saga_timeout", "1000"),
+            ("wait", "1000"),
+            ("attempts", "3"),
+            ("initial", "100"),
+            ("max_delay", "1000"),
+            ("step", "a"),
+            ("step_timeout", "1000"),
+        ];
+        for (field, default) in defaults {
+            let value = values
+                .iter()
+                .find(|(f, _)| *f == field)
+                .map_or(default.to_owned(), |(_, v)| v.clone());
+            src = src.replace(&format!("{{{field}}}"), &value);
+        }
+        src
+    }
+
+    #[test]
+    fn every_limit_is_accepted_at_its_maximum() {
+        let def = loaded(&with_limits(&[
+            ("name", "n".repeat(limits::MAX_NAME_CHARS)),
+            ("version", limits::MAX_VERSION.to_string()),
+            ("saga_timeout", limits::MAX_SAGA_TIMEOUT_MS.to_string()),
+            ("wait", limits::MAX_ORDERING_WAIT_MS.to_string()),
+            ("attempts", limits::MAX_ATTEMPTS.to_string()),
+            ("initial", limits::MAX_RETRY_DELAY_MS.to_string()),
+            ("max_delay", limits::MAX_RETRY_DELAY_MS.to_string()),
+            ("step", "s".repeat(limits::MAX_NAME_CHARS)),
+            ("step_timeout", limits::MAX_STEP_TIMEOUT_MS.to_string()),
+        ]));
+        assert_eq!(def.version, 2_147_483_647);
+        assert_eq!(def.timeout, Some(Duration::from_secs(365 * 24 * 3600)));
+        assert_eq!(def.steps[0].retry.max_delay, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn every_value_above_its_limit_is_an_error_naming_line_and_field() {
+        let over = |max: u64| (max + 1).to_string();
+        let cases = [
+            ("name", "n".repeat(64), 1, "name", "is 64 characters long: at most 63"),
+            ("name", "n".repeat(1 << 20), 1, "name", "is 1048576 characters long"),
+            ("version", over(limits::MAX_VERSION), 2, "version", "version must be at most 2147483647"),
+            ("version", i64::MAX.to_string(), 2, "version", "found 9223372036854775807"),
+            ("saga_timeout", over(limits::MAX_SAGA_TIMEOUT_MS), 4, "timeout_ms", "timeout_ms must be at most 31536000000"),
+            ("wait", i64::MAX.to_string(), 6, "ordering_max_wait_ms", "ordering_max_wait_ms must be at most 600000"),
+            ("attempts", over(limits::MAX_ATTEMPTS), 7, "retry.max_attempts", "max_attempts must be at most 2147483647"),
+            ("max_delay", over(limits::MAX_RETRY_DELAY_MS), 7, "retry.max_delay_ms", "max_delay_ms must be at most 3600000 (1 hour"),
+            ("max_delay", i64::MAX.to_string(), 7, "retry.max_delay_ms", "max_delay_ms must be at most 3600000"),
+            ("step", "s".repeat(64), 9, "steps[0].name", "step name `ssssssssssssssssssss...` is 64 characters long"),
+            ("step_timeout", i64::MAX.to_string(), 12, "steps[0].timeout_ms", "timeout_ms must be at most 2147483647"),
+        ];
+        for (field, value, line, path, phrase) in cases {
+            let errors = load(&with_limits(&[(field, value)])).expect_err(path);
+            assert_eq!(errors.len(), 1, "{path}: {}", render(&errors));
+            let e = &errors[0];
+            assert_eq!((e.line, e.field.as_str()), (line, path), "{e}");
+            assert!(e.message.contains(phrase), "{e}");
+            assert!(e.message.len() < 200, "a huge value is not echoed: {e}");
+        }
+        // initial_delay_ms alone: its own limit, before the comparison with max_delay_ms.
+        let errors = load(&with_limits(&[
+            ("initial", over(limits::MAX_RETRY_DELAY_MS)),
+            ("max_delay", over(limits::MAX_RETRY_DELAY_MS)),
+        ]))
+        .expect_err("both delays");
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["retry.initial_delay_ms", "retry.max_delay_ms"], "{}", render(&errors));
+    }
+
     #[test]
     fn all_semantic_errors_of_a_file_are_collected() {
         let errors = load(
@@ -2253,6 +2371,18 @@ mod tests {
             6,
             "ordering_max_wait_ms",
             "ordering_max_wait_ms must be an integer >= 1, found -100",
+        ),
+        (
+            "retry_delay_over_an_hour.yaml",
+            5,
+            "retry.max_delay_ms",
+            "max_delay_ms must be at most 3600000",
+        ),
+        (
+            "version_too_large.yaml",
+            3,
+            "version",
+            "version must be at most 2147483647",
         ),
     ];
 

@@ -53,12 +53,16 @@ use tokio::sync::Mutex;
 use super::{Acknowledge, Delivery, Transport, TransportError};
 use crate::config::Config;
 use crate::envelope::Outgoing;
+use crate::saga::definition::limits::MAX_RETRY_DELAY_MS;
 
 /// Delay tiers in milliseconds; a delay is rounded up to the next one (the last one
 /// caps it).
 pub const DELAY_TIERS_MS: &[u64] = &[
     100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000,
 ];
+
+// A saga's retry delays are capped at the longest tier, so none is ever cut short.
+const _: () = assert!(DELAY_TIERS_MS[DELAY_TIERS_MS.len() - 1] >= MAX_RETRY_DELAY_MS);
 
 /// The header that routes a delayed message to its tier queue.
 // Not `x-...`: a headers exchange ignores headers starting with `x-` when matching.
