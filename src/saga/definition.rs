@@ -75,7 +75,8 @@ pub struct StepDef {
     pub role: StepRole,
     /// The forward effect.
     pub action: Action,
-    /// The semantic undo; present exactly when `role` is [`StepRole::Compensatable`].
+    /// The semantic undo; present exactly when `role` is [`StepRole::Compensatable`]
+    /// (a [`StepRole::Check`] changes nothing, so it has nothing to undo).
     pub compensation: Option<Action>,
     /// How failed attempts of this step (and of its compensation) are retried.
     pub retry: RetryPolicy,
@@ -114,9 +115,9 @@ pub enum Isolation {
 
 /// The role a step plays in the saga (Garcia-Molina & Salem's classification).
 ///
-/// Validation guarantees: every step before the pivot is compensatable, every step
-/// after it is retriable, and there is at most one pivot. Without a pivot a saga may
-/// be all compensatable steps followed by retriable ones.
+/// Validation guarantees: every step before the pivot is compensatable or a check, every
+/// step after it is retriable, and there is at most one pivot. Without a pivot a saga may
+/// be compensatable steps and checks followed by retriable ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepRole {
@@ -126,6 +127,10 @@ pub enum StepRole {
     Pivot,
     /// After the pivot: must eventually succeed, so it is retried without a cap.
     Retriable,
+    /// A read-only check that stands where a compensatable step may (e.g. "the consumer
+    /// exists", with `expect_rows`): it changes nothing, so it has no compensation and
+    /// compensating in reverse passes over it (no message, no transaction).
+    Check,
 }
 
 /// What a step (or its compensation) does.

@@ -23,7 +23,7 @@
 //!   jitter: true                # default true
 //! steps:                        # required, non-empty, run in this order
 //!   - name: reserve_stock       # required, ^[a-z][a-z0-9_]*$, at most 63 characters, unique
-//!     role: compensatable       # required: compensatable | pivot | retriable
+//!     role: compensatable       # required: compensatable | pivot | retriable | check
 //!     action:                   # required: exactly one of `sql` or `handler`
 //!       sql: |
 //!         UPDATE shop.stock SET available = available - :qty
@@ -67,9 +67,17 @@
 //!
 //! ## Roles
 //!
-//! At most one step is the `pivot`. Every step before it is `compensatable` and every step
-//! after it is `retriable`; without a pivot, the compensatable steps come first. Only
-//! compensatable steps have (and must have) a `compensation`.
+//! At most one step is the `pivot`. Every step before it is `compensatable` or `check` and
+//! every step after it is `retriable`; without a pivot, the compensatable and check steps
+//! come first. Only compensatable steps have (and must have) a `compensation`.
+//!
+//! A `check` step is a read-only test such as "the consumer exists" (`SELECT ... ` with
+//! `expect_rows: 1`: another row count fails it fatally and the saga compensates). It
+//! changes nothing, so it has no compensation, and compensating in reverse passes over it
+//! without a message or a transaction. Its `sql` must read only: it starts with `SELECT`,
+//! `WITH`, `VALUES` or `TABLE` and contains none of `INSERT`, `UPDATE` (except `FOR
+//! UPDATE` / `FOR NO KEY UPDATE`), `DELETE`, `MERGE`, `INTO`; functions it calls are not
+//! inspected, nor is a `handler` check — they must not write either.
 //!
 //! ## Retry policies
 //!
@@ -137,10 +145,10 @@ use serde_saphyr::{DuplicateKeyPolicy, Location, MessageFormatter, Spanned};
 use thiserror::Error;
 
 use super::definition::{
-    limits, Action, Backoff, HandlerAction, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction,
-    StepDef, StepRole, ValueRef,
+    Action, Backoff, HandlerAction, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction,
+    StepDef, StepRole, ValueRef, limits,
 };
-use super::sql::{compile_named, has_keyword, is_single_statement};
+use super::sql::{compile_named, has_keyword, is_single_statement, read_only_violation};
 use super::yaml::{
     RawAction, RawBackoff, RawIsolation, RawOrdering, RawRetry, RawRole, RawSaga, RawStep,
 };
@@ -748,13 +756,18 @@ impl Checker<'_> {
                     ),
                     None => pivot = Some((i, name, Pos::at(step))),
                 },
-                RawRole::Compensatable => {
+                RawRole::Compensatable | RawRole::Check => {
+                    let what = if role.value == RawRole::Check {
+                        "check"
+                    } else {
+                        "compensatable"
+                    };
                     if let Some((_, pivot_name, _)) = pivot {
                         self.error(
                             Pos::at(role),
                             field,
                             format!(
-                                "compensatable step after the pivot `{pivot_name}`: once the \
+                                "{what} step after the pivot `{pivot_name}`: once the \
                                  pivot commits nothing is compensated, so the steps after it \
                                  must be retriable"
                             ),
@@ -764,8 +777,9 @@ impl Checker<'_> {
                             Pos::at(role),
                             field,
                             format!(
-                                "compensatable step after the retriable step `{retriable}`: \
-                                 compensatable steps must all come before retriable ones"
+                                "{what} step after the retriable step `{retriable}`: \
+                                 compensatable and check steps must all come before \
+                                 retriable ones"
                             ),
                         );
                     }
@@ -786,7 +800,7 @@ impl Checker<'_> {
                         format!("steps[{i}].role"),
                         format!(
                             "retriable step before the pivot `{pivot_name}`: every step before \
-                             the pivot must be compensatable"
+                             the pivot must be compensatable (or a check)"
                         ),
                     );
                 }
@@ -809,6 +823,7 @@ impl Checker<'_> {
             RawRole::Compensatable => StepRole::Compensatable,
             RawRole::Pivot => StepRole::Pivot,
             RawRole::Retriable => StepRole::Retriable,
+            RawRole::Check => StepRole::Check,
         };
         let action = self.action(
             &step.action,
@@ -851,6 +866,15 @@ impl Checker<'_> {
                 );
                 None
             }
+            (Some(raw_comp), StepRole::Check) => {
+                self.error(
+                    Pos::at(raw_comp),
+                    format!("{prefix}.compensation"),
+                    "a check step cannot have a `compensation`: it only reads, so there is \
+                     nothing to undo",
+                );
+                None
+            }
             (Some(raw_comp), StepRole::Retriable) => {
                 self.error(
                     Pos::at(raw_comp),
@@ -862,6 +886,19 @@ impl Checker<'_> {
             }
             (None, _) => Some(None),
         };
+        if role == StepRole::Check
+            && let Some(sql) = &step.action.value.sql
+            && let Some(why) = read_only_violation(&sql.value)
+        {
+            self.error(
+                Pos::at(sql),
+                format!("{prefix}.action.sql"),
+                format!(
+                    "a check step must only read (a SELECT without data-modifying WITH or \
+                     INTO), but {why}"
+                ),
+            );
+        }
         let retry = match &step.retry {
             Some(retry) => self.retry(saga_retry, retry, &format!("{prefix}.retry")),
             None => saga_retry.clone(),
@@ -2116,17 +2153,83 @@ mod tests {
     fn every_value_above_its_limit_is_an_error_naming_line_and_field() {
         let over = |max: u64| (max + 1).to_string();
         let cases = [
-            ("name", "n".repeat(64), 1, "name", "is 64 characters long: at most 63"),
-            ("name", "n".repeat(1 << 20), 1, "name", "is 1048576 characters long"),
-            ("version", over(limits::MAX_VERSION), 2, "version", "version must be at most 2147483647"),
-            ("version", i64::MAX.to_string(), 2, "version", "found 9223372036854775807"),
-            ("saga_timeout", over(limits::MAX_SAGA_TIMEOUT_MS), 4, "timeout_ms", "timeout_ms must be at most 31536000000"),
-            ("wait", i64::MAX.to_string(), 6, "ordering_max_wait_ms", "ordering_max_wait_ms must be at most 600000"),
-            ("attempts", over(limits::MAX_ATTEMPTS), 7, "retry.max_attempts", "max_attempts must be at most 2147483647"),
-            ("max_delay", over(limits::MAX_RETRY_DELAY_MS), 7, "retry.max_delay_ms", "max_delay_ms must be at most 3600000 (1 hour"),
-            ("max_delay", i64::MAX.to_string(), 7, "retry.max_delay_ms", "max_delay_ms must be at most 3600000"),
-            ("step", "s".repeat(64), 9, "steps[0].name", "step name `ssssssssssssssssssss...` is 64 characters long"),
-            ("step_timeout", i64::MAX.to_string(), 12, "steps[0].timeout_ms", "timeout_ms must be at most 2147483647"),
+            (
+                "name",
+                "n".repeat(64),
+                1,
+                "name",
+                "is 64 characters long: at most 63",
+            ),
+            (
+                "name",
+                "n".repeat(1 << 20),
+                1,
+                "name",
+                "is 1048576 characters long",
+            ),
+            (
+                "version",
+                over(limits::MAX_VERSION),
+                2,
+                "version",
+                "version must be at most 2147483647",
+            ),
+            (
+                "version",
+                i64::MAX.to_string(),
+                2,
+                "version",
+                "found 9223372036854775807",
+            ),
+            (
+                "saga_timeout",
+                over(limits::MAX_SAGA_TIMEOUT_MS),
+                4,
+                "timeout_ms",
+                "timeout_ms must be at most 31536000000",
+            ),
+            (
+                "wait",
+                i64::MAX.to_string(),
+                6,
+                "ordering_max_wait_ms",
+                "ordering_max_wait_ms must be at most 600000",
+            ),
+            (
+                "attempts",
+                over(limits::MAX_ATTEMPTS),
+                7,
+                "retry.max_attempts",
+                "max_attempts must be at most 2147483647",
+            ),
+            (
+                "max_delay",
+                over(limits::MAX_RETRY_DELAY_MS),
+                7,
+                "retry.max_delay_ms",
+                "max_delay_ms must be at most 3600000 (1 hour",
+            ),
+            (
+                "max_delay",
+                i64::MAX.to_string(),
+                7,
+                "retry.max_delay_ms",
+                "max_delay_ms must be at most 3600000",
+            ),
+            (
+                "step",
+                "s".repeat(64),
+                9,
+                "steps[0].name",
+                "step name `ssssssssssssssssssss...` is 64 characters long",
+            ),
+            (
+                "step_timeout",
+                i64::MAX.to_string(),
+                12,
+                "steps[0].timeout_ms",
+                "timeout_ms must be at most 2147483647",
+            ),
         ];
         for (field, value, line, path, phrase) in cases {
             let errors = load(&with_limits(&[(field, value)])).expect_err(path);
@@ -2143,7 +2246,78 @@ mod tests {
         ]))
         .expect_err("both delays");
         let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["retry.initial_delay_ms", "retry.max_delay_ms"], "{}", render(&errors));
+        assert_eq!(
+            fields,
+            ["retry.initial_delay_ms", "retry.max_delay_ms"],
+            "{}",
+            render(&errors)
+        );
+    }
+
+    #[test]
+    fn a_check_step_reads_only_has_no_compensation_and_stands_before_the_pivot() {
+        let saga = |check: &str, after: &str| {
+            format!(
+                "name: s\nversion: 1\naggregate: payload.id\nsteps:\n\
+                 - name: consumer_exists\n  role: check\n{check}\
+                 - name: ship\n  role: pivot\n  action: {{ handler: ship }}\n{after}"
+            )
+        };
+        let select = "  action:\n    sql: SELECT 1 FROM c WHERE id = :id\n    \
+                      params: { id: payload.id }\n    expect_rows: 1\n";
+        let def = loaded(&saga(select, ""));
+        assert_eq!(def.steps[0].role, StepRole::Check);
+        assert!(def.steps[0].compensation.is_none());
+        loaded(&saga("  action: { handler: verify }\n", ""));
+
+        let errors = load(&saga(
+            &format!("{select}  compensation: {{ sql: SELECT 1 }}\n"),
+            "",
+        ))
+        .expect_err("check with compensation");
+        assert_eq!(errors.len(), 1, "{}", render(&errors));
+        assert_eq!(
+            (errors[0].line, errors[0].field.as_str()),
+            (11, "steps[0].compensation")
+        );
+        assert!(
+            errors[0].message.contains("nothing to undo"),
+            "{}",
+            errors[0]
+        );
+
+        let errors = load(&saga(
+            "  action: { sql: 'WITH d AS (DELETE FROM c RETURNING 1) SELECT * FROM d' }\n",
+            "",
+        ))
+        .expect_err("check that writes");
+        assert_eq!(errors.len(), 1, "{}", render(&errors));
+        assert_eq!(
+            (errors[0].line, errors[0].field.as_str()),
+            (7, "steps[0].action.sql")
+        );
+        assert!(
+            errors[0]
+                .message
+                .contains("contains `DELETE`, which writes"),
+            "{}",
+            errors[0]
+        );
+
+        let errors = load(&saga(
+            select,
+            "- name: late\n  role: check\n  action: { sql: SELECT 1 }\n",
+        ))
+        .expect_err("check after the pivot");
+        assert_eq!(errors.len(), 1, "{}", render(&errors));
+        assert_eq!(errors[0].field, "steps[2].role");
+        assert!(
+            errors[0]
+                .message
+                .contains("check step after the pivot `ship`"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]
