@@ -228,7 +228,7 @@ impl App {
 
 /// Runs `connect` until it succeeds or `timeout` has passed, waiting 0.5 s doubling
 /// to 5 s between tries, and logging each failure. Errors that no wait can fix (a
-/// malformed URL) are returned at once.
+/// malformed URL, a broker that refuses skald's login or topology) are returned at once.
 async fn until_reachable<T, E, F, Fut>(
     what: &str,
     timeout: Duration,
@@ -267,8 +267,9 @@ impl Retriable for StoreError {
 }
 
 impl Retriable for TransportError {
+    /// A broker that answers but refuses skald is misconfigured, not restarting.
     fn worth_retrying(&self) -> bool {
-        true
+        !matches!(self, TransportError::Refused(_))
     }
 }
 
@@ -337,5 +338,18 @@ mod tests {
             .await;
         assert!(result.is_err());
         assert_eq!(tries.get(), 1, "a bad URL is not retried");
+    }
+
+    #[tokio::test]
+    async fn start_up_stops_at_once_when_the_broker_refuses_the_configuration() {
+        let tries = Cell::new(0);
+        let result: Result<(), TransportError> =
+            until_reachable("test", Duration::from_secs(10), || {
+                tries.set(tries.get() + 1);
+                async { Err(TransportError::Refused("ACCESS_REFUSED".into())) }
+            })
+            .await;
+        assert!(matches!(result, Err(TransportError::Refused(_))));
+        assert_eq!(tries.get(), 1, "a refusal is not waited on");
     }
 }

@@ -3,7 +3,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::helpers::{TestEnv, sample_sagas};
+use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+
+use crate::helpers::{AMQP, TestEnv, sample_sagas, wait_child};
 
 #[test]
 fn validate_accepts_the_sample_sagas() {
@@ -154,5 +158,101 @@ async fn dlq_commands_list_show_and_discard_dead_letters() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
+    env.cleanup().await;
+}
+
+/// Runs `skald run` against this test's services with `env` on top, waits for it to
+/// exit (it must, within `within`), and returns its exit status and stderr.
+fn run_expecting_exit(
+    env: &TestEnv,
+    extra: &[(&str, &str)],
+    within: Duration,
+) -> (std::process::ExitStatus, String) {
+    use std::io::Read as _;
+    let started = std::time::Instant::now();
+    let mut child = env
+        .skald(&["run"])
+        .env_remove("SKALD_LOG") // the default log filter, as a user has it
+        .env("SKALD_STARTUP_TIMEOUT_MS", "60000")
+        .envs(extra.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut child, within);
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(started.elapsed() < within, "{stderr}");
+    (status, stderr)
+}
+
+#[actix_rt::test]
+async fn run_stops_at_once_when_the_broker_refuses_its_topology() {
+    let env = TestEnv::new(sample_sagas()).await;
+    // Someone declared our intake exchange with another type: RabbitMQ answers
+    // skald's declaration with 406 PRECONDITION_FAILED, which no wait can fix (the
+    // same path as 503 COMMAND_INVALID when the consistent-hash plugin is off).
+    let conn = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let exchange = env.config.namespace.as_str();
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let (status, stderr) = run_expecting_exit(&env, &[], Duration::from_secs(20));
+    assert!(!status.success(), "{stderr}");
+    let refusals: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("PRECONDITION_FAILED"))
+        .collect();
+    assert_eq!(refusals.len(), 1, "said once:\n{stderr}");
+    assert!(refusals[0].contains(exchange), "{stderr}");
+    assert!(refusals[0].contains("SKALD_NAMESPACE"), "the fix: {stderr}");
+    assert!(
+        !stderr.contains("not reachable yet"),
+        "not waited on: {stderr}"
+    );
+
+    let _ = ch
+        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "".into()).await;
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn run_stops_at_once_when_the_broker_refuses_its_login() {
+    let env = TestEnv::new(sample_sagas()).await;
+    let (status, stderr) = run_expecting_exit(
+        &env,
+        &[("AMQP_URL", "amqp://guest:wrong-password@127.0.0.1:5672/%2f")],
+        Duration::from_secs(20),
+    );
+    assert!(!status.success(), "{stderr}");
+    let refusals: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("ACCESS_REFUSED"))
+        .collect();
+    assert_eq!(refusals.len(), 1, "said once:\n{stderr}");
+    assert!(
+        refusals[0].contains("password in AMQP_URL"),
+        "the fix: {stderr}"
+    );
+    assert!(
+        !stderr.contains("not reachable yet"),
+        "not waited on: {stderr}"
+    );
     env.cleanup().await;
 }
