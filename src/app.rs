@@ -25,6 +25,19 @@ pub enum AppError {
     /// Sagas use handlers that were not registered.
     #[error("saga steps use unregistered handler(s): {}", .0.join(", "))]
     MissingHandlers(Vec<String>),
+    /// A saga's `setup` SQL failed: where (the statement's line when PostgreSQL says
+    /// where, else the `setup:` line) and PostgreSQL's error, said once.
+    #[error("{}:{}:{}: setup: {}", .file.display(), .line, .column, .message)]
+    Setup {
+        /// The saga file.
+        file: std::path::PathBuf,
+        /// 1-based line in the file.
+        line: u32,
+        /// 1-based column in the file.
+        column: u32,
+        /// PostgreSQL's error: SQLSTATE, message, detail and hint.
+        message: String,
+    },
     /// PostgreSQL failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -75,7 +88,10 @@ impl App {
         .await?;
         store.migrate().await?;
         let all: Vec<_> = catalog.all().into_iter().map(|s| (**s).clone()).collect();
-        store.run_setup(&all).await?;
+        store
+            .run_setup(&all)
+            .await
+            .map_err(|e| setup_failed(&catalog, e))?;
         let transport = until_reachable("RabbitMQ", config.startup_timeout, || {
             RabbitTransport::connect(&config)
         })
@@ -223,6 +239,45 @@ impl App {
             .applied
             .load(std::sync::atomic::Ordering::Relaxed);
         tracing::info!(applied, "stopped");
+    }
+}
+
+/// Points a failed `setup` at its saga file: the failing statement's line when
+/// PostgreSQL reports a position, the `setup:` line otherwise. Other errors pass.
+fn setup_failed(catalog: &Catalog, error: StoreError) -> AppError {
+    let StoreError::Setup { saga, source } = &error else {
+        return error.into();
+    };
+    let Some(def) = catalog.get(saga) else {
+        return error.into();
+    };
+    let sql = def.setup_sql.as_deref().unwrap_or_default();
+    let pg = source
+        .as_database_error()
+        .and_then(|e| e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>());
+    let offset = pg.and_then(|e| match e.position()? {
+        sqlx::postgres::PgErrorPosition::Original(p) => Some(p.saturating_sub(1)),
+        _ => None,
+    });
+    let at = def.setup_at;
+    let (line, column) = offset.map_or((at.line, at.column), |o| at.of_offset(sql, o));
+    let message = match pg {
+        Some(e) => {
+            let mut text = format!("SQLSTATE {}: {}", e.code(), e.message());
+            for (label, extra) in [("detail", e.detail()), ("hint", e.hint())] {
+                if let Some(extra) = extra {
+                    text.push_str(&format!("; {label}: {extra}"));
+                }
+            }
+            text
+        }
+        None => source.to_string(),
+    };
+    AppError::Setup {
+        file: def.source.clone(),
+        line,
+        column,
+        message,
     }
 }
 

@@ -235,6 +235,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             match load_dir(&dir) {
                 Ok(sagas) => {
+                    for warning in crate::saga::setup::setup_warnings(&sagas) {
+                        eprintln!("{warning}");
+                    }
                     let names: Vec<_> = sagas.iter().map(|s| s.name.as_str()).collect();
                     println!(
                         "ok: {} saga(s) in {}: {}",

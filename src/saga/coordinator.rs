@@ -408,6 +408,7 @@ mod tests {
             version: 1,
             aggregate: ValueRef::AggregateId,
             setup_sql: None,
+            setup_at: Default::default(),
             steps,
             timeout: None,
             ordering: OrderingPolicy::LatestWins,

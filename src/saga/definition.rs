@@ -45,6 +45,9 @@ pub struct SagaDef {
     /// Idempotent SQL run once at start-up before consuming (samples and self-owned
     /// tables); `None` for sagas whose tables belong to someone else.
     pub setup_sql: Option<String>,
+    /// Where `setup_sql` is in `source`, to point at a failing statement.
+    #[serde(skip)]
+    pub setup_at: crate::saga::setup::SetupLocation,
     /// In execution order; never empty.
     pub steps: Vec<StepDef>,
     /// An instance still running this long after it started stops going forward and

@@ -148,6 +148,7 @@ use super::definition::{
     Action, Backoff, HandlerAction, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction,
     StepDef, StepRole, ValueRef, limits,
 };
+use super::setup::SetupLocation;
 use super::sql::{compile_named, has_keyword, is_single_statement, read_only_violation};
 use super::yaml::{
     RawAction, RawBackoff, RawIsolation, RawOrdering, RawRetry, RawRole, RawSaga, RawStep,
@@ -318,6 +319,7 @@ fn load_named(src: &str, file: &Path) -> Loaded {
     let name = Some((raw.name.value.clone(), Pos::at(&raw.name)));
     let mut checker = Checker {
         file,
+        src,
         errors: Vec::new(),
     };
     let def = checker.saga(raw);
@@ -533,6 +535,8 @@ impl RetryOverride {
 /// Invariant: a method returning `None` has recorded at least one error.
 struct Checker<'f> {
     file: &'f Path,
+    /// The file's text.
+    src: &'f str,
     errors: Vec<LoadError>,
 }
 
@@ -572,6 +576,10 @@ impl Checker<'_> {
                 None
             }
         };
+        let setup_at = raw.setup.as_ref().map_or_else(SetupLocation::default, |s| {
+            let at = Pos::at(s);
+            SetupLocation::of_value(self.src, at.line, at.column)
+        });
         let setup_sql = raw.setup.map(|s| s.value).filter(|s| !s.trim().is_empty());
         let defaults = RetryPolicy::default();
         let saga_retry = match &raw.retry {
@@ -595,6 +603,7 @@ impl Checker<'_> {
             version: version?,
             aggregate: aggregate?,
             setup_sql,
+            setup_at,
             steps: steps?,
             timeout,
             ordering,

@@ -5,6 +5,7 @@ pub mod context;
 pub mod coordinator;
 pub mod definition;
 pub mod load;
+pub mod setup;
 pub mod sql;
 mod yaml;
 

@@ -256,3 +256,46 @@ async fn run_stops_at_once_when_the_broker_refuses_its_login() {
     );
     env.cleanup().await;
 }
+
+fn setup_fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/setup")
+}
+
+#[test]
+fn validate_parses_setup_sql_and_warns_where_it_cannot() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
+        .arg("validate")
+        .arg(setup_fixtures())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A warning, not an error: the parser does not know all of PostgreSQL.
+    assert!(out.status.success(), "{stderr}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("typo_in_setup.yaml"))
+        .unwrap_or_else(|| panic!("no warning in:\n{stderr}"));
+    assert!(
+        warning.contains("typo_in_setup.yaml:10:3: setup: warning: "),
+        "{warning}"
+    );
+    assert!(warning.contains("CREAT"), "{warning}");
+}
+
+#[actix_rt::test]
+async fn run_names_the_file_and_line_of_failing_setup_sql_once() {
+    let env = TestEnv::new(setup_fixtures()).await;
+    let (status, stderr) = run_expecting_exit(&env, &[], Duration::from_secs(20));
+    assert!(!status.success(), "{stderr}");
+    let said: Vec<&str> = stderr.lines().filter(|l| l.contains("CREAT")).collect();
+    assert_eq!(said.len(), 1, "said once:\n{stderr}");
+    assert!(
+        said[0].contains("typo_in_setup.yaml:10:3: setup: SQLSTATE 42601: syntax error"),
+        "{stderr}"
+    );
+    assert!(
+        !said[0].contains(" at line "),
+        "no server source line: {stderr}"
+    );
+    env.cleanup().await;
+}
