@@ -936,41 +936,42 @@ impl Checker<'_> {
     /// and left at `base`'s value.
     fn retry(&mut self, base: &RetryPolicy, raw: &Spanned<RawRetry>, field: &str) -> RetryPolicy {
         let r = &raw.value;
-        let mut given = RetryOverride::default();
-        given.max_attempts = self
-            .integer_in(
-                r.max_attempts.as_ref(),
-                &format!("{field}.max_attempts"),
-                1,
-                (
-                    limits::MAX_ATTEMPTS,
-                    "attempts are counted in a PostgreSQL integer",
-                ),
-            )
-            .map(|v| u32::try_from(v).expect("MAX_ATTEMPTS fits in u32"));
-        given.backoff = r.backoff.as_ref().map(|b| match b.value {
-            RawBackoff::Fixed => Backoff::Fixed,
-            RawBackoff::Exponential => Backoff::Exponential,
-        });
         // A longer delay would be cut to the longest delay tier: the retry would come
         // earlier than the policy says.
         let delay_cap = (
             limits::MAX_RETRY_DELAY_MS,
             "1 hour, the longest delay skald holds a retry for",
         );
-        given.initial_delay = self.millis_in(
-            r.initial_delay_ms.as_ref(),
-            &format!("{field}.initial_delay_ms"),
-            0,
-            delay_cap,
-        );
-        given.max_delay = self.millis_in(
-            r.max_delay_ms.as_ref(),
-            &format!("{field}.max_delay_ms"),
-            0,
-            delay_cap,
-        );
-        given.jitter = r.jitter.as_ref().map(|j| j.value);
+        let given = RetryOverride {
+            max_attempts: self
+                .integer_in(
+                    r.max_attempts.as_ref(),
+                    &format!("{field}.max_attempts"),
+                    1,
+                    (
+                        limits::MAX_ATTEMPTS,
+                        "attempts are counted in a PostgreSQL integer",
+                    ),
+                )
+                .map(|v| u32::try_from(v).expect("MAX_ATTEMPTS fits in u32")),
+            backoff: r.backoff.as_ref().map(|b| match b.value {
+                RawBackoff::Fixed => Backoff::Fixed,
+                RawBackoff::Exponential => Backoff::Exponential,
+            }),
+            initial_delay: self.millis_in(
+                r.initial_delay_ms.as_ref(),
+                &format!("{field}.initial_delay_ms"),
+                0,
+                delay_cap,
+            ),
+            max_delay: self.millis_in(
+                r.max_delay_ms.as_ref(),
+                &format!("{field}.max_delay_ms"),
+                0,
+                delay_cap,
+            ),
+            jitter: r.jitter.as_ref().map(|j| j.value),
+        };
 
         let merged = given.apply(base);
         // Only blame this block if it set one of the two delays; an inherited inversion has
