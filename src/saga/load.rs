@@ -92,8 +92,8 @@
 //!
 //! Every limit is in [`limits`]; a value outside its range is an error at its line,
 //! `{field} must be at most {max} ({why}), found {value}` (or `must be an integer >=
-//! {min}`), and a name over 63 characters is `{saga|step} name `<first 20
-//! characters>...` is {n} characters long: at most 63 are allowed`.
+//! {min}`), and a name over 63 characters is ``{saga|step} name `<first 20
+//! characters>...` is {n} characters long: at most 63 are allowed``.
 //!
 //! ## Timeouts
 //!

@@ -161,15 +161,15 @@ async fn dlq_commands_list_show_and_discard_dead_letters() {
     env.cleanup().await;
 }
 
-/// Runs `skald run` against this test's services with `env` on top, waits for it to
-/// exit (it must, within `within`), and returns its exit status and stderr.
+/// Runs `skald run` against this test's services with `extra` env on top (and the
+/// default log filter), waits for it to exit — failing the test if it is still running
+/// after `within` — and returns its exit status and stderr.
 fn run_expecting_exit(
     env: &TestEnv,
     extra: &[(&str, &str)],
     within: Duration,
 ) -> (std::process::ExitStatus, String) {
     use std::io::Read as _;
-    let started = std::time::Instant::now();
     let mut child = env
         .skald(&["run"])
         .env_remove("SKALD_LOG") // the default log filter, as a user has it
@@ -187,8 +187,20 @@ fn run_expecting_exit(
         .unwrap()
         .read_to_string(&mut stderr)
         .unwrap();
-    assert!(started.elapsed() < within, "{stderr}");
     (status, stderr)
+}
+
+/// The one line of a failed `skald run`'s `stderr` that contains `needle`: it fails
+/// when the problem is said never or more than once, or was waited on as an outage.
+fn said_once<'s>(status: std::process::ExitStatus, stderr: &'s str, needle: &str) -> &'s str {
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("not reachable yet"),
+        "not waited on: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(needle)).collect();
+    assert_eq!(lines.len(), 1, "{needle} said once:\n{stderr}");
+    lines[0]
 }
 
 #[actix_rt::test]
@@ -212,18 +224,9 @@ async fn run_stops_at_once_when_the_broker_refuses_its_topology() {
     .unwrap();
 
     let (status, stderr) = run_expecting_exit(&env, &[], Duration::from_secs(20));
-    assert!(!status.success(), "{stderr}");
-    let refusals: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("PRECONDITION_FAILED"))
-        .collect();
-    assert_eq!(refusals.len(), 1, "said once:\n{stderr}");
-    assert!(refusals[0].contains(exchange), "{stderr}");
-    assert!(refusals[0].contains("SKALD_NAMESPACE"), "the fix: {stderr}");
-    assert!(
-        !stderr.contains("not reachable yet"),
-        "not waited on: {stderr}"
-    );
+    let refusal = said_once(status, &stderr, "PRECONDITION_FAILED");
+    assert!(refusal.contains(exchange), "{stderr}");
+    assert!(refusal.contains("SKALD_NAMESPACE"), "the fix: {stderr}");
 
     let _ = ch
         .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
@@ -240,19 +243,10 @@ async fn run_stops_at_once_when_the_broker_refuses_its_login() {
         &[("AMQP_URL", "amqp://guest:wrong-password@127.0.0.1:5672/%2f")],
         Duration::from_secs(20),
     );
-    assert!(!status.success(), "{stderr}");
-    let refusals: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("ACCESS_REFUSED"))
-        .collect();
-    assert_eq!(refusals.len(), 1, "said once:\n{stderr}");
+    let refusal = said_once(status, &stderr, "ACCESS_REFUSED");
     assert!(
-        refusals[0].contains("password in AMQP_URL"),
+        refusal.contains("password in AMQP_URL"),
         "the fix: {stderr}"
-    );
-    assert!(
-        !stderr.contains("not reachable yet"),
-        "not waited on: {stderr}"
     );
     env.cleanup().await;
 }
@@ -286,15 +280,13 @@ fn validate_parses_setup_sql_and_warns_where_it_cannot() {
 async fn run_names_the_file_and_line_of_failing_setup_sql_once() {
     let env = TestEnv::new(setup_fixtures()).await;
     let (status, stderr) = run_expecting_exit(&env, &[], Duration::from_secs(20));
-    assert!(!status.success(), "{stderr}");
-    let said: Vec<&str> = stderr.lines().filter(|l| l.contains("CREAT")).collect();
-    assert_eq!(said.len(), 1, "said once:\n{stderr}");
+    let said = said_once(status, &stderr, "CREAT");
     assert!(
-        said[0].contains("typo_in_setup.yaml:10:3: setup: SQLSTATE 42601: syntax error"),
+        said.contains("typo_in_setup.yaml:10:3: setup: SQLSTATE 42601: syntax error"),
         "{stderr}"
     );
     assert!(
-        !said[0].contains(" at line "),
+        !said.contains(" at line "),
         "no server source line: {stderr}"
     );
     env.cleanup().await;
