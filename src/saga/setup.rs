@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
+use sqlparser::parser::{Parser, ParserError};
 
 use super::definition::SagaDef;
 
@@ -95,8 +95,10 @@ pub fn setup_warnings(sagas: &[SagaDef]) -> Vec<SetupWarning> {
         .iter()
         .filter_map(|saga| {
             let sql = saga.setup_sql.as_deref()?;
-            let err = Parser::parse_sql(&PostgreSqlDialect {}, sql).err()?;
-            let text = err.to_string();
+            let text = match Parser::parse_sql(&PostgreSqlDialect {}, sql).err()? {
+                ParserError::ParserError(text) | ParserError::TokenizerError(text) => text,
+                other => other.to_string(),
+            };
             // sqlparser ends its messages with " at Line: L, Column: C" (1-based, chars).
             let (message, offset) = match text.rsplit_once(" at Line: ") {
                 Some((message, at)) => (message.to_owned(), offset_of(sql, at)),
