@@ -294,12 +294,16 @@ where
     Fut: Future<Output = Result<T, E>>,
     E: std::fmt::Display + Retriable,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
+    // A timeout beyond the clock's range waits without end (rather than panic).
+    let deadline = tokio::time::Instant::now().checked_add(timeout);
     let mut wait = Duration::from_millis(500);
     loop {
         match connect().await {
             Ok(value) => return Ok(value),
-            Err(e) if e.worth_retrying() && tokio::time::Instant::now() + wait < deadline => {
+            Err(e)
+                if e.worth_retrying()
+                    && deadline.is_none_or(|d| tokio::time::Instant::now() + wait < d) =>
+            {
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
                     "{what} is not reachable yet");
                 tokio::time::sleep(wait).await;
@@ -393,6 +397,25 @@ mod tests {
             .await;
         assert!(result.is_err());
         assert_eq!(tries.get(), 1, "a bad URL is not retried");
+    }
+
+    #[tokio::test]
+    async fn a_start_up_timeout_beyond_the_clock_waits_instead_of_panicking() {
+        let tries = Cell::new(0);
+        let result: Result<u32, TransportError> =
+            until_reachable("test", Duration::from_millis(u64::MAX), || {
+                tries.set(tries.get() + 1);
+                let n = tries.get();
+                async move {
+                    if n < 2 {
+                        Err(TransportError::Connection("refused".into()))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(result.unwrap(), 2);
     }
 
     #[tokio::test]
