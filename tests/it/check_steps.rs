@@ -56,6 +56,17 @@ async fn a_rollback_passes_over_a_check_step_without_a_message_or_a_transaction(
         ],
         "the check was not compensated"
     );
+    let check_compensations: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM skald.inbox \
+         WHERE step_name = 'customer_exists' AND phase = 'compensate'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        check_compensations, 0,
+        "no message ever asked to undo the check"
+    );
     let cancelled: bool =
         sqlx::query_scalar("SELECT cancelled FROM it.checked_orders WHERE order_id = 'o-1'")
             .fetch_one(&env.pool)
