@@ -67,6 +67,11 @@ async fn a_rollback_passes_over_a_check_step_without_a_message_or_a_transaction(
         check_compensations, 0,
         "no message ever asked to undo the check"
     );
+    let dead_letters: i64 = sqlx::query_scalar("SELECT count(*) FROM skald.dead_letters")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(dead_letters, 0);
     let cancelled: bool =
         sqlx::query_scalar("SELECT cancelled FROM it.checked_orders WHERE order_id = 'o-1'")
             .fetch_one(&env.pool)
