@@ -25,6 +25,19 @@ pub enum AppError {
     /// Sagas use handlers that were not registered.
     #[error("saga steps use unregistered handler(s): {}", .0.join(", "))]
     MissingHandlers(Vec<String>),
+    /// A saga's `setup` SQL failed: where (the statement's line when PostgreSQL says
+    /// where, else the `setup:` line) and PostgreSQL's error, said once.
+    #[error("{}:{}:{}: setup: {}", .file.display(), .line, .column, .message)]
+    Setup {
+        /// The saga file.
+        file: std::path::PathBuf,
+        /// 1-based line in the file.
+        line: u32,
+        /// 1-based column in the file.
+        column: u32,
+        /// PostgreSQL's error: SQLSTATE, message, detail and hint.
+        message: String,
+    },
     /// PostgreSQL failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -75,7 +88,10 @@ impl App {
         .await?;
         store.migrate().await?;
         let all: Vec<_> = catalog.all().into_iter().map(|s| (**s).clone()).collect();
-        store.run_setup(&all).await?;
+        store
+            .run_setup(&all)
+            .await
+            .map_err(|e| setup_failed(&catalog, e))?;
         let transport = until_reachable("RabbitMQ", config.startup_timeout, || {
             RabbitTransport::connect(&config)
         })
@@ -223,9 +239,37 @@ impl App {
     }
 }
 
+/// Points a failed `setup` at its saga file: the failing statement's line when
+/// PostgreSQL reports a position, the `setup:` line otherwise. Other errors pass.
+fn setup_failed(catalog: &Catalog, error: StoreError) -> AppError {
+    let StoreError::Setup { saga, source } = &error else {
+        return error.into();
+    };
+    let Some(def) = catalog.get(saga) else {
+        return error.into();
+    };
+    let sql = def.setup_sql.as_deref().unwrap_or_default();
+    let pg = source
+        .as_database_error()
+        .and_then(|e| e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>());
+    let offset = pg.and_then(|e| match e.position()? {
+        sqlx::postgres::PgErrorPosition::Original(p) => Some(p.saturating_sub(1)),
+        _ => None,
+    });
+    let at = def.setup_at;
+    let (line, column) = offset.map_or((at.line, at.column), |o| at.of_offset(sql, o));
+    let message = crate::store::error_text(source);
+    AppError::Setup {
+        file: def.source.clone(),
+        line,
+        column,
+        message,
+    }
+}
+
 /// Runs `connect` until it succeeds or `timeout` has passed, waiting 0.5 s doubling
 /// to 5 s between tries, and logging each failure. Errors that no wait can fix (a
-/// malformed URL) are returned at once.
+/// malformed URL, a broker that refuses skald's login or topology) are returned at once.
 async fn until_reachable<T, E, F, Fut>(
     what: &str,
     timeout: Duration,
@@ -236,12 +280,16 @@ where
     Fut: Future<Output = Result<T, E>>,
     E: std::fmt::Display + Retriable,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
+    // A timeout beyond the clock's range waits without end (rather than panic).
+    let deadline = tokio::time::Instant::now().checked_add(timeout);
     let mut wait = Duration::from_millis(500);
     loop {
         match connect().await {
             Ok(value) => return Ok(value),
-            Err(e) if e.worth_retrying() && tokio::time::Instant::now() + wait < deadline => {
+            Err(e)
+                if e.worth_retrying()
+                    && deadline.is_none_or(|d| tokio::time::Instant::now() + wait < d) =>
+            {
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
                     "{what} is not reachable yet");
                 tokio::time::sleep(wait).await;
@@ -264,8 +312,9 @@ impl Retriable for StoreError {
 }
 
 impl Retriable for TransportError {
+    /// A broker that answers but refuses skald is misconfigured, not restarting.
     fn worth_retrying(&self) -> bool {
-        true
+        !matches!(self, TransportError::Refused(_))
     }
 }
 
@@ -334,5 +383,37 @@ mod tests {
             .await;
         assert!(result.is_err());
         assert_eq!(tries.get(), 1, "a bad URL is not retried");
+    }
+
+    #[tokio::test]
+    async fn a_start_up_timeout_beyond_the_clock_waits_instead_of_panicking() {
+        let tries = Cell::new(0);
+        let result: Result<u32, TransportError> =
+            until_reachable("test", Duration::from_millis(u64::MAX), || {
+                tries.set(tries.get() + 1);
+                let n = tries.get();
+                async move {
+                    if n < 2 {
+                        Err(TransportError::Connection("refused".into()))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(result.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn start_up_stops_at_once_when_the_broker_refuses_the_configuration() {
+        let tries = Cell::new(0);
+        let result: Result<(), TransportError> =
+            until_reachable("test", Duration::from_secs(10), || {
+                tries.set(tries.get() + 1);
+                async { Err(TransportError::Refused("ACCESS_REFUSED".into())) }
+            })
+            .await;
+        assert!(matches!(result, Err(TransportError::Refused(_))));
+        assert_eq!(tries.get(), 1, "a refusal is not waited on");
     }
 }

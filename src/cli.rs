@@ -133,7 +133,9 @@ pub fn main() -> ExitCode {
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SKALD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+        // lapin logs every broker error itself, besides the error skald reports with
+        // what it was doing: off by default, so that each problem is said once.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=off"));
     // Colours only on a terminal: logs piped to files or collectors stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
@@ -234,6 +236,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             match load_dir(&dir) {
                 Ok(sagas) => {
+                    for warning in crate::saga::setup::setup_warnings(&sagas) {
+                        eprintln!("{warning}");
+                    }
                     let names: Vec<_> = sagas.iter().map(|s| s.name.as_str()).collect();
                     println!(
                         "ok: {} saga(s) in {}: {}",

@@ -37,7 +37,9 @@ pub struct Config {
     /// required to listen on a non-loopback address.
     pub api_token: Option<String>,
     /// `SKALD_STARTUP_TIMEOUT_MS`: how long start-up waits for PostgreSQL and RabbitMQ
-    /// to become reachable before giving up (default 60 s).
+    /// to become reachable before giving up (default 60 s). A broker that answers but
+    /// refuses skald's login or topology is not waited for: that is a configuration
+    /// error.
     pub startup_timeout: Duration,
     /// `SKALD_SHUTDOWN_TIMEOUT_MS`: how long a graceful shutdown waits for in-flight
     /// steps before closing anyway (unacked work is redelivered, never lost).

@@ -209,8 +209,8 @@ pub struct Transition {
 /// - forward failure, retryable, attempts left (unbounded for retriable steps) → the
 ///   same step again after the policy's delay;
 /// - forward failure otherwise → compensate the steps before it, last first (the
-///   failed step's own transaction rolled back, so it has nothing to undo); with
-///   nothing to undo → `Compensated`; after the pivot nothing can be undone, so a
+///   failed step's own transaction rolled back, so it has nothing to undo; `check`
+///   steps changed nothing and are passed over); with nothing to undo → `Compensated`; after the pivot nothing can be undone, so a
 ///   fatal failure there parks the instance as `Failed`;
 /// - compensation success → the previous step's compensation, or `Compensated`;
 /// - compensation failure, retryable, attempts left → again after the delay;
@@ -259,10 +259,10 @@ pub fn transition(saga: &SagaDef, ran: Cursor, outcome: Outcome, jitter: f64) ->
             if step.role == StepRole::Retriable {
                 terminal(InstanceStatus::Failed, ran)
             } else {
-                compensate_below(ran.step, ran)
+                compensate_below(saga, ran.step, ran)
             }
         }),
-        (Phase::Compensate, Outcome::Succeeded) => compensate_below(ran.step, ran),
+        (Phase::Compensate, Outcome::Succeeded) => compensate_below(saga, ran.step, ran),
         (Phase::Compensate, Outcome::Failed(kind)) => {
             retry(kind).unwrap_or_else(|| terminal(InstanceStatus::Failed, ran))
         }
@@ -295,18 +295,22 @@ pub fn cancel(saga: &SagaDef, state: InstanceState) -> Result<Transition, Cancel
     if pivot_done || saga.steps[state.cursor.step as usize].role == StepRole::Retriable {
         return Err(CancelRefusal::PastPivot);
     }
-    Ok(compensate_below(state.cursor.step, state.cursor))
+    Ok(compensate_below(saga, state.cursor.step, state.cursor))
 }
 
-/// Compensation of the step just below `step`, or `Compensated` when there is none.
-/// Validation guarantees every step before a pivot or compensatable step is
-/// compensatable, so "the step below" always has a compensation.
-fn compensate_below(step: u32, ran: Cursor) -> Transition {
-    match step.checked_sub(1) {
+/// Compensation of the nearest step below `step` that has one, or `Compensated` when
+/// there is none. Validation guarantees every step before a pivot or compensatable step
+/// is compensatable or a check; checks changed nothing, so they are passed over (no
+/// message, no transaction).
+fn compensate_below(saga: &SagaDef, step: u32, ran: Cursor) -> Transition {
+    let below = saga.steps[..step as usize]
+        .iter()
+        .rposition(|s| s.compensation.is_some());
+    match below {
         Some(below) => run_next(
             InstanceStatus::Compensating,
             Cursor {
-                step: below,
+                step: u32::try_from(below).expect("step indexes fit in u32"),
                 phase: Phase::Compensate,
                 attempt: 1,
             },
@@ -390,17 +394,22 @@ mod tests {
 
     /// reserve (compensatable), charge (compensatable), ship (pivot), notify (retriable).
     fn saga() -> SagaDef {
+        saga_of(vec![
+            step("reserve", StepRole::Compensatable, 3),
+            step("charge", StepRole::Compensatable, 3),
+            step("ship", StepRole::Pivot, 2),
+            step("notify", StepRole::Retriable, 1),
+        ])
+    }
+
+    fn saga_of(steps: Vec<StepDef>) -> SagaDef {
         SagaDef {
             name: "checkout".into(),
             version: 1,
             aggregate: ValueRef::AggregateId,
             setup_sql: None,
-            steps: vec![
-                step("reserve", StepRole::Compensatable, 3),
-                step("charge", StepRole::Compensatable, 3),
-                step("ship", StepRole::Pivot, 2),
-                step("notify", StepRole::Retriable, 1),
-            ],
+            setup_at: Default::default(),
+            steps,
             timeout: None,
             ordering: OrderingPolicy::LatestWins,
             isolation: Isolation::Interleave,
@@ -546,6 +555,61 @@ mod tests {
         let t = transition(&s, cur(0, Phase::Compensate, 1), Outcome::Succeeded, 0.0);
         assert_eq!(t.state.status, InstanceStatus::Compensated);
         assert_eq!(t.next, None);
+    }
+
+    /// check_customer (check), reserve (compensatable), check_stock (check), ship (pivot).
+    fn saga_with_checks() -> SagaDef {
+        saga_of(vec![
+            step("check_customer", StepRole::Check, 3),
+            step("reserve", StepRole::Compensatable, 3),
+            step("check_stock", StepRole::Check, 3),
+            step("ship", StepRole::Pivot, 2),
+        ])
+    }
+
+    #[test]
+    fn compensation_passes_over_check_steps() {
+        let s = saga_with_checks();
+        let fatal = Outcome::Failed(FailureKind::Fatal);
+        // ship fails: check_stock is passed over, reserve is compensated.
+        let t = transition(&s, cur(3, Phase::Forward, 1), fatal, 0.0);
+        assert_eq!(t.state.status, InstanceStatus::Compensating);
+        assert_eq!(next_of(&t), Some(cur(1, Phase::Compensate, 1)));
+        // reserve compensated: only a check is left below, so nothing more runs.
+        let t = transition(&s, cur(1, Phase::Compensate, 1), Outcome::Succeeded, 0.0);
+        assert_eq!(t.state.status, InstanceStatus::Compensated);
+        assert_eq!(t.next, None);
+        // check_stock fails: the same, reserve is the one to undo.
+        let t = transition(&s, cur(2, Phase::Forward, 1), fatal, 0.0);
+        assert_eq!(next_of(&t), Some(cur(1, Phase::Compensate, 1)));
+    }
+
+    #[test]
+    fn a_saga_whose_only_completed_steps_are_checks_is_compensated_at_once() {
+        let s = saga_with_checks();
+        let exhausted = transition(
+            &s,
+            cur(1, Phase::Forward, 3),
+            Outcome::Failed(FailureKind::Retryable),
+            0.0,
+        );
+        assert_eq!(exhausted.state.status, InstanceStatus::Compensated);
+        assert_eq!(exhausted.next, None);
+        // A check is retried by its policy like any step before the pivot.
+        let t = transition(
+            &s,
+            cur(0, Phase::Forward, 1),
+            Outcome::Failed(FailureKind::Retryable),
+            0.0,
+        );
+        assert_eq!(next_of(&t), Some(cur(0, Phase::Forward, 2)));
+        // Cancelled at ship: reserve is undone, the checks are passed over.
+        let running = InstanceState {
+            status: InstanceStatus::Running,
+            cursor: cur(3, Phase::Forward, 1),
+        };
+        let t = cancel(&s, running).unwrap();
+        assert_eq!(next_of(&t), Some(cur(1, Phase::Compensate, 1)));
     }
 
     #[test]

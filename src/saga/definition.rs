@@ -9,6 +9,29 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+/// The limits of a saga file's values, each checked by [`crate::saga::load`] with an error
+/// naming the file, line and field (README, *Saga files*, lists them).
+pub mod limits {
+    /// Saga and step names: at most this many characters (PostgreSQL's identifier length).
+    pub const MAX_NAME_CHARS: usize = 63;
+    /// The largest `version`: it is stored in a PostgreSQL `integer` column.
+    pub const MAX_VERSION: u64 = i32::MAX as u64;
+    /// The largest `max_attempts`: attempt numbers are stored as PostgreSQL `integer`s.
+    pub const MAX_ATTEMPTS: u64 = i32::MAX as u64;
+    /// The largest `initial_delay_ms` and `max_delay_ms` (1 hour): the longest delay the
+    /// transport holds a retry for without sending it early (its longest delay tier).
+    pub const MAX_RETRY_DELAY_MS: u64 = 3_600_000;
+    /// The largest step `timeout_ms`: PostgreSQL's `statement_timeout` is an `int` of
+    /// milliseconds (about 24.8 days).
+    pub const MAX_STEP_TIMEOUT_MS: u64 = i32::MAX as u64;
+    /// The largest saga `timeout_ms` (365 days).
+    pub const MAX_SAGA_TIMEOUT_MS: u64 = 365 * 24 * 3_600_000;
+    /// The largest `ordering_max_wait_ms` (10 minutes): a held start's delivery stays
+    /// unacked while it waits, and RabbitMQ closes the channel of a delivery left unacked
+    /// longer than its `consumer_timeout` (30 minutes by default).
+    pub const MAX_ORDERING_WAIT_MS: u64 = 600_000;
+}
+
 /// One saga: an ordered list of steps run one after another for one aggregate.
 #[derive(Debug, Clone, Serialize)]
 pub struct SagaDef {
@@ -22,6 +45,9 @@ pub struct SagaDef {
     /// Idempotent SQL run once at start-up before consuming (samples and self-owned
     /// tables); `None` for sagas whose tables belong to someone else.
     pub setup_sql: Option<String>,
+    /// Where `setup_sql` is in `source`, to point at a failing statement.
+    #[serde(skip)]
+    pub setup_at: crate::saga::setup::SetupLocation,
     /// In execution order; never empty.
     pub steps: Vec<StepDef>,
     /// An instance still running this long after it started stops going forward and
@@ -52,7 +78,8 @@ pub struct StepDef {
     pub role: StepRole,
     /// The forward effect.
     pub action: Action,
-    /// The semantic undo; present exactly when `role` is [`StepRole::Compensatable`].
+    /// The semantic undo; present exactly when `role` is [`StepRole::Compensatable`]
+    /// (a [`StepRole::Check`] changes nothing, so it has nothing to undo).
     pub compensation: Option<Action>,
     /// How failed attempts of this step (and of its compensation) are retried.
     pub retry: RetryPolicy,
@@ -91,9 +118,9 @@ pub enum Isolation {
 
 /// The role a step plays in the saga (Garcia-Molina & Salem's classification).
 ///
-/// Validation guarantees: every step before the pivot is compensatable, every step
-/// after it is retriable, and there is at most one pivot. Without a pivot a saga may
-/// be all compensatable steps followed by retriable ones.
+/// Validation guarantees: every step before the pivot is compensatable or a check, every
+/// step after it is retriable, and there is at most one pivot. Without a pivot a saga may
+/// be compensatable steps and checks followed by retriable ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepRole {
@@ -103,6 +130,10 @@ pub enum StepRole {
     Pivot,
     /// After the pivot: must eventually succeed, so it is retried without a cap.
     Retriable,
+    /// A read-only check that stands where a compensatable step may (e.g. "the consumer
+    /// exists", with `expect_rows`): it changes nothing, so it has no compensation and
+    /// compensating in reverse passes over it (no message, no transaction).
+    Check,
 }
 
 /// What a step (or its compensation) does.

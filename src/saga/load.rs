@@ -5,25 +5,25 @@
 //! One saga per file, one YAML document per file:
 //!
 //! ```yaml
-//! name: order_checkout          # required, ^[a-z][a-z0-9_]*$
-//! version: 1                    # required, integer >= 1
+//! name: order_checkout          # required, ^[a-z][a-z0-9_]*$, at most 63 characters
+//! version: 1                    # required, integer 1..=2147483647
 //! aggregate: payload.order_id   # required, a `payload.*` reference: where a start
 //!                               # message's payload carries the aggregate id
 //! setup: |                      # optional: idempotent SQL run at start-up
 //!   CREATE SCHEMA IF NOT EXISTS shop;
-//! timeout_ms: 600000            # optional, integer >= 1: limit of a whole instance
+//! timeout_ms: 600000            # optional, 1..=31536000000 (365 days): limit of a whole instance
 //! ordering: strict              # latest_wins | strict (default latest_wins)
-//! ordering_max_wait_ms: 2000    # integer >= 1, only with `strict` (default 5000)
+//! ordering_max_wait_ms: 2000    # 1..=600000, only with `strict` (default 5000)
 //! isolation: exclusive          # interleave | exclusive (default interleave)
 //! retry:                        # optional saga-level default policy, every field optional
-//!   max_attempts: 5             # >= 1 (default 3)
+//!   max_attempts: 5             # 1..=2147483647 (default 3)
 //!   backoff: exponential        # fixed | exponential (default exponential)
-//!   initial_delay_ms: 200       # >= 0 (default 200)
-//!   max_delay_ms: 10000         # >= initial_delay_ms (default 30000)
+//!   initial_delay_ms: 200       # 0..=3600000 (default 200)
+//!   max_delay_ms: 10000         # initial_delay_ms..=3600000 (default 30000)
 //!   jitter: true                # default true
 //! steps:                        # required, non-empty, run in this order
-//!   - name: reserve_stock       # required, ^[a-z][a-z0-9_]*$, unique in the saga
-//!     role: compensatable       # required: compensatable | pivot | retriable
+//!   - name: reserve_stock       # required, ^[a-z][a-z0-9_]*$, at most 63 characters, unique
+//!     role: compensatable       # required: compensatable | pivot | retriable | check
 //!     action:                   # required: exactly one of `sql` or `handler`
 //!       sql: |
 //!         UPDATE shop.stock SET available = available - :qty
@@ -37,7 +37,7 @@
 //!       sql: UPDATE shop.stock SET available = available + :qty WHERE sku = :sku
 //!       params: { sku: payload.sku, qty: payload.qty }
 //!     retry: { max_attempts: 10 }   # optional per-step override of the saga policy
-//!     timeout_ms: 5000          # optional, integer >= 1: limit of one attempt
+//!     timeout_ms: 5000          # optional, 1..=2147483647: limit of one attempt
 //!   - name: send_receipt
 //!     role: retriable
 //!     action: { handler: send_email, params: { to: payload.email } }
@@ -67,14 +67,33 @@
 //!
 //! ## Roles
 //!
-//! At most one step is the `pivot`. Every step before it is `compensatable` and every step
-//! after it is `retriable`; without a pivot, the compensatable steps come first. Only
-//! compensatable steps have (and must have) a `compensation`.
+//! At most one step is the `pivot`. Every step before it is `compensatable` or `check` and
+//! every step after it is `retriable`; without a pivot, the compensatable and check steps
+//! come first. Only compensatable steps have (and must have) a `compensation`.
+//!
+//! A `check` step is a read-only test such as "the consumer exists" (`SELECT ... ` with
+//! `expect_rows: 1`: another row count fails it fatally and the saga compensates). It
+//! changes nothing, so it has no compensation, and compensating in reverse passes over it
+//! without a message or a transaction. Its `sql` must read only: it starts with `SELECT`,
+//! `WITH`, `VALUES` or `TABLE` and contains none of `INSERT`, `UPDATE` (except `FOR
+//! UPDATE` / `FOR NO KEY UPDATE`), `DELETE`, `MERGE`, `INTO`; functions it calls are not
+//! inspected, nor is a `handler` check — they must not write either.
 //!
 //! ## Retry policies
 //!
 //! A step's policy is [`RetryPolicy::default`], overridden by the fields given in the
 //! saga's `retry`, overridden by the fields given in the step's `retry`.
+//!
+//! Delays are at most 3600000 ms (1 hour, [`limits::MAX_RETRY_DELAY_MS`]): the transport
+//! holds a retry for at most its longest delay tier, and a longer delay would be cut
+//! short, which would break the promise that a retry never comes early.
+//!
+//! ## Limits
+//!
+//! Every limit is in [`limits`]; a value outside its range is an error at its line,
+//! `{field} must be at most {max} ({why}), found {value}` (or `must be an integer >=
+//! {min}`), and a name over 63 characters is ``{saga|step} name `<first 20
+//! characters>...` is {n} characters long: at most 63 are allowed``.
 //!
 //! ## Timeouts
 //!
@@ -127,9 +146,10 @@ use thiserror::Error;
 
 use super::definition::{
     Action, Backoff, HandlerAction, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction,
-    StepDef, StepRole, ValueRef,
+    StepDef, StepRole, ValueRef, limits,
 };
-use super::sql::{compile_named, has_keyword, is_single_statement};
+use super::setup::SetupLocation;
+use super::sql::{compile_named, has_keyword, is_single_statement, read_only_violation};
 use super::yaml::{
     RawAction, RawBackoff, RawIsolation, RawOrdering, RawRetry, RawRole, RawSaga, RawStep,
 };
@@ -299,6 +319,7 @@ fn load_named(src: &str, file: &Path) -> Loaded {
     let name = Some((raw.name.value.clone(), Pos::at(&raw.name)));
     let mut checker = Checker {
         file,
+        src,
         errors: Vec::new(),
     };
     let def = checker.saga(raw);
@@ -328,10 +349,6 @@ const DOCUMENT: &str = "<document>";
 /// How long a start waits for a missing predecessor under `ordering: strict` when
 /// `ordering_max_wait_ms` is not given.
 const DEFAULT_ORDERING_MAX_WAIT: Duration = Duration::from_millis(5000);
-
-/// The largest step `timeout_ms`: PostgreSQL's `statement_timeout` is an `int` of
-/// milliseconds (about 24.8 days).
-const MAX_STEP_TIMEOUT_MS: u64 = i32::MAX as u64;
 
 /// A 1-based position in the file (0 = unknown); orders by line, then column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -518,6 +535,8 @@ impl RetryOverride {
 /// Invariant: a method returning `None` has recorded at least one error.
 struct Checker<'f> {
     file: &'f Path,
+    /// The file's text.
+    src: &'f str,
     errors: Vec<LoadError>,
 }
 
@@ -534,20 +553,14 @@ impl Checker<'_> {
 
     fn saga(&mut self, raw: RawSaga) -> Option<SagaDef> {
         let name = self.snake_name(&raw.name, "name", "saga");
-        let version = match u32::try_from(raw.version.value) {
-            Ok(v) if v >= 1 => Some(v),
-            _ => {
-                self.error(
-                    Pos::at(&raw.version),
-                    "version",
-                    format!(
-                        "version must be an integer >= 1, found {}",
-                        raw.version.value
-                    ),
-                );
-                None
-            }
-        };
+        let version = self
+            .integer_in(
+                Some(&raw.version),
+                "version",
+                1,
+                (limits::MAX_VERSION, "it is stored as a PostgreSQL integer"),
+            )
+            .map(|v| u32::try_from(v).expect("MAX_VERSION fits in u32"));
         let aggregate = match parse_value_ref(&raw.aggregate.value) {
             Ok(r @ ValueRef::Payload { .. }) => Some(r),
             _ => {
@@ -563,13 +576,22 @@ impl Checker<'_> {
                 None
             }
         };
+        let setup_at = raw.setup.as_ref().map_or_else(SetupLocation::default, |s| {
+            let at = Pos::at(s);
+            SetupLocation::of_value(self.src, at.line, at.column)
+        });
         let setup_sql = raw.setup.map(|s| s.value).filter(|s| !s.trim().is_empty());
         let defaults = RetryPolicy::default();
         let saga_retry = match &raw.retry {
             Some(retry) => self.retry(&defaults, retry, "retry"),
             None => defaults,
         };
-        let timeout = self.positive_millis(raw.timeout_ms.as_ref(), "timeout_ms", None);
+        let timeout = self.millis_in(
+            raw.timeout_ms.as_ref(),
+            "timeout_ms",
+            1,
+            (limits::MAX_SAGA_TIMEOUT_MS, "365 days"),
+        );
         let ordering = self.ordering(raw.ordering.as_ref(), raw.ordering_max_wait_ms.as_ref());
         let isolation = match raw.isolation.as_ref().map(|i| i.value) {
             None | Some(RawIsolation::Interleave) => Isolation::Interleave,
@@ -581,6 +603,7 @@ impl Checker<'_> {
             version: version?,
             aggregate: aggregate?,
             setup_sql,
+            setup_at,
             steps: steps?,
             timeout,
             ordering,
@@ -599,7 +622,16 @@ impl Checker<'_> {
         match ordering.map(|o| o.value) {
             Some(RawOrdering::Strict) => OrderingPolicy::Strict {
                 max_wait: self
-                    .positive_millis(wait, "ordering_max_wait_ms", None)
+                    .millis_in(
+                        wait,
+                        "ordering_max_wait_ms",
+                        1,
+                        (
+                            limits::MAX_ORDERING_WAIT_MS,
+                            "10 minutes: a held start stays unacked, and RabbitMQ's \
+                             consumer_timeout is 30 minutes by default",
+                        ),
+                    )
                     .unwrap_or(DEFAULT_ORDERING_MAX_WAIT),
             },
             policy => {
@@ -622,40 +654,55 @@ impl Checker<'_> {
         }
     }
 
-    /// A `*_ms` field that must be an integer >= 1 (and at most `max` when given);
-    /// `None` when absent or invalid (then reported at `field`).
-    fn positive_millis(
+    /// An integer field that must lie in `min..=max` (`max` with the reason for it);
+    /// `None` when absent or out of range (then reported at `field`).
+    fn integer_in(
         &mut self,
         raw: Option<&Spanned<i64>>,
         field: &str,
-        max: Option<(u64, &str)>,
-    ) -> Option<Duration> {
+        min: u64,
+        (max, why): (u64, &str),
+    ) -> Option<u64> {
         let raw = raw?;
         let name = field.rsplit('.').next().unwrap_or(field);
         let message = match u64::try_from(raw.value) {
-            Ok(ms) if ms >= 1 => match max {
-                Some((max, why)) if ms > max => {
-                    format!("{name} must be at most {max} ({why}), found {ms}")
-                }
-                _ => return Some(Duration::from_millis(ms)),
-            },
-            _ => format!("{name} must be an integer >= 1, found {}", raw.value),
+            Ok(v) if v < min => format!("{name} must be an integer >= {min}, found {v}"),
+            Ok(v) if v > max => format!("{name} must be at most {max} ({why}), found {v}"),
+            Ok(v) => return Some(v),
+            Err(_) => format!("{name} must be an integer >= {min}, found {}", raw.value),
         };
         self.error(Pos::at(raw), field, message);
         None
     }
 
+    /// [`Checker::integer_in`] for a `*_ms` field, as a duration.
+    fn millis_in(
+        &mut self,
+        raw: Option<&Spanned<i64>>,
+        field: &str,
+        min: u64,
+        max: (u64, &str),
+    ) -> Option<Duration> {
+        self.integer_in(raw, field, min, max)
+            .map(Duration::from_millis)
+    }
+
     fn snake_name(&mut self, name: &Spanned<String>, field: &str, what: &str) -> Option<String> {
-        if is_snake_name(&name.value) {
-            Some(name.value.clone())
+        let chars = name.value.chars().count();
+        let message = if chars > limits::MAX_NAME_CHARS {
+            // The name itself may be huge: show its start only.
+            let start: String = name.value.chars().take(20).collect();
+            format!(
+                "{what} name `{start}...` is {chars} characters long: at most {} are allowed",
+                limits::MAX_NAME_CHARS
+            )
+        } else if is_snake_name(&name.value) {
+            return Some(name.value.clone());
         } else {
-            self.error(
-                Pos::at(name),
-                field,
-                format!("{what} name `{}` must match ^[a-z][a-z0-9_]*$", name.value),
-            );
-            None
-        }
+            format!("{what} name `{}` must match ^[a-z][a-z0-9_]*$", name.value)
+        };
+        self.error(Pos::at(name), field, message);
+        None
     }
 
     fn steps(
@@ -718,13 +765,18 @@ impl Checker<'_> {
                     ),
                     None => pivot = Some((i, name, Pos::at(step))),
                 },
-                RawRole::Compensatable => {
+                RawRole::Compensatable | RawRole::Check => {
+                    let what = if role.value == RawRole::Check {
+                        "check"
+                    } else {
+                        "compensatable"
+                    };
                     if let Some((_, pivot_name, _)) = pivot {
                         self.error(
                             Pos::at(role),
                             field,
                             format!(
-                                "compensatable step after the pivot `{pivot_name}`: once the \
+                                "{what} step after the pivot `{pivot_name}`: once the \
                                  pivot commits nothing is compensated, so the steps after it \
                                  must be retriable"
                             ),
@@ -734,8 +786,9 @@ impl Checker<'_> {
                             Pos::at(role),
                             field,
                             format!(
-                                "compensatable step after the retriable step `{retriable}`: \
-                                 compensatable steps must all come before retriable ones"
+                                "{what} step after the retriable step `{retriable}`: \
+                                 compensatable and check steps must all come before \
+                                 retriable ones"
                             ),
                         );
                     }
@@ -756,7 +809,7 @@ impl Checker<'_> {
                         format!("steps[{i}].role"),
                         format!(
                             "retriable step before the pivot `{pivot_name}`: every step before \
-                             the pivot must be compensatable"
+                             the pivot must be compensatable (or a check)"
                         ),
                     );
                 }
@@ -779,6 +832,7 @@ impl Checker<'_> {
             RawRole::Compensatable => StepRole::Compensatable,
             RawRole::Pivot => StepRole::Pivot,
             RawRole::Retriable => StepRole::Retriable,
+            RawRole::Check => StepRole::Check,
         };
         let action = self.action(
             &step.action,
@@ -821,6 +875,15 @@ impl Checker<'_> {
                 );
                 None
             }
+            (Some(raw_comp), StepRole::Check) => {
+                self.error(
+                    Pos::at(raw_comp),
+                    format!("{prefix}.compensation"),
+                    "a check step cannot have a `compensation`: it only reads, so there is \
+                     nothing to undo",
+                );
+                None
+            }
             (Some(raw_comp), StepRole::Retriable) => {
                 self.error(
                     Pos::at(raw_comp),
@@ -832,18 +895,32 @@ impl Checker<'_> {
             }
             (None, _) => Some(None),
         };
+        if role == StepRole::Check
+            && let Some(sql) = &step.action.value.sql
+            && let Some(why) = read_only_violation(&sql.value)
+        {
+            self.error(
+                Pos::at(sql),
+                format!("{prefix}.action.sql"),
+                format!(
+                    "a check step must only read (a SELECT without data-modifying WITH or \
+                     INTO), but {why}"
+                ),
+            );
+        }
         let retry = match &step.retry {
             Some(retry) => self.retry(saga_retry, retry, &format!("{prefix}.retry")),
             None => saga_retry.clone(),
         };
         // An invalid timeout is reported; the saga then fails as a whole.
-        let timeout = self.positive_millis(
+        let timeout = self.millis_in(
             step.timeout_ms.as_ref(),
             &format!("{prefix}.timeout_ms"),
-            Some((
-                MAX_STEP_TIMEOUT_MS,
+            1,
+            (
+                limits::MAX_STEP_TIMEOUT_MS,
                 "the largest PostgreSQL statement_timeout",
-            )),
+            ),
         );
         Some(StepDef {
             name: name?,
@@ -859,24 +936,42 @@ impl Checker<'_> {
     /// and left at `base`'s value.
     fn retry(&mut self, base: &RetryPolicy, raw: &Spanned<RawRetry>, field: &str) -> RetryPolicy {
         let r = &raw.value;
-        let mut given = RetryOverride::default();
-        if let Some(max) = &r.max_attempts {
-            match u32::try_from(max.value) {
-                Ok(v) if v >= 1 => given.max_attempts = Some(v),
-                _ => self.error(
-                    Pos::at(max),
-                    format!("{field}.max_attempts"),
-                    format!("max_attempts must be an integer >= 1, found {}", max.value),
-                ),
-            }
-        }
-        given.backoff = r.backoff.as_ref().map(|b| match b.value {
-            RawBackoff::Fixed => Backoff::Fixed,
-            RawBackoff::Exponential => Backoff::Exponential,
-        });
-        given.initial_delay = self.millis(r.initial_delay_ms.as_ref(), field, "initial_delay_ms");
-        given.max_delay = self.millis(r.max_delay_ms.as_ref(), field, "max_delay_ms");
-        given.jitter = r.jitter.as_ref().map(|j| j.value);
+        // A longer delay would be cut to the longest delay tier: the retry would come
+        // earlier than the policy says.
+        let delay_cap = (
+            limits::MAX_RETRY_DELAY_MS,
+            "1 hour, the longest delay skald holds a retry for",
+        );
+        let given = RetryOverride {
+            max_attempts: self
+                .integer_in(
+                    r.max_attempts.as_ref(),
+                    &format!("{field}.max_attempts"),
+                    1,
+                    (
+                        limits::MAX_ATTEMPTS,
+                        "attempts are counted in a PostgreSQL integer",
+                    ),
+                )
+                .map(|v| u32::try_from(v).expect("MAX_ATTEMPTS fits in u32")),
+            backoff: r.backoff.as_ref().map(|b| match b.value {
+                RawBackoff::Fixed => Backoff::Fixed,
+                RawBackoff::Exponential => Backoff::Exponential,
+            }),
+            initial_delay: self.millis_in(
+                r.initial_delay_ms.as_ref(),
+                &format!("{field}.initial_delay_ms"),
+                0,
+                delay_cap,
+            ),
+            max_delay: self.millis_in(
+                r.max_delay_ms.as_ref(),
+                &format!("{field}.max_delay_ms"),
+                0,
+                delay_cap,
+            ),
+            jitter: r.jitter.as_ref().map(|j| j.value),
+        };
 
         let merged = given.apply(base);
         // Only blame this block if it set one of the two delays; an inherited inversion has
@@ -900,21 +995,6 @@ impl Checker<'_> {
             );
         }
         merged
-    }
-
-    fn millis(&mut self, raw: Option<&Spanned<i64>>, field: &str, name: &str) -> Option<Duration> {
-        let raw = raw?;
-        match u64::try_from(raw.value) {
-            Ok(ms) => Some(Duration::from_millis(ms)),
-            Err(_) => {
-                self.error(
-                    Pos::at(raw),
-                    format!("{field}.{name}"),
-                    format!("{name} must be an integer >= 0, found {}", raw.value),
-                );
-                None
-            }
-        }
     }
 
     fn action(
@@ -2029,6 +2109,228 @@ mod tests {
         );
     }
 
+    /// A saga with every limited field set from `values`: (field, value) replaces the
+    /// `{field}` placeholder; the others keep a valid value.
+    fn with_limits(values: &[(&str, String)]) -> String {
+        let mut src = "name: {name}\nversion: {version}\naggregate: payload.id\n\
+                       timeout_ms: {saga_timeout}\nordering: strict\n\
+                       ordering_max_wait_ms: {wait}\n\
+                       retry: { max_attempts: {attempts}, initial_delay_ms: {initial}, \
+                       max_delay_ms: {max_delay} }\n\
+                       steps:\n\
+                       - name: {step}\n  role: retriable\n  action: { handler: h }\n\
+                       \x20 timeout_ms: {step_timeout}\n"
+            .to_owned();
+        let defaults = [
+            ("name", "s"),
+            ("version", "1"),
+            ("saga_timeout", "1000"),
+            ("wait", "1000"),
+            ("attempts", "3"),
+            ("initial", "100"),
+            ("max_delay", "1000"),
+            ("step", "a"),
+            ("step_timeout", "1000"),
+        ];
+        for (field, default) in defaults {
+            let value = values
+                .iter()
+                .find(|(f, _)| *f == field)
+                .map_or(default.to_owned(), |(_, v)| v.clone());
+            src = src.replace(&format!("{{{field}}}"), &value);
+        }
+        src
+    }
+
+    #[test]
+    fn every_limit_is_accepted_at_its_maximum() {
+        let def = loaded(&with_limits(&[
+            ("name", "n".repeat(limits::MAX_NAME_CHARS)),
+            ("version", limits::MAX_VERSION.to_string()),
+            ("saga_timeout", limits::MAX_SAGA_TIMEOUT_MS.to_string()),
+            ("wait", limits::MAX_ORDERING_WAIT_MS.to_string()),
+            ("attempts", limits::MAX_ATTEMPTS.to_string()),
+            ("initial", limits::MAX_RETRY_DELAY_MS.to_string()),
+            ("max_delay", limits::MAX_RETRY_DELAY_MS.to_string()),
+            ("step", "s".repeat(limits::MAX_NAME_CHARS)),
+            ("step_timeout", limits::MAX_STEP_TIMEOUT_MS.to_string()),
+        ]));
+        assert_eq!(def.version, 2_147_483_647);
+        assert_eq!(def.timeout, Some(Duration::from_secs(365 * 24 * 3600)));
+        assert_eq!(def.steps[0].retry.max_delay, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn every_value_above_its_limit_is_an_error_naming_line_and_field() {
+        let over = |max: u64| (max + 1).to_string();
+        let cases = [
+            (
+                "name",
+                "n".repeat(64),
+                1,
+                "name",
+                "is 64 characters long: at most 63",
+            ),
+            (
+                "name",
+                "n".repeat(1 << 20),
+                1,
+                "name",
+                "is 1048576 characters long",
+            ),
+            (
+                "version",
+                over(limits::MAX_VERSION),
+                2,
+                "version",
+                "version must be at most 2147483647",
+            ),
+            (
+                "version",
+                i64::MAX.to_string(),
+                2,
+                "version",
+                "found 9223372036854775807",
+            ),
+            (
+                "saga_timeout",
+                over(limits::MAX_SAGA_TIMEOUT_MS),
+                4,
+                "timeout_ms",
+                "timeout_ms must be at most 31536000000",
+            ),
+            (
+                "wait",
+                i64::MAX.to_string(),
+                6,
+                "ordering_max_wait_ms",
+                "ordering_max_wait_ms must be at most 600000",
+            ),
+            (
+                "attempts",
+                over(limits::MAX_ATTEMPTS),
+                7,
+                "retry.max_attempts",
+                "max_attempts must be at most 2147483647",
+            ),
+            (
+                "max_delay",
+                over(limits::MAX_RETRY_DELAY_MS),
+                7,
+                "retry.max_delay_ms",
+                "max_delay_ms must be at most 3600000 (1 hour",
+            ),
+            (
+                "max_delay",
+                i64::MAX.to_string(),
+                7,
+                "retry.max_delay_ms",
+                "max_delay_ms must be at most 3600000",
+            ),
+            (
+                "step",
+                "s".repeat(64),
+                9,
+                "steps[0].name",
+                "step name `ssssssssssssssssssss...` is 64 characters long",
+            ),
+            (
+                "step_timeout",
+                i64::MAX.to_string(),
+                12,
+                "steps[0].timeout_ms",
+                "timeout_ms must be at most 2147483647",
+            ),
+        ];
+        for (field, value, line, path, phrase) in cases {
+            let errors = load(&with_limits(&[(field, value)])).expect_err(path);
+            assert_eq!(errors.len(), 1, "{path}: {}", render(&errors));
+            let e = &errors[0];
+            assert_eq!((e.line, e.field.as_str()), (line, path), "{e}");
+            assert!(e.message.contains(phrase), "{e}");
+            assert!(e.message.len() < 200, "a huge value is not echoed: {e}");
+        }
+        // initial_delay_ms alone: its own limit, before the comparison with max_delay_ms.
+        let errors = load(&with_limits(&[
+            ("initial", over(limits::MAX_RETRY_DELAY_MS)),
+            ("max_delay", over(limits::MAX_RETRY_DELAY_MS)),
+        ]))
+        .expect_err("both delays");
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["retry.initial_delay_ms", "retry.max_delay_ms"],
+            "{}",
+            render(&errors)
+        );
+    }
+
+    #[test]
+    fn a_check_step_reads_only_has_no_compensation_and_stands_before_the_pivot() {
+        let saga = |check: &str, after: &str| {
+            format!(
+                "name: s\nversion: 1\naggregate: payload.id\nsteps:\n\
+                 - name: consumer_exists\n  role: check\n{check}\
+                 - name: ship\n  role: pivot\n  action: {{ handler: ship }}\n{after}"
+            )
+        };
+        let select = "  action:\n    sql: SELECT 1 FROM c WHERE id = :id\n    \
+                      params: { id: payload.id }\n    expect_rows: 1\n";
+        let def = loaded(&saga(select, ""));
+        assert_eq!(def.steps[0].role, StepRole::Check);
+        assert!(def.steps[0].compensation.is_none());
+        loaded(&saga("  action: { handler: verify }\n", ""));
+
+        let errors = load(&saga(
+            &format!("{select}  compensation: {{ sql: SELECT 1 }}\n"),
+            "",
+        ))
+        .expect_err("check with compensation");
+        assert_eq!(errors.len(), 1, "{}", render(&errors));
+        assert_eq!(
+            (errors[0].line, errors[0].field.as_str()),
+            (11, "steps[0].compensation")
+        );
+        assert!(
+            errors[0].message.contains("nothing to undo"),
+            "{}",
+            errors[0]
+        );
+
+        let errors = load(&saga(
+            "  action: { sql: 'WITH d AS (DELETE FROM c RETURNING 1) SELECT * FROM d' }\n",
+            "",
+        ))
+        .expect_err("check that writes");
+        assert_eq!(errors.len(), 1, "{}", render(&errors));
+        assert_eq!(
+            (errors[0].line, errors[0].field.as_str()),
+            (7, "steps[0].action.sql")
+        );
+        assert!(
+            errors[0]
+                .message
+                .contains("contains `DELETE`, which writes"),
+            "{}",
+            errors[0]
+        );
+
+        let errors = load(&saga(
+            select,
+            "- name: late\n  role: check\n  action: { sql: SELECT 1 }\n",
+        ))
+        .expect_err("check after the pivot");
+        assert_eq!(errors.len(), 1, "{}", render(&errors));
+        assert_eq!(errors[0].field, "steps[2].role");
+        assert!(
+            errors[0]
+                .message
+                .contains("check step after the pivot `ship`"),
+            "{}",
+            errors[0]
+        );
+    }
+
     #[test]
     fn all_semantic_errors_of_a_file_are_collected() {
         let errors = load(
@@ -2254,6 +2556,18 @@ mod tests {
             6,
             "ordering_max_wait_ms",
             "ordering_max_wait_ms must be an integer >= 1, found -100",
+        ),
+        (
+            "retry_delay_over_an_hour.yaml",
+            5,
+            "retry.max_delay_ms",
+            "max_delay_ms must be at most 3600000",
+        ),
+        (
+            "version_too_large.yaml",
+            3,
+            "version",
+            "version must be at most 2147483647",
         ),
     ];
 

@@ -6,6 +6,7 @@ pub mod coordinator;
 pub mod decide;
 pub mod definition;
 pub mod load;
+pub mod setup;
 pub mod sql;
 pub mod strict;
 mod yaml;

@@ -60,6 +60,36 @@ pub(crate) fn has_keyword(sql: &str, keyword: &str) -> bool {
     code_words(sql, &lexed.code).any(|(_, word)| word.eq_ignore_ascii_case(keyword))
 }
 
+/// Why `sql` is not a read-only query, or `None` when it looks like one: its first word
+/// is `SELECT`, `WITH`, `VALUES` or `TABLE`, and no data-modifying keyword (`INSERT`,
+/// `UPDATE`, `DELETE`, `MERGE`, `INTO`) appears in its code — so neither a
+/// data-modifying `WITH` nor `SELECT ... INTO` passes. `FOR UPDATE` / `FOR NO KEY
+/// UPDATE` row locks are allowed (they change nothing). Functions the query calls are
+/// not inspected. A statement that does not compile gets no verdict here (its own error
+/// is reported by [`compile_named`]).
+pub(crate) fn read_only_violation(sql: &str) -> Option<String> {
+    let lexed = lex(sql).ok()?;
+    let words: Vec<&str> = code_words(sql, &lexed.code).map(|(_, w)| w).collect();
+    let first = words.first()?;
+    if !["select", "with", "values", "table"]
+        .iter()
+        .any(|k| first.eq_ignore_ascii_case(k))
+    {
+        return Some(format!(
+            "it starts with `{first}`, not SELECT, WITH, VALUES or TABLE"
+        ));
+    }
+    let modifying = ["insert", "update", "delete", "merge", "into"];
+    words.iter().enumerate().find_map(|(i, word)| {
+        let lock = i > 0
+            && word.eq_ignore_ascii_case("update")
+            && (words[i - 1].eq_ignore_ascii_case("for")
+                || words[i - 1].eq_ignore_ascii_case("key"));
+        (!lock && modifying.iter().any(|k| word.eq_ignore_ascii_case(k)))
+            .then(|| format!("it contains `{word}`, which writes"))
+    })
+}
+
 /// Whether `sql` holds at most one statement: nothing but whitespace and `;` may follow
 /// the first `;` in code. A statement that does not compile counts as one (its own error
 /// is reported by [`compile_named`]).
@@ -426,6 +456,38 @@ mod tests {
             "returning"
         ));
         assert!(!has_keyword(r#"SELECT "returning""#, "returning"));
+    }
+
+    #[test]
+    fn read_only_check_accepts_queries_and_refuses_writes() {
+        for sql in [
+            "SELECT 1 FROM c WHERE id = :id",
+            "  with x AS (SELECT 1) SELECT * FROM x",
+            "VALUES (1)",
+            "TABLE shop.stock",
+            "SELECT 1 FROM c WHERE note = 'update me' -- insert",
+            "SELECT 1 FROM c FOR UPDATE",
+            "SELECT 1 FROM c FOR NO KEY UPDATE SKIP LOCKED",
+            "SELECT \"update\" FROM c",
+        ] {
+            assert_eq!(read_only_violation(sql), None, "{sql}");
+        }
+        for (sql, why) in [
+            ("UPDATE c SET x = 1", "starts with `UPDATE`"),
+            (
+                "WITH d AS (DELETE FROM c RETURNING 1) SELECT * FROM d",
+                "`DELETE`",
+            ),
+            ("SELECT 1 INTO t", "`INTO`"),
+            (
+                "with u as (update c set x = 1 returning 1) select 1",
+                "`update`",
+            ),
+            ("CALL p()", "starts with `CALL`"),
+        ] {
+            let found = read_only_violation(sql).unwrap_or_default();
+            assert!(found.contains(why), "{sql}: {found}");
+        }
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub(crate) enum RawRole {
     Pivot,
     /// `retriable`
     Retriable,
+    /// `check`
+    Check,
 }
 
 /// An `action:` or `compensation:` block: either `sql` or `handler` (checked later).

@@ -49,22 +49,22 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// A database error as a person reads it: PostgreSQL's message, its SQLSTATE, and the
-/// detail and hint when the server gave them — not the server's C source line.
+/// A database error as a person reads it — `SQLSTATE <code>: <message>`, then
+/// `; detail: …` and `; hint: …` when the server gave them — not the server's C
+/// source line. Other errors as they display.
 pub fn error_text(e: &sqlx::Error) -> String {
     let Some(db) = e.as_database_error() else {
         return e.to_string();
     };
-    let mut text = db.message().to_string();
-    if let Some(code) = db.code() {
-        text.push_str(&format!(" (SQLSTATE {code})"));
-    }
+    let mut text = match db.code() {
+        Some(code) => format!("SQLSTATE {code}: {}", db.message()),
+        None => db.message().to_string(),
+    };
     if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-        if let Some(detail) = pg.detail() {
-            text.push_str(&format!("; detail: {detail}"));
-        }
-        if let Some(hint) = pg.hint() {
-            text.push_str(&format!("; hint: {hint}"));
+        for (label, extra) in [("detail", pg.detail()), ("hint", pg.hint())] {
+            if let Some(extra) = extra {
+                text.push_str(&format!("; {label}: {extra}"));
+            }
         }
     }
     text

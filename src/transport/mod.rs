@@ -18,8 +18,9 @@ use futures_util::stream::BoxStream;
 
 use crate::envelope::Outgoing;
 
-/// A transport failure. Always an infrastructure problem: the caller retries later,
-/// and an unacknowledged delivery is redelivered, so nothing is lost.
+/// A transport failure. Once running, always treated as an infrastructure problem: the
+/// caller retries later, and an unacknowledged delivery is redelivered, so nothing is
+/// lost. At start-up, [`TransportError::Refused`] is fatal.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The connection or channel failed.
@@ -28,6 +29,12 @@ pub enum TransportError {
     /// The broker refused the message (a nack) or could not route it.
     #[error("broker did not accept the message: {0}")]
     NotAccepted(String),
+    /// The broker answered but refuses skald's connection or topology (wrong
+    /// credentials, unknown vhost, a missing plugin, an exchange or queue that exists
+    /// with other settings): a configuration error, which waiting does not fix. The
+    /// message says what to change.
+    #[error("RabbitMQ refuses skald's configuration: {0}")]
+    Refused(String),
 }
 
 /// Acknowledges one delivery. Implementations ack exactly that delivery, never

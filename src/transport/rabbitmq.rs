@@ -53,12 +53,16 @@ use tokio::sync::Mutex;
 use super::{Acknowledge, Delivery, Transport, TransportError};
 use crate::config::Config;
 use crate::envelope::Outgoing;
+use crate::saga::definition::limits::MAX_RETRY_DELAY_MS;
 
 /// Delay tiers in milliseconds; a delay is rounded up to the next one (the last one
 /// caps it).
 pub const DELAY_TIERS_MS: &[u64] = &[
     100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000,
 ];
+
+// A saga's retry delays are capped at the longest tier, so none is ever cut short.
+const _: () = assert!(DELAY_TIERS_MS[DELAY_TIERS_MS.len() - 1] >= MAX_RETRY_DELAY_MS);
 
 /// The header that routes a delayed message to its tier queue.
 // Not `x-...`: a headers exchange ignores headers starting with `x-` when matching.
@@ -142,6 +146,45 @@ fn conn_err(e: lapin::Error) -> TransportError {
     TransportError::Connection(e.to_string())
 }
 
+/// An error while connecting or declaring the topology: a refusal the broker answered
+/// with (see [`refusal_fix`]) is [`TransportError::Refused`], anything else (no route
+/// to the broker, a restart) a connection error that waiting may fix.
+fn setup_err(e: lapin::Error) -> TransportError {
+    if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
+        && let Some(fix) = refusal_fix(amqp.get_id(), amqp.get_message().as_str())
+    {
+        let said = amqp.get_message().as_str().trim_end_matches('.');
+        return TransportError::Refused(format!("{said}; {fix}"));
+    }
+    conn_err(e)
+}
+
+/// What to change when the broker refuses skald's connection or topology with the AMQP
+/// reply `code` and `message`; `None` for the replies that may clear up by themselves
+/// (320 CONNECTION_FORCED: the broker is restarting; 405 RESOURCE_LOCKED; 506
+/// RESOURCE_ERROR: out of a resource; 541 INTERNAL_ERROR).
+fn refusal_fix(code: u16, message: &str) -> Option<&'static str> {
+    Some(match code {
+        320 | 405 | 506 | 541 => return None,
+        403 => {
+            "check the user name and password in AMQP_URL, and that user's permissions \
+             on the vhost"
+        }
+        402 | 530 => {
+            "check the vhost in AMQP_URL: it must exist and the user must have access to it"
+        }
+        503 if message.contains("exchange type") => {
+            "the consistent-hash exchange plugin is not enabled: run \
+             `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange` on the broker"
+        }
+        406 => {
+            "an exchange or queue of this SKALD_NAMESPACE already exists with other \
+             settings than skald declares: delete it, or choose another SKALD_NAMESPACE"
+        }
+        _ => "the broker refuses skald's topology",
+    })
+}
+
 fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
     for (k, v) in entries {
@@ -194,23 +237,24 @@ impl RabbitTransport {
             .with_connection_name(format!("skald:{}", self.topology.namespace).into());
         let connection = Connection::connect(&self.url, properties)
             .await
-            .map_err(conn_err)?;
-        let publisher = connection.create_channel().await.map_err(conn_err)?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(conn_err)?;
-        declare(&publisher, &self.topology).await.map_err(|e| {
-            let text = e.to_string();
-            if text.contains("x-consistent-hash") {
-                TransportError::Connection(format!(
-                    "{text}: enable the plugin with \
-                     `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange`"
-                ))
-            } else {
-                conn_err(e)
+            .map_err(setup_err)?;
+        let declared = async {
+            let publisher = connection.create_channel().await?;
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            declare(&publisher, &self.topology).await?;
+            lapin::Result::Ok(publisher)
+        }
+        .await;
+        let publisher = match declared {
+            Ok(publisher) => publisher,
+            Err(e) => {
+                // Not left open behind a failed attempt (start-up may try again).
+                let _ = connection.close(200, "topology not declared".into()).await;
+                return Err(setup_err(e));
             }
-        })?;
+        };
         *guard = Some(Link {
             connection,
             publisher: publisher.clone(),
@@ -566,3 +610,55 @@ impl Transport for RabbitTransport {
 
 /// How long to wait before reconnecting after the broker went away.
 pub const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_topology_or_login_names_its_fix() {
+        // The replies RabbitMQ sends, verbatim.
+        let fix = |code, message| refusal_fix(code, message).unwrap_or_default();
+        assert!(
+            fix(
+                503,
+                "COMMAND_INVALID - unknown exchange type 'x-consistent-hash'"
+            )
+            .contains("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange")
+        );
+        assert!(
+            fix(
+                503,
+                "COMMAND_INVALID - invalid exchange type 'x-consistent-hash'"
+            )
+            .contains("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange")
+        );
+        assert!(
+            fix(
+                406,
+                "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'skald' in \
+                 vhost '/': received 'x-consistent-hash' but current is 'direct'"
+            )
+            .contains("SKALD_NAMESPACE")
+        );
+        assert!(
+            fix(
+                403,
+                "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN."
+            )
+            .contains("password in AMQP_URL")
+        );
+        assert!(fix(530, "NOT_ALLOWED - vhost nope not found").contains("vhost in AMQP_URL"));
+    }
+
+    #[test]
+    fn a_broker_that_is_restarting_is_waited_for() {
+        for code in [320, 405, 506, 541] {
+            assert_eq!(
+                refusal_fix(code, "CONNECTION_FORCED - shutdown"),
+                None,
+                "{code}"
+            );
+        }
+    }
+}

@@ -3,7 +3,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::helpers::{TestEnv, sample_sagas};
+use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+
+use crate::helpers::{AMQP, TestEnv, sample_sagas, wait_child};
 
 #[test]
 fn validate_accepts_the_sample_sagas() {
@@ -154,5 +158,136 @@ async fn dlq_commands_list_show_and_discard_dead_letters() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
+    env.cleanup().await;
+}
+
+/// Runs `skald run` against this test's services with `extra` env on top (and the
+/// default log filter), waits for it to exit — failing the test if it is still running
+/// after `within` — and returns its exit status and stderr.
+fn run_expecting_exit(
+    env: &TestEnv,
+    extra: &[(&str, &str)],
+    within: Duration,
+) -> (std::process::ExitStatus, String) {
+    use std::io::Read as _;
+    let mut child = env
+        .skald(&["run"])
+        .env_remove("SKALD_LOG") // the default log filter, as a user has it
+        .env("SKALD_STARTUP_TIMEOUT_MS", "60000")
+        .envs(extra.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut child, within);
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status, stderr)
+}
+
+/// The one line of a failed `skald run`'s `stderr` that contains `needle`: it fails
+/// when the problem is said never or more than once, or was waited on as an outage.
+fn said_once<'s>(status: std::process::ExitStatus, stderr: &'s str, needle: &str) -> &'s str {
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("not reachable yet"),
+        "not waited on: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(needle)).collect();
+    assert_eq!(lines.len(), 1, "{needle} said once:\n{stderr}");
+    lines[0]
+}
+
+#[actix_rt::test]
+async fn run_stops_at_once_when_the_broker_refuses_its_topology() {
+    let env = TestEnv::new(sample_sagas()).await;
+    // Someone declared our intake exchange with another type: RabbitMQ answers
+    // skald's declaration with 406 PRECONDITION_FAILED, which no wait can fix (the
+    // same path as 503 COMMAND_INVALID when the consistent-hash plugin is off).
+    let conn = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let exchange = env.config.namespace.as_str();
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let (status, stderr) = run_expecting_exit(&env, &[], Duration::from_secs(20));
+    let refusal = said_once(status, &stderr, "PRECONDITION_FAILED");
+    assert!(refusal.contains(exchange), "{stderr}");
+    assert!(refusal.contains("SKALD_NAMESPACE"), "the fix: {stderr}");
+
+    let _ = ch
+        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "".into()).await;
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn run_stops_at_once_when_the_broker_refuses_its_login() {
+    let env = TestEnv::new(sample_sagas()).await;
+    let (status, stderr) = run_expecting_exit(
+        &env,
+        &[("AMQP_URL", "amqp://guest:wrong-password@127.0.0.1:5672/%2f")],
+        Duration::from_secs(20),
+    );
+    let refusal = said_once(status, &stderr, "ACCESS_REFUSED");
+    assert!(
+        refusal.contains("password in AMQP_URL"),
+        "the fix: {stderr}"
+    );
+    env.cleanup().await;
+}
+
+fn setup_fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/setup")
+}
+
+#[test]
+fn validate_parses_setup_sql_and_warns_where_it_cannot() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
+        .arg("validate")
+        .arg(setup_fixtures())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A warning, not an error: the parser does not know all of PostgreSQL.
+    assert!(out.status.success(), "{stderr}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("typo_in_setup.yaml"))
+        .unwrap_or_else(|| panic!("no warning in:\n{stderr}"));
+    assert!(
+        warning.contains("typo_in_setup.yaml:10:3: setup: warning: "),
+        "{warning}"
+    );
+    assert!(warning.contains("CREAT"), "{warning}");
+}
+
+#[actix_rt::test]
+async fn run_names_the_file_and_line_of_failing_setup_sql_once() {
+    let env = TestEnv::new(setup_fixtures()).await;
+    let (status, stderr) = run_expecting_exit(&env, &[], Duration::from_secs(20));
+    let said = said_once(status, &stderr, "CREAT");
+    assert!(
+        said.contains("typo_in_setup.yaml:10:3: setup: SQLSTATE 42601: syntax error"),
+        "{stderr}"
+    );
+    assert!(
+        !said.contains(" at line "),
+        "no server source line: {stderr}"
+    );
     env.cleanup().await;
 }

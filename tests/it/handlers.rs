@@ -84,7 +84,7 @@ async fn handler_steps_run_in_the_step_transaction_and_honour_their_errors() {
         let pool = env.pool.clone();
         async move {
             sqlx::query_as::<_, (String, Option<String>)>(
-                "SELECT what, detail FROM hd.log WHERE instance_id = $1 ORDER BY ctid",
+                "SELECT what, detail FROM hd.log WHERE instance_id = $1 ORDER BY id",
             )
             .bind(id)
             .fetch_all(&pool)

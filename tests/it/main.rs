@@ -5,6 +5,7 @@ mod helpers;
 
 mod api;
 mod browser;
+mod check_steps;
 mod cli;
 mod crash;
 mod failures;
