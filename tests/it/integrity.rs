@@ -393,13 +393,19 @@ async fn bulk_replay_takes_the_oldest_matching_letters_in_order_at_the_rate_aske
     env.cleanup().await;
 }
 
-/// `POST path` with a JSON body to skald's HTTP server; the status and JSON answer.
-async fn post_json(addr: std::net::SocketAddr, path: &str, body: &Value) -> (u16, Value) {
+/// `method path` (with a JSON body, if any) to skald's HTTP server; the status and
+/// the JSON answer.
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = body.to_string();
+    let body = body.map(Value::to_string).unwrap_or_default();
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
@@ -439,7 +445,7 @@ async fn starts_with_an_empty_aggregate_or_a_nul_are_refused_by_the_api_and_the_
         (json!({"saga": "typed", "payload": nul}), "NUL"),
     ];
     for (body, says) in &cases {
-        let (status, answer) = post_json(app.http_addr, "/api/v1/instances", body).await;
+        let (status, answer) = http(app.http_addr, "POST", "/api/v1/instances", Some(body)).await;
         assert_eq!(status, 400, "{body}: {answer}");
         let message = answer["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(says), "{body}: {message}");
@@ -477,6 +483,64 @@ async fn a_check_that_finds_nothing_says_what_its_query_returned() {
         tried[0].2.as_deref(),
         Some("expected 1 row(s), statement returned 0")
     );
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_message_held_by_an_outage_longer_than_the_bound_is_reported_stuck() {
+    let mut env = TestEnv::new(integrity_sagas()).await;
+    env.config.stuck_after = Duration::from_millis(300);
+    let app = start_app(&env).await;
+    // An outage only skald's bookkeeping meets: every inbox write fails with
+    // "insufficient resources" (class 53), which is not about the message's data.
+    sqlx::raw_sql(
+        "CREATE FUNCTION skald.outage() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION 'disk full (test)' USING ERRCODE = '53100'; END $$; \
+         CREATE TRIGGER outage BEFORE INSERT ON skald.inbox \
+           FOR EACH ROW EXECUTE FUNCTION skald.outage();",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let ids = env
+        .publish_starts(vec![start("emits", "k", 0, json!({"key": "k"}))])
+        .await;
+    let stats = app.engine.stats();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while stats.stuck.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "never reported stuck");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, ready) = http(app.http_addr, "GET", "/api/v1/ready", None).await;
+    let checks = if ready["checks"].is_object() {
+        &ready["checks"]
+    } else {
+        &ready
+    };
+    assert_eq!(checks["stuck_messages"], 1, "{ready}");
+    assert!(
+        stats.data_errors.load(std::sync::atomic::Ordering::Relaxed) == 0,
+        "an outage is not bad data"
+    );
+
+    // The outage ends: the message goes through and is no longer stuck.
+    sqlx::raw_sql("DROP TRIGGER outage ON skald.inbox")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.wait_for_terminal(1, Duration::from_secs(20)).await;
+    let status: String = sqlx::query_scalar("SELECT status FROM skald.instances WHERE id = $1")
+        .bind(instance_id_for(ids[0]))
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "completed");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats.stuck.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+        assert!(Instant::now() < deadline, "still reported stuck");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     app.stop().await;
     env.cleanup().await;
 }
