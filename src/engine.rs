@@ -56,6 +56,10 @@ pub enum EngineError {
     /// The instance changed while the message was being disposed of.
     #[error("instance {0} changed concurrently")]
     Raced(Uuid),
+    /// An injected crash (`skald explore`): the handling stops here, the delivery is
+    /// left unacked.
+    #[error("injected crash")]
+    Crashed,
 }
 
 /// A message that was read successfully and knows where it belongs.
@@ -69,56 +73,7 @@ pub struct Job {
     pub aggregate_id: String,
 }
 
-/// Where a simulated crash happens (the `SKALD_CRASH_AT` test hook).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CrashPoint {
-    /// After the step's transaction committed, before publishing what follows.
-    AfterCommit,
-    /// After publishing what follows, before acking the delivery.
-    AfterPublish,
-}
-
-/// Crash the process (as `kill -9` would: no cleanup) when a step reaches a point.
-/// Used by the crash-recovery tests, and the seam for a future fault-injection mode.
-#[derive(Debug, Clone, Default)]
-pub struct Faults {
-    crash: Option<(CrashPoint, String)>,
-}
-
-impl Faults {
-    /// No faults.
-    pub fn none() -> Self {
-        Faults::default()
-    }
-
-    /// Reads `SKALD_CRASH_AT=after_commit:<step>` or `after_publish:<step>`.
-    pub fn from_env() -> Result<Self, String> {
-        let Ok(spec) = std::env::var("SKALD_CRASH_AT") else {
-            return Ok(Faults::none());
-        };
-        let (point, step) = spec
-            .split_once(':')
-            .ok_or_else(|| format!("SKALD_CRASH_AT={spec:?}: expected <point>:<step>"))?;
-        let point = match point {
-            "after_commit" => CrashPoint::AfterCommit,
-            "after_publish" => CrashPoint::AfterPublish,
-            other => return Err(format!("SKALD_CRASH_AT: unknown point {other:?}")),
-        };
-        Ok(Faults {
-            crash: Some((point, step.to_string())),
-        })
-    }
-
-    fn hit(&self, point: CrashPoint, step: Option<&str>) {
-        if let Some((p, s)) = &self.crash
-            && *p == point
-            && step == Some(s.as_str())
-        {
-            tracing::error!(?point, step = s, "SKALD_CRASH_AT: aborting the process");
-            std::process::abort();
-        }
-    }
-}
+pub use crate::faults::{FaultPoint, Faults, Injected};
 
 /// Counters of what the engine did, for logs, `skald bench` and the dashboard.
 #[derive(Debug, Default)]
@@ -376,6 +331,8 @@ impl Engine {
         let finished = loop {
             let e = match self.try_once(&job, delivery.redelivered).await {
                 Ok(()) => break true,
+                // The simulated process is gone: the delivery stays unacked.
+                Err(EngineError::Crashed) => break false,
                 Err(e) => e,
             };
             if e.is_data_error() {
@@ -463,13 +420,17 @@ impl Engine {
     }
 
     async fn try_once(&self, job: &Job, redelivered: bool) -> Result<(), EngineError> {
-        let step_name = match job.envelope.command {
-            Command::Start => job.saga.steps.first().map(|s| s.name.as_str()),
-            Command::Run { cursor, .. } => job
-                .saga
-                .steps
-                .get(cursor.step as usize)
-                .map(|s| s.name.as_str()),
+        let (step_name, phase) = match job.envelope.command {
+            Command::Start => (job.saga.steps.first(), Phase::Forward),
+            Command::Run { cursor, .. } => (job.saga.steps.get(cursor.step as usize), cursor.phase),
+        };
+        let step_name = step_name.map_or("", |s| s.name.as_str());
+        let crash_at = |point| {
+            if self.faults.at(point, step_name, phase) == Injected::Crash {
+                Err(EngineError::Crashed)
+            } else {
+                Ok(())
+            }
         };
         // A copy is looked up before its step runs again: when the broker says it is a
         // redelivery, or when this process recorded its id lately.
@@ -478,11 +439,11 @@ impl Engine {
         self.seen.insert(job.envelope.message_id);
         match handled {
             Handled::Send(outgoing) => {
-                self.faults.hit(CrashPoint::AfterCommit, step_name);
+                crash_at(FaultPoint::AfterCommit)?;
                 for msg in &outgoing {
                     self.transport.publish(msg).await?;
                 }
-                self.faults.hit(CrashPoint::AfterPublish, step_name);
+                crash_at(FaultPoint::AfterPublish)?;
             }
             Handled::DeadLetter(code, reason) => {
                 self.park_unprocessable(job, code, &reason).await?;
@@ -587,13 +548,24 @@ impl Engine {
             return Ok(Handled::Send(Vec::new()));
         }
 
-        let result = match decide::expired(step, requested, at.deadline, started_at) {
+        let injected = self
+            .faults
+            .at(FaultPoint::BeforeEffect, &step.name, requested.phase);
+        let result = match (
+            decide::expired(step, requested, at.deadline, started_at),
+            injected,
+        ) {
             // Past the deadline the step counts as failed for good.
-            Some(message) => StepResult::Failed {
+            (Some(message), _) => StepResult::Failed {
                 kind: FailureKind::Fatal,
                 message,
             },
-            None => {
+            (None, Injected::Crash) => return Err(EngineError::Crashed),
+            (None, Injected::Fail(kind)) => StepResult::Failed {
+                kind,
+                message: "injected failure".to_string(),
+            },
+            (None, Injected::Nothing) => {
                 let input = StepInput {
                     instance_id,
                     aggregate_id: &job.aggregate_id,
@@ -679,6 +651,13 @@ impl Engine {
                 },
             )
             .await?;
+        }
+        if self
+            .faults
+            .at(FaultPoint::BeforeCommit, &step.name, requested.phase)
+            == Injected::Crash
+        {
+            return Err(EngineError::Crashed);
         }
         tx.commit().await?;
         self.stats.applied.fetch_add(1, Ordering::Relaxed);

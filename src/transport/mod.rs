@@ -11,6 +11,7 @@
 //! 3. a delayed publish ([`Outgoing::delay_ms`]) is durable while it waits;
 //! 4. [`Transport::dead_letter`] stores a body durably where a person can find it.
 
+pub mod memory;
 pub mod rabbitmq;
 
 use futures_util::future::BoxFuture;
