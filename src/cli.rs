@@ -70,6 +70,9 @@ enum Cmd {
     Dlq(DlqCmd),
     /// Measure throughput against a hand-written baseline worker (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
+    /// Run a saga through every crash and fault point against scratch databases and
+    /// check every promise held (exit 0), or report where one broke (exit 1).
+    Explore(crate::explore::ExploreArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -276,6 +279,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = config()?;
             actix_system().block_on(crate::bench::run(config, args))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Explore(args) => {
+            let config = config()?;
+            let report =
+                tokio_runtime()?.block_on(crate::explore::explore(&config.database_url, &args))?;
+            print!("{}", report.render());
+            Ok(if report.held() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

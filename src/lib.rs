@@ -46,6 +46,7 @@ pub mod config;
 pub mod dlq;
 pub mod engine;
 pub mod envelope;
+pub mod explore;
 pub mod faults;
 pub mod handlers;
 pub mod metrics;

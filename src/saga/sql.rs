@@ -104,6 +104,29 @@ pub(crate) fn is_single_statement(sql: &str) -> bool {
     (first..b.len()).all(|i| !lexed.code[i] || b[i] == b';' || b[i].is_ascii_whitespace())
 }
 
+/// The statements of `sql`, split at every `;` in code (not inside strings, quoted
+/// identifiers, comments or dollar quotes), trimmed, empty ones (and comment-only
+/// ones) left out.
+///
+/// # Errors
+/// As [`compile_named`], for a quoted section or comment that never ends.
+pub fn split_statements(sql: &str) -> Result<Vec<&str>, SqlParamError> {
+    let lexed = lex(sql)?;
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 0..=b.len() {
+        if i == b.len() || (lexed.code[i] && b[i] == b';') {
+            let has_code = (start..i).any(|k| lexed.code[k] && !b[k].is_ascii_whitespace());
+            if has_code {
+                out.push(sql[start..i].trim());
+            }
+            start = i + 1;
+        }
+    }
+    Ok(out)
+}
+
 /// The words (runs of identifier bytes) of the code of `sql`, with their byte offsets.
 fn code_words<'s>(sql: &'s str, code: &'s [bool]) -> impl Iterator<Item = (usize, &'s str)> {
     let b = sql.as_bytes();
@@ -488,6 +511,19 @@ mod tests {
             let found = read_only_violation(sql).unwrap_or_default();
             assert!(found.contains(why), "{sql}: {found}");
         }
+    }
+
+    #[test]
+    fn statements_split_at_semicolons_in_code_only() {
+        let sql = "-- what\nSELECT ';' FROM t WHERE a = :a;\n/* ; */ SELECT $$;$$;\n-- end\n";
+        assert_eq!(
+            split_statements(sql).unwrap(),
+            [
+                "-- what\nSELECT ';' FROM t WHERE a = :a",
+                "/* ; */ SELECT $$;$$"
+            ]
+        );
+        assert!(split_statements("SELECT 'open").is_err());
     }
 
     #[test]

@@ -1,0 +1,648 @@
+//! `skald explore`: run one saga through every fault point, one at a time, and check
+//! that every promise held — and that it ends as the legacy transaction would.
+//!
+//! For each [`points::Point`] the saga runs from a fresh copy of a scratch PostgreSQL
+//! database (migrated, the saga's `setup` applied), on the in-memory transport, with
+//! the real engine and the fault injected once. When no message is left, it checks:
+//! - **ends**: the instance ended as [`points::expected`] says (completed like a
+//!   commit, compensated like a rollback, or parked for a person);
+//! - **once**: no step or compensation succeeded twice (the inbox says so);
+//! - **atomic**: what the business sees (the observe queries) equals what it saw after
+//!   the legacy transaction committed (for a completed saga) or before it ran (for a
+//!   compensated one);
+//! - **nothing lost**: no message is left undelivered or unacked, and a parked
+//!   instance has its dead letter.
+//!
+//! The references: *rollback* is the fresh database; *commit* is the legacy file run
+//! by `psql` (with `--legacy`), else the saga's own fault-free run — and with
+//! `--legacy`, that fault-free run must equal the legacy commit too.
+
+pub mod observe;
+pub mod points;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
+use uuid::Uuid;
+
+use crate::engine::Engine;
+use crate::envelope::{Command, Envelope, Outgoing, instance_id_for};
+use crate::faults::{FaultPlan, FaultPoint, Faults, Injected};
+use crate::handlers::Handlers;
+use crate::saga::coordinator::{FailureKind, InstanceStatus, Phase};
+use crate::saga::{Catalog, SagaDef, load_file};
+use crate::store::{Store, StoreError, error_text};
+use crate::transport::Transport;
+use crate::transport::memory::MemoryTransport;
+use observe::{Observation, Observer};
+use points::{Fault, Point};
+
+/// Deliveries one run may take before it is declared stuck.
+const MAX_DELIVERIES: usize = 10_000;
+
+/// Why `explore` could not run (not a broken promise: those are in the report).
+#[derive(Debug, thiserror::Error)]
+pub enum ExploreError {
+    /// A file or argument is unusable.
+    #[error("{0}")]
+    Input(String),
+    /// PostgreSQL failed.
+    #[error("database: {0}")]
+    Database(String),
+    /// skald's store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ExploreError {
+    fn db(e: sqlx::Error) -> Self {
+        ExploreError::Database(error_text(&e))
+    }
+}
+
+/// `skald explore` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExploreArgs {
+    /// The saga file to explore.
+    pub saga: PathBuf,
+    /// The start payload, a JSON object.
+    #[arg(long)]
+    pub data: String,
+    /// The legacy transaction the saga replaces: a psql script, run with each payload
+    /// field as a psql variable (`:qty`, `:'sku'`).
+    #[arg(long)]
+    pub legacy: Option<PathBuf>,
+    /// The queries that show what the business sees (default: `<saga>.observe.sql`
+    /// beside the saga file, if it exists).
+    #[arg(long)]
+    pub observe: Option<PathBuf>,
+}
+
+/// The outcome of one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// Where the fault was injected; `None` for the fault-free run.
+    pub point: Option<Point>,
+    /// How the instance ended (`None`: it never started, or never ended).
+    pub ended: Option<InstanceStatus>,
+    /// How it had to end.
+    pub expected: InstanceStatus,
+    /// Ended as expected.
+    pub ends: bool,
+    /// No step or compensation succeeded twice.
+    pub once: bool,
+    /// The business state matches the reference (`None`: not checked — no observe
+    /// queries, or parked for a person).
+    pub atomic: Option<bool>,
+    /// Nothing left undelivered or unacked, and a parked instance has its dead letter.
+    pub nothing_lost: bool,
+}
+
+impl Row {
+    /// Every promise held.
+    pub fn held(&self) -> bool {
+        self.ends && self.once && self.atomic != Some(false) && self.nothing_lost
+    }
+}
+
+/// What `explore` found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The saga's name.
+    pub saga: String,
+    /// Its steps' names, by index.
+    pub steps: Vec<String>,
+    /// With `--legacy`: whether the fault-free saga run left what the legacy commit
+    /// leaves.
+    pub matches_legacy: Option<bool>,
+    /// The fault-free run first, then one row per point.
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    /// Every promise held at every point (and the saga matches the legacy commit).
+    pub fn held(&self) -> bool {
+        self.matches_legacy != Some(false) && self.rows.iter().all(Row::held)
+    }
+
+    /// The report as a table, then one line saying whether every promise held.
+    pub fn render(&self) -> String {
+        let mark = |ok: bool| if ok { "ok" } else { "BROKEN" };
+        let mut out = format!(
+            "{:<4} {:<20} {:<10} {:<24} {:<12} {:<12} {:<6} {:<6} {:<6} {:<6}\n",
+            "#", "step", "phase", "injected", "ended", "expected", "ends", "once", "atomic", "lost"
+        );
+        for (i, row) in self.rows.iter().enumerate() {
+            let (step, phase, fault) = match &row.point {
+                Some(p) => (
+                    self.steps.get(p.step).cloned().unwrap_or_default(),
+                    p.phase.as_str().to_string(),
+                    p.fault.to_string(),
+                ),
+                None => ("-".into(), "-".into(), "nothing (baseline)".into()),
+            };
+            out.push_str(&format!(
+                "{:<4} {:<20} {:<10} {:<24} {:<12} {:<12} {:<6} {:<6} {:<6} {:<6}\n",
+                i,
+                step,
+                phase,
+                fault,
+                row.ended.map_or("-", InstanceStatus::as_str),
+                row.expected.as_str(),
+                mark(row.ends),
+                mark(row.once),
+                row.atomic.map_or("-", mark),
+                if row.nothing_lost { "none" } else { "BROKEN" },
+            ));
+        }
+        if let Some(matches) = self.matches_legacy {
+            out.push_str(&format!(
+                "fault-free saga vs legacy commit: {}\n",
+                if matches {
+                    "same business state"
+                } else {
+                    "BROKEN: different business state"
+                }
+            ));
+        }
+        let broken = self.rows.iter().filter(|r| !r.held()).count();
+        if self.held() {
+            out.push_str(&format!(
+                "{}: every promise held at all {} points\n",
+                self.saga,
+                self.rows.len() - 1
+            ));
+        } else {
+            out.push_str(&format!(
+                "{}: promises broken at {broken} of {} runs\n",
+                self.saga,
+                self.rows.len()
+            ));
+        }
+        out
+    }
+}
+
+/// Runs the exploration against scratch databases on the server of `database_url`.
+pub async fn explore(database_url: &str, args: &ExploreArgs) -> Result<Report, ExploreError> {
+    let saga = load_file(&args.saga).map_err(|errors| {
+        ExploreError::Input(
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    })?;
+    let payload: Value = serde_json::from_str(&args.data)
+        .map_err(|e| ExploreError::Input(format!("--data is not JSON: {e}")))?;
+    if !payload.is_object() {
+        return Err(ExploreError::Input("--data must be a JSON object".into()));
+    }
+    let observe_file = args.observe.clone().or_else(|| {
+        let beside = args.saga.with_extension("observe.sql");
+        beside.exists().then_some(beside)
+    });
+    let observer = observe_file.as_deref().map(Observer::read).transpose()?;
+    if args.legacy.is_some() && observer.is_none() {
+        return Err(ExploreError::Input(
+            "--legacy needs observe queries to compare (a <saga>.observe.sql file or --observe)"
+                .into(),
+        ));
+    }
+
+    let base: PgConnectOptions = database_url
+        .parse()
+        .map_err(|e| ExploreError::Input(format!("DATABASE_URL: {e}")))?;
+    let scratch = Scratch::new(database_url, base, &saga).await?;
+    let result = run_all(&scratch, &saga, &payload, observer.as_ref(), args).await;
+    scratch.drop_all().await;
+    result
+}
+
+async fn run_all(
+    scratch: &Scratch,
+    saga: &SagaDef,
+    payload: &Value,
+    observer: Option<&Observer>,
+    args: &ExploreArgs,
+) -> Result<Report, ExploreError> {
+    let catalog = Catalog::new(vec![saga.clone()]);
+    // The references: the business before anything ran, and after a commit.
+    let rollback = match observer {
+        Some(o) => Some(scratch.observe_fresh(o, payload).await?),
+        None => None,
+    };
+    let baseline = run_one(scratch, &catalog, saga, payload, observer, None).await?;
+    let legacy_commit = match (&args.legacy, observer) {
+        (Some(file), Some(o)) => {
+            let copy = scratch.fresh().await?;
+            let seen = async {
+                observe::run_legacy(&copy.url, file, payload).await?;
+                o.observe(copy.store.pool(), payload).await
+            }
+            .await;
+            scratch.discard(copy).await;
+            Some(seen?)
+        }
+        _ => None,
+    };
+    let commit = legacy_commit
+        .clone()
+        .or_else(|| baseline.observation.clone());
+    let matches_legacy = legacy_commit
+        .as_ref()
+        .map(|l| baseline.observation.as_ref() == Some(l));
+
+    let mut rows = vec![baseline.row(&commit, &rollback)];
+    for point in points::all(saga) {
+        let run = run_one(scratch, &catalog, saga, payload, observer, Some(point)).await?;
+        rows.push(run.row(&commit, &rollback));
+    }
+    Ok(Report {
+        saga: saga.name.clone(),
+        steps: saga.steps.iter().map(|s| s.name.clone()).collect(),
+        matches_legacy,
+        rows,
+    })
+}
+
+/// One run's raw findings.
+struct Run {
+    point: Option<Point>,
+    expected: InstanceStatus,
+    ended: Option<InstanceStatus>,
+    once: bool,
+    drained: bool,
+    parked_recorded: bool,
+    observation: Option<Observation>,
+}
+
+impl Run {
+    fn row(&self, commit: &Option<Observation>, rollback: &Option<Observation>) -> Row {
+        let reference = match self.ended {
+            Some(InstanceStatus::Completed) => commit.as_ref(),
+            Some(InstanceStatus::Compensated) => rollback.as_ref(),
+            _ => None,
+        };
+        Row {
+            point: self.point,
+            ended: self.ended,
+            expected: self.expected,
+            ends: self.ended == Some(self.expected),
+            once: self.once,
+            atomic: reference
+                .zip(self.observation.as_ref())
+                .map(|(want, seen)| want == seen),
+            nothing_lost: self.drained
+                && (self.ended != Some(InstanceStatus::Failed) || self.parked_recorded),
+        }
+    }
+}
+
+/// The fault plan of one run: the point's engine-side fault, once, and for a
+/// compensation point the fatal failure of the step after it that starts compensating.
+struct Plan {
+    steps: Vec<String>,
+    point: Option<Point>,
+    fired: Mutex<bool>,
+    triggered: Mutex<bool>,
+    crashed: AtomicBool,
+}
+
+impl Plan {
+    fn index(&self, step: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s == step)
+    }
+
+    /// Whether a crash happened since the last call.
+    fn take_crash(&self) -> bool {
+        self.crashed.swap(false, Ordering::SeqCst)
+    }
+}
+
+impl FaultPlan for Plan {
+    fn at(&self, at: FaultPoint, step: &str, phase: Phase) -> Injected {
+        let Some(point) = self.point else {
+            return Injected::Nothing;
+        };
+        let index = self.index(step);
+        if at == FaultPoint::BeforeEffect
+            && phase == Phase::Forward
+            && index.is_some()
+            && index == point.trigger()
+        {
+            let mut triggered = self.triggered.lock().expect("plan lock");
+            if !*triggered {
+                *triggered = true;
+                return Injected::Fail(FailureKind::Fatal);
+            }
+        }
+        if index != Some(point.step) || phase != point.phase {
+            return Injected::Nothing;
+        }
+        let injected = match point.fault {
+            Fault::Crash(p) if p == at => Injected::Crash,
+            Fault::Fail(kind) if at == FaultPoint::BeforeEffect => Injected::Fail(kind),
+            _ => return Injected::Nothing,
+        };
+        let mut fired = self.fired.lock().expect("plan lock");
+        if *fired {
+            return Injected::Nothing;
+        }
+        *fired = true;
+        if injected == Injected::Crash {
+            self.crashed.store(true, Ordering::SeqCst);
+        }
+        injected
+    }
+}
+
+/// Where a message is in its saga: the step index and phase it runs.
+fn position(envelope: &Envelope) -> (usize, Phase) {
+    match envelope.command {
+        Command::Start => (0, Phase::Forward),
+        Command::Run { cursor, .. } => (cursor.step as usize, cursor.phase),
+    }
+}
+
+async fn run_one(
+    scratch: &Scratch,
+    catalog: &Catalog,
+    saga: &SagaDef,
+    payload: &Value,
+    observer: Option<&Observer>,
+    point: Option<Point>,
+) -> Result<Run, ExploreError> {
+    let copy = scratch.fresh().await?;
+    let run = drive(&copy.store, catalog, saga, payload, observer, point).await;
+    scratch.discard(copy).await;
+    run
+}
+
+/// Runs one instance to quiescence on `store` with `point`'s fault, then looks.
+async fn drive(
+    store: &Store,
+    catalog: &Catalog,
+    saga: &SagaDef,
+    payload: &Value,
+    observer: Option<&Observer>,
+    point: Option<Point>,
+) -> Result<Run, ExploreError> {
+    let transport = MemoryTransport::new();
+    let plan = Arc::new(Plan {
+        steps: saga.steps.iter().map(|s| s.name.clone()).collect(),
+        point,
+        fired: Mutex::new(false),
+        triggered: Mutex::new(false),
+        crashed: AtomicBool::new(false),
+    });
+    let engine = || {
+        Engine::new(
+            store.clone(),
+            Arc::new(transport.clone()),
+            catalog.clone(),
+            Handlers::default(),
+            Faults::plan(plan.clone()),
+        )
+    };
+    let mut current = engine();
+    let start = Envelope::start(&saga.name, None, payload.clone());
+    let instance = instance_id_for(start.message_id);
+    transport
+        .publish(&Outgoing::to_intake(start, 0))
+        .await
+        .map_err(|e| ExploreError::Input(e.to_string()))?;
+
+    let mut transport_fault_done = false;
+    let mut previous: Option<Vec<u8>> = None;
+    for _ in 0..MAX_DELIVERIES {
+        let Some(delivery) = transport.next() else {
+            break;
+        };
+        let body = delivery.body.clone();
+        current.in_flight().enter();
+        let job = match current.read(&delivery.body) {
+            Ok(job) => job,
+            Err(reason) => {
+                current.dead_letter(delivery, reason).await;
+                continue;
+            }
+        };
+        let here = position(&job.envelope);
+        let fault = point
+            .filter(|p| !transport_fault_done && (p.step, p.phase) == here)
+            .map(|p| p.fault);
+        let mut overtake = None;
+        match fault {
+            Some(Fault::Duplicate) => {
+                transport_fault_done = true;
+                let _ = transport.publish_raw(&body).await;
+            }
+            Some(Fault::LostConfirm) => {
+                transport_fault_done = true;
+                transport.lose_next_confirm();
+            }
+            Some(Fault::Overtaken) => {
+                transport_fault_done = true;
+                overtake = previous.clone();
+            }
+            _ => {}
+        }
+        current.process(job, delivery).await;
+        if let Some(old) = overtake {
+            let _ = transport.publish_raw(&old).await;
+        }
+        if plan.take_crash() {
+            // The process died: its unacked deliveries go back to the broker, and a
+            // new process (with nothing in memory) takes over.
+            transport.crash();
+            current = engine();
+        }
+        previous = Some(body);
+    }
+
+    let pool = store.pool();
+    let ended: Option<String> =
+        sqlx::query_scalar("SELECT status FROM skald.instances WHERE id = $1")
+            .bind(instance)
+            .fetch_optional(pool)
+            .await
+            .map_err(ExploreError::db)?;
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM skald.inbox WHERE instance_id = $1 \
+           AND outcome = 'succeeded' GROUP BY step, phase HAVING count(*) > 1) twice",
+    )
+    .bind(instance)
+    .fetch_one(pool)
+    .await
+    .map_err(ExploreError::db)?;
+    let parked: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM skald.dead_letters WHERE instance_id = $1)",
+    )
+    .bind(instance)
+    .fetch_one(pool)
+    .await
+    .map_err(ExploreError::db)?;
+    let observation = match observer {
+        Some(o) => Some(o.observe(pool, payload).await?),
+        None => None,
+    };
+    Ok(Run {
+        point,
+        expected: point.map_or(InstanceStatus::Completed, |p| points::expected(saga, &p)),
+        ended: ended.as_deref().and_then(InstanceStatus::parse),
+        once: twice == 0,
+        drained: transport.pending() == (0, 0, 0),
+        parked_recorded: parked,
+        observation,
+    })
+}
+
+/// The scratch databases of one exploration: a template (migrated, setup applied) and
+/// a fresh copy of it per run.
+struct Scratch {
+    /// `DATABASE_URL` as given: copies' URLs are made from it (not from sqlx's options,
+    /// whose URL carries parameters psql does not know).
+    database_url: String,
+    base: PgConnectOptions,
+    template: String,
+    /// Copies made so far, and the ones not dropped yet.
+    copies: Mutex<(usize, Vec<String>)>,
+}
+
+/// One fresh copy of the template.
+struct Copy {
+    name: String,
+    url: String,
+    store: Store,
+}
+
+impl Scratch {
+    async fn new(
+        database_url: &str,
+        base: PgConnectOptions,
+        saga: &SagaDef,
+    ) -> Result<Scratch, ExploreError> {
+        let template = format!(
+            "skald_explore_{}",
+            &Uuid::new_v4().simple().to_string()[..12]
+        );
+        let scratch = Scratch {
+            database_url: database_url.to_string(),
+            base,
+            template,
+            copies: Mutex::new((0, Vec::new())),
+        };
+        let url = scratch.url(&scratch.template);
+        let prepared = async {
+            let store = Store::connect(&url, 1).await?;
+            store.migrate().await?;
+            let setup = store.run_setup(std::slice::from_ref(saga)).await;
+            store.close().await;
+            setup
+        }
+        .await;
+        if let Err(e) = prepared {
+            scratch.drop_all().await;
+            return Err(e.into());
+        }
+        Ok(scratch)
+    }
+
+    /// `DATABASE_URL` with its database replaced by `database`.
+    fn url(&self, database: &str) -> String {
+        let (location, query) = match self.database_url.split_once('?') {
+            Some((l, q)) => (l, Some(q)),
+            None => (self.database_url.as_str(), None),
+        };
+        // The database is the path after the authority (`scheme://authority/db`).
+        let authority_end = location.find("://").map_or(0, |i| i + 3);
+        let root = match location[authority_end..].find('/') {
+            Some(i) => &location[..authority_end + i],
+            None => location,
+        };
+        match query {
+            Some(q) => format!("{root}/{database}?{q}"),
+            None => format!("{root}/{database}"),
+        }
+    }
+
+    async fn admin(&self) -> Result<PgConnection, ExploreError> {
+        PgConnection::connect_with(&self.base.clone().database("postgres"))
+            .await
+            .map_err(ExploreError::db)
+    }
+
+    /// A fresh copy of the template, and a store on it.
+    async fn fresh(&self) -> Result<Copy, ExploreError> {
+        let name = {
+            let mut copies = self.copies.lock().expect("scratch lock");
+            copies.0 += 1;
+            let name = format!("{}_{}", self.template, copies.0);
+            copies.1.push(name.clone());
+            name
+        };
+        let mut admin = self.admin().await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE \"{}\"",
+            self.template
+        )))
+        .execute(&mut admin)
+        .await
+        .map_err(ExploreError::db)?;
+        let _ = admin.close().await;
+        let url = self.url(&name);
+        let store = Store::connect(&url, 2).await?;
+        Ok(Copy { name, url, store })
+    }
+
+    /// Closes the copy's store and drops the copy.
+    async fn discard(&self, copy: Copy) {
+        copy.store.close().await;
+        if let Ok(mut admin) = self.admin().await {
+            let _ = sqlx::query(AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                copy.name
+            )))
+            .execute(&mut admin)
+            .await;
+            let _ = admin.close().await;
+            self.copies
+                .lock()
+                .expect("scratch lock")
+                .1
+                .retain(|n| *n != copy.name);
+        }
+    }
+
+    async fn observe_fresh(
+        &self,
+        o: &Observer,
+        payload: &Value,
+    ) -> Result<Observation, ExploreError> {
+        let copy = self.fresh().await?;
+        let seen = o.observe(copy.store.pool(), payload).await;
+        self.discard(copy).await;
+        seen
+    }
+
+    async fn drop_all(&self) {
+        let Ok(mut admin) = self.admin().await else {
+            return;
+        };
+        let copies = std::mem::take(&mut self.copies.lock().expect("scratch lock").1);
+        for name in copies.iter().chain(std::iter::once(&self.template)) {
+            let _ = sqlx::query(AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+            )))
+            .execute(&mut admin)
+            .await;
+        }
+        let _ = admin.close().await;
+    }
+}
