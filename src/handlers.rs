@@ -75,6 +75,9 @@ pub struct HandlerInput {
 }
 
 /// Why a handler failed, and whether trying again can help.
+///
+/// A `sqlx::Error` converts into it (so `?` works in a handler), classified like a SQL
+/// step's error.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HandlerError {
     /// Transient: retried after the step's backoff delay.
@@ -91,16 +94,6 @@ impl HandlerError {
         match self {
             HandlerError::Retryable(_) => FailureKind::Retryable,
             HandlerError::Fatal(_) => FailureKind::Fatal,
-        }
-    }
-}
-
-impl From<sqlx::Error> for HandlerError {
-    /// Database errors from a handler are classified like a SQL step's.
-    fn from(e: sqlx::Error) -> Self {
-        match crate::store::effects::classify(&e, &[]) {
-            FailureKind::Retryable => HandlerError::Retryable(e.to_string()),
-            FailureKind::Fatal => HandlerError::Fatal(e.to_string()),
         }
     }
 }

@@ -8,10 +8,19 @@
 //! ## Where things are
 //!
 //! - [`saga`]: saga definitions (YAML), their validation, and the pure
-//!   [`saga::coordinator`] that decides what happens after each step. No I/O.
+//!   [`saga::coordinator`] that decides what happens after each step. No I/O but
+//!   reading saga files. [`saga::load`] reads and checks them, one concern a file:
+//!   `load/mod.rs` (the entry points, [`saga::LoadError`] and the file format),
+//!   `checker.rs` (the error collector; names and integers within their limits),
+//!   `structure.rs` (saga and step rules: roles and the pivot, check steps, ordering,
+//!   isolation, timeouts), `retry.rs` (retry policies), `action.rs` (`sql` and `handler`
+//!   actions), `value_refs.rs` (`payload.…`, `steps.…`, `saga.…` references) and
+//!   `yaml_error.rs` (a serde-saphyr error as one error with its document path).
 //! - [`envelope`]: the JSON message every start and step travels in, and how a raw
 //!   body is read (or found malformed).
 //! - [`store`]: PostgreSQL. All of skald's SQL lives here and in `migrations/`.
+//! - [`handlers`]: steps written in Rust, registered by name. Depends on [`saga`] only;
+//!   [`store::effects`] runs them (and classifies their database errors).
 //! - [`transport`]: the [`transport::Transport`] seam (publish with confirm, consume
 //!   with manual ack, delay, dead-letter) and its RabbitMQ implementation.
 //! - [`engine`]: one message, end to end: effect, guarded record, commit, publish, ack. A plain

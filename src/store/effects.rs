@@ -9,7 +9,7 @@ use sqlx::{AssertSqlSafe, Either, Executor, PgConnection, Row, SqlSafeStr, State
 use super::{error_text, params};
 use crate::saga::sql::has_keyword;
 
-use crate::handlers::{HandlerInput, Handlers};
+use crate::handlers::{HandlerError, HandlerInput, Handlers};
 use crate::saga::context::StepInput;
 use crate::saga::coordinator::{Cursor, FailureKind};
 use crate::saga::definition::{Action, HandlerAction, SqlAction};
@@ -308,5 +308,17 @@ pub fn classify(e: &sqlx::Error, fatal_sqlstates: &[String]) -> FailureKind {
         FailureKind::Fatal
     } else {
         FailureKind::Retryable
+    }
+}
+
+// Here rather than in `handlers`, so that `handlers` (the trait and its types) does not
+// depend on the store: the store runs handlers, not the other way round.
+impl From<sqlx::Error> for HandlerError {
+    /// Database errors from a handler are classified like a SQL step's.
+    fn from(e: sqlx::Error) -> Self {
+        match classify(&e, &[]) {
+            FailureKind::Retryable => HandlerError::Retryable(e.to_string()),
+            FailureKind::Fatal => HandlerError::Fatal(e.to_string()),
+        }
     }
 }
