@@ -472,7 +472,7 @@ async fn the_openapi_document_lists_exactly_the_served_routes() {
     let svc = service(app.api.clone()).await;
     let doc = get(&svc, "/api/v1/openapi.json").await;
     assert_eq!(doc.0, StatusCode::OK);
-    assert_eq!(doc.1["openapi"], "3.0.3");
+    assert_eq!(doc.1["openapi"], "3.1.0");
     let paths = doc.1["paths"].as_object().unwrap();
     let mut operations = 0;
     for (path, methods) in paths {
