@@ -8,7 +8,8 @@
 //!   `Content-Type` other than JSON is refused even with an empty body;
 //! - an empty body means the type's defaults where the body is optional
 //!   ([`Input::when_empty`]), and is a 400 where it is required;
-//! - unknown fields, wrong types, trailing data and duplicate fields are 400; a body
+//! - a body that is not a JSON object, unknown fields, wrong types, trailing data
+//!   and duplicate fields are 400; a body
 //!   over [`super::MAX_BODY`] bytes is 413;
 //! - no string (or object key) may contain a NUL character: PostgreSQL cannot store
 //!   one, so it is a 400 here rather than a database error later.
@@ -116,8 +117,15 @@ fn parse_json<T: Input>(bytes: &[u8]) -> Result<T, ApiError> {
     let value: T = serde_path_to_error::deserialize(&mut de)
         .map_err(|e| invalid(e.path().to_string(), e.into_inner()))?;
     de.end().map_err(|e| invalid(".".into(), e))?;
-    // The typed read above accepted the body; this walk only looks for NUL characters.
+    // The typed read above accepted the body; serde also reads a struct from an array
+    // (`[null, null]`), which is no JSON object. This read checks the shape and looks
+    // for NUL characters.
     let raw: Value = serde_json::from_slice(bytes).map_err(|e| invalid(".".into(), e))?;
+    if !raw.is_object() {
+        return Err(ApiError::BadRequest(
+            "invalid JSON body: expected a JSON object".into(),
+        ));
+    }
     if let Some(path) = nul_path(&raw, "") {
         return Err(ApiError::BadRequest(format!(
             "invalid JSON body at `{path}`: contains a NUL character (\\u0000)"

@@ -61,8 +61,15 @@ pub fn check_exposure(addr: SocketAddr, token: Option<&str>) -> Result<(), Strin
 /// Registers every route, the JSON error handlers and the access rules.
 pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
-        let path = web::PathConfig::default()
-            .error_handler(|err, _| ApiError::NotFound(format!("invalid path: {err}")).into());
+        // `GET /dead-letters/replay` reaches `GET /dead-letters/{id}`: it is the
+        // literal path's wrong method (405), not an unknown id.
+        let path = web::PathConfig::default().error_handler(|err, req| {
+            match documented_methods(req.path(), false) {
+                Some(allow) => not_allowed(allow),
+                None => ApiError::NotFound(format!("invalid path: {err}")),
+            }
+            .into()
+        });
         let get_only = || web::to(|| async { Err::<String, _>(not_allowed("GET")) });
         cfg.app_data(web::Data::new(state))
             .app_data(web::PayloadConfig::new(MAX_BODY))
@@ -112,9 +119,19 @@ fn not_allowed(allow: &str) -> ApiError {
 /// An `/api/v1` request no route took: 405 with `Allow` when the path is documented
 /// (for other methods), 404 otherwise.
 async fn api_fallback(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
-    static PATHS: OnceLock<Vec<(ResourceDef, String)>> = OnceLock::new();
+    Err(match documented_methods(req.path(), true) {
+        Some(allow) => not_allowed(allow),
+        None => ApiError::NotFound("no such endpoint".into()),
+    })
+}
+
+/// The methods (`GET, POST`) the documented path matching `path` serves. A literal
+/// path (`/dead-letters/replay`) wins over a template (`/dead-letters/{id}`);
+/// `templates: false` looks at literal paths only.
+fn documented_methods(path: &str, templates: bool) -> Option<&'static str> {
+    static PATHS: OnceLock<Vec<(bool, ResourceDef, String)>> = OnceLock::new();
     let paths = PATHS.get_or_init(|| {
-        openapi::document()
+        let mut paths: Vec<_> = openapi::document()
             .paths
             .paths
             .iter()
@@ -124,16 +141,21 @@ async fn api_fallback(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiEr
                         .into_iter()
                         .filter_map(|(m, served)| served.then_some(m))
                         .collect();
-                (ResourceDef::new(path.as_str()), methods.join(", "))
+                (
+                    path.contains('{'),
+                    ResourceDef::new(path.as_str()),
+                    methods.join(", "),
+                )
             })
-            .collect()
+            .collect();
+        paths.sort_by_key(|(template, ..)| *template);
+        paths
     });
-    Err(
-        match paths.iter().find(|(def, _)| def.is_match(req.path())) {
-            Some((_, allow)) => not_allowed(allow),
-            None => ApiError::NotFound("no such endpoint".into()),
-        },
-    )
+    paths
+        .iter()
+        .filter(|(template, ..)| templates || !template)
+        .find(|(_, def, _)| def.is_match(path))
+        .map(|(.., allow)| allow.as_str())
 }
 
 /// Lists each `/api/v1` handler once: the same list registers the handlers (their

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod api;
+mod api_fuzz;
 mod browser;
 mod cli;
 mod crash;
