@@ -5,6 +5,7 @@ mod helpers;
 
 mod api;
 mod api_fuzz;
+mod api_safety;
 mod browser;
 mod cli;
 mod crash;
