@@ -48,8 +48,8 @@ enum Cmd {
         /// instance, so a retried `start` never starts a second one.
         #[arg(long)]
         message_id: Option<Uuid>,
-        /// The publisher's per-aggregate sequence number.
-        #[arg(long)]
+        /// The publisher's per-aggregate sequence number, 0 to 2^63 - 1.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=i64::MAX as u64))]
         sequence: Option<u64>,
     },
     /// Count instances per saga and status.

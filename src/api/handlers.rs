@@ -292,14 +292,20 @@ pub struct StartRequest {
     aggregate_id: Option<String>,
     /// The message id (default: a new one); the same id always means the same instance.
     message_id: Option<Uuid>,
-    /// The publisher's per-aggregate sequence number.
+    /// The publisher's per-aggregate sequence number, 0 to 2^63 - 1 (PostgreSQL's
+    /// `bigint`).
+    #[schema(maximum = 9_223_372_036_854_775_807_u64)]
     sequence: Option<u64>,
     /// The saga's input, a JSON object.
     #[schema(value_type = Object)]
     payload: Value,
 }
 
-impl Input for StartRequest {}
+impl Input for StartRequest {
+    fn validate(&self) -> Result<()> {
+        check_range("sequence", self.sequence, 0..=i64::MAX as u64)
+    }
+}
 
 /// The ids of a start.
 #[derive(Debug, Serialize, ToSchema)]

@@ -32,8 +32,8 @@ pub struct ErrorBody {
 /// The machine-readable code and the human-readable message of an error.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// `bad_request`, `unauthorized`, `forbidden`, `not_found`, `conflict`,
-    /// `payload_too_large`, `unsupported_media_type`, `uri_too_long`,
+    /// `bad_request`, `unauthorized`, `forbidden`, `not_found`, `method_not_allowed`,
+    /// `conflict`, `payload_too_large`, `uri_too_long`, `unsupported_media_type`,
     /// `headers_too_large`, `unavailable`, `not_ready`.
     pub code: String,
     /// What to change, naming the parameter or field at fault.

@@ -334,6 +334,8 @@ async fn client_errors_are_400s_naming_the_parameter_never_internals() {
         "saga",
     );
     named(post(&svc, "/api/v1/instances", json!([])).await, "object");
+    let too_far = json!({"saga": "order_checkout", "payload": {}, "sequence": 1u64 << 63});
+    named(post(&svc, "/api/v1/instances", too_far).await, "sequence");
     named(
         post(
             &svc,
