@@ -59,6 +59,14 @@ pub(crate) fn assert_error(resp: &(StatusCode, Value), status: StatusCode, code:
     assert!(resp.1["error"]["message"].is_string());
 }
 
+/// `state` with the API token `token` set.
+pub(crate) fn with_token(state: &ApiState, token: &str) -> ApiState {
+    ApiState {
+        token: Some(token.into()),
+        ..state.clone()
+    }
+}
+
 pub(crate) fn order(id: &str, amount: f64) -> Value {
     json!({"order_id": id, "sku": "SKU-1", "qty": 1, "account": "alice", "amount": amount})
 }
@@ -411,11 +419,7 @@ async fn a_token_guards_every_call_and_without_one_only_loopback_may_mutate() {
     let env = TestEnv::new(sample_sagas()).await;
     let app = env.start_app().await;
 
-    let guarded = service(ApiState {
-        token: Some("s3cret".into()),
-        ..app.api.clone()
-    })
-    .await;
+    let guarded = service(with_token(&app.api, "s3cret")).await;
     assert_error(
         &get(&guarded, "/api/v1/sagas").await,
         StatusCode::UNAUTHORIZED,

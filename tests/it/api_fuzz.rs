@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::api_safety::pending_letters;
 use crate::helpers::{TestEnv, sample_sagas, start};
 
 /// Where `.ci/run` installs schemathesis (`SKALD_SCHEMATHESIS` overrides).
@@ -34,23 +35,6 @@ fn schemathesis() -> PathBuf {
 const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
      response_schema_conformance,response_headers_conformance,unsupported_method,\
      allow_header_conformance,negative_data_rejection,refused_requests_change_nothing";
-
-/// Pending dead letters at first (ids of the pending ones).
-async fn wait_for_letters(env: &TestEnv, count: usize) -> Vec<uuid::Uuid> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let ids: Vec<uuid::Uuid> =
-            sqlx::query_scalar("SELECT id FROM skald.dead_letters WHERE status = 'pending'")
-                .fetch_all(&env.pool)
-                .await
-                .unwrap();
-        if ids.len() == count {
-            return ids;
-        }
-        assert!(std::time::Instant::now() < deadline, "no dead letters");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[actix_rt::test]
 async fn generated_requests_get_documented_answers_and_refused_ones_change_nothing() {
@@ -72,9 +56,7 @@ async fn generated_requests_get_documented_answers_and_refused_ones_change_nothi
     let app = env.start_app().await;
     // Pending dead letters, so that a refused replay that still ran would show, and a
     // completed instance for the instance actions.
-    env.publish_raw(&[b"junk 1".to_vec(), b"junk 2".to_vec(), b"junk 3".to_vec()])
-        .await;
-    let letter = wait_for_letters(&env, 3).await[0];
+    let letter = pending_letters(&env, 3).await[0];
     let order =
         json!({"order_id": "f-1", "sku": "SKU-1", "qty": 1, "account": "alice", "amount": 1});
     let instance = skald::envelope::instance_id_for(
@@ -84,9 +66,10 @@ async fn generated_requests_get_documented_answers_and_refused_ones_change_nothi
     env.wait_for_terminal(1, Duration::from_secs(30)).await;
 
     // {id} in paths: that letter, that instance; {name}: the saga.
-    let work = std::env::temp_dir().join(format!("skald-fuzz-{}", env.name));
-    std::fs::create_dir_all(&work).unwrap();
-    let config = work.join("schemathesis.toml");
+    let scratch = std::env::temp_dir().join(format!("skald-fuzz-{}", env.name));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let work = scratch.clone();
+    let config = scratch.join("schemathesis.toml");
     std::fs::write(
         &config,
         format!(
@@ -119,7 +102,7 @@ async fn generated_requests_get_documented_answers_and_refused_ones_change_nothi
     .await
     .unwrap();
     app.stop().await;
-    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("skald-fuzz-{}", env.name)));
+    let _ = std::fs::remove_dir_all(&scratch);
     env.cleanup().await;
     assert!(
         run.status.success(),

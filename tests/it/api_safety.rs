@@ -10,10 +10,9 @@ use actix_web::dev::{Service, ServiceResponse};
 use actix_web::http::StatusCode;
 use actix_web::test;
 use serde_json::{Value, json};
-use skald::api::ApiState;
 use uuid::Uuid;
 
-use crate::api::{assert_error, call, get, post, service};
+use crate::api::{assert_error, call, get, post, service, with_token};
 use crate::helpers::{TestEnv, sample_sagas};
 
 /// A response's headers, by lower-case name.
@@ -61,8 +60,9 @@ async fn tables(env: &TestEnv) -> String {
     format!("{letters:?} {actions:?}")
 }
 
-/// Publishes `n` unreadable messages and waits until they are pending dead letters.
-async fn pending_letters(env: &TestEnv, n: usize) -> Vec<Uuid> {
+/// Publishes `n` unreadable messages and waits until they are pending dead letters;
+/// the ids of the pending letters, in id order.
+pub(crate) async fn pending_letters(env: &TestEnv, n: usize) -> Vec<Uuid> {
     let bodies: Vec<Vec<u8>> = (0..n).map(|i| format!("junk {i}").into_bytes()).collect();
     env.publish_raw(&bodies).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -357,11 +357,7 @@ async fn client_errors_are_400s_naming_the_parameter_never_internals() {
 async fn metrics_need_the_token_when_one_is_set() {
     let env = TestEnv::new(sample_sagas()).await;
     let app = env.start_app().await;
-    let guarded = service(ApiState {
-        token: Some("s3cret".into()),
-        ..app.api.clone()
-    })
-    .await;
+    let guarded = service(with_token(&app.api, "s3cret")).await;
     let (status, headers, _) = send(&guarded, test::TestRequest::get().uri("/metrics")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(headers["www-authenticate"], "Bearer");
@@ -485,11 +481,7 @@ async fn wrong_methods_long_heads_unknown_resumes_and_bearer_case_follow_http() 
         "not_found",
     );
 
-    let guarded = service(ApiState {
-        token: Some("s3cret".into()),
-        ..app.api.clone()
-    })
-    .await;
+    let guarded = service(with_token(&app.api, "s3cret")).await;
     for scheme in ["Bearer", "bearer", "BEARER"] {
         let req = test::TestRequest::get()
             .uri("/api/v1/sagas")

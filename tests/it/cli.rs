@@ -206,18 +206,7 @@ fn dlq_list_refuses_a_limit_out_of_range_as_a_usage_error() {
 async fn dlq_list_json_prints_one_object_per_line_at_most_100_by_default() {
     let env = TestEnv::new(sample_sagas()).await;
     let app = env.start_app().await;
-    let bodies: Vec<Vec<u8>> = (0..101).map(|i| format!("junk {i}").into_bytes()).collect();
-    env.publish_raw(&bodies).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM skald.dead_letters")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap()
-        < 101
-    {
-        assert!(std::time::Instant::now() < deadline, "dead letters missing");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::api_safety::pending_letters(&env, 101).await;
     app.stop().await;
     let list = |extra: &[&str]| {
         let out = env
