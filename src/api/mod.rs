@@ -63,10 +63,13 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         // `GET /dead-letters/replay` reaches `GET /dead-letters/{id}`: it is the
         // literal path's wrong method (405), not an unknown id.
-        let path = web::PathConfig::default().error_handler(|err, req| {
+        // Only ids are typed path segments; the parser's own words name Rust types.
+        let path = web::PathConfig::default().error_handler(|_, req| {
             match documented_methods(req.path(), false) {
                 Some(allow) => not_allowed(allow),
-                None => ApiError::NotFound(format!("invalid path: {err}")),
+                None => {
+                    ApiError::NotFound("no such resource: the id in the path is not a UUID".into())
+                }
             }
             .into()
         });

@@ -346,6 +346,14 @@ async fn client_errors_are_400s_naming_the_parameter_never_internals() {
         "unknown saga \"nope\"",
     );
 
+    let not_an_id = get(&svc, "/api/v1/instances/not-a-uuid").await;
+    assert_error(&not_an_id, StatusCode::NOT_FOUND, "not_found");
+    assert!(
+        !not_an_id.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Path")
+    );
     let unknown = get(&svc, "/api/v1/sagas/unknown").await;
     assert_error(&unknown, StatusCode::NOT_FOUND, "not_found");
     assert_eq!(unknown.1["error"]["message"], "no saga \"unknown\"");
