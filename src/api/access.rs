@@ -30,13 +30,13 @@ use actix_web::{ResponseError, web};
 use super::{ApiError, ApiState};
 
 /// Longest request target (path and query) answered; longer is 414.
-pub const MAX_URI: usize = 8 * 1024;
+pub(super) const MAX_URI: usize = 8 * 1024;
 /// Most header bytes (names and values) answered; more is 431.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+pub(super) const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// The policy of the dashboard page: its own script and style only, no framing.
 /// (JSON answers carry it too: harmless, and it keeps them from being framed.)
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
      style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 

@@ -1,7 +1,7 @@
 //! Request input at the edge: JSON bodies and query strings read into the handlers'
-//! own types and validated before a handler runs. A handler that takes a [`JsonBody`] or
-//! a [`QueryParams`] therefore never acts on input that did not parse and validate: any
-//! body or query error is a 4xx naming the field, and nothing happens.
+//! own types and validated before a handler runs. A handler that takes a [`JsonBody`]
+//! or a [`QueryParams`] therefore never acts on input that did not parse and validate:
+//! any body or query error is a 4xx naming the field, and nothing happens.
 //!
 //! Rules, shared by every endpoint:
 //! - a body, when sent, must be `Content-Type: application/json` (415 otherwise); a
@@ -9,8 +9,7 @@
 //! - an empty body means the type's defaults where the body is optional
 //!   ([`Input::when_empty`]), and is a 400 where it is required;
 //! - a body that is not a JSON object, unknown fields, wrong types, trailing data
-//!   and duplicate fields are 400; a body
-//!   over [`super::MAX_BODY`] bytes is 413;
+//!   and duplicate fields are 400; a body over [`super::MAX_BODY`] bytes is 413;
 //! - no string (or object key) may contain a NUL character: PostgreSQL cannot store
 //!   one, so it is a 400 here rather than a database error later.
 
@@ -26,8 +25,8 @@ use serde_json::Value;
 
 use super::ApiError;
 
-/// A request type read by [`JsonBody`] or [`QueryParams`]: how an empty body reads, and the
-/// checks beyond what its type says.
+/// A request type read by [`JsonBody`] or [`QueryParams`]: how an empty body reads,
+/// and the checks beyond what its type says.
 pub trait Input: DeserializeOwned + 'static {
     /// The value an empty body stands for, or `None` where a body is required.
     fn when_empty() -> Option<Self> {

@@ -24,7 +24,6 @@ use actix_web::{HttpRequest, web};
 use crate::engine::Engine;
 use crate::store::Store;
 use crate::transport::Transport;
-pub use access::{CONTENT_SECURITY_POLICY, MAX_HEADER_BYTES, MAX_URI};
 pub use error::ApiError;
 
 /// Largest request body accepted (bytes).
@@ -61,9 +60,10 @@ pub fn check_exposure(addr: SocketAddr, token: Option<&str>) -> Result<(), Strin
 /// Registers every route, the JSON error handlers and the access rules.
 pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
-        // `GET /dead-letters/replay` reaches `GET /dead-letters/{id}`: it is the
-        // literal path's wrong method (405), not an unknown id.
-        // Only ids are typed path segments; the parser's own words name Rust types.
+        // Only ids are typed path segments, so a path that does not parse names no
+        // resource (the parser's own words would name Rust types). But `GET
+        // /dead-letters/replay` reaches `GET /dead-letters/{id}`: that is the literal
+        // path's wrong method (405), not an unknown id.
         let path = web::PathConfig::default().error_handler(|_, req| {
             match documented_methods(req.path(), false) {
                 Some(allow) => not_allowed(allow),
