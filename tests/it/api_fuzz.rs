@@ -96,6 +96,9 @@ async fn generated_requests_get_documented_answers_and_refused_ones_change_nothi
             .args(["--max-examples", "20", "--max-time", "50"])
             .args(["--request-timeout", "10", "--no-color"])
             .args(["--phases", "examples,coverage,fuzzing"])
+            // Hypothesis's own health checks judge the generator's speed, which on a
+            // loaded CI machine is no fault of the API.
+            .args(["--suppress-health-check", "all"])
             .output()
             .expect("run schemathesis")
     })
