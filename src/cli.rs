@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::app::{App, shutdown_signal};
 use crate::config::Config;
 use crate::engine::Faults;
-use crate::envelope::{Command, Envelope, Outgoing, instance_id_for};
+use crate::envelope::{Command, Envelope, Malformed, Outgoing, instance_id_for};
 use crate::handlers::Handlers;
 use crate::saga::coordinator::InstanceStatus;
 use crate::saga::load_dir;
@@ -48,8 +48,8 @@ enum Cmd {
         /// instance, so a retried `start` never starts a second one.
         #[arg(long)]
         message_id: Option<Uuid>,
-        /// The publisher's per-aggregate sequence number.
-        #[arg(long)]
+        /// The publisher's per-aggregate sequence number, 0 to 2^63 - 1.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=i64::MAX as u64))]
         sequence: Option<u64>,
     },
     /// Count instances per saga and status.
@@ -85,10 +85,10 @@ enum DlqCmd {
         /// Only this status: pending, replayed, discarded.
         #[arg(long)]
         status: Option<String>,
-        /// At most this many.
-        #[arg(long, default_value_t = 100)]
+        /// At most this many, 1 to 1000.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1000))]
         limit: i64,
-        /// Print JSON lines instead of a table.
+        /// Print one JSON object per line (JSON lines) instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -182,11 +182,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = config()?;
             let payload: Value = serde_json::from_str(&data).context("--data is not JSON")?;
             anyhow::ensure!(payload.is_object(), "--data must be a JSON object");
+            // Refused here, as the API refuses it, rather than dead-lettered later.
+            let def = saga_to_start(&config, &saga)?;
             // The aggregate id is the routing key (it picks the partition), so find it
             // here when not given: where the saga definition says it is.
             let aggregate = match aggregate {
                 Some(a) => a,
-                None => aggregate_from_payload(&config, &saga, &payload)?,
+                None => def.aggregate_of(&payload).with_context(|| {
+                    format!(
+                        "the payload has no {} (saga {saga}'s aggregate); pass --aggregate",
+                        def.aggregate
+                    )
+                })?,
             };
             let envelope = Envelope {
                 message_id: message_id.unwrap_or_else(Uuid::new_v4),
@@ -428,25 +435,18 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The aggregate id of a start payload, read where saga `saga` (from the configured
-/// sagas directory) says it is.
-fn aggregate_from_payload(config: &Config, saga: &str, payload: &Value) -> anyhow::Result<String> {
+/// The definition of saga `saga` in the configured sagas directory; an unknown saga
+/// is refused with the API's message.
+fn saga_to_start(config: &Config, saga: &str) -> anyhow::Result<crate::saga::SagaDef> {
     let sagas = load_dir(&config.sagas_dir).map_err(|errors| {
         anyhow::anyhow!(
-            "--aggregate not given and the sagas in {} do not load ({} error(s)); \
-             pass --aggregate",
+            "the sagas in {} do not load ({} error(s)); see skald validate",
             config.sagas_dir.display(),
             errors.len()
         )
     })?;
-    let def = sagas
-        .iter()
+    sagas
+        .into_iter()
         .find(|s| s.name == saga)
-        .with_context(|| format!("no saga {saga:?} in {}", config.sagas_dir.display()))?;
-    def.aggregate_of(payload).with_context(|| {
-        format!(
-            "the payload has no {} (saga {saga}'s aggregate); pass --aggregate",
-            def.aggregate
-        )
-    })
+        .ok_or_else(|| Malformed::UnknownSaga(saga.to_string()).into())
 }

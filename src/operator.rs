@@ -238,11 +238,17 @@ pub async fn resume(
     by: &str,
 ) -> Result<ActionOutcome, OperatorError> {
     let letters = dead_letters::for_instance(store.pool(), id).await?;
-    let letter = letters
+    let Some(letter) = letters
         .iter()
         .rev()
         .find(|l| l.status != DeadLetterStatus::Discarded)
-        .ok_or_else(|| OperatorError::Conflict(format!("instance {id} is not parked")))?;
+    else {
+        // No letter to replay: an unknown instance is NotFound, as for retry and cancel.
+        locked(&mut *store.pool().acquire().await?, id).await?;
+        return Err(OperatorError::Conflict(format!(
+            "instance {id} is not parked"
+        )));
+    };
     let outcome = dlq::replay(store, transport, letter.id, None, by).await?;
     let mut conn = store.pool().acquire().await?;
     record(

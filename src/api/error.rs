@@ -27,9 +27,24 @@ pub enum ApiError {
     /// 409: the action conflicts with the resource's state.
     #[error("{0}")]
     Conflict(String),
+    /// 405: the path exists, the method does not; `Allow` lists the methods.
+    #[error("method not allowed; allowed: {allow}")]
+    MethodNotAllowed {
+        /// The methods the path serves, as in the `Allow` header (`GET, POST`).
+        allow: String,
+    },
     /// 413: the body is over the limit.
     #[error("{0}")]
     TooLarge(String),
+    /// 414: the request target (path and query) is over the limit.
+    #[error("{0}")]
+    UriTooLong(String),
+    /// 415: a body (or a `Content-Type`) that is not `application/json`.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 431: the request's headers are over the limit.
+    #[error("{0}")]
+    HeadersTooLarge(String),
     /// 503: a dependency (PostgreSQL, RabbitMQ) is unavailable.
     #[error("{0}")]
     Unavailable(String),
@@ -44,7 +59,11 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::UriTooLong(_) => "uri_too_long",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::Unavailable(_) => "unavailable",
         }
     }
@@ -58,30 +77,44 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        if matches!(self, ApiError::Unauthorized) {
-            response.insert_header(("WWW-Authenticate", "Bearer"));
+        match self {
+            ApiError::Unauthorized => {
+                response.insert_header(("WWW-Authenticate", "Bearer"));
+            }
+            ApiError::MethodNotAllowed { allow } => {
+                response.insert_header(("Allow", allow.as_str()));
+            }
+            _ => {}
         }
         response.json(json!({ "error": { "code": self.code(), "message": self.to_string() } }))
     }
 }
 
+// A dependency's own error text (SQL, server messages) goes to the log, never to the
+// client: input is validated before it reaches PostgreSQL, so what is left here is
+// an outage (or a bug, which the log shows).
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::warn!(error = %e, "API: database error");
-        ApiError::Unavailable(format!("database: {e}"))
+        ApiError::Unavailable("the database is unavailable; try again".into())
     }
 }
 
 impl From<TransportError> for ApiError {
     fn from(e: TransportError) -> Self {
-        ApiError::Unavailable(format!("broker: {e}"))
+        tracing::warn!(error = %e, "API: broker error");
+        ApiError::Unavailable("the broker is unavailable; try again".into())
     }
 }
 

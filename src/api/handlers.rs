@@ -1,16 +1,24 @@
-//! The endpoints. Each validates its input into a 4xx before touching anything.
+//! The `/api/v1` endpoints. Each takes its input through [`super::input`], so it
+//! runs only on a request that parsed and validated; its types are the ones the
+//! OpenAPI document ([`super::openapi`]) describes.
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use super::input::{Input, JsonBody, QueryParams, check_range, check_time};
+use super::openapi::{
+    ErrorBody, dead_letter_kind_schema, dead_letter_status_schema, instance_status_schema,
+    nullable_dead_letter_kind_schema,
+};
 use super::{ApiError, ApiState};
-use crate::envelope::{Command, Envelope, Outgoing, instance_id_for};
+use crate::envelope::{Command, Envelope, Malformed, Outgoing, instance_id_for};
+use crate::operator::ActionOutcome;
 use crate::saga::SagaDef;
 use crate::saga::coordinator::InstanceStatus;
 use crate::store::dead_letters::{self, DeadLetter, DeadLetterKind, DeadLetterStatus};
@@ -18,28 +26,67 @@ use crate::store::queries::InstanceFilter;
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-/// `GET /api/v1/health`: the process is alive.
-pub async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "ok" }))
+/// `{"status": "ok"}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    status: &'static str,
 }
 
-/// `GET /api/v1/ready`: PostgreSQL and RabbitMQ answer and skald is consuming.
-pub async fn ready(state: web::Data<ApiState>) -> HttpResponse {
-    let database = state.store.ping().await.is_ok();
-    let broker = state.transport.healthy().await;
-    let consuming = state.engine.is_consuming();
-    // Detail, not a condition: a stuck message means a dependency failed for long,
-    // which the checks above already show while it lasts.
-    let stuck = state.engine.stats().stuck.load(Ordering::Relaxed);
-    let body = json!({ "database": database, "broker": broker, "consuming": consuming,
-        "stuck_messages": stuck });
-    if database && broker && consuming {
-        HttpResponse::Ok().json(body)
+/// The process is alive.
+#[utoipa::path(tag = "health", responses((status = 200, body = Health)))]
+#[get("/health")]
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// What `/ready` checked.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// PostgreSQL answers.
+    database: bool,
+    /// RabbitMQ answers.
+    broker: bool,
+    /// skald consumes its partition queues.
+    consuming: bool,
+    /// Messages held by database or broker failures for longer than
+    /// `SKALD_STUCK_AFTER_MS` (detail, not a condition: the checks above show the
+    /// failure while it lasts).
+    stuck_messages: u64,
+}
+
+/// The 503 answer of `/ready`: the error, and what was checked.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotReady {
+    /// Code `not_ready`.
+    error: super::openapi::ErrorDetail,
+    /// Which check failed.
+    checks: Readiness,
+}
+
+/// PostgreSQL and RabbitMQ answer and skald consumes; 503 otherwise.
+#[utoipa::path(tag = "health", responses(
+    (status = 200, body = Readiness),
+    (status = 503, description = "A dependency is not ready", body = NotReady),
+))]
+#[get("/ready")]
+pub async fn readiness(state: web::Data<ApiState>) -> HttpResponse {
+    let checks = Readiness {
+        database: state.store.ping().await.is_ok(),
+        broker: state.transport.healthy().await,
+        consuming: state.engine.is_consuming(),
+        stuck_messages: state.engine.stats().stuck.load(Ordering::Relaxed),
+    };
+    if checks.database && checks.broker && checks.consuming {
+        HttpResponse::Ok().json(checks)
     } else {
-        HttpResponse::ServiceUnavailable().json(json!({
-            "error": { "code": "not_ready", "message": "a dependency is not ready" },
-            "checks": body,
-        }))
+        HttpResponse::ServiceUnavailable().json(NotReady {
+            error: super::openapi::ErrorDetail {
+                code: "not_ready".into(),
+                message: "a dependency is not ready".into(),
+            },
+            checks,
+        })
     }
 }
 
@@ -55,22 +102,45 @@ fn saga_summary(s: &SagaDef) -> Value {
     })
 }
 
-/// `GET /api/v1/sagas`: the loaded saga definitions.
-pub async fn sagas(state: web::Data<ApiState>) -> HttpResponse {
-    let all: Vec<Value> = state
+/// A list of items (their fields are described in README.md).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Items {
+    /// The items.
+    #[schema(value_type = Vec<Object>)]
+    items: Vec<Value>,
+}
+
+/// The loaded saga definitions.
+#[utoipa::path(tag = "sagas", responses((status = 200, body = Items)))]
+#[get("/sagas")]
+pub async fn list_sagas(state: web::Data<ApiState>) -> HttpResponse {
+    let items = state
         .engine
         .catalog()
         .all()
         .into_iter()
         .map(|s| saga_summary(s))
         .collect();
-    HttpResponse::Ok().json(json!({ "items": all }))
+    HttpResponse::Ok().json(Items { items })
 }
 
-/// `GET /api/v1/sagas/{name}`: one definition, with its step graph: `next` edges
-/// forward, `compensate` edges from a step to the compensation run when a later
-/// step fails for good.
-pub async fn saga(state: web::Data<ApiState>, name: web::Path<String>) -> Result<HttpResponse> {
+/// One definition with its steps, policies and step graph: `next` edges forward,
+/// `compensate` edges from a step to the compensation run when a later step fails
+/// for good.
+#[utoipa::path(
+    tag = "sagas",
+    params(("name" = String, Path, description = "The saga's name")),
+    responses(
+        (status = 200, description = "`summary`, `definition` and `graph`", body = Object),
+        (status = 404, description = "No saga of that name is loaded", body = ErrorBody),
+    )
+)]
+#[get("/sagas/{name}")]
+pub async fn saga_detail(
+    state: web::Data<ApiState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse> {
+    let name = name.into_inner();
     let saga = state
         .engine
         .catalog()
@@ -96,16 +166,34 @@ pub async fn saga(state: web::Data<ApiState>, name: web::Path<String>) -> Result
 }
 
 /// Query of `GET /api/v1/instances`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct InstancesQuery {
+    /// Only this saga.
     saga: Option<String>,
+    /// Only this status.
+    #[param(schema_with = instance_status_schema)]
     status: Option<String>,
+    /// Only this aggregate.
     aggregate_id: Option<String>,
+    /// Created at or after this time (RFC 3339, years 1 to 9999).
     since: Option<DateTime<Utc>>,
+    /// Created before this time (RFC 3339, years 1 to 9999).
     until: Option<DateTime<Utc>>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
+}
+
+impl Input for InstancesQuery {
+    fn validate(&self) -> Result<()> {
+        check_range("limit", self.limit, 1..=500)?;
+        check_time("since", self.since.as_ref())?;
+        check_time("until", self.until.as_ref())
+    }
 }
 
 /// Pages are cut at (created_at, id): the cursor is `<micros>_<uuid>` of the last
@@ -114,22 +202,37 @@ fn parse_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid)> {
     let bad = || ApiError::BadRequest(format!("invalid cursor {cursor:?}"));
     let (micros, id) = cursor.split_once('_').ok_or_else(bad)?;
     let micros: i64 = micros.parse().map_err(|_| bad())?;
-    Ok((
-        DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
-        id.parse().map_err(|_| bad())?,
-    ))
+    let at = DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
+    check_time("cursor", Some(&at))?;
+    Ok((at, id.parse().map_err(|_| bad())?))
 }
 
-/// `GET /api/v1/instances`: filtered, newest first, cursor-paginated.
-pub async fn instances(
+/// A page of instances.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InstancePage {
+    /// Instances, newest first.
+    #[schema(value_type = Vec<Object>)]
+    items: Vec<crate::store::queries::InstanceSummary>,
+    /// Pass as `cursor` for the next page; `null` on the last.
+    next_cursor: Option<String>,
+}
+
+/// Instances, newest first, filtered, cursor-paginated.
+#[utoipa::path(
+    tag = "instances",
+    params(InstancesQuery),
+    responses(
+        (status = 200, body = InstancePage),
+        (status = 400, description = "A query parameter is invalid", body = ErrorBody),
+    )
+)]
+#[get("/instances")]
+pub async fn list_instances(
     state: web::Data<ApiState>,
-    query: web::Query<InstancesQuery>,
+    query: QueryParams<InstancesQuery>,
 ) -> Result<HttpResponse> {
-    let q = query.into_inner();
+    let q = query.0;
     let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::BadRequest("limit must be 1 to 500".into()));
-    }
     let status = q
         .status
         .map(|s| {
@@ -151,11 +254,24 @@ pub async fn instances(
         .then(|| items.last())
         .flatten()
         .map(|last| format!("{}_{}", last.created_at.timestamp_micros(), last.id));
-    Ok(HttpResponse::Ok().json(json!({ "items": items, "next_cursor": next_cursor })))
+    Ok(HttpResponse::Ok().json(InstancePage { items, next_cursor }))
 }
 
-/// `GET /api/v1/instances/{id}`: one instance with its timeline.
-pub async fn instance(state: web::Data<ApiState>, id: web::Path<Uuid>) -> Result<HttpResponse> {
+/// One instance: payload, outputs, timeline (every attempt with its error,
+/// compensations, skipped and stale messages, what each sent), dead letters.
+#[utoipa::path(
+    tag = "instances",
+    params(("id" = Uuid, Path, description = "The instance id")),
+    responses(
+        (status = 200, body = Object),
+        (status = 404, description = "No such instance", body = ErrorBody),
+    )
+)]
+#[get("/instances/{id}")]
+pub async fn instance_detail(
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+) -> Result<HttpResponse> {
     let detail = state
         .store
         .instance(*id)
@@ -172,30 +288,58 @@ pub async fn instance(state: web::Data<ApiState>, id: web::Path<Uuid>) -> Result
 }
 
 /// Body of `POST /api/v1/instances`: the start envelope's fields.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
 pub struct StartRequest {
+    /// The saga's name.
     saga: String,
+    /// The aggregate id (default: read from the payload where the saga says).
     aggregate_id: Option<String>,
+    /// The message id (default: a new one); the same id always means the same instance.
     message_id: Option<Uuid>,
+    /// The publisher's per-aggregate sequence number, 0 to 2^63 - 1 (PostgreSQL's
+    /// `bigint`).
+    #[schema(maximum = 9_223_372_036_854_775_807_u64)]
     sequence: Option<u64>,
-    #[serde(default)]
+    /// The saga's input, a JSON object.
+    #[schema(value_type = Object)]
     payload: Value,
 }
 
-/// `POST /api/v1/instances`: start an instance, exactly like a start message (the
-/// same `message_id` always means the same instance). Answers once the broker
-/// confirmed the message.
+impl Input for StartRequest {
+    fn validate(&self) -> Result<()> {
+        check_range("sequence", self.sequence, 0..=i64::MAX as u64)
+    }
+}
+
+/// The ids of a start.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Started {
+    /// The start message's id.
+    message_id: Uuid,
+    /// The instance it starts (derived from `message_id`).
+    instance_id: Uuid,
+}
+
+/// Start an instance, exactly like a start message (the same `message_id` always
+/// means the same instance); answers once the broker confirmed the message.
+#[utoipa::path(
+    tag = "instances",
+    request_body(content = StartRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Published and confirmed", body = Started),
+        (status = 400, description = "Invalid body, unknown saga, no aggregate id", body = ErrorBody),
+    )
+)]
+#[post("/instances")]
 pub async fn start(
     state: web::Data<ApiState>,
-    body: web::Json<StartRequest>,
+    body: JsonBody<StartRequest>,
 ) -> Result<HttpResponse> {
-    let req = body.into_inner();
-    let saga = state
-        .engine
-        .catalog()
-        .get(&req.saga)
-        .ok_or_else(|| ApiError::BadRequest(format!("unknown saga {:?}", req.saga)))?;
+    let req = body.0;
+    let saga = state.engine.catalog().get(&req.saga).ok_or_else(|| {
+        ApiError::BadRequest(Malformed::UnknownSaga(req.saga.clone()).to_string())
+    })?;
     if !req.payload.is_object() {
         return Err(ApiError::BadRequest("payload must be a JSON object".into()));
     }
@@ -231,19 +375,39 @@ pub async fn start(
         .transport
         .publish(&Outgoing::to_intake(envelope, 0))
         .await?;
-    Ok(HttpResponse::Accepted().json(json!({
-        "message_id": message_id,
-        "instance_id": instance_id_for(message_id),
-    })))
+    Ok(HttpResponse::Accepted().json(Started {
+        message_id,
+        instance_id: instance_id_for(message_id),
+    }))
 }
 
 /// Query of `GET /api/v1/dead-letters`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeadLettersQuery {
+    /// Only this kind.
+    #[param(schema_with = dead_letter_kind_schema)]
     kind: Option<String>,
+    /// Only this status.
+    #[param(schema_with = dead_letter_status_schema)]
     status: Option<String>,
+    /// At most this many, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
+}
+
+impl Input for DeadLettersQuery {
+    fn validate(&self) -> Result<()> {
+        check_range("limit", self.limit, 1..=1000)
+    }
+}
+
+fn parse_kind(kind: Option<&str>) -> Result<Option<DeadLetterKind>> {
+    kind.map(|k| {
+        DeadLetterKind::parse(k).ok_or_else(|| ApiError::BadRequest(format!("unknown kind {k:?}")))
+    })
+    .transpose()
 }
 
 fn dead_letter_json(d: &DeadLetter) -> Value {
@@ -255,20 +419,22 @@ fn dead_letter_json(d: &DeadLetter) -> Value {
     v
 }
 
-/// `GET /api/v1/dead-letters`: newest first, by kind (malformed, unprocessable,
-/// exhausted, compensation_failed) and status.
-pub async fn dead_letters(
+/// Dead letters, newest first, by kind and status.
+#[utoipa::path(
+    tag = "dead letters",
+    params(DeadLettersQuery),
+    responses(
+        (status = 200, body = Items),
+        (status = 400, description = "A query parameter is invalid", body = ErrorBody),
+    )
+)]
+#[get("/dead-letters")]
+pub async fn list_dead_letters(
     state: web::Data<ApiState>,
-    query: web::Query<DeadLettersQuery>,
+    query: QueryParams<DeadLettersQuery>,
 ) -> Result<HttpResponse> {
-    let q = query.into_inner();
-    let kind = q
-        .kind
-        .map(|k| {
-            DeadLetterKind::parse(&k)
-                .ok_or_else(|| ApiError::BadRequest(format!("unknown kind {k:?}")))
-        })
-        .transpose()?;
+    let q = query.0;
+    let kind = parse_kind(q.kind.as_deref())?;
     let status = q
         .status
         .map(|s| {
@@ -276,95 +442,355 @@ pub async fn dead_letters(
                 .ok_or_else(|| ApiError::BadRequest(format!("unknown status {s:?}")))
         })
         .transpose()?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
-    }
-    let items: Vec<Value> = dead_letters::list(state.store.pool(), kind, status, limit)
+    let items = dead_letters::list(state.store.pool(), kind, status, q.limit.unwrap_or(100))
         .await?
         .iter()
         .map(dead_letter_json)
         .collect();
-    Ok(HttpResponse::Ok().json(json!({ "items": items })))
+    Ok(HttpResponse::Ok().json(Items { items }))
 }
 
-/// `GET /api/v1/dead-letters/{id}`: the raw body, reason, history and resolution.
-pub async fn dead_letter(state: web::Data<ApiState>, id: web::Path<Uuid>) -> Result<HttpResponse> {
+/// One dead letter: the raw body, reason, history and resolution.
+#[utoipa::path(
+    tag = "dead letters",
+    params(("id" = Uuid, Path, description = "The dead letter's id")),
+    responses(
+        (status = 200, body = Object),
+        (status = 404, description = "No such dead letter", body = ErrorBody),
+    )
+)]
+#[get("/dead-letters/{id}")]
+pub async fn dead_letter_detail(
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+) -> Result<HttpResponse> {
     let letter = dead_letters::get(state.store.pool(), *id, false)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no dead letter {id}")))?;
     Ok(HttpResponse::Ok().json(dead_letter_json(&letter)))
 }
 
-/// Body of the dead-letter actions (all fields optional).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ActionRequest {
-    /// Replay only: a payload replacing the original.
-    data: Option<Value>,
-    /// Discard only: why.
-    note: Option<String>,
-    /// Who acts (default: the `X-Skald-Operator` header, else `api`).
+/// Who acts: `by` from the body, else the `X-Skald-Operator` header, else `api`.
+fn operator(req: &HttpRequest, by: Option<String>) -> String {
+    by.or_else(|| {
+        req.headers()
+            .get("x-skald-operator")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    })
+    .unwrap_or_else(|| "api".to_string())
+}
+
+/// Body of `POST /api/v1/dead-letters/{id}/replay` (optional: empty means none of
+/// the fields).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct ReplayRequest {
+    /// A payload (JSON object) replacing the original, recorded on the letter.
+    data: Option<Map<String, Value>>,
+    /// Who replays (default: the `X-Skald-Operator` header, else `api`).
     by: Option<String>,
 }
 
-/// The action's body (empty when none was sent) and who acts.
-fn action_body(
-    req: &HttpRequest,
-    body: Option<web::Json<ActionRequest>>,
-) -> (ActionRequest, String) {
-    let body = body.map(|b| b.into_inner()).unwrap_or_default();
-    let by = operator(req, &body);
-    (body, by)
+impl Input for ReplayRequest {
+    fn when_empty() -> Option<Self> {
+        Some(Self::default())
+    }
 }
 
-fn operator(req: &HttpRequest, body: &ActionRequest) -> String {
-    body.by
-        .clone()
-        .or_else(|| {
-            req.headers()
-                .get("x-skald-operator")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "api".to_string())
+/// What a replay did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Replayed {
+    /// The dead letter.
+    id: Uuid,
+    /// Always `true`: its message was sent.
+    replayed: bool,
+    /// It had been replayed before; its message was sent again (dropped as a copy).
+    already_replayed: bool,
 }
 
-/// `POST /api/v1/dead-letters/{id}/replay`: idempotent (see [`crate::dlq`]).
+/// Replay, optionally with an edited payload (recorded, idempotent).
+#[utoipa::path(
+    tag = "dead letters",
+    params(("id" = Uuid, Path, description = "The dead letter's id")),
+    request_body(content = Option<ReplayRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, body = Replayed),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 404, description = "No such dead letter", body = ErrorBody),
+        (status = 409, description = "Discarded, or its instance is no longer parked", body = ErrorBody),
+    )
+)]
+#[post("/dead-letters/{id}/replay")]
 pub async fn replay(
     req: HttpRequest,
     state: web::Data<ApiState>,
     id: web::Path<Uuid>,
-    body: Option<web::Json<ActionRequest>>,
+    body: JsonBody<ReplayRequest>,
 ) -> Result<HttpResponse> {
-    let (body, by) = action_body(&req, body);
+    let body = body.0;
+    let by = operator(&req, body.by);
+    let data = body.data.map(Value::Object);
     let outcome =
-        crate::dlq::replay(&state.store, state.transport.as_ref(), *id, body.data, &by).await?;
-    let already = matches!(outcome, crate::dlq::ReplayOutcome::AlreadyReplayed { .. });
-    Ok(
-        HttpResponse::Ok()
-            .json(json!({ "id": *id, "replayed": true, "already_replayed": already })),
-    )
+        crate::dlq::replay(&state.store, state.transport.as_ref(), *id, data, &by).await?;
+    let already_replayed = matches!(outcome, crate::dlq::ReplayOutcome::AlreadyReplayed { .. });
+    Ok(HttpResponse::Ok().json(Replayed {
+        id: *id,
+        replayed: true,
+        already_replayed,
+    }))
 }
 
-/// `POST /api/v1/dead-letters/{id}/discard`: recorded, idempotent.
+/// Body of `POST /api/v1/dead-letters/{id}/discard` (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct DiscardRequest {
+    /// Why (recorded).
+    note: Option<String>,
+    /// Who discards (default: the `X-Skald-Operator` header, else `api`).
+    by: Option<String>,
+}
+
+impl Input for DiscardRequest {
+    fn when_empty() -> Option<Self> {
+        Some(Self::default())
+    }
+}
+
+/// The letter's status after a discard.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Discarded {
+    /// The dead letter.
+    id: Uuid,
+    /// `discarded`, or `replayed` when it had been replayed (then nothing changed).
+    status: &'static str,
+}
+
+/// Set aside (recorded, never erased; idempotent).
+#[utoipa::path(
+    tag = "dead letters",
+    params(("id" = Uuid, Path, description = "The dead letter's id")),
+    request_body(content = Option<DiscardRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, body = Discarded),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 404, description = "No such dead letter", body = ErrorBody),
+    )
+)]
+#[post("/dead-letters/{id}/discard")]
 pub async fn discard(
     req: HttpRequest,
     state: web::Data<ApiState>,
     id: web::Path<Uuid>,
-    body: Option<web::Json<ActionRequest>>,
+    body: JsonBody<DiscardRequest>,
 ) -> Result<HttpResponse> {
-    let (body, by) = action_body(&req, body);
+    let body = body.0;
+    let by = operator(&req, body.by);
     let outcome = crate::dlq::discard(&state.store, *id, &by, body.note.as_deref()).await?;
     let status = match outcome {
         crate::dlq::DiscardOutcome::Discarded => "discarded",
         crate::dlq::DiscardOutcome::AlreadyResolved(s) => s.as_str(),
     };
-    Ok(HttpResponse::Ok().json(json!({ "id": *id, "status": status })))
+    Ok(HttpResponse::Ok().json(Discarded { id: *id, status }))
 }
 
-/// `GET /api/v1/stats`: counts by saga and state, engine counters, dead letters,
-/// queue depths, and steps per minute over the last 15 minutes.
+/// Body of the instance actions (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct InstanceActionRequest {
+    /// Who acts (default: the `X-Skald-Operator` header, else `api`).
+    by: Option<String>,
+}
+
+impl Input for InstanceActionRequest {
+    fn when_empty() -> Option<Self> {
+        Some(Self::default())
+    }
+}
+
+/// What an instance action did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActionDone {
+    /// The instance.
+    id: Uuid,
+    /// `retry`, `cancel` or `resume`.
+    action: &'static str,
+    /// `done` now, or `already_done` before (its message was sent again).
+    #[schema(value_type = String)]
+    outcome: ActionOutcome,
+}
+
+fn action_json(id: Uuid, action: &'static str, outcome: ActionOutcome) -> HttpResponse {
+    HttpResponse::Ok().json(ActionDone {
+        id,
+        action,
+        outcome,
+    })
+}
+
+/// Run a pending retry now instead of after its delay (recorded, idempotent).
+#[utoipa::path(
+    tag = "instances",
+    params(("id" = Uuid, Path, description = "The instance id")),
+    request_body(content = Option<InstanceActionRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, body = ActionDone),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "No retry is pending", body = ErrorBody),
+    )
+)]
+#[post("/instances/{id}/retry")]
+pub async fn retry_now(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+    body: JsonBody<InstanceActionRequest>,
+) -> Result<HttpResponse> {
+    let by = operator(&req, body.0.by);
+    let outcome =
+        crate::operator::retry_now(&state.store, state.transport.as_ref(), *id, &by).await?;
+    Ok(action_json(*id, "retry", outcome))
+}
+
+/// Stop going forward and compensate the completed steps (recorded, idempotent;
+/// refused past the pivot).
+#[utoipa::path(
+    tag = "instances",
+    params(("id" = Uuid, Path, description = "The instance id")),
+    request_body(content = Option<InstanceActionRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, body = ActionDone),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "Past the pivot, or already finished", body = ErrorBody),
+    )
+)]
+#[post("/instances/{id}/cancel")]
+pub async fn cancel(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+    body: JsonBody<InstanceActionRequest>,
+) -> Result<HttpResponse> {
+    let by = operator(&req, body.0.by);
+    let outcome = crate::operator::cancel(
+        &state.store,
+        state.engine.catalog(),
+        state.transport.as_ref(),
+        *id,
+        &by,
+    )
+    .await?;
+    Ok(action_json(*id, "cancel", outcome))
+}
+
+/// Resume a parked (failed) instance by replaying its dead letter (recorded,
+/// idempotent).
+#[utoipa::path(
+    tag = "instances",
+    params(("id" = Uuid, Path, description = "The instance id")),
+    request_body(content = Option<InstanceActionRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, body = ActionDone),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "The instance is not parked", body = ErrorBody),
+    )
+)]
+#[post("/instances/{id}/resume")]
+pub async fn resume(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+    body: JsonBody<InstanceActionRequest>,
+) -> Result<HttpResponse> {
+    let by = operator(&req, body.0.by);
+    let outcome = crate::operator::resume(&state.store, state.transport.as_ref(), *id, &by).await?;
+    Ok(action_json(*id, "resume", outcome))
+}
+
+/// Body of `POST /api/v1/dead-letters/replay` (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct BulkReplayRequest {
+    /// Only this kind.
+    #[schema(schema_with = nullable_dead_letter_kind_schema)]
+    kind: Option<String>,
+    /// Only this saga.
+    saga: Option<String>,
+    /// At most this many, 1 to 1000 (default 100).
+    #[schema(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// Replays per second at most, 1 to 1000 (default 50).
+    #[schema(minimum = 1, maximum = 1000)]
+    per_second: Option<u32>,
+    /// Who replays (default: the `X-Skald-Operator` header, else `api`).
+    by: Option<String>,
+}
+
+impl Input for BulkReplayRequest {
+    fn when_empty() -> Option<Self> {
+        Some(Self::default())
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_range("limit", self.limit, 1..=1000)?;
+        check_range("per_second", self.per_second, 1..=1000)?;
+        parse_kind(self.kind.as_deref()).map(drop)
+    }
+}
+
+/// The letters a bulk replay replayed, in order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BulkReplayed {
+    /// Their ids, oldest first.
+    replayed: Vec<Uuid>,
+}
+
+/// Replay the oldest `limit` pending dead letters matching a filter, oldest first (so
+/// one aggregate's letters keep their order), at most `per_second` a second.
+#[utoipa::path(
+    tag = "dead letters",
+    request_body(content = Option<BulkReplayRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, body = BulkReplayed),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+    )
+)]
+#[post("/dead-letters/replay")]
+pub async fn bulk_replay(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    body: JsonBody<BulkReplayRequest>,
+) -> Result<HttpResponse> {
+    let body = body.0;
+    let kind = parse_kind(body.kind.as_deref())?;
+    let limit = body.limit.unwrap_or(100);
+    let per_second = body.per_second.unwrap_or(50);
+    let by = operator(&req, body.by);
+    let what = crate::dlq::BulkReplay {
+        kind,
+        saga: body.saga,
+        limit,
+        per_second,
+    };
+    let replayed =
+        crate::dlq::bulk_replay(&state.store, state.transport.as_ref(), &what, &by).await?;
+    Ok(HttpResponse::Ok().json(BulkReplayed { replayed }))
+}
+
+/// This document: every operation, parameter, body and status.
+#[utoipa::path(tag = "health", responses((status = 200, description = "OpenAPI 3.1", body = Object)))]
+#[get("/openapi.json")]
+pub async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().json(super::openapi::document())
+}
+
+/// Counts by saga and state, engine counters, dead letters, queue depths, and steps
+/// per minute over the last 15 minutes.
+#[utoipa::path(tag = "health", responses((status = 200, body = Object)))]
+#[get("/stats")]
 pub async fn stats(state: web::Data<ApiState>) -> Result<HttpResponse> {
     let counts = state.store.status_counts().await?;
     let letters = state.store.dead_letter_counts().await?;
@@ -405,251 +831,4 @@ pub async fn stats(state: web::Data<ApiState>) -> Result<HttpResponse> {
             "in_flight": state.engine.in_flight().count(),
         },
     })))
-}
-
-/// Upper bounds (seconds) of the step-latency histogram buckets in `/metrics`.
-const LATENCY_BOUNDS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// `GET /metrics`: Prometheus text format (this process's counters, and instance
-/// and dead-letter gauges from PostgreSQL).
-pub async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse> {
-    let s = state.engine.stats();
-    let mut out = String::new();
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 10] = [
-        (
-            "skald_steps_applied_total",
-            "Step and compensation attempts committed.",
-            &s.applied,
-        ),
-        (
-            "skald_step_failures_total",
-            "Attempts that failed (each retried or compensated).",
-            &s.failed_attempts,
-        ),
-        (
-            "skald_retries_total",
-            "Retries scheduled after a failed attempt.",
-            &s.retries,
-        ),
-        (
-            "skald_compensations_total",
-            "Compensations committed.",
-            &s.compensations,
-        ),
-        (
-            "skald_duplicates_total",
-            "Copies of handled messages dropped by the inbox.",
-            &s.duplicates,
-        ),
-        (
-            "skald_stale_discards_total",
-            "Starts older than their aggregate's watermark.",
-            &s.stale,
-        ),
-        (
-            "skald_skipped_total",
-            "Messages out of date for their instance.",
-            &s.skipped,
-        ),
-        (
-            "skald_malformed_total",
-            "Unreadable messages sent to the dead-letter queue.",
-            &s.malformed,
-        ),
-        (
-            "skald_infra_retries_total",
-            "Waits after a database or broker failure.",
-            &s.infra_retries,
-        ),
-        (
-            "skald_data_errors_total",
-            "Messages whose data PostgreSQL refused (dead-lettered, code data_error).",
-            &s.data_errors,
-        ),
-    ];
-    for (name, help, value) in counters {
-        let value = value.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP skald_live_actors Aggregate actors alive.\n# TYPE skald_live_actors gauge\nskald_live_actors {}",
-        s.live_actors.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP skald_stuck_messages Messages held by infrastructure failures for longer than SKALD_STUCK_AFTER_MS.\n# TYPE skald_stuck_messages gauge\nskald_stuck_messages {}",
-        s.stuck.load(Ordering::Relaxed)
-    );
-    let h = &s.step_latency;
-    let _ = writeln!(
-        out,
-        "# HELP skald_step_seconds Time to handle one message, taken to acked.\n# TYPE skald_step_seconds histogram"
-    );
-    for (bound, count) in LATENCY_BOUNDS.iter().zip(h.cumulative(LATENCY_BOUNDS)) {
-        let _ = writeln!(out, "skald_step_seconds_bucket{{le=\"{bound}\"}} {count}");
-    }
-    let _ = writeln!(
-        out,
-        "skald_step_seconds_bucket{{le=\"+Inf\"}} {}",
-        h.count()
-    );
-    let _ = writeln!(
-        out,
-        "skald_step_seconds_sum {}\nskald_step_seconds_count {}",
-        h.sum_seconds(),
-        h.count()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP skald_instances Saga instances by saga and status.\n# TYPE skald_instances gauge"
-    );
-    for c in state.store.status_counts().await? {
-        let _ = writeln!(
-            out,
-            "skald_instances{{saga=\"{}\",status=\"{}\"}} {}",
-            c.saga,
-            c.status.as_str(),
-            c.count
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP skald_dead_letters Dead letters by kind and status.\n# TYPE skald_dead_letters gauge"
-    );
-    for (kind, status, n) in state.store.dead_letter_counts().await? {
-        let _ = writeln!(
-            out,
-            "skald_dead_letters{{kind=\"{kind}\",status=\"{status}\"}} {n}"
-        );
-    }
-    Ok(HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(out))
-}
-
-/// `GET /`: the dashboard page (embedded in the binary).
-pub async fn page() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(include_str!("dashboard.html"))
-}
-
-/// `GET /api/v1/openapi.json`: the OpenAPI 3 document, generated from the route list.
-pub async fn openapi() -> HttpResponse {
-    HttpResponse::Ok().json(super::openapi())
-}
-
-fn action_json(id: Uuid, action: &str, outcome: crate::operator::ActionOutcome) -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "id": id, "action": action, "outcome": outcome }))
-}
-
-/// `POST /api/v1/instances/{id}/retry`.
-pub async fn retry_now(
-    req: HttpRequest,
-    state: web::Data<ApiState>,
-    id: web::Path<Uuid>,
-    body: Option<web::Json<ActionRequest>>,
-) -> Result<HttpResponse> {
-    let (_, by) = action_body(&req, body);
-    let outcome =
-        crate::operator::retry_now(&state.store, state.transport.as_ref(), *id, &by).await?;
-    Ok(action_json(*id, "retry", outcome))
-}
-
-/// `POST /api/v1/instances/{id}/cancel`.
-pub async fn cancel(
-    req: HttpRequest,
-    state: web::Data<ApiState>,
-    id: web::Path<Uuid>,
-    body: Option<web::Json<ActionRequest>>,
-) -> Result<HttpResponse> {
-    let (_, by) = action_body(&req, body);
-    let outcome = crate::operator::cancel(
-        &state.store,
-        state.engine.catalog(),
-        state.transport.as_ref(),
-        *id,
-        &by,
-    )
-    .await?;
-    Ok(action_json(*id, "cancel", outcome))
-}
-
-/// `POST /api/v1/instances/{id}/resume`.
-pub async fn resume(
-    req: HttpRequest,
-    state: web::Data<ApiState>,
-    id: web::Path<Uuid>,
-    body: Option<web::Json<ActionRequest>>,
-) -> Result<HttpResponse> {
-    let (_, by) = action_body(&req, body);
-    let outcome = crate::operator::resume(&state.store, state.transport.as_ref(), *id, &by).await?;
-    Ok(action_json(*id, "resume", outcome))
-}
-
-/// Body of `POST /api/v1/dead-letters/replay`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BulkReplayRequest {
-    /// Only this kind.
-    kind: Option<String>,
-    /// Only this saga.
-    saga: Option<String>,
-    /// At most this many (default 100, at most 1000).
-    limit: Option<i64>,
-    /// Replays per second at most (default 50, at most 1000).
-    per_second: Option<u32>,
-    /// Who replays.
-    by: Option<String>,
-}
-
-/// `POST /api/v1/dead-letters/replay`: replays pending dead letters matching the
-/// filter one at a time, oldest first (so one aggregate's letters keep their order),
-/// at most `per_second` a second.
-pub async fn bulk_replay(
-    req: HttpRequest,
-    state: web::Data<ApiState>,
-    body: Option<web::Json<BulkReplayRequest>>,
-) -> Result<HttpResponse> {
-    let body = body.map(|b| b.into_inner()).unwrap_or_default();
-    let kind = body
-        .kind
-        .as_deref()
-        .map(|k| {
-            DeadLetterKind::parse(k)
-                .ok_or_else(|| ApiError::BadRequest(format!("unknown kind {k:?}")))
-        })
-        .transpose()?;
-    let limit = body.limit.unwrap_or(100);
-    let per_second = body.per_second.unwrap_or(50);
-    if !(1..=1000).contains(&limit) || !(1..=1000).contains(&per_second) {
-        return Err(ApiError::BadRequest(
-            "limit and per_second must be 1 to 1000".into(),
-        ));
-    }
-    let by = body
-        .by
-        .clone()
-        .or_else(|| {
-            req.headers()
-                .get("x-skald-operator")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "api".into());
-    let what = crate::dlq::BulkReplay {
-        kind,
-        saga: body.saga.clone(),
-        limit,
-        per_second,
-    };
-    let replayed =
-        crate::dlq::bulk_replay(&state.store, state.transport.as_ref(), &what, &by).await?;
-    Ok(HttpResponse::Ok().json(json!({ "replayed": replayed })))
 }

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::helpers::{TestEnv, sample_sagas};
 
 /// The API as a test service (the same `configure` that `skald run` serves).
-async fn service(
+pub(crate) async fn service(
     state: ApiState,
 ) -> impl Service<
     actix_http::Request,
@@ -24,7 +24,7 @@ async fn service(
     test::init_service(App::new().configure(configure(state))).await
 }
 
-async fn call<S, B>(svc: &S, req: test::TestRequest) -> (StatusCode, Value)
+pub(crate) async fn call<S, B>(svc: &S, req: test::TestRequest) -> (StatusCode, Value)
 where
     S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
     B: MessageBody,
@@ -37,7 +37,7 @@ where
     (status, json)
 }
 
-async fn get<S, B>(svc: &S, uri: &str) -> (StatusCode, Value)
+pub(crate) async fn get<S, B>(svc: &S, uri: &str) -> (StatusCode, Value)
 where
     S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
     B: MessageBody,
@@ -45,7 +45,7 @@ where
     call(svc, test::TestRequest::get().uri(uri)).await
 }
 
-async fn post<S, B>(svc: &S, uri: &str, body: Value) -> (StatusCode, Value)
+pub(crate) async fn post<S, B>(svc: &S, uri: &str, body: Value) -> (StatusCode, Value)
 where
     S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
     B: MessageBody,
@@ -53,13 +53,21 @@ where
     call(svc, test::TestRequest::post().uri(uri).set_json(body)).await
 }
 
-fn assert_error(resp: &(StatusCode, Value), status: StatusCode, code: &str) {
+pub(crate) fn assert_error(resp: &(StatusCode, Value), status: StatusCode, code: &str) {
     assert_eq!(resp.0, status, "{:?}", resp.1);
     assert_eq!(resp.1["error"]["code"], code, "{:?}", resp.1);
     assert!(resp.1["error"]["message"].is_string());
 }
 
-fn order(id: &str, amount: f64) -> Value {
+/// `state` with the API token `token` set.
+pub(crate) fn with_token(state: &ApiState, token: &str) -> ApiState {
+    ApiState {
+        token: Some(token.into()),
+        ..state.clone()
+    }
+}
+
+pub(crate) fn order(id: &str, amount: f64) -> Value {
     json!({"order_id": id, "sku": "SKU-1", "qty": 1, "account": "alice", "amount": amount})
 }
 
@@ -411,11 +419,7 @@ async fn a_token_guards_every_call_and_without_one_only_loopback_may_mutate() {
     let env = TestEnv::new(sample_sagas()).await;
     let app = env.start_app().await;
 
-    let guarded = service(ApiState {
-        token: Some("s3cret".into()),
-        ..app.api.clone()
-    })
-    .await;
+    let guarded = service(with_token(&app.api, "s3cret")).await;
     assert_error(
         &get(&guarded, "/api/v1/sagas").await,
         StatusCode::UNAUTHORIZED,
@@ -472,7 +476,7 @@ async fn the_openapi_document_lists_exactly_the_served_routes() {
     let svc = service(app.api.clone()).await;
     let doc = get(&svc, "/api/v1/openapi.json").await;
     assert_eq!(doc.0, StatusCode::OK);
-    assert_eq!(doc.1["openapi"], "3.0.3");
+    assert_eq!(doc.1["openapi"], "3.1.0");
     let paths = doc.1["paths"].as_object().unwrap();
     let mut operations = 0;
     for (path, methods) in paths {

@@ -291,3 +291,72 @@ async fn run_names_the_file_and_line_of_failing_setup_sql_once() {
     );
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn start_refuses_an_unknown_saga_with_the_apis_message_and_publishes_nothing() {
+    let env = TestEnv::new(sample_sagas()).await;
+    let app = env.start_app().await;
+    let svc = crate::api::service(app.api.clone()).await;
+    let api = crate::api::post(
+        &svc,
+        "/api/v1/instances",
+        serde_json::json!({"saga": "no_such_saga", "payload": {}}),
+    )
+    .await;
+    assert_eq!(api.0, actix_web::http::StatusCode::BAD_REQUEST);
+    let message = api.1["error"]["message"].as_str().unwrap().to_string();
+    app.stop().await;
+
+    for args in [
+        &["start", "no_such_saga"][..],
+        &["start", "no_such_saga", "--aggregate", "a-1"],
+    ] {
+        let out = env.skald(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} exited 0");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim(), format!("error: {message}"), "{args:?}");
+    }
+    assert_eq!(env.intake_depth().await, 0, "nothing was published");
+    env.cleanup().await;
+}
+
+#[test]
+fn dlq_list_refuses_a_limit_out_of_range_as_a_usage_error() {
+    for limit in ["--limit=-5", "--limit=0", "--limit=1001", "--limit=many"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
+            .args(["dlq", "list", limit])
+            .output()
+            .unwrap();
+        // clap's usage error: exit 2, naming the option; nothing reached the database.
+        assert_eq!(out.status.code(), Some(2), "{limit}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--limit"),
+            "{limit}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn dlq_list_json_prints_one_object_per_line_at_most_100_by_default() {
+    let env = TestEnv::new(sample_sagas()).await;
+    let app = env.start_app().await;
+    crate::api_safety::pending_letters(&env, 101).await;
+    app.stop().await;
+    let list = |extra: &[&str]| {
+        let out = env
+            .skald(&[&["dlq", "list", "--json"][..], extra].concat())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .collect::<Vec<_>>()
+    };
+    let lines = list(&[]);
+    assert_eq!(lines.len(), 100, "the default limit");
+    assert!(lines.iter().all(|l| l["kind"] == "malformed"));
+    assert_eq!(list(&["--limit", "1000"]).len(), 101);
+    env.cleanup().await;
+}

@@ -4,6 +4,8 @@
 mod helpers;
 
 mod api;
+mod api_fuzz;
+mod api_safety;
 mod browser;
 mod check_steps;
 mod cli;
