@@ -10,6 +10,7 @@ mod browser;
 mod check_steps;
 mod cli;
 mod crash;
+mod explore;
 mod failures;
 mod handlers;
 mod integrity;
