@@ -7,9 +7,12 @@
 //!
 //! ## Where things are
 //!
-//! - [`saga`]: saga definitions (YAML), their validation, and the pure
-//!   [`saga::coordinator`] that decides what happens after each step. No I/O but
-//!   reading saga files. [`saga::load`] reads and checks them, one concern a file:
+//! - [`saga`]: saga definitions (YAML), their validation, and every rule as a pure
+//!   function — no I/O but reading saga files: [`saga::coordinator`] (the next state
+//!   after an attempt, admission, cancel), [`saga::decide`] (everything one message
+//!   leads to: its target, the deadline, the plan of an attempt, what a record that did
+//!   not apply is, resume, the exclusive lock hand-over) and [`saga::strict`] (strict
+//!   per-aggregate order of starts). [`saga::load`] reads and checks them, one concern a file:
 //!   `load/mod.rs` (the entry points, [`saga::LoadError`] and the file format),
 //!   `checker.rs` (the error collector; names and integers within their limits),
 //!   `structure.rs` (saga and step rules: roles and the pivot, check steps, ordering,
@@ -22,9 +25,15 @@
 //! - [`handlers`]: steps written in Rust, registered by name. Depends on [`saga`] only;
 //!   [`store::effects`] runs them (and classifies their database errors).
 //! - [`transport`]: the [`transport::Transport`] seam (publish with confirm, consume
-//!   with manual ack, delay, dead-letter) and its RabbitMQ implementation.
-//! - [`engine`]: one message, end to end: effect, guarded record, commit, publish, ack. A plain
-//!   component, driven by the actors but testable without them.
+//!   with manual ack, delay, dead-letter), its RabbitMQ implementation and an in-memory
+//!   one ([`transport::memory`], for unit tests and `explore`, with injectable faults).
+//! - [`faults`]: faults injected on purpose at the points of a message's handling
+//!   (`SKALD_CRASH_AT`, and `explore`'s plans).
+//! - [`explore`]: `skald explore`, a saga through every crash and fault point against
+//!   scratch databases, checked against the legacy transaction.
+//! - [`engine`]: one message, end to end: effect, guarded record, commit, publish, ack —
+//!   an interpreter of [`saga::decide`]'s plans. A plain component, driven by the
+//!   actors but testable without them.
 //! - [`actors`]: per-aggregate actix actors that serialise the engine's work for
 //!   one aggregate, and the router that creates and evicts them.
 //! - [`app`]: wiring: build everything from a [`config::Config`], consume until

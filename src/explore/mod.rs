@@ -198,6 +198,13 @@ pub async fn explore(database_url: &str, args: &ExploreArgs) -> Result<Report, E
                 .join("\n"),
         )
     })?;
+    let handlers = Catalog::new(vec![saga.clone()]).missing_handlers(|_| false);
+    if !handlers.is_empty() {
+        return Err(ExploreError::Input(format!(
+            "explore runs SQL steps only; this saga uses handler(s): {}",
+            handlers.join(", ")
+        )));
+    }
     let payload: Value = serde_json::from_str(&args.data)
         .map_err(|e| ExploreError::Input(format!("--data is not JSON: {e}")))?;
     if !payload.is_object() {
