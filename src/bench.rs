@@ -34,7 +34,7 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::config::Config;
 use crate::engine::Faults;
-use crate::envelope::{Command, Envelope, Outgoing};
+use crate::envelope::{Envelope, Outgoing};
 use crate::handlers::Handlers;
 use crate::transport::Transport;
 use crate::transport::rabbitmq::{RabbitTransport, Topology};
@@ -310,23 +310,19 @@ async fn publish_all(
         let agg = i % aggregates;
         Outgoing::to_intake(
             Envelope {
-                message_id: Uuid::new_v4(),
-                saga: "order_checkout".into(),
-                saga_version: None,
-                aggregate_id: Some(format!("bench-{agg}")),
                 sequence: Some((i / aggregates) as u64),
                 dispatched_at: None,
-                command: Command::Start,
-                payload: json!({
-                    "order_id": format!("order-{i}"),
-                    "sku": format!("bench-{agg}"),
-                    "qty": 1,
-                    "account": format!("bench-{agg}"),
-                    "amount": 1.5,
-                }),
-                outputs: serde_json::Value::Null,
-                errors: Vec::new(),
-                deadline: None,
+                ..Envelope::start(
+                    "order_checkout",
+                    Some(format!("bench-{agg}")),
+                    json!({
+                        "order_id": format!("order-{i}"),
+                        "sku": format!("bench-{agg}"),
+                        "qty": 1,
+                        "account": format!("bench-{agg}"),
+                        "amount": 1.5,
+                    }),
+                )
             },
             0,
         )

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::app::{App, shutdown_signal};
 use crate::config::Config;
 use crate::engine::Faults;
-use crate::envelope::{Command, Envelope, Malformed, Outgoing, instance_id_for};
+use crate::envelope::{Envelope, Malformed, Outgoing, instance_id_for};
 use crate::handlers::Handlers;
 use crate::saga::coordinator::InstanceStatus;
 use crate::saga::load_dir;
@@ -197,16 +197,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let envelope = Envelope {
                 message_id: message_id.unwrap_or_else(Uuid::new_v4),
-                saga,
-                saga_version: None,
-                aggregate_id: Some(aggregate),
                 sequence,
-                dispatched_at: Some(chrono::Utc::now()),
-                command: Command::Start,
-                payload,
-                outputs: Value::Null,
-                errors: Vec::new(),
-                deadline: None,
+                ..Envelope::start(&saga, Some(aggregate), payload)
             };
             envelope.check().context("refusing to publish this start")?;
             tokio_runtime()?.block_on(async {

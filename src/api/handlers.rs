@@ -17,7 +17,7 @@ use super::openapi::{
     nullable_dead_letter_kind_schema,
 };
 use super::{ApiError, ApiState};
-use crate::envelope::{Command, Envelope, Malformed, Outgoing, instance_id_for};
+use crate::envelope::{Envelope, Malformed, Outgoing, instance_id_for};
 use crate::operator::ActionOutcome;
 use crate::saga::SagaDef;
 use crate::saga::coordinator::InstanceStatus;
@@ -354,16 +354,8 @@ pub async fn start(
     };
     let envelope = Envelope {
         message_id: req.message_id.unwrap_or_else(Uuid::new_v4),
-        saga: req.saga,
-        saga_version: None,
-        aggregate_id: Some(aggregate_id),
         sequence: req.sequence,
-        dispatched_at: Some(Utc::now()),
-        command: Command::Start,
-        payload: req.payload,
-        outputs: Value::Null,
-        errors: Vec::new(),
-        deadline: None,
+        ..Envelope::start(&req.saga, Some(aggregate_id), req.payload)
     };
     // The same content checks as a start arriving on the queue, answered here as 400
     // instead of a dead letter.

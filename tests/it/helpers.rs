@@ -17,7 +17,7 @@ use serde_json::Value;
 use skald::app::{App, AppError};
 use skald::config::Config;
 use skald::engine::{Engine, Faults};
-use skald::envelope::{Command as EnvCommand, Envelope, Outgoing};
+use skald::envelope::{Envelope, Outgoing};
 use skald::handlers::Handlers;
 use skald::transport::Transport;
 use skald::transport::rabbitmq::{RabbitTransport, Topology};
@@ -353,17 +353,8 @@ impl RunningApp {
 /// A start message for `saga` on `aggregate` with `payload`.
 pub fn start(saga: &str, aggregate: &str, sequence: u64, payload: Value) -> Envelope {
     Envelope {
-        message_id: Uuid::new_v4(),
-        saga: saga.into(),
-        saga_version: None,
-        aggregate_id: Some(aggregate.into()),
         sequence: Some(sequence),
-        dispatched_at: Some(chrono::Utc::now()),
-        command: EnvCommand::Start,
-        payload,
-        outputs: Value::Null,
-        errors: Vec::new(),
-        deadline: None,
+        ..Envelope::start(saga, Some(aggregate.into()), payload)
     }
 }
 
