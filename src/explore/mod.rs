@@ -19,6 +19,7 @@
 
 pub mod observe;
 pub mod points;
+pub mod random;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,6 +81,40 @@ pub struct ExploreArgs {
     /// beside the saga file, if it exists).
     #[arg(long)]
     pub observe: Option<PathBuf>,
+    /// Instead of the points one at a time: this many random schedules of several
+    /// faults over several instances.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub random: Option<u64>,
+    /// The first random schedule's seed (schedule k uses seed + k).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// What `explore` found: the points one at a time, or random schedules.
+#[derive(Debug, Clone)]
+pub enum Findings {
+    /// One run per point.
+    Points(Report),
+    /// Random schedules.
+    Random(random::RandomReport),
+}
+
+impl Findings {
+    /// Every promise held.
+    pub fn held(&self) -> bool {
+        match self {
+            Findings::Points(r) => r.held(),
+            Findings::Random(r) => r.held(),
+        }
+    }
+
+    /// For a person.
+    pub fn render(&self) -> String {
+        match self {
+            Findings::Points(r) => r.render(),
+            Findings::Random(r) => r.render(),
+        }
+    }
 }
 
 /// The outcome of one run.
@@ -188,7 +223,7 @@ impl Report {
 }
 
 /// Runs the exploration against scratch databases on the server of `database_url`.
-pub async fn explore(database_url: &str, args: &ExploreArgs) -> Result<Report, ExploreError> {
+pub async fn explore(database_url: &str, args: &ExploreArgs) -> Result<Findings, ExploreError> {
     let saga = load_file(&args.saga).map_err(|errors| {
         ExploreError::Input(
             errors
@@ -226,7 +261,17 @@ pub async fn explore(database_url: &str, args: &ExploreArgs) -> Result<Report, E
         .parse()
         .map_err(|e| ExploreError::Input(format!("DATABASE_URL: {e}")))?;
     let scratch = Scratch::new(database_url, base, &saga).await?;
-    let result = run_all(&scratch, &saga, &payload, observer.as_ref(), args).await;
+    let result = match args.random {
+        Some(n) => {
+            let catalog = Catalog::new(vec![saga.clone()]);
+            random::run(&scratch, &catalog, &saga, &payload, args.seed, n)
+                .await
+                .map(Findings::Random)
+        }
+        None => run_all(&scratch, &saga, &payload, observer.as_ref(), args)
+            .await
+            .map(Findings::Points),
+    };
     scratch.drop_all().await;
     result
 }
@@ -311,25 +356,49 @@ impl Run {
     }
 }
 
-/// The fault plan of one run: the point's engine-side fault, once, and for a
-/// compensation point the fatal failure of the step after it that starts compensating.
+/// The faults of one run, on both sides: the engine's (a [`FaultPlan`]) and the
+/// transport's, decided as each delivery is taken.
+trait Chaos: FaultPlan {
+    /// The transport fault to inject around the delivery at `here` (its step and
+    /// phase), if any: [`Fault::Duplicate`], [`Fault::LostConfirm`] or
+    /// [`Fault::Overtaken`].
+    fn on_delivery(&self, here: (usize, Phase)) -> Option<Fault>;
+
+    /// Whether an injected crash happened since the last call.
+    fn take_crash(&self) -> bool;
+}
+
+/// The fault plan of one point: its fault, once, and for a compensation point the
+/// fatal failure of the step after it that starts compensating.
 struct Plan {
     steps: Vec<String>,
     point: Option<Point>,
     fired: Mutex<bool>,
     triggered: Mutex<bool>,
+    transport_fired: Mutex<bool>,
     crashed: AtomicBool,
 }
 
 impl Plan {
+    fn new(saga: &SagaDef, point: Option<Point>) -> Plan {
+        Plan {
+            steps: saga.steps.iter().map(|s| s.name.clone()).collect(),
+            point,
+            fired: Mutex::new(false),
+            triggered: Mutex::new(false),
+            transport_fired: Mutex::new(false),
+            crashed: AtomicBool::new(false),
+        }
+    }
+
     fn index(&self, step: &str) -> Option<usize> {
         self.steps.iter().position(|s| s == step)
     }
+}
 
-    /// Whether a crash happened since the last call.
-    fn take_crash(&self) -> bool {
-        self.crashed.swap(false, Ordering::SeqCst)
-    }
+/// Sets `flag` and says whether it was clear: a fault fires once.
+fn first_time(flag: &Mutex<bool>) -> bool {
+    !std::mem::replace(&mut *flag.lock().expect("plan lock"), true)
 }
 
 impl FaultPlan for Plan {
@@ -342,12 +411,9 @@ impl FaultPlan for Plan {
             && phase == Phase::Forward
             && index.is_some()
             && index == point.trigger()
+            && first_time(&self.triggered)
         {
-            let mut triggered = self.triggered.lock().expect("plan lock");
-            if !*triggered {
-                *triggered = true;
-                return Injected::Fail(FailureKind::Fatal);
-            }
+            return Injected::Fail(FailureKind::Fatal);
         }
         if index != Some(point.step) || phase != point.phase {
             return Injected::Nothing;
@@ -357,15 +423,29 @@ impl FaultPlan for Plan {
             Fault::Fail(kind) if at == FaultPoint::BeforeEffect => Injected::Fail(kind),
             _ => return Injected::Nothing,
         };
-        let mut fired = self.fired.lock().expect("plan lock");
-        if *fired {
+        if !first_time(&self.fired) {
             return Injected::Nothing;
         }
-        *fired = true;
         if injected == Injected::Crash {
             self.crashed.store(true, Ordering::SeqCst);
         }
         injected
+    }
+}
+
+impl Chaos for Plan {
+    fn on_delivery(&self, here: (usize, Phase)) -> Option<Fault> {
+        let point = self.point?;
+        let transport_fault = matches!(
+            point.fault,
+            Fault::Duplicate | Fault::LostConfirm | Fault::Overtaken
+        );
+        (transport_fault && (point.step, point.phase) == here && first_time(&self.transport_fired))
+            .then_some(point.fault)
+    }
+
+    fn take_crash(&self) -> bool {
+        self.crashed.swap(false, Ordering::SeqCst)
     }
 }
 
@@ -386,28 +466,43 @@ async fn run_one(
     point: Option<Point>,
 ) -> Result<Run, ExploreError> {
     let copy = scratch.fresh().await?;
-    let run = drive(&copy.store, catalog, saga, payload, observer, point).await;
+    let run = async {
+        let start = Envelope::start(&saga.name, None, payload.clone());
+        let instance = instance_id_for(start.message_id);
+        let plan = Arc::new(Plan::new(saga, point));
+        let transport = deliver_all(&copy.store, catalog, vec![start], plan).await?;
+        let end = look(&copy.store, instance).await?;
+        let observation = match observer {
+            Some(o) => Some(o.observe(copy.store.pool(), payload).await?),
+            None => None,
+        };
+        Ok(Run {
+            point,
+            expected: point.map_or(InstanceStatus::Completed, |p| points::expected(saga, &p)),
+            ended: end.ended,
+            once: end.once,
+            drained: transport.pending() == (0, 0, 0),
+            parked_recorded: end.parked,
+            observation,
+        })
+    }
+    .await;
     scratch.discard(copy).await;
     run
 }
 
-/// Runs one instance to quiescence on `store` with `point`'s fault, then looks.
-async fn drive(
+/// Publishes `starts`, then delivers every message until none is left (or
+/// [`MAX_DELIVERIES`]), with `chaos`'s faults. A crash puts the unacked deliveries
+/// back and replaces the engine (a new process, with nothing in memory). Returns the
+/// transport, to see what is left in it.
+async fn deliver_all(
     store: &Store,
     catalog: &Catalog,
-    saga: &SagaDef,
-    payload: &Value,
-    observer: Option<&Observer>,
-    point: Option<Point>,
-) -> Result<Run, ExploreError> {
+    starts: Vec<Envelope>,
+    chaos: Arc<dyn Chaos>,
+) -> Result<MemoryTransport, ExploreError> {
     let transport = MemoryTransport::new();
-    let plan = Arc::new(Plan {
-        steps: saga.steps.iter().map(|s| s.name.clone()).collect(),
-        point,
-        fired: Mutex::new(false),
-        triggered: Mutex::new(false),
-        crashed: AtomicBool::new(false),
-    });
+    let plan: Arc<dyn FaultPlan> = chaos.clone();
     let engine = || {
         Engine::new(
             store.clone(),
@@ -418,14 +513,12 @@ async fn drive(
         )
     };
     let mut current = engine();
-    let start = Envelope::start(&saga.name, None, payload.clone());
-    let instance = instance_id_for(start.message_id);
-    transport
-        .publish(&Outgoing::to_intake(start, 0))
-        .await
-        .map_err(|e| ExploreError::Input(e.to_string()))?;
-
-    let mut transport_fault_done = false;
+    for start in starts {
+        transport
+            .publish(&Outgoing::to_intake(start, 0))
+            .await
+            .map_err(|e| ExploreError::Input(e.to_string()))?;
+    }
     let mut previous: Option<Vec<u8>> = None;
     for _ in 0..MAX_DELIVERIES {
         let Some(delivery) = transport.next() else {
@@ -440,31 +533,20 @@ async fn drive(
                 continue;
             }
         };
-        let here = position(&job.envelope);
-        let fault = point
-            .filter(|p| !transport_fault_done && (p.step, p.phase) == here)
-            .map(|p| p.fault);
         let mut overtake = None;
-        match fault {
+        match chaos.on_delivery(position(&job.envelope)) {
             Some(Fault::Duplicate) => {
-                transport_fault_done = true;
                 let _ = transport.publish_raw(&body).await;
             }
-            Some(Fault::LostConfirm) => {
-                transport_fault_done = true;
-                transport.lose_next_confirm();
-            }
-            Some(Fault::Overtaken) => {
-                transport_fault_done = true;
-                overtake = previous.clone();
-            }
+            Some(Fault::LostConfirm) => transport.lose_next_confirm(),
+            Some(Fault::Overtaken) => overtake = previous.clone(),
             _ => {}
         }
         current.process(job, delivery).await;
         if let Some(old) = overtake {
             let _ = transport.publish_raw(&old).await;
         }
-        if plan.take_crash() {
+        if chaos.take_crash() {
             // The process died: its unacked deliveries go back to the broker, and a
             // new process (with nothing in memory) takes over.
             transport.crash();
@@ -472,7 +554,19 @@ async fn drive(
         }
         previous = Some(body);
     }
+    Ok(transport)
+}
 
+/// How one instance ended, as PostgreSQL records it.
+struct End {
+    ended: Option<InstanceStatus>,
+    /// No step or compensation succeeded twice.
+    once: bool,
+    /// It has a dead letter.
+    parked: bool,
+}
+
+async fn look(store: &Store, instance: Uuid) -> Result<End, ExploreError> {
     let pool = store.pool();
     let ended: Option<String> =
         sqlx::query_scalar("SELECT status FROM skald.instances WHERE id = $1")
@@ -495,18 +589,10 @@ async fn drive(
     .fetch_one(pool)
     .await
     .map_err(ExploreError::db)?;
-    let observation = match observer {
-        Some(o) => Some(o.observe(pool, payload).await?),
-        None => None,
-    };
-    Ok(Run {
-        point,
-        expected: point.map_or(InstanceStatus::Completed, |p| points::expected(saga, &p)),
+    Ok(End {
         ended: ended.as_deref().and_then(InstanceStatus::parse),
         once: twice == 0,
-        drained: transport.pending() == (0, 0, 0),
-        parked_recorded: parked,
-        observation,
+        parked,
     })
 }
 

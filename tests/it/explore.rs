@@ -82,3 +82,37 @@ fn bad_input_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no/such/saga.yaml"));
 }
+
+#[test]
+fn random_schedules_keep_every_promise_and_the_same_seed_gives_the_same_run() {
+    let run = || {
+        let out = explore(&[
+            "sagas/order_checkout.yaml",
+            "--data",
+            r#"{"order_id":"o-1","sku":"SKU-1","qty":2,"account":"alice","amount":19.9}"#,
+            "--random",
+            "40",
+            "--seed",
+            "1",
+        ]);
+        let report = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{report}");
+        report
+    };
+    let first = run();
+    assert!(
+        first.contains("40 random schedules (seeds 1..=40)")
+            && first.contains("every promise held"),
+        "{first}"
+    );
+    let faults = |r: &str| {
+        r.split(", ")
+            .find(|p| p.ends_with("faults: every promise held\n"))
+            .map(str::to_string)
+    };
+    assert!(
+        faults(&first).is_some_and(|f| !f.starts_with("0 ")),
+        "faults were injected: {first}"
+    );
+    assert_eq!(run(), first, "the same seed, the same schedules");
+}
