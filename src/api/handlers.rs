@@ -19,8 +19,8 @@ use super::openapi::{
 use super::{ApiError, ApiState};
 use crate::envelope::{Envelope, Malformed, Outgoing, instance_id_for};
 use crate::operator::ActionOutcome;
-use crate::saga::SagaDef;
 use crate::saga::coordinator::InstanceStatus;
+use crate::saga::{SagaDef, StepRole};
 use crate::store::dead_letters::{self, DeadLetter, DeadLetterKind, DeadLetterStatus};
 use crate::store::queries::InstanceFilter;
 
@@ -154,8 +154,20 @@ pub async fn saga_detail(
     let mut edges = Vec::new();
     for pair in saga.steps.windows(2) {
         edges.push(json!({ "from": pair[0].name, "to": pair[1].name, "kind": "next" }));
-        if pair[0].compensation.is_some() {
-            edges.push(json!({ "from": pair[1].name, "to": pair[0].name, "kind": "compensate" }));
+    }
+    // A step up to the pivot that fails for good starts compensation at the nearest
+    // earlier step that has one (check steps are passed over); after the pivot nothing
+    // compensates.
+    for (j, step) in saga.steps.iter().enumerate() {
+        if step.role == StepRole::Retriable {
+            continue;
+        }
+        if let Some(undo) = saga.steps[..j]
+            .iter()
+            .rev()
+            .find(|s| s.compensation.is_some())
+        {
+            edges.push(json!({ "from": step.name, "to": undo.name, "kind": "compensate" }));
         }
     }
     Ok(HttpResponse::Ok().json(json!({

@@ -112,3 +112,33 @@ async fn a_check_that_fails_compensates_the_steps_before_it() {
     );
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn the_dashboard_graph_compensates_past_a_check_step() {
+    let env = TestEnv::new(test_sagas()).await;
+    let app = env.start_app().await;
+    let svc = crate::api::service(app.api.clone()).await;
+    let (_, saga) = crate::api::get(&svc, "/api/v1/sagas/checked_order").await;
+    let compensate: Vec<(String, String)> = saga["graph"]["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "compensate")
+        .map(|e| {
+            (
+                e["from"].as_str().unwrap().to_string(),
+                e["to"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    // The pivot failing undoes record_order: the check between them has nothing to undo.
+    assert_eq!(
+        compensate,
+        [
+            ("customer_exists".to_string(), "record_order".to_string()),
+            ("ship".to_string(), "record_order".to_string())
+        ]
+    );
+    app.stop().await;
+    env.cleanup().await;
+}
