@@ -332,8 +332,7 @@ async fn publish_all(
     // published in order on one channel before any of its confirms is awaited.
     for start in (0..sagas).step_by(1000) {
         let window: Vec<Outgoing> = (start..(start + 1000).min(sagas)).map(message).collect();
-        let mut confirms: FuturesUnordered<_> =
-            window.iter().map(|m| transport.publish(m)).collect();
+        let mut confirms: FuturesUnordered<_> = window.iter().map(|m| m.send(transport)).collect();
         while let Some(r) = confirms.next().await {
             r?;
         }

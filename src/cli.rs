@@ -205,8 +205,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let transport = RabbitTransport::connect(&config)
                     .await
                     .context("connecting to RabbitMQ")?;
-                transport
-                    .publish(&Outgoing::to_intake(envelope.clone(), 0))
+                Outgoing::to_intake(envelope.clone(), 0)
+                    .send(transport.as_ref())
                     .await
                     .context("publishing the start message")?;
                 transport.close().await;

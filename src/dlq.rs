@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::envelope::{Envelope, Outgoing};
+use crate::envelope::{Envelope, Outgoing, UNROUTED_KEY};
 use crate::saga::decide;
 use crate::store::dead_letters::{self, DeadLetterKind, DeadLetterStatus};
 use crate::store::{Store, StoreError, lock_instance, resume_instance};
@@ -187,8 +187,15 @@ pub async fn replay(
     };
     tx.commit().await?;
     match send {
-        Send::Message(m) => transport.publish(&m).await?,
-        Send::Raw(body) => transport.publish_raw(&body).await?,
+        Send::Message(m) => m.send(transport).await?,
+        // A foreign body goes under its aggregate id, if it names one.
+        Send::Raw(body) => {
+            let aggregate = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v.get("aggregate_id")?.as_str().map(str::to_string));
+            let key = aggregate.as_deref().unwrap_or(UNROUTED_KEY);
+            transport.publish(key, &body, 0).await?
+        }
     }
     tracing::info!(dead_letter = %id, by, ?outcome, "dead letter replayed");
     Ok(outcome)

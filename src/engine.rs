@@ -441,7 +441,7 @@ impl Engine {
             Handled::Send(outgoing) => {
                 crash_at(FaultPoint::AfterCommit)?;
                 for msg in &outgoing {
-                    self.transport.publish(msg).await?;
+                    msg.send(self.transport.as_ref()).await?;
                 }
                 crash_at(FaultPoint::AfterPublish)?;
             }

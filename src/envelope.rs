@@ -11,6 +11,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::saga::coordinator::{Cursor, FailureKind, Phase};
+use crate::transport::{Transport, TransportError};
 
 /// Bodies above this many bytes are malformed without being parsed (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -111,6 +112,10 @@ pub struct DeadLetterNote {
     pub reason: String,
 }
 
+/// The key a body without an aggregate id is published under (a malformed body
+/// replayed by a person): it lands in some partition.
+pub const UNROUTED_KEY: &str = "unrouted";
+
 impl Outgoing {
     /// A message for skald's intake, sent `delay_ms` from now.
     pub fn to_intake(envelope: Envelope, delay_ms: u64) -> Self {
@@ -118,6 +123,23 @@ impl Outgoing {
             envelope,
             delay_ms,
             dead_letter: None,
+        }
+    }
+
+    /// Sends it: to the dead-letter queue when it carries a [`DeadLetterNote`], else to
+    /// the intake under its aggregate id (after its delay). Returns once confirmed.
+    pub async fn send(&self, transport: &dyn Transport) -> Result<(), TransportError> {
+        let body = self.envelope.to_body();
+        match &self.dead_letter {
+            Some(note) => transport.dead_letter(&body, &note.code, &note.reason).await,
+            None => {
+                let key = self
+                    .envelope
+                    .aggregate_id
+                    .as_deref()
+                    .unwrap_or(UNROUTED_KEY);
+                transport.publish(key, &body, self.delay_ms).await
+            }
         }
     }
 }

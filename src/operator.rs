@@ -143,7 +143,7 @@ pub async fn retry_now(
     )
     .await?;
     tx.commit().await?;
-    transport.publish(&message).await?;
+    message.send(transport).await?;
     tracing::info!(instance = %id, by, "operator: retry now");
     Ok(ActionOutcome::Done)
 }
@@ -224,7 +224,7 @@ pub async fn cancel(
     };
     tx.commit().await?;
     for m in &messages {
-        transport.publish(m).await?;
+        m.send(transport).await?;
     }
     tracing::info!(instance = %id, by, ?outcome, "operator: cancel");
     Ok(outcome)

@@ -375,9 +375,8 @@ pub async fn start(
         .check()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let message_id = envelope.message_id;
-    state
-        .transport
-        .publish(&Outgoing::to_intake(envelope, 0))
+    Outgoing::to_intake(envelope, 0)
+        .send(state.transport.as_ref())
         .await?;
     Ok(HttpResponse::Accepted().json(Started {
         message_id,

@@ -514,8 +514,8 @@ async fn deliver_all(
     };
     let mut current = engine();
     for start in starts {
-        transport
-            .publish(&Outgoing::to_intake(start, 0))
+        Outgoing::to_intake(start, 0)
+            .send(&transport)
             .await
             .map_err(|e| ExploreError::Input(e.to_string()))?;
     }
@@ -534,9 +534,10 @@ async fn deliver_all(
             }
         };
         let mut overtake = None;
+        let key = job.aggregate_id.clone();
         match chaos.on_delivery(position(&job.envelope)) {
             Some(Fault::Duplicate) => {
-                let _ = transport.publish_raw(&body).await;
+                let _ = transport.publish(&job.aggregate_id, &body, 0).await;
             }
             Some(Fault::LostConfirm) => transport.lose_next_confirm(),
             Some(Fault::Overtaken) => overtake = previous.clone(),
@@ -544,7 +545,7 @@ async fn deliver_all(
         }
         current.process(job, delivery).await;
         if let Some(old) = overtake {
-            let _ = transport.publish_raw(&old).await;
+            let _ = transport.publish(&key, &old, 0).await;
         }
         if chaos.take_crash() {
             // The process died: its unacked deliveries go back to the broker, and a

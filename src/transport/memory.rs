@@ -22,7 +22,6 @@ use futures_util::stream::BoxStream;
 use tokio::sync::Notify;
 
 use super::{Acknowledge, Delivery, Transport, TransportError};
-use crate::envelope::Outgoing;
 
 /// A message that cannot be processed, kept with its reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,27 +196,18 @@ impl MemoryTransport {
 }
 
 impl Transport for MemoryTransport {
-    fn publish<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Result<(), TransportError>> {
+    /// One FIFO holds every key, so per-key order is publish order.
+    fn publish<'a>(
+        &'a self,
+        _key: &'a str,
+        body: &'a [u8],
+        delay_ms: u64,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
-            let body = msg.envelope.to_body();
-            match &msg.dead_letter {
-                Some(note) => self.lock().dead.push(DeadLetter {
-                    body,
-                    code: note.code.clone(),
-                    reason: note.reason.clone(),
-                }),
-                None => self.enqueue(body, msg.delay_ms),
-            }
+            self.enqueue(body.to_vec(), delay_ms);
             if std::mem::take(&mut self.lock().lose_next_confirm) {
                 return Err(TransportError::Connection("confirm lost (injected)".into()));
             }
-            Ok(())
-        })
-    }
-
-    fn publish_raw<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(async move {
-            self.enqueue(body.to_vec(), 0);
             Ok(())
         })
     }
@@ -291,11 +281,17 @@ impl Transport for MemoryTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::Envelope;
+    use crate::envelope::{Envelope, Outgoing};
     use serde_json::json;
 
     fn msg(n: u32) -> Outgoing {
         Outgoing::to_intake(Envelope::start("s", Some("k".into()), json!({ "n": n })), 0)
+    }
+
+    impl MemoryTransport {
+        async fn send(&self, m: &Outgoing) -> Result<(), TransportError> {
+            m.send(self).await
+        }
     }
 
     fn n(d: &Delivery) -> u64 {
@@ -307,7 +303,7 @@ mod tests {
     async fn delivers_in_publish_order_and_forgets_acked_ones() {
         let t = MemoryTransport::new();
         for i in 0..3 {
-            t.publish(&msg(i)).await.unwrap();
+            t.send(&msg(i)).await.unwrap();
         }
         let mut seen = Vec::new();
         while let Some(d) = t.next() {
@@ -322,7 +318,7 @@ mod tests {
     async fn a_crash_redelivers_unacked_deliveries_first_in_order() {
         let t = MemoryTransport::new();
         for i in 0..3 {
-            t.publish(&msg(i)).await.unwrap();
+            t.send(&msg(i)).await.unwrap();
         }
         let a = t.next().unwrap();
         let b = t.next().unwrap();
@@ -340,8 +336,8 @@ mod tests {
         let t = MemoryTransport::new();
         let mut late = msg(9);
         late.delay_ms = 500;
-        t.publish(&late).await.unwrap();
-        t.publish(&msg(1)).await.unwrap();
+        t.send(&late).await.unwrap();
+        t.send(&msg(1)).await.unwrap();
         let order: Vec<u64> = std::iter::from_fn(|| t.next()).map(|d| n(&d)).collect();
         assert_eq!(order, [1, 9]);
     }
@@ -351,17 +347,17 @@ mod tests {
         let t = MemoryTransport::new();
         t.lose_next_confirm();
         assert!(
-            t.publish(&msg(0)).await.is_err(),
+            t.send(&msg(0)).await.is_err(),
             "the publisher hears an error"
         );
         assert_eq!(t.pending().0, 1, "but the message went out");
-        t.publish(&msg(1)).await.unwrap();
+        t.send(&msg(1)).await.unwrap();
         t.duplicate_next();
         let order: Vec<u64> = std::iter::from_fn(|| t.next()).map(|d| n(&d)).collect();
         assert_eq!(order, [0, 0, 1]);
 
-        t.publish(&msg(2)).await.unwrap();
-        t.publish(&msg(3)).await.unwrap();
+        t.send(&msg(2)).await.unwrap();
+        t.send(&msg(3)).await.unwrap();
         assert_eq!(n(&t.next().unwrap()), 2);
         t.overtake_next();
         let order: Vec<u64> = std::iter::from_fn(|| t.next()).map(|d| n(&d)).collect();

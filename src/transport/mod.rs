@@ -1,23 +1,27 @@
 //! The transport seam: how messages reach skald and leave it.
 //!
-//! The engine and the actors only see [`Transport`] and [`Delivery`]; RabbitMQ
-//! ([`rabbitmq::RabbitTransport`]) is the first implementation. Another broker (Redis
-//! Streams, NATS JetStream, SQS, Kafka) implements the same four promises:
+//! The engine and the actors only see [`Transport`] and [`Delivery`]; the transport
+//! sees keys and bytes, never a saga type. RabbitMQ ([`rabbitmq::RabbitTransport`]) is
+//! the first implementation, [`memory::MemoryTransport`] the one for unit tests and
+//! `skald explore`. Another broker (Redis Streams, NATS JetStream, SQS, Kafka)
+//! implements the same promises:
 //!
 //! 1. [`Transport::publish`] returns only once the broker has taken responsibility
 //!    for the message (a publisher confirm, not a routing failure or a nack);
 //! 2. [`Transport::consume`] yields deliveries that stay owned by this consumer until
-//!    [`Delivery::ack`]; a consumer that disappears hands them back for redelivery;
-//! 3. a delayed publish ([`Outgoing::delay_ms`]) is durable while it waits;
-//! 4. [`Transport::dead_letter`] stores a body durably where a person can find it.
+//!    [`Delivery::ack`], which acks exactly that delivery; a consumer that disappears
+//!    hands them back for redelivery;
+//! 3. a delayed publish is durable while it waits, and never delivered early;
+//! 4. [`Transport::dead_letter`] stores a body durably where a person can find it;
+//! 5. per-key FIFO: messages published under one key (the aggregate id) are delivered
+//!    in publish order, to one active consumer at a time; when that consumer dies, its
+//!    unacked deliveries go, in order, to the next one before anything newer of the key.
 
 pub mod memory;
 pub mod rabbitmq;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
-
-use crate::envelope::Outgoing;
 
 /// A transport failure. Once running, always treated as an infrastructure problem: the
 /// caller retries later, and an unacknowledged delivery is redelivered, so nothing is
@@ -83,14 +87,15 @@ impl std::fmt::Debug for Delivery {
 
 /// The broker as skald uses it.
 pub trait Transport: Send + Sync + 'static {
-    /// Publishes a message to skald's intake (after `delay_ms`, durably) — or to the
-    /// dead-letter queue when it carries a [`crate::envelope::DeadLetterNote`] —
-    /// returning once the broker confirmed it.
-    fn publish<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Result<(), TransportError>>;
-
-    /// Publishes a raw body to skald's intake as a foreign publisher would (replay of
-    /// a malformed dead letter), returning once the broker confirmed it.
-    fn publish_raw<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Result<(), TransportError>>;
+    /// Publishes `body` to skald's intake under `key` (the aggregate id, which keeps
+    /// one aggregate's messages in order), held back `delay_ms` first (durably; 0 sends
+    /// at once), returning once the broker confirmed it.
+    fn publish<'a>(
+        &'a self,
+        key: &'a str,
+        body: &'a [u8],
+        delay_ms: u64,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
 
     /// Stores `body` durably in the dead-letter queue with `reason` attached,
     /// returning once the broker confirmed it.

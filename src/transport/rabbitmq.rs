@@ -52,7 +52,6 @@ use tokio::sync::Mutex;
 
 use super::{Acknowledge, Delivery, Transport, TransportError};
 use crate::config::Config;
-use crate::envelope::Outgoing;
 use crate::saga::definition::limits::MAX_RETRY_DELAY_MS;
 
 /// Delay tiers in milliseconds; a delay is rounded up to the next one (the last one
@@ -399,12 +398,6 @@ async fn declare(ch: &Channel, topology: &Topology) -> lapin::Result<()> {
     Ok(())
 }
 
-/// The routing key of a message: its aggregate, which picks its partition. A body
-/// without one (only malformed bodies replayed by hand) goes to some partition.
-fn routing_key(aggregate_id: Option<&str>) -> &str {
-    aggregate_id.unwrap_or("unrouted")
-}
-
 /// Passes one partition's deliveries on until its consumer ends (connection lost,
 /// cancelled) or nobody listens any more.
 async fn forward(mut consumer: lapin::Consumer, tx: tokio::sync::mpsc::Sender<Delivery>) {
@@ -439,38 +432,24 @@ impl Acknowledge for RabbitAcker {
 }
 
 impl Transport for RabbitTransport {
-    fn publish<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Result<(), TransportError>> {
+    fn publish<'a>(
+        &'a self,
+        key: &'a str,
+        body: &'a [u8],
+        delay_ms: u64,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
-            let body = msg.envelope.to_body();
-            if let Some(note) = &msg.dead_letter {
-                return self.dead_letter(&body, &note.code, &note.reason).await;
-            }
-            let key = routing_key(msg.envelope.aggregate_id.as_deref());
-            let properties = BasicProperties::default()
-                .with_message_id(msg.envelope.message_id.to_string().into())
-                .with_content_type("application/json".into());
-            if msg.delay_ms == 0 {
-                self.publish_confirmed(&self.topology.exchange, key, &body, properties)
-                    .await
-            } else {
-                let tier = Topology::delay_tier(msg.delay_ms).to_string();
-                let properties = properties.with_headers(table(&[(DELAY_HEADER, text(&tier))]));
-                self.publish_confirmed(&self.topology.delay_exchange, key, &body, properties)
-                    .await
-            }
-        })
-    }
-
-    fn publish_raw<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(async move {
-            let aggregate = serde_json::from_slice::<serde_json::Value>(body)
-                .ok()
-                .and_then(|v| v.get("aggregate_id")?.as_str().map(str::to_string));
             let properties =
                 BasicProperties::default().with_content_type("application/json".into());
-            let key = routing_key(aggregate.as_deref());
-            self.publish_confirmed(&self.topology.exchange, key, body, properties)
-                .await
+            if delay_ms == 0 {
+                self.publish_confirmed(&self.topology.exchange, key, body, properties)
+                    .await
+            } else {
+                let tier = Topology::delay_tier(delay_ms).to_string();
+                let properties = properties.with_headers(table(&[(DELAY_HEADER, text(&tier))]));
+                self.publish_confirmed(&self.topology.delay_exchange, key, body, properties)
+                    .await
+            }
         })
     }
 

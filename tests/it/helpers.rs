@@ -155,7 +155,7 @@ impl TestEnv {
             .collect();
         for window in outgoing.chunks(500) {
             let mut confirms: FuturesUnordered<_> =
-                window.iter().map(|m| transport.publish(m)).collect();
+                window.iter().map(|m| m.send(transport.as_ref())).collect();
             while let Some(r) = confirms.next().await {
                 r.expect("publish confirmed");
             }
