@@ -36,7 +36,7 @@ use crate::metrics::LatencyHistogram;
 use crate::saga::context::StepInput;
 use crate::saga::coordinator::{Cursor, FailureKind, InstanceStatus, Phase};
 use crate::saga::decide::{self, Attempt, Disposition, ParkKind, StepResult, Target};
-use crate::saga::{Catalog, Isolation, SagaDef};
+use crate::saga::{Catalog, SagaDef};
 use crate::seen::SeenIds;
 use crate::store::dead_letters::{self, DeadLetterKind, NewDeadLetter};
 use crate::store::effects::{self, ActionContext, EffectError};
@@ -523,9 +523,7 @@ impl Engine {
             sequence: env.order_key(),
             deadline: at.deadline,
         };
-        if env.command == Command::Start
-            && saga.isolation == Isolation::Exclusive
-            && tx.exclusive_busy(&saga.name, &job.aggregate_id).await?
+        if decide::takes_lock(saga, env) && tx.exclusive_busy(&saga.name, &job.aggregate_id).await?
         {
             // Another instance holds the aggregate: queue this one behind it.
             let queued = tx

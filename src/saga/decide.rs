@@ -286,6 +286,13 @@ pub fn decide(at: &Attempt<'_>, result: StepResult, now: DateTime<Utc>, jitter: 
     }
 }
 
+/// Whether this message must first ask if its aggregate is taken: a start of an
+/// `isolation: exclusive` saga waits (as a `waiting` instance) while another instance
+/// of the saga is live on the aggregate.
+pub fn takes_lock(saga: &SagaDef, envelope: &Envelope) -> bool {
+    envelope.command == Command::Start && saga.isolation == Isolation::Exclusive
+}
+
 /// Whether an instance moving from `from` to `to` passes its exclusive saga's lock to
 /// the oldest waiting instance: it held the lock (it was not waiting) and it ended.
 pub fn passes_lock(saga: &SagaDef, from: InstanceStatus, to: InstanceStatus) -> bool {
@@ -615,6 +622,15 @@ steps:
             ..parked
         };
         assert_eq!(resume(running), None);
+    }
+
+    #[test]
+    fn only_starts_of_exclusive_sagas_ask_for_the_lock() {
+        let exclusive = saga("isolation: exclusive\n");
+        let run = Envelope::run("s", "k", Uuid::nil(), Cursor::START, json!({}));
+        assert!(takes_lock(&exclusive, &start()));
+        assert!(!takes_lock(&exclusive, &run));
+        assert!(!takes_lock(&saga(""), &start()));
     }
 
     #[test]

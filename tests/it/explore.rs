@@ -85,13 +85,13 @@ fn bad_input_is_a_clear_error() {
 
 #[test]
 fn random_schedules_keep_every_promise_and_the_same_seed_gives_the_same_run() {
-    let run = || {
+    let run = |schedules: &str| {
         let out = explore(&[
             "sagas/order_checkout.yaml",
             "--data",
             r#"{"order_id":"o-1","sku":"SKU-1","qty":2,"account":"alice","amount":19.9}"#,
             "--random",
-            "40",
+            schedules,
             "--seed",
             "1",
         ]);
@@ -99,7 +99,13 @@ fn random_schedules_keep_every_promise_and_the_same_seed_gives_the_same_run() {
         assert!(out.status.success(), "{report}");
         report
     };
-    let first = run();
+    let thousand = run("1000");
+    assert!(
+        thousand.contains("1000 random schedules (seeds 1..=1000)")
+            && thousand.contains("every promise held"),
+        "{thousand}"
+    );
+    let first = run("40");
     assert!(
         first.contains("40 random schedules (seeds 1..=40)")
             && first.contains("every promise held"),
@@ -114,5 +120,5 @@ fn random_schedules_keep_every_promise_and_the_same_seed_gives_the_same_run() {
         faults(&first).is_some_and(|f| !f.starts_with("0 ")),
         "faults were injected: {first}"
     );
-    assert_eq!(run(), first, "the same seed, the same schedules");
+    assert_eq!(run("40"), first, "the same seed, the same schedules");
 }
