@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::envelope::{Envelope, Outgoing, UNROUTED_KEY};
+use crate::envelope::{Envelope, Outgoing, UNROUTED_KEY, holds_nul};
 use crate::saga::decide;
 use crate::store::dead_letters::{self, DeadLetterKind, DeadLetterStatus};
 use crate::store::{Store, StoreError, lock_instance, resume_instance};
@@ -116,12 +116,19 @@ pub async fn replay(
     data: Option<Value>,
     by: &str,
 ) -> Result<ReplayOutcome, DlqError> {
-    if let Some(d) = &data
-        && !d.is_object()
-    {
-        return Err(DlqError::BadPayload(
-            "the payload must be a JSON object".into(),
-        ));
+    if let Some(d) = &data {
+        if !d.is_object() {
+            return Err(DlqError::BadPayload(
+                "the payload must be a JSON object".into(),
+            ));
+        }
+        // What PostgreSQL could not store is refused here, not by a database error.
+        if holds_nul(d) {
+            return Err(DlqError::BadPayload(
+                "the payload contains a NUL character (\\u0000), which PostgreSQL cannot store"
+                    .into(),
+            ));
+        }
     }
     let mut tx = store.pool().begin().await?;
     let letter = dead_letters::get(&mut *tx, id, true)

@@ -300,6 +300,15 @@ impl Envelope {
         if let Some(id) = &self.aggregate_id {
             check_aggregate_id(id)?;
         }
+        // Sequences are stored as PostgreSQL bigints: a larger one would wrap.
+        if let Some(seq) = self.sequence
+            && seq > i64::MAX as u64
+        {
+            return Err(Malformed::Invalid(format!(
+                "sequence {seq} is over {}",
+                i64::MAX
+            )));
+        }
         if self.saga.contains('\0') {
             return Err(Malformed::NulCharacter("saga"));
         }
@@ -340,7 +349,7 @@ pub fn check_aggregate_id(id: &str) -> Result<(), Malformed> {
 }
 
 /// Whether any string or object key in `value` holds NUL.
-fn holds_nul(value: &Value) -> bool {
+pub fn holds_nul(value: &Value) -> bool {
     match value {
         Value::String(s) => s.contains('\0'),
         Value::Array(items) => items.iter().any(holds_nul),
@@ -510,6 +519,10 @@ mod tests {
                 "invalid",
             ),
             (start(r#","aggregate_id":"""#).into_bytes(), "bad_aggregate"),
+            (
+                start(r#","sequence":9223372036854775808"#).into_bytes(),
+                "invalid",
+            ),
             (
                 start(&format!(r#","aggregate_id":"{}""#, "a".repeat(256))).into_bytes(),
                 "bad_aggregate",

@@ -544,3 +544,48 @@ async fn a_message_held_by_an_outage_longer_than_the_bound_is_reported_stuck() {
     app.stop().await;
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn a_replay_whose_edited_payload_holds_nul_is_refused_and_changes_nothing() {
+    use skald::store::dead_letters::{DeadLetterKind, NewDeadLetter, insert};
+
+    let env = TestEnv::new(integrity_sagas()).await;
+    let migrated = env.skald(&["migrate"]).output().unwrap();
+    assert!(migrated.status.success());
+    let id = Uuid::new_v4();
+    insert(
+        &env.pool,
+        &NewDeadLetter {
+            id,
+            kind: DeadLetterKind::Malformed,
+            reason_code: "invalid",
+            reason: "test",
+            body: br#"{"payload":{}}"#,
+            message_id: None,
+            instance_id: None,
+            saga: None,
+        },
+    )
+    .await
+    .unwrap();
+    let out = env
+        .skald(&[
+            "dlq",
+            "replay",
+            &id.to_string(),
+            "--data",
+            r#"{"note":"a\u0000b"}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("NUL"), "{stderr}");
+    let status: String = sqlx::query_scalar("SELECT status FROM skald.dead_letters WHERE id = $1")
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "pending");
+    env.cleanup().await;
+}
