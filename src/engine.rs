@@ -35,7 +35,9 @@ use crate::handlers::Handlers;
 use crate::metrics::LatencyHistogram;
 use crate::saga::context::StepInput;
 use crate::saga::coordinator::{Cursor, FailureKind, InstanceStatus, Phase};
-use crate::saga::decide::{self, Attempt, Disposition, ParkKind, StepResult, Target};
+use crate::saga::decide::{
+    self, Attempt, Disposition, ParkKind, StepResult, Target, deadline_after,
+};
 use crate::saga::{Catalog, SagaDef};
 use crate::seen::SeenIds;
 use crate::store::dead_letters::{self, DeadLetterKind, NewDeadLetter};
@@ -204,8 +206,6 @@ pub fn first_step_message(
         0,
     )
 }
-
-pub use crate::saga::decide::deadline_after;
 
 /// Waits between tries after an infrastructure failure: 100 ms doubling to 5 s.
 fn infra_backoff(tries: u32) -> Duration {
@@ -593,7 +593,7 @@ impl Engine {
         if plan.pass_lock {
             // The semantic lock passes to the oldest waiting instance, in this same
             // transaction: if this record does not commit, neither does the promotion.
-            let deadline = decide::deadline_after(Utc::now(), saga.timeout);
+            let deadline = deadline_after(Utc::now(), saga.timeout);
             if let Some((next, payload)) = tx
                 .promote_next(&saga.name, &job.aggregate_id, deadline)
                 .await?

@@ -15,9 +15,10 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::dlq::{self, DlqError, ReplayOutcome};
-use crate::engine::{deadline_after, first_step_message};
+use crate::engine::first_step_message;
 use crate::envelope::{Envelope, Outgoing};
 use crate::saga::coordinator::{self, CancelRefusal, InstanceStatus};
+use crate::saga::decide::deadline_after;
 use crate::saga::{Catalog, decide};
 use crate::store::dead_letters::{self, DeadLetterStatus};
 use crate::store::steps::promote_next;
