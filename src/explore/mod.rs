@@ -501,7 +501,7 @@ async fn deliver_all(
     starts: Vec<Envelope>,
     chaos: Arc<dyn Chaos>,
 ) -> Result<MemoryTransport, ExploreError> {
-    let transport = MemoryTransport::new();
+    let transport = MemoryTransport::logical_time();
     let plan: Arc<dyn FaultPlan> = chaos.clone();
     let engine = || {
         Engine::new(

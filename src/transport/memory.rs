@@ -6,8 +6,10 @@
 //! - A taken delivery stays *unacked* until acked; [`MemoryTransport::crash`] (the
 //!   consumer died) puts every unacked delivery back at the head of the queue, in
 //!   the order they were taken, flagged redelivered.
-//! - Delayed messages wait in a list of their own and become ready when nothing else
-//!   is (logical time: a retry never overtakes what was ready before it).
+//! - Delayed messages wait in a list of their own and become ready when their delay has
+//!   passed, never earlier ([`MemoryTransport::new`]); or, in *logical time*
+//!   ([`MemoryTransport::logical_time`], for `explore`), as soon as nothing else is
+//!   ready, shortest delay first — time is not what `explore` tests, order is.
 //! - Dead letters are kept with their reason.
 //!
 //! Faults can be injected on purpose: lose the next publish confirm (the message does
@@ -16,6 +18,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
@@ -43,8 +46,11 @@ struct Queued {
 #[derive(Debug, Default)]
 struct State {
     ready: VecDeque<Queued>,
-    /// Delayed messages by (delay, arrival) so shorter delays become ready first.
+    /// Delayed messages by (when due, arrival): in real time, milliseconds since
+    /// `epoch`; in logical time, the delay itself (shorter delays first).
     delayed: BTreeMap<(u64, u64), Queued>,
+    /// Time starts here (for due times); `None`: logical time.
+    epoch: Option<Instant>,
     unacked: BTreeMap<u64, Queued>,
     dead: Vec<DeadLetter>,
     next_tag: u64,
@@ -57,7 +63,7 @@ struct State {
 }
 
 /// The in-memory transport. Cheap to clone; clones share the queues.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryTransport {
     state: Arc<Mutex<State>>,
     arrived: Arc<Notify>,
@@ -81,10 +87,38 @@ impl Acknowledge for MemoryAck {
     }
 }
 
+impl Default for MemoryTransport {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl MemoryTransport {
-    /// An empty transport.
+    /// An empty transport on the real clock: a delayed message is delivered once its
+    /// delay has passed.
     pub fn new() -> Self {
-        MemoryTransport::default()
+        Self::with_epoch(Some(Instant::now()))
+    }
+
+    /// An empty transport in logical time: a delayed message is delivered as soon as
+    /// nothing else is ready (shortest delay first), without waiting.
+    pub fn logical_time() -> Self {
+        Self::with_epoch(None)
+    }
+
+    fn with_epoch(epoch: Option<Instant>) -> Self {
+        MemoryTransport {
+            state: Arc::new(Mutex::new(State {
+                epoch,
+                ..State::default()
+            })),
+            arrived: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Milliseconds since the epoch (0 in logical time).
+    fn now_ms(s: &State) -> u64 {
+        s.epoch.map_or(0, |e| e.elapsed().as_millis() as u64)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -101,7 +135,9 @@ impl MemoryTransport {
             if delay_ms > 0 {
                 s.next_tag += 1;
                 let order = s.next_tag;
-                s.delayed.insert((delay_ms, order), q);
+                // Real time: due at now + delay, rounded up so never early.
+                let due = Self::now_ms(&s) + delay_ms + u64::from(s.epoch.is_some());
+                s.delayed.insert((due, order), q);
             } else {
                 s.ready.push_back(q);
             }
@@ -109,14 +145,29 @@ impl MemoryTransport {
         self.arrived.notify_waiters();
     }
 
-    /// Takes the next delivery: the head of the ready queue, else the shortest-delayed
-    /// message. `None` when nothing is left to deliver (unacked ones excepted).
+    /// Takes the next delivery: the head of the ready queue (delayed messages join it
+    /// when due; in logical time, when nothing else is ready). `None` when nothing is
+    /// ready now (unacked and not-yet-due ones excepted).
     pub fn next(&self) -> Option<Delivery> {
         let mut s = self.lock();
-        if s.ready.is_empty()
-            && let Some((_, q)) = s.delayed.pop_first()
-        {
-            s.ready.push_back(q);
+        match s.epoch {
+            Some(_) => {
+                let now = Self::now_ms(&s);
+                while let Some(entry) = s.delayed.first_entry() {
+                    if entry.key().0 > now {
+                        break;
+                    }
+                    let q = entry.remove();
+                    s.ready.push_back(q);
+                }
+            }
+            None => {
+                if s.ready.is_empty()
+                    && let Some((_, q)) = s.delayed.pop_first()
+                {
+                    s.ready.push_back(q);
+                }
+            }
         }
         let mut q = s.ready.pop_front()?;
         if std::mem::take(&mut s.duplicate_next) {
@@ -242,7 +293,21 @@ impl Transport for MemoryTransport {
                     if let Some(d) = t.next() {
                         return Some((d, t));
                     }
-                    arrived.await;
+                    // Wake for a new message, or when the earliest delayed one is due.
+                    let due_in = {
+                        let s = t.lock();
+                        let now = Self::now_ms(&s);
+                        s.delayed
+                            .keys()
+                            .next()
+                            .map(|(due, _)| Duration::from_millis(due.saturating_sub(now)))
+                    };
+                    match due_in {
+                        Some(wait) => {
+                            let _ = tokio::time::timeout(wait, arrived).await;
+                        }
+                        None => arrived.await,
+                    }
                 }
             });
             Ok(Box::pin(stream) as BoxStream<'static, Delivery>)
@@ -332,14 +397,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn delayed_messages_wait_until_nothing_else_is_ready() {
-        let t = MemoryTransport::new();
+    async fn in_logical_time_delayed_messages_wait_until_nothing_else_is_ready() {
+        let t = MemoryTransport::logical_time();
         let mut late = msg(9);
         late.delay_ms = 500;
         t.send(&late).await.unwrap();
         t.send(&msg(1)).await.unwrap();
         let order: Vec<u64> = std::iter::from_fn(|| t.next()).map(|d| n(&d)).collect();
         assert_eq!(order, [1, 9]);
+    }
+
+    #[tokio::test]
+    async fn on_the_real_clock_a_delayed_message_is_never_early() {
+        let t = MemoryTransport::new();
+        let mut late = msg(9);
+        late.delay_ms = 200;
+        let sent = Instant::now();
+        t.send(&late).await.unwrap();
+        assert!(t.next().is_none(), "not before its delay");
+        let mut stream = t.consume().await.unwrap();
+        use futures_util::StreamExt;
+        let d = stream.next().await.unwrap();
+        assert_eq!(n(&d), 9);
+        assert!(sent.elapsed() >= Duration::from_millis(200));
     }
 
     #[tokio::test]
