@@ -15,7 +15,7 @@ use crate::helpers::{TestEnv, test_sagas};
 
 /// A transport under test, and how to reach it again after its consumer died.
 enum Harness {
-    Rabbit(TestEnv),
+    Rabbit(Box<TestEnv>),
     Memory(MemoryTransport),
 }
 
@@ -40,7 +40,7 @@ impl Harness {
 
     async fn cleanup(self) {
         if let Harness::Rabbit(env) = self {
-            env.cleanup().await;
+            (*env).cleanup().await;
         }
     }
 }
@@ -206,7 +206,7 @@ async fn keeps_every_promise(h: &Harness) {
 
 #[actix_rt::test]
 async fn rabbitmq_keeps_every_transport_promise() {
-    let h = Harness::Rabbit(TestEnv::new(test_sagas()).await);
+    let h = Harness::Rabbit(Box::new(TestEnv::new(test_sagas()).await));
     keeps_every_promise(&h).await;
     h.cleanup().await;
 }
