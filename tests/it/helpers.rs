@@ -43,6 +43,8 @@ pub struct TestEnv {
     pub config: Config,
     pub name: String,
     pub pool: PgPool,
+    /// [`TestEnv::cleanup`] ran; otherwise dropping the value cleans up.
+    cleaned: bool,
 }
 
 impl TestEnv {
@@ -75,7 +77,12 @@ impl TestEnv {
             .connect(&config.database_url)
             .await
             .expect("connect to the test database");
-        TestEnv { config, name, pool }
+        TestEnv {
+            config,
+            name,
+            pool,
+            cleaned: false,
+        }
     }
 
     /// Builds skald (migrations, setup SQL, topology) and consumes in the background.
@@ -293,38 +300,63 @@ impl TestEnv {
     }
 
     /// Drops the database and deletes the queues.
-    pub async fn cleanup(self) {
+    pub async fn cleanup(mut self) {
+        self.cleaned = true;
         self.pool.close().await;
-        if let Ok(conn) = Connection::connect(AMQP, ConnectionProperties::default()).await
-            && let Ok(ch) = conn.create_channel().await
-        {
-            for q in self.topology().all_queues() {
-                let _ = ch
-                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
-            let _ = conn.close(200, "".into()).await;
+        remove(&self.name, self.topology()).await;
+    }
+}
+
+impl Drop for TestEnv {
+    /// A test that failed before [`TestEnv::cleanup`] still leaves nothing behind: its
+    /// database and queues are removed on a thread of their own (Drop cannot await).
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
         }
-        // A pool that is being closed may still be handing a connection back: retry
-        // the drop a few times rather than leave the database behind.
-        if let Ok(mut admin) = PgConnection::connect(&format!("{SERVER}/postgres")).await {
-            for _ in 0..5 {
-                let dropped = sqlx::query(AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                    self.name
-                )))
-                .execute(&mut admin)
+        let (name, topology) = (self.name.clone(), self.topology());
+        let removed = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(remove(&name, topology));
+            }
+        });
+        let _ = removed.join();
+    }
+}
+
+/// Deletes a test's queues and drops its database.
+async fn remove(name: &str, topology: Topology) {
+    if let Ok(conn) = Connection::connect(AMQP, ConnectionProperties::default()).await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        for q in topology.all_queues() {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
-                match dropped {
-                    Ok(_) => break,
-                    Err(e) => {
-                        eprintln!("dropping {}: {e}; retrying", self.name);
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
+        }
+        let _ = conn.close(200, "".into()).await;
+    }
+    // A pool that is being closed may still be handing a connection back: retry the
+    // drop a few times rather than leave the database behind.
+    if let Ok(mut admin) = PgConnection::connect(&format!("{SERVER}/postgres")).await {
+        for _ in 0..5 {
+            let dropped = sqlx::query(AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+            )))
+            .execute(&mut admin)
+            .await;
+            match dropped {
+                Ok(_) => break,
+                Err(e) => {
+                    eprintln!("dropping {name}: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
-            let _ = admin.close().await;
         }
+        let _ = admin.close().await;
     }
 }
 
