@@ -227,7 +227,14 @@ async fn resume_parked(
         Envelope {
             outputs: snap.outputs,
             deadline: snap.deadline,
-            ..Envelope::run(&snap.saga, &snap.aggregate_id, instance, cursor, payload)
+            ..Envelope::run(
+                &snap.saga,
+                snap.saga_version,
+                &snap.aggregate_id,
+                instance,
+                cursor,
+                payload,
+            )
         },
         0,
     ))

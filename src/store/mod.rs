@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::envelope::Outgoing;
 use crate::saga::SagaDef;
 use crate::saga::coordinator::{Cursor, InstanceState, InstanceStatus, Phase};
-pub use steps::{NewInstance, StepRecord, StepTx};
+pub use steps::{NewInstance, Promoted, StepRecord, StepTx};
 
 /// What can go wrong talking to PostgreSQL. Every variant is an infrastructure
 /// problem (the step itself did not fail): callers retry the whole message later.
@@ -287,6 +287,9 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), St
 pub struct InstanceSnapshot {
     /// The saga.
     pub saga: String,
+    /// The saga version the instance started with: the one it runs, compensates and
+    /// resumes on.
+    pub saga_version: u32,
     /// The aggregate.
     pub aggregate_id: String,
     /// Status and cursor.
@@ -305,7 +308,7 @@ pub async fn lock_instance(
     id: Uuid,
 ) -> Result<Option<InstanceSnapshot>, StoreError> {
     let row = sqlx::query(
-        "SELECT saga, aggregate_id, status, step, phase, attempt, payload, outputs, deadline \
+        "SELECT saga, saga_version, aggregate_id, status, step, phase, attempt, payload, outputs, deadline \
          FROM skald.instances WHERE id = $1 FOR UPDATE",
     )
     .bind(id)
@@ -314,6 +317,8 @@ pub async fn lock_instance(
     let Some(row) = row else { return Ok(None) };
     Ok(Some(InstanceSnapshot {
         saga: row.try_get("saga")?,
+        saga_version: u32::try_from(row.try_get::<i32, _>("saga_version")?)
+            .map_err(|_| StoreError::Corrupt("negative saga_version".into()))?,
         aggregate_id: row.try_get("aggregate_id")?,
         state: state_from_row(&row)?,
         payload: row

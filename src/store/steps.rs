@@ -225,7 +225,7 @@ impl StepTx {
         saga: &str,
         aggregate_id: &str,
         deadline: Option<DateTime<Utc>>,
-    ) -> Result<Option<(Uuid, Value)>, StoreError> {
+    ) -> Result<Option<Promoted>, StoreError> {
         promote_next(&mut self.tx, saga, aggregate_id, deadline).await
     }
 
@@ -308,26 +308,45 @@ fn bind_record<'q>(
         .bind(rec.new_state.status.is_terminal())
 }
 
+/// A waiting instance just promoted to running: what its first step message needs.
+#[derive(Debug, Clone)]
+pub struct Promoted {
+    /// The instance.
+    pub id: Uuid,
+    /// The saga version it was started with (not necessarily the lock holder's).
+    pub saga_version: u32,
+    /// Its start payload.
+    pub payload: Value,
+}
+
 /// Promotes the oldest waiting instance of `saga` on `aggregate_id` to running (the
 /// semantic lock passes on) with its saga `deadline` (its clock starts now); returns
-/// its id and payload, to send it its first step.
+/// what its first step message needs.
 pub async fn promote_next(
     conn: &mut PgConnection,
     saga: &str,
     aggregate_id: &str,
     deadline: Option<DateTime<Utc>>,
-) -> Result<Option<(Uuid, Value)>, StoreError> {
-    let row: Option<(Uuid, sqlx::types::Json<Value>)> = sqlx::query_as(
+) -> Result<Option<Promoted>, StoreError> {
+    let row: Option<(Uuid, i32, sqlx::types::Json<Value>)> = sqlx::query_as(
         "UPDATE skald.instances SET status = 'running', deadline = $3, updated_at = now() \
          WHERE id = (SELECT id FROM skald.instances \
                      WHERE saga = $1 AND aggregate_id = $2 AND status = 'waiting' \
                      ORDER BY created_at, sequence LIMIT 1 FOR UPDATE) \
-         RETURNING id, payload",
+         RETURNING id, saga_version, payload",
     )
     .bind(saga)
     .bind(aggregate_id)
     .bind(deadline)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(|(id, payload)| (id, payload.0)))
+    row.map(|(id, version, payload)| {
+        Ok(Promoted {
+            id,
+            saga_version: u32::try_from(version)
+                .map_err(|_| StoreError::Corrupt(format!("saga_version {version}")))?,
+            payload: payload.0,
+        })
+    })
+    .transpose()
 }
