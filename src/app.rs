@@ -11,6 +11,7 @@ use crate::actors::{Dispatch, Router};
 use crate::config::Config;
 use crate::engine::{Engine, Faults};
 use crate::handlers::Handlers;
+use crate::saga::versions::{self, ChangedVersion};
 use crate::saga::{Catalog, LoadError, load_dir};
 use crate::store::{Store, StoreError};
 use crate::transport::rabbitmq::{RECONNECT_DELAY, RabbitTransport};
@@ -22,6 +23,10 @@ pub enum AppError {
     /// Saga files are invalid; every error is listed.
     #[error("{} saga definition error(s):\n{}", .0.len(), .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Sagas(Vec<LoadError>),
+    /// A loaded saga file keeps a version number the database knows with other content
+    /// (one line each, naming the file and the line of its `version:`).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    ChangedVersions(Vec<ChangedVersion>),
     /// Sagas use handlers that were not registered.
     #[error("saga steps use unregistered handler(s): {}", .0.join(", "))]
     MissingHandlers(Vec<String>),
@@ -87,6 +92,12 @@ impl App {
         })
         .await?;
         store.migrate().await?;
+        // Before anything runs: instances must find the definition they started with.
+        let stored = store.stored_versions().await?;
+        let changed = versions::changed_versions(&catalog, &stored);
+        if !changed.is_empty() {
+            return Err(AppError::ChangedVersions(changed));
+        }
         let all: Vec<_> = catalog.all().into_iter().map(|s| (**s).clone()).collect();
         store
             .run_setup(&all)

@@ -538,9 +538,19 @@ impl Engine {
             deadline: decide::deadline(saga, env, started_at),
         };
         let mut tx = self.store.begin().await?;
+        // Every job's saga comes from the catalog, whose hashes are computed once.
+        let computed;
+        let saga_hash = match self.catalog.hash(&saga.name, saga.version) {
+            Some(hash) => hash,
+            None => {
+                computed = saga.content_hash();
+                &computed
+            }
+        };
         let new_instance = NewInstance {
             saga: &saga.name,
             saga_version: saga.version,
+            saga_hash,
             start_message_id: env.message_id,
             sequence: env.order_key(),
             deadline: at.deadline,

@@ -9,6 +9,7 @@ pub mod load;
 pub mod setup;
 pub mod sql;
 pub mod strict;
+pub mod versions;
 mod yaml;
 
 pub use definition::{
@@ -27,6 +28,8 @@ pub struct Catalog {
     by_key: HashMap<(String, u32), Arc<SagaDef>>,
     /// Each name's loaded versions, ascending.
     versions: HashMap<String, Vec<u32>>,
+    /// Each loaded version's [`SagaDef::content_hash`], computed once.
+    hashes: HashMap<(String, u32), Arc<str>>,
 }
 
 impl Catalog {
@@ -39,9 +42,11 @@ impl Catalog {
             if let Err(at) = versions.binary_search(&saga.version) {
                 versions.insert(at, saga.version);
             }
+            let key = (saga.name.clone(), saga.version);
             catalog
-                .by_key
-                .insert((saga.name.clone(), saga.version), Arc::new(saga));
+                .hashes
+                .insert(key.clone(), Arc::from(saga.content_hash()));
+            catalog.by_key.insert(key, Arc::new(saga));
         }
         catalog
     }
@@ -56,6 +61,11 @@ impl Catalog {
     /// Version `version` of the saga called `name`, if it is loaded.
     pub fn get_version(&self, name: &str, version: u32) -> Option<&Arc<SagaDef>> {
         self.by_key.get(&(name.to_owned(), version))
+    }
+
+    /// The [`SagaDef::content_hash`] of version `version` of `name`, if it is loaded.
+    pub fn hash(&self, name: &str, version: u32) -> Option<&str> {
+        self.hashes.get(&(name.to_owned(), version)).map(|h| &**h)
     }
 
     /// The loaded versions of the saga called `name`, ascending (empty if none).
@@ -134,6 +144,15 @@ mod tests {
             .map(|s| (s.name.as_str(), s.version))
             .collect();
         assert_eq!(ids, [("s", 1), ("s", 2), ("t", 1)]);
+    }
+
+    #[test]
+    fn hash_is_the_loaded_versions_content_hash() {
+        let catalog = Catalog::new(vec![saga("s", 1), saga("s", 2)]);
+        let v1 = catalog.hash("s", 1).expect("loaded");
+        assert_eq!(v1, saga("s", 1).content_hash());
+        assert_ne!(Some(v1), catalog.hash("s", 2), "the version is content");
+        assert!(catalog.hash("s", 3).is_none());
     }
 
     #[test]

@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::envelope::Outgoing;
 use crate::saga::SagaDef;
 use crate::saga::coordinator::{Cursor, InstanceState, InstanceStatus, Phase};
+use crate::saga::versions::StoredVersion;
 pub use steps::{NewInstance, Promoted, StepRecord, StepTx};
 
 /// What can go wrong talking to PostgreSQL. Every variant is an infrastructure
@@ -246,6 +247,33 @@ impl Store {
                     status: InstanceStatus::parse(&status)
                         .ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
                     count: row.try_get("n")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every (saga, version, hash) the database has instances of, with how many of
+    /// them are live (waiting, running, compensating), sorted. Read once at start-up
+    /// (it scans the instances).
+    pub async fn stored_versions(&self) -> Result<Vec<StoredVersion>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT saga, saga_version, saga_hash, \
+                    count(*) FILTER (WHERE status IN ('waiting', 'running', 'compensating')) \
+                      AS live \
+             FROM skald.instances GROUP BY saga, saga_version, saga_hash \
+             ORDER BY saga, saga_version, saga_hash",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let version: i32 = row.try_get("saga_version")?;
+                Ok(StoredVersion {
+                    saga: row.try_get("saga")?,
+                    version: u32::try_from(version)
+                        .map_err(|_| StoreError::Corrupt(format!("saga_version {version}")))?,
+                    hash: row.try_get("saga_hash")?,
+                    live: row.try_get("live")?,
                 })
             })
             .collect()

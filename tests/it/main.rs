@@ -20,3 +20,4 @@ mod ordering;
 mod resilience;
 mod saga_flow;
 mod scale;
+mod versions;

@@ -1,0 +1,210 @@
+//! Given a saga changed from version 1 to version 2 while version-1 instances are
+//! paused mid-saga, then each instance finishes on the definition it started with,
+//! new starts run the newest, and `skald run` refuses what would strand instances or
+//! change them silently (README, *Changing a saga*).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+use skald::envelope::instance_id_for;
+use uuid::Uuid;
+
+use crate::helpers::{TestEnv, start};
+
+/// A private saga directory holding copies of some `tests/fixtures/versions` files.
+struct SagaDir(PathBuf);
+
+impl SagaDir {
+    fn with(files: &[&str]) -> SagaDir {
+        let dir = std::env::temp_dir().join(format!("skald-versions-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = SagaDir(dir);
+        for file in files {
+            dir.add(file);
+        }
+        dir
+    }
+
+    fn fixture(file: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/versions")
+            .join(file)
+    }
+
+    /// Deploys a fixture file.
+    fn add(&self, file: &str) {
+        std::fs::copy(Self::fixture(file), self.0.join(file)).unwrap();
+    }
+}
+
+impl Drop for SagaDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts `stepped` on aggregate `key` (failing for good at step three when `fail`),
+/// returning the instance id.
+async fn start_stepped(env: &TestEnv, key: &str, fail: bool) -> Uuid {
+    let ids = env
+        .publish_starts(vec![start(
+            "stepped",
+            key,
+            1,
+            json!({ "key": key, "fail": fail }),
+        )])
+        .await;
+    instance_id_for(ids[0])
+}
+
+/// Waits until each instance has failed step two at least once (gate closed): its
+/// retry now waits in a delay queue.
+async fn wait_until_retrying(env: &TestEnv, instances: &[Uuid]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let retrying: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT instance_id) FROM skald.inbox \
+             WHERE instance_id = ANY($1) AND step_name = 'two' AND outcome = 'failed'",
+        )
+        .bind(instances)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        if retrying == instances.len() as i64 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {retrying} of {} instances reached step two",
+            instances.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn open_gate(env: &TestEnv) {
+    sqlx::query("UPDATE vt.gate SET open = true")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+}
+
+/// The effects an instance left, in order.
+async fn effects(env: &TestEnv, instance: Uuid) -> Vec<String> {
+    sqlx::query_scalar("SELECT effect FROM vt.effects WHERE instance_id = $1 ORDER BY id")
+        .bind(instance)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// Status and version of an instance.
+async fn instance(env: &TestEnv, id: Uuid) -> (String, i32) {
+    sqlx::query_as("SELECT status, saga_version FROM skald.instances WHERE id = $1")
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// `skald run` against this test's services, expected to refuse to start: its stderr.
+fn refused_run(env: &TestEnv, args: &[&str]) -> String {
+    let mut argv = vec!["run"];
+    argv.extend_from_slice(args);
+    let out = env.skald(&argv).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "refused: {stderr}");
+    stderr
+}
+
+#[actix_rt::test]
+async fn version_1_instances_finish_on_version_1_while_new_starts_run_version_2() {
+    let dir = SagaDir::with(&["stepped.v1.yaml"]);
+    let env = TestEnv::new(dir.0.clone()).await;
+    let app = env.start_app().await;
+    let v1_ok = start_stepped(&env, "a", false).await;
+    let v1_fail = start_stepped(&env, "b", true).await;
+    wait_until_retrying(&env, &[v1_ok, v1_fail]).await;
+    app.stop().await;
+
+    // Deploy version 2 next to version 1; the paused retries come back after it.
+    dir.add("stepped.v2.yaml");
+    let app = env.start_app().await;
+    let v2_ok = start_stepped(&env, "c", false).await;
+    let v2_fail = start_stepped(&env, "d", true).await;
+    wait_until_retrying(&env, &[v2_ok, v2_fail]).await;
+    open_gate(&env).await;
+    env.wait_for_terminal(4, Duration::from_secs(60)).await;
+    app.stop().await;
+
+    assert_eq!(instance(&env, v1_ok).await, ("completed".into(), 1));
+    assert_eq!(instance(&env, v1_fail).await, ("compensated".into(), 1));
+    assert_eq!(instance(&env, v2_ok).await, ("completed".into(), 2));
+    assert_eq!(instance(&env, v2_fail).await, ("compensated".into(), 2));
+    assert_eq!(
+        effects(&env, v1_ok).await,
+        ["one v1", "two v1", "three v1"],
+        "no step of version 2 ran for a version-1 instance"
+    );
+    assert_eq!(
+        effects(&env, v1_fail).await,
+        ["one v1", "two v1", "undo two v1", "undo one v1"],
+        "a version-1 instance compensates with version 1's compensations"
+    );
+    assert_eq!(
+        effects(&env, v2_ok).await,
+        ["one v2", "between v2", "two v2", "three v2"]
+    );
+    assert_eq!(
+        effects(&env, v2_fail).await,
+        [
+            "one v2",
+            "between v2",
+            "two v2",
+            "undo two v2",
+            "undo between v2",
+            "undo one v2, refunding"
+        ]
+    );
+    let unprocessable: i64 = sqlx::query_scalar("SELECT count(*) FROM skald.dead_letters")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(unprocessable, 0, "no message was dead-lettered");
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn an_edited_file_that_kept_its_version_number_is_refused_naming_file_and_line() {
+    let dir = SagaDir::with(&["stepped.v1.yaml"]);
+    let env = TestEnv::new(dir.0.clone()).await;
+    let app = env.start_app().await;
+    open_gate(&env).await;
+    start_stepped(&env, "a", false).await;
+    env.wait_for_terminal(1, Duration::from_secs(30)).await;
+    app.stop().await;
+
+    // Same version number, different SQL.
+    let file = dir.0.join("stepped.v1.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("'three v1'", "'three, edited'")).unwrap();
+    let line = 1 + text
+        .lines()
+        .position(|l| l.starts_with("version:"))
+        .unwrap();
+    let stderr = refused_run(&env, &[]);
+    assert!(
+        stderr.contains(&format!(
+            "{}:{line}: saga `stepped` version 1: same version number, different content",
+            file.display()
+        )),
+        "{stderr}"
+    );
+
+    // Restoring the file (or giving the change a new number) lets it start.
+    std::fs::write(&file, &text).unwrap();
+    let app = env.start_app().await;
+    app.stop().await;
+    env.cleanup().await;
+}
