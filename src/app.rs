@@ -8,10 +8,10 @@ use actix::{Actor, Addr};
 use futures_util::StreamExt;
 
 use crate::actors::{Dispatch, Router};
-use crate::config::Config;
+use crate::config::{Config, Orphaned};
 use crate::engine::{Engine, Faults};
 use crate::handlers::Handlers;
-use crate::saga::versions::{self, ChangedVersion};
+use crate::saga::versions::{self, ChangedVersion, OrphanedVersion};
 use crate::saga::{Catalog, LoadError, load_dir};
 use crate::store::{Store, StoreError};
 use crate::transport::rabbitmq::{RECONNECT_DELAY, RabbitTransport};
@@ -27,6 +27,10 @@ pub enum AppError {
     /// (one line each, naming the file and the line of its `version:`).
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     ChangedVersions(Vec<ChangedVersion>),
+    /// Live instances run on saga versions that are no longer loaded, and start-up was
+    /// not told to park them (one line each: saga, version, count).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Orphaned(Vec<OrphanedVersion>),
     /// Sagas use handlers that were not registered.
     #[error("saga steps use unregistered handler(s): {}", .0.join(", "))]
     MissingHandlers(Vec<String>),
@@ -97,6 +101,18 @@ impl App {
         let changed = versions::changed_versions(&catalog, &stored);
         if !changed.is_empty() {
             return Err(AppError::ChangedVersions(changed));
+        }
+        let orphaned = versions::orphaned_versions(&catalog, &stored);
+        match config.orphaned {
+            _ if orphaned.is_empty() => {}
+            Orphaned::Refuse => return Err(AppError::Orphaned(orphaned)),
+            Orphaned::Park => {
+                for o in &orphaned {
+                    let parked = store.park_orphaned(&o.saga, o.version).await?;
+                    tracing::warn!(saga = %o.saga, version = o.version, parked,
+                        "saga version no longer loaded: its live instances are parked (dead letters `orphaned`)");
+                }
+            }
         }
         let all: Vec<_> = catalog.all().into_iter().map(|s| (**s).clone()).collect();
         store

@@ -33,7 +33,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the orchestrator: migrate, declare the broker topology, load sagas, consume.
-    Run,
+    Run {
+        /// What to do with live instances of a saga version no longer loaded: refuse
+        /// to start (default), or park them as failed with a dead letter
+        /// (`orphaned_version`). Overrides SKALD_ORPHANED.
+        #[arg(long, value_enum)]
+        orphaned: Option<crate::config::Orphaned>,
+    },
     /// Start a saga instance; prints its ids once the broker confirmed the message.
     Start {
         /// The saga's name.
@@ -79,7 +85,7 @@ enum Cmd {
 enum DlqCmd {
     /// List dead letters, newest first.
     List {
-        /// Only this kind: malformed, unprocessable, exhausted, compensation_failed.
+        /// Only this kind: malformed, unprocessable, exhausted, compensation_failed, orphaned.
         #[arg(long)]
         kind: Option<String>,
         /// Only this status: pending, replayed, discarded.
@@ -162,8 +168,11 @@ fn actix_system() -> actix::SystemRunner {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = || Config::from_env().context("configuration");
     match cli.command {
-        Cmd::Run => {
-            let config = config()?;
+        Cmd::Run { orphaned } => {
+            let mut config = config()?;
+            if let Some(orphaned) = orphaned {
+                config.orphaned = orphaned;
+            }
             let faults = Faults::from_env().map_err(anyhow::Error::msg)?;
             actix_system().block_on(async move {
                 let app = App::build(config, Handlers::default(), faults).await?;

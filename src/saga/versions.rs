@@ -85,6 +85,54 @@ pub fn changed_versions(catalog: &Catalog, stored: &[StoredVersion]) -> Vec<Chan
     changed
 }
 
+/// Live instances of a saga version that is not loaded: nothing could run them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanedVersion {
+    /// The saga's name.
+    pub saga: String,
+    /// The version no longer loaded.
+    pub version: u32,
+    /// How many instances are waiting, running or compensating on it.
+    pub live: i64,
+}
+
+impl fmt::Display for OrphanedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "saga `{}` version {} is no longer loaded but has {} live instance(s) \
+             (waiting, running or compensating): restore its file, or start with \
+             --orphaned=park (SKALD_ORPHANED=park) to park them as failed with a dead \
+             letter, to replay once the version is loaded again",
+            self.saga, self.version, self.live
+        )
+    }
+}
+
+/// Every saga version with live instances that is not loaded, sorted by saga and
+/// version (whatever hashes its instances have).
+pub fn orphaned_versions(catalog: &Catalog, stored: &[StoredVersion]) -> Vec<OrphanedVersion> {
+    let mut orphaned: Vec<OrphanedVersion> = Vec::new();
+    for s in stored {
+        if s.live == 0 || catalog.get_version(&s.saga, s.version).is_some() {
+            continue;
+        }
+        match orphaned
+            .iter_mut()
+            .find(|o| o.saga == s.saga && o.version == s.version)
+        {
+            Some(o) => o.live += s.live,
+            None => orphaned.push(OrphanedVersion {
+                saga: s.saga.clone(),
+                version: s.version,
+                live: s.live,
+            }),
+        }
+    }
+    orphaned.sort_by(|a, b| (&a.saga, a.version).cmp(&(&b.saga, b.version)));
+    orphaned
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -157,5 +205,41 @@ mod tests {
             stored("t", 1, Some("bbbb"), 5),
         ];
         assert_eq!(changed_versions(&c, &db), []);
+    }
+
+    #[test]
+    fn live_instances_of_a_version_not_loaded_are_orphaned_summed_over_hashes() {
+        let c = catalog(&[("s", 2, "SELECT 2")]);
+        let db = [
+            stored("s", 1, Some("aaaa"), 2),
+            stored("s", 1, None, 1),
+            stored("s", 2, None, 7),
+            stored("t", 3, Some("bbbb"), 1),
+            stored("u", 1, Some("cccc"), 0),
+        ];
+        let orphaned = orphaned_versions(&c, &db);
+        assert_eq!(
+            orphaned,
+            [
+                OrphanedVersion {
+                    saga: "s".into(),
+                    version: 1,
+                    live: 3
+                },
+                OrphanedVersion {
+                    saga: "t".into(),
+                    version: 3,
+                    live: 1
+                },
+            ],
+            "a loaded version, and one with only finished instances, are not orphaned"
+        );
+        assert!(
+            orphaned[0]
+                .to_string()
+                .starts_with("saga `s` version 1 is no longer loaded but has 3 live instance(s)"),
+            "{}",
+            orphaned[0]
+        );
     }
 }

@@ -18,7 +18,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-use crate::envelope::Outgoing;
+use crate::envelope::{Envelope, Outgoing};
 use crate::saga::SagaDef;
 use crate::saga::coordinator::{Cursor, InstanceState, InstanceStatus, Phase};
 use crate::saga::versions::StoredVersion;
@@ -277,6 +277,60 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Parks every live (waiting, running, compensating) instance of `saga` version
+    /// `version`, which is no longer loaded: each becomes `failed` where it stood, with
+    /// a pending dead letter of kind `orphaned` (code `orphaned_version`) holding the
+    /// run message of its cursor, so that a replay resumes it once the version is
+    /// loaded again. One transaction; returns how many were parked.
+    pub async fn park_orphaned(&self, saga: &str, version: u32) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE skald.instances SET status = 'failed', finished_at = now(), updated_at = now() \
+             WHERE saga = $1 AND saga_version = $2 \
+               AND status IN ('waiting', 'running', 'compensating') \
+             RETURNING id, aggregate_id, status, step, phase, attempt, payload, outputs, deadline",
+        )
+        .bind(saga)
+        .bind(version as i32)
+        .fetch_all(&mut *tx)
+        .await?;
+        let reason = format!(
+            "saga `{saga}` version {version} is not loaded: parked at start-up \
+             (--orphaned=park); replay once the version is loaded again"
+        );
+        for row in &rows {
+            let id: Uuid = row.try_get("id")?;
+            let aggregate_id: String = row.try_get("aggregate_id")?;
+            let cursor = state_from_row(row)?.cursor;
+            let json = |column| {
+                row.try_get::<sqlx::types::Json<serde_json::Value>, _>(column)
+                    .map(|j| j.0)
+            };
+            let envelope = Envelope {
+                outputs: json("outputs")?,
+                deadline: row.try_get("deadline")?,
+                ..Envelope::run(saga, version, &aggregate_id, id, cursor, json("payload")?)
+            };
+            let body = envelope.to_body();
+            dead_letters::insert(
+                &mut *tx,
+                &dead_letters::NewDeadLetter {
+                    id: Uuid::new_v5(&envelope.message_id, b"orphaned"),
+                    kind: dead_letters::DeadLetterKind::Orphaned,
+                    reason_code: "orphaned_version",
+                    reason: &reason,
+                    body: &body,
+                    message_id: Some(envelope.message_id),
+                    instance_id: Some(id),
+                    saga: Some(saga),
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len() as u64)
     }
 
     /// Closes every pooled connection, waiting for those in use to come back.

@@ -10,6 +10,8 @@ use serde_json::json;
 use skald::envelope::instance_id_for;
 use uuid::Uuid;
 
+use skald::config::Orphaned;
+
 use crate::helpers::{TestEnv, start};
 
 /// A private saga directory holding copies of some `tests/fixtures/versions` files.
@@ -35,6 +37,11 @@ impl SagaDir {
     /// Deploys a fixture file.
     fn add(&self, file: &str) {
         std::fs::copy(Self::fixture(file), self.0.join(file)).unwrap();
+    }
+
+    /// Removes a deployed file.
+    fn remove(&self, file: &str) {
+        std::fs::remove_file(self.0.join(file)).unwrap();
     }
 }
 
@@ -106,6 +113,22 @@ async fn instance(env: &TestEnv, id: Uuid) -> (String, i32) {
         .fetch_one(&env.pool)
         .await
         .unwrap()
+}
+
+/// Waits until the instance is in `status`.
+async fn wait_for_status(env: &TestEnv, id: Uuid, status: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (now, _) = instance(env, id).await;
+        if now == status {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "instance {id} is {now}, not {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `skald run` against this test's services, expected to refuse to start: its stderr.
@@ -206,5 +229,90 @@ async fn an_edited_file_that_kept_its_version_number_is_refused_naming_file_and_
     std::fs::write(&file, &text).unwrap();
     let app = env.start_app().await;
     app.stop().await;
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn removing_a_version_with_live_instances_is_refused_unless_told_to_park_them() {
+    let dir = SagaDir::with(&["stepped.v1.yaml"]);
+    let mut env = TestEnv::new(dir.0.clone()).await;
+    let app = env.start_app().await;
+    let live = start_stepped(&env, "a", false).await;
+    wait_until_retrying(&env, &[live]).await;
+    app.stop().await;
+
+    // Version 1 removed while an instance still runs on it: refused, nothing parked.
+    dir.remove("stepped.v1.yaml");
+    dir.add("stepped.v2.yaml");
+    let stderr = refused_run(&env, &[]);
+    assert!(
+        stderr.contains(
+            "saga `stepped` version 1 is no longer loaded but has 1 live instance(s) \
+             (waiting, running or compensating): restore its file, or start with \
+             --orphaned=park"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(instance(&env, live).await, ("running".into(), 1));
+
+    // Told to park them: the instance is failed with a dead letter saying why, and its
+    // retry, coming back meanwhile, is dead-lettered too: never run on version 2.
+    env.config.orphaned = Orphaned::Park;
+    let app = env.start_app().await;
+    assert_eq!(instance(&env, live).await, ("failed".into(), 1));
+    let (letter, status, reason): (Uuid, String, String) = sqlx::query_as(
+        "SELECT id, status, reason FROM skald.dead_letters \
+         WHERE instance_id = $1 AND kind = 'orphaned' AND reason_code = 'orphaned_version'",
+    )
+    .bind(live)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "pending");
+    assert!(
+        reason.contains("saga `stepped` version 1 is not loaded"),
+        "{reason}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let unknown: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM skald.dead_letters WHERE reason_code = 'unknown_version'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        if unknown == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiting retry was never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+    assert_eq!(
+        effects(&env, live).await,
+        ["one v1"],
+        "nothing ran on version 2"
+    );
+
+    // Version 1 restored: replaying the dead letter finishes the instance on it.
+    env.config.orphaned = Orphaned::Refuse;
+    dir.add("stepped.v1.yaml");
+    let app = env.start_app().await;
+    open_gate(&env).await;
+    let out = env
+        .skald(&["dlq", "replay", &letter.to_string(), "--by", "test"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for_status(&env, live, "completed").await;
+    app.stop().await;
+    assert_eq!(effects(&env, live).await, ["one v1", "two v1", "three v1"]);
     env.cleanup().await;
 }
