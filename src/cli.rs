@@ -230,14 +230,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Status { json } => {
             let config = config()?;
-            let counts = tokio_runtime()?.block_on(async {
+            let (counts, versions) = tokio_runtime()?.block_on(async {
                 let store = Store::connect(&config.database_url, 2).await?;
                 store.migrate().await?;
                 let counts = store.status_counts().await?;
+                let versions = store.live_per_version().await?;
                 store.close().await;
-                anyhow::Ok(counts)
+                anyhow::Ok((counts, versions))
             })?;
-            print!("{}", render_status(&counts, json));
+            print!("{}", render_status(&counts, &versions, json));
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Validate { dir } => {
@@ -308,8 +309,14 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// The `skald status` report: one row per saga, one column per status.
-pub fn render_status(counts: &[crate::store::StatusCount], json: bool) -> String {
+/// The `skald status` report: one row per saga, one column per status; then, when
+/// some instances are live, a table of live instances per saga version. As JSON:
+/// `{"sagas": {saga: {status: n}}, "live_per_version": [{"saga", "version", "live"}]}`.
+pub fn render_status(
+    counts: &[crate::store::StatusCount],
+    versions: &[crate::store::VersionCount],
+    json: bool,
+) -> String {
     let mut sagas: Vec<&str> = counts.iter().map(|c| c.saga.as_str()).collect();
     sagas.dedup();
     let count = |saga: &str, status: InstanceStatus| {
@@ -329,7 +336,10 @@ pub fn render_status(counts: &[crate::store::StatusCount], json: bool) -> String
                 (saga.to_string(), Value::Object(row))
             })
             .collect();
-        return format!("{}\n", serde_json::json!({ "sagas": map }));
+        return format!(
+            "{}\n",
+            serde_json::json!({ "sagas": map, "live_per_version": versions })
+        );
     }
     if sagas.is_empty() {
         return "no saga instances yet\n".to_string();
@@ -346,6 +356,24 @@ pub fn render_status(counts: &[crate::store::StatusCount], json: bool) -> String
             out += &format!("  {:>12}", count(saga, st));
         }
         out.push('\n');
+    }
+    out + &render_versions(versions)
+}
+
+/// Live instances per saga version, after a blank line; nothing when none is live.
+fn render_versions(versions: &[crate::store::VersionCount]) -> String {
+    if versions.is_empty() {
+        return String::new();
+    }
+    let width = versions
+        .iter()
+        .map(|v| v.saga.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!("\n{:width$}  {:>10}  {:>12}\n", "saga", "version", "live");
+    for v in versions {
+        out += &format!("{:width$}  {:>10}  {:>12}\n", v.saga, v.version, v.live);
     }
     out
 }

@@ -103,6 +103,17 @@ pub struct StatusCount {
     pub count: i64,
 }
 
+/// Live instances (waiting, running, compensating) of one saga version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VersionCount {
+    /// The saga's name.
+    pub saga: String,
+    /// The version they started with.
+    pub version: i32,
+    /// How many are live.
+    pub live: i64,
+}
+
 /// A handle on skald's database. Cheap to clone (the pool is shared).
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -331,6 +342,26 @@ impl Store {
         }
         tx.commit().await?;
         Ok(rows.len() as u64)
+    }
+
+    /// Live instances per saga version (only versions that have some), sorted: what
+    /// must drain before a version is removed.
+    pub async fn live_per_version(&self) -> Result<Vec<VersionCount>, StoreError> {
+        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+            "SELECT saga, saga_version, count(*) FROM skald.instances \
+             WHERE status IN ('waiting', 'running', 'compensating') \
+             GROUP BY saga, saga_version ORDER BY saga, saga_version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(saga, version, live)| VersionCount {
+                saga,
+                version,
+                live,
+            })
+            .collect())
     }
 
     /// Closes every pooled connection, waiting for those in use to come back.

@@ -157,6 +157,35 @@ async fn version_1_instances_finish_on_version_1_while_new_starts_run_version_2(
     let v2_ok = start_stepped(&env, "c", false).await;
     let v2_fail = start_stepped(&env, "d", true).await;
     wait_until_retrying(&env, &[v2_ok, v2_fail]).await;
+
+    // Both versions are live, two instances each: shown per version.
+    let live = json!([
+        { "saga": "stepped", "version": 1, "live": 2 },
+        { "saga": "stepped", "version": 2, "live": 2 },
+    ]);
+    let out = env.skald(&["status", "--json"]).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["live_per_version"], live);
+    let out = env.skald(&["status"]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("saga ") || !l.contains("version"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec!["saga", "version", "live"],
+            vec!["stepped", "1", "2"],
+            vec!["stepped", "2", "2"]
+        ],
+        "{table}"
+    );
+    let svc = crate::api::service(app.api.clone()).await;
+    let (_, stats) = crate::api::get(&svc, "/api/v1/stats").await;
+    assert_eq!(stats["live_per_version"], live);
+
     open_gate(&env).await;
     env.wait_for_terminal(4, Duration::from_secs(60)).await;
     app.stop().await;
