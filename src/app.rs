@@ -269,10 +269,15 @@ impl App {
 /// Points a failed `setup` at its saga file: the failing statement's line when
 /// PostgreSQL reports a position, the `setup:` line otherwise. Other errors pass.
 fn setup_failed(catalog: &Catalog, error: StoreError) -> AppError {
-    let StoreError::Setup { saga, source } = &error else {
+    let StoreError::Setup {
+        saga,
+        version,
+        source,
+    } = &error
+    else {
         return error.into();
     };
-    let Some(def) = catalog.get(saga) else {
+    let Some(def) = catalog.get_version(saga, *version) else {
         return error.into();
     };
     let sql = def.setup_sql.as_deref().unwrap_or_default();

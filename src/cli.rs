@@ -251,7 +251,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     for warning in crate::saga::setup::setup_warnings(&sagas) {
                         eprintln!("{warning}");
                     }
-                    let names: Vec<_> = sagas.iter().map(|s| s.name.as_str()).collect();
+                    // A saga loaded in several versions is listed once per version.
+                    let names: Vec<String> = sagas
+                        .iter()
+                        .map(|s| {
+                            if sagas.iter().filter(|o| o.name == s.name).count() > 1 {
+                                format!("{} v{}", s.name, s.version)
+                            } else {
+                                s.name.clone()
+                            }
+                        })
+                        .collect();
                     println!(
                         "ok: {} saga(s) in {}: {}",
                         sagas.len(),

@@ -38,10 +38,12 @@ pub enum StoreError {
     #[error("DATABASE_URL: {0}")]
     Url(String),
     /// A saga's `setup` SQL failed.
-    #[error("setup SQL of saga {saga:?} failed: {source}")]
+    #[error("setup SQL of saga {saga:?} version {version} failed: {source}")]
     Setup {
         /// The saga whose setup failed.
         saga: String,
+        /// Its version (each loaded version's setup runs).
+        version: u32,
         /// The database's error.
         source: sqlx::Error,
     },
@@ -169,6 +171,7 @@ impl Store {
             {
                 result = Err(StoreError::Setup {
                     saga: saga.name.clone(),
+                    version: saga.version,
                     source,
                 });
                 break;

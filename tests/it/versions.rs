@@ -345,3 +345,21 @@ async fn removing_a_version_with_live_instances_is_refused_unless_told_to_park_t
     assert_eq!(effects(&env, live).await, ["one v1", "two v1", "three v1"]);
     env.cleanup().await;
 }
+
+#[test]
+fn validate_lists_a_saga_loaded_in_two_versions_once_per_version() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/versions");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
+        .arg("validate")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "ok: 2 saga(s) in {}: stepped v1, stepped v2\n",
+            dir.display()
+        )
+    );
+}

@@ -2,11 +2,12 @@
 //!
 //! # The file format
 //!
-//! One saga per file, one YAML document per file:
+//! One saga version per file, one YAML document per file; several versions of a saga
+//! are several files (README, *Changing a saga*):
 //!
 //! ```yaml
 //! name: order_checkout          # required, ^[a-z][a-z0-9_]*$, at most 63 characters
-//! version: 1                    # required, integer 1..=2147483647
+//! version: 1                    # required, integer 1..=2147483647; (name, version) unique
 //! aggregate: payload.order_id   # required, a `payload.*` reference: where a start
 //!                               # message's payload carries the aggregate id
 //! setup: |                      # optional: idempotent SQL run at start-up
