@@ -237,6 +237,10 @@ pub fn resolve<'c>(
                     saga: name.clone(),
                     wanted,
                     loaded: catalog.versions(name).to_vec(),
+                    instance: match envelope.command {
+                        Command::Start => None,
+                        Command::Run { instance_id, .. } => Some(instance_id),
+                    },
                 })
         }
     }
@@ -402,20 +406,34 @@ impl Engine {
         self.in_flight.leave();
     }
 
-    /// Sends an unreadable message to the dead-letter queue, then acks it.
+    /// Sends an unreadable message to the dead-letter queue, then acks it. A run
+    /// message for a saga version that is not loaded is readable: it is recorded as
+    /// `unprocessable`, with its instance and saga.
     pub async fn dead_letter(&self, delivery: Delivery, reason: Malformed) {
         self.stats.malformed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(reason = %reason, bytes = delivery.body.len(), "malformed message: dead-lettered");
         let text = reason.to_string();
+        let (kind, instance_id, saga) = match &reason {
+            Malformed::UnknownVersion {
+                saga,
+                instance: Some(instance),
+                ..
+            } => (
+                DeadLetterKind::Unprocessable,
+                Some(*instance),
+                Some(saga.as_str()),
+            ),
+            _ => (DeadLetterKind::Malformed, None, None),
+        };
         let record = NewDeadLetter {
             id: Uuid::new_v4(),
-            kind: DeadLetterKind::Malformed,
+            kind,
             reason_code: reason.code(),
             reason: &text,
             body: &delivery.body,
             message_id: None,
-            instance_id: None,
-            saga: None,
+            instance_id,
+            saga,
         };
         let mut tries = 0;
         loop {

@@ -193,6 +193,9 @@ pub enum Malformed {
         wanted: u32,
         /// The versions that are loaded, ascending.
         loaded: Vec<u32>,
+        /// The instance, when the message is a run message: it is then readable but
+        /// unprocessable here, and recorded with its instance.
+        instance: Option<Uuid>,
     },
     /// A start without `aggregate_id` whose payload lacks the saga's aggregate field.
     #[error("no aggregate id: envelope has none and payload has no {0}")]

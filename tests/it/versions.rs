@@ -305,8 +305,10 @@ async fn removing_a_version_with_live_instances_is_refused_unless_told_to_park_t
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let unknown: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM skald.dead_letters WHERE reason_code = 'unknown_version'",
+            "SELECT count(*) FROM skald.dead_letters WHERE reason_code = 'unknown_version' \
+             AND kind = 'unprocessable' AND instance_id = $1 AND saga = 'stepped'",
         )
+        .bind(live)
         .fetch_one(&env.pool)
         .await
         .unwrap();
