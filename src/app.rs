@@ -114,6 +114,7 @@ impl App {
                 }
             }
         }
+        store.record_definitions(&catalog).await?;
         let all: Vec<_> = catalog.all().into_iter().map(|s| (**s).clone()).collect();
         store
             .run_setup(&all)

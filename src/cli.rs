@@ -69,6 +69,12 @@ enum Cmd {
         /// The directory of saga files (default: SKALD_SAGAS_DIR or `sagas`).
         dir: Option<PathBuf>,
     },
+    /// Compare the saga files in DIR with the definitions live instances run; exit 1
+    /// when deploying them would strand or silently change live instances.
+    Diff {
+        /// The directory of saga files (default: SKALD_SAGAS_DIR or `sagas`).
+        dir: Option<PathBuf>,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Inspect, replay or discard dead letters.
@@ -278,6 +284,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        Cmd::Diff { dir } => {
+            let config = config()?;
+            let dir = dir.unwrap_or_else(|| config.sagas_dir.clone());
+            let sagas = match load_dir(&dir) {
+                Ok(sagas) => sagas,
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("{e}");
+                    }
+                    eprintln!("{} error(s)", errors.len());
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let disk = crate::saga::Catalog::new(sagas);
+            let report = tokio_runtime()?.block_on(async {
+                let store = Store::connect(&config.database_url, 2).await?;
+                store.migrate().await?;
+                let live = store.live_positions().await?;
+                let recorded = store.recorded_definitions().await?;
+                store.close().await;
+                anyhow::Ok(crate::saga::diff::diff(&disk, &live, &recorded))
+            })?;
+            print!("{}", report.render());
+            Ok(if report.is_safe() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Cmd::Migrate => {
             let config = config()?;

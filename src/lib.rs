@@ -14,7 +14,8 @@
 //!   not apply is, resume, the exclusive lock hand-over) and [`saga::strict`] (strict
 //!   per-aggregate order of starts), [`saga::versions`] (what start-up refuses about
 //!   loaded versions: same number with other content, live instances of a removed
-//!   version). [`saga::Catalog`] holds several versions of a saga at once, keyed by
+//!   version) and [`saga::diff`] (`skald diff`: what deploying files would do to live
+//!   instances). [`saga::Catalog`] holds several versions of a saga at once, keyed by
 //!   (name, version). [`saga::load`] reads and checks them, one concern a file:
 //!   `load/mod.rs` (the entry points, [`saga::LoadError`] and the file format),
 //!   `checker.rs` (the error collector; names and integers within their limits),

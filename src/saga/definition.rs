@@ -74,15 +74,21 @@ impl SagaDef {
     /// policies, timeouts, ordering, isolation, version) changes it.
     pub fn content_hash(&self) -> String {
         use sha2::{Digest, Sha256};
+        // serde_json's map is sorted by key (no `preserve_order`), so the text is
+        // canonical for a given definition.
+        let digest = Sha256::digest(self.normalised().to_string().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The definition as [`SagaDef::content_hash`] hashes it: its serde JSON without
+    /// `source` and `setup_sql`. Stored per hash, for `skald diff`.
+    pub fn normalised(&self) -> serde_json::Value {
         let mut json = serde_json::to_value(self).expect("a saga definition serialises");
         if let Some(fields) = json.as_object_mut() {
             fields.remove("source");
             fields.remove("setup_sql");
         }
-        // serde_json's map is sorted by key (no `preserve_order`), so the text is
-        // canonical for a given definition.
-        let digest = Sha256::digest(json.to_string().as_bytes());
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        json
     }
 
     /// The index of the step called `name`, if there is one.

@@ -5,6 +5,7 @@ pub mod context;
 pub mod coordinator;
 pub mod decide;
 pub mod definition;
+pub mod diff;
 pub mod load;
 pub mod setup;
 pub mod sql;

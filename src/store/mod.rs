@@ -19,8 +19,10 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::envelope::{Envelope, Outgoing};
+use crate::saga::Catalog;
 use crate::saga::SagaDef;
 use crate::saga::coordinator::{Cursor, InstanceState, InstanceStatus, Phase};
+use crate::saga::diff::{LiveAt, Recorded};
 use crate::saga::versions::StoredVersion;
 pub use steps::{NewInstance, Promoted, StepRecord, StepTx};
 
@@ -367,10 +369,79 @@ impl Store {
             .collect())
     }
 
+    /// Records every loaded saga definition by (saga, version, hash), once: what
+    /// `skald diff` compares the files on disk with.
+    pub async fn record_definitions(&self, catalog: &Catalog) -> Result<(), StoreError> {
+        for def in catalog.all() {
+            sqlx::query(
+                "INSERT INTO skald.saga_definitions (saga, version, hash, definition) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            )
+            .bind(&def.name)
+            .bind(def.version as i32)
+            .bind(def.content_hash())
+            .bind(sqlx::types::Json(def.normalised()))
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Every recorded saga definition.
+    pub async fn recorded_definitions(&self) -> Result<Vec<Recorded>, StoreError> {
+        let rows: Vec<(String, i32, String, sqlx::types::Json<serde_json::Value>)> =
+            sqlx::query_as(
+                "SELECT saga, version, hash, definition FROM skald.saga_definitions \
+                 ORDER BY saga, version, hash",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|(saga, version, hash, definition)| {
+                Ok(Recorded {
+                    saga,
+                    version: version_of(version)?,
+                    hash,
+                    definition: definition.0,
+                })
+            })
+            .collect()
+    }
+
+    /// Live instances (waiting, running, compensating) per saga, version, hash and
+    /// step index.
+    pub async fn live_positions(&self) -> Result<Vec<LiveAt>, StoreError> {
+        let rows: Vec<(String, i32, Option<String>, i32, i64)> = sqlx::query_as(
+            "SELECT saga, saga_version, saga_hash, step, count(*) FROM skald.instances \
+             WHERE status IN ('waiting', 'running', 'compensating') \
+             GROUP BY saga, saga_version, saga_hash, step \
+             ORDER BY saga, saga_version, saga_hash, step",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(saga, version, hash, step, count)| {
+                Ok(LiveAt {
+                    saga,
+                    version: version_of(version)?,
+                    hash,
+                    step: u32::try_from(step)
+                        .map_err(|_| StoreError::Corrupt("negative step".into()))?,
+                    count,
+                })
+            })
+            .collect()
+    }
+
     /// Closes every pooled connection, waiting for those in use to come back.
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// A stored `integer` saga version as skald's `u32`.
+fn version_of(version: i32) -> Result<u32, StoreError> {
+    u32::try_from(version).map_err(|_| StoreError::Corrupt(format!("saga_version {version}")))
 }
 
 /// `CREATE DATABASE` through the server's `postgres` database when the target is

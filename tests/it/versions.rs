@@ -34,9 +34,10 @@ impl SagaDir {
             .join(file)
     }
 
-    /// Deploys a fixture file.
+    /// Deploys a fixture file (under its own name, from a fixture subdirectory too).
     fn add(&self, file: &str) {
-        std::fs::copy(Self::fixture(file), self.0.join(file)).unwrap();
+        let name = Path::new(file).file_name().unwrap();
+        std::fs::copy(Self::fixture(file), self.0.join(name)).unwrap();
     }
 
     /// Removes a deployed file.
@@ -345,6 +346,83 @@ async fn removing_a_version_with_live_instances_is_refused_unless_told_to_park_t
     wait_for_status(&env, live, "completed").await;
     app.stop().await;
     assert_eq!(effects(&env, live).await, ["one v1", "two v1", "three v1"]);
+    env.cleanup().await;
+}
+
+/// `skald diff` against this test's database and saga directory: exit code, stdout.
+fn diff(env: &TestEnv) -> (Option<i32>, String) {
+    let out = env.skald(&["diff"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.code(), stdout)
+}
+
+#[actix_rt::test]
+async fn diff_counts_the_live_instances_around_each_change_and_says_whether_it_is_safe() {
+    let dir = SagaDir::with(&["stepped.v1.yaml"]);
+    let env = TestEnv::new(dir.0.clone()).await;
+    let app = env.start_app().await;
+    let mut instances = Vec::new();
+    for key in ["a", "b", "c", "d"] {
+        instances.push(start_stepped(&env, key, false).await);
+    }
+    wait_until_retrying(&env, &instances).await;
+    app.stop().await;
+    // Spread them: one at step 0, two at step 1 (where they wait), one at step 2.
+    for (instance, step) in [(instances[0], 0), (instances[3], 2)] {
+        sqlx::query("UPDATE skald.instances SET step = $2 WHERE id = $1")
+            .bind(instance)
+            .bind(step)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+
+    // Version 2 next to version 1: safe, and what new starts would get, step by step.
+    dir.add("diff/stepped.v2.yaml");
+    let (code, out) = diff(&env);
+    assert_eq!(
+        out,
+        "saga stepped\n\
+         \x20 version 1: unchanged, 4 live instance(s)\n\
+         \x20 version 2: added\n\
+         \x20 version 1 -> version 2 on disk:\n\
+         \x20   step `one`: compensation changed (0 before, 1 at, 3 past)\n\
+         \x20   step `between`: added (1 before, 0 at, 3 past)\n\
+         \x20   step `two`: action SQL changed (1 before, 2 at, 1 past)\n\
+         \x20   step `three`: removed (3 before, 1 at, 0 past)\n\
+         safe: no live instance is stranded or changed\n"
+    );
+    assert_eq!(code, Some(0));
+
+    // Version 1 removed: its instances would be stranded.
+    dir.remove("stepped.v1.yaml");
+    let (code, out) = diff(&env);
+    assert!(
+        out.contains("  version 1: removed, 4 live instance(s) stranded (unsafe)\n"),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("unsafe: 1 version(s) would strand or change live instances\n"),
+        "{out}"
+    );
+    assert_eq!(code, Some(1));
+
+    // Version 1 edited in place: its instances would run the new content.
+    dir.remove("stepped.v2.yaml");
+    let edited = std::fs::read_to_string(SagaDir::fixture("stepped.v1.yaml"))
+        .unwrap()
+        .replace("'two v1'", "'two, edited'");
+    std::fs::write(dir.0.join("stepped.v1.yaml"), edited).unwrap();
+    let (code, out) = diff(&env);
+    assert!(
+        out.contains(
+            "  version 1: changed under the same version number, 4 live instance(s) would run \
+             the new content (unsafe)\n  version 1 -> version 1 on disk:\n    step `two`: \
+             action SQL changed (1 before, 2 at, 1 past)\n"
+        ),
+        "{out}"
+    );
+    assert_eq!(code, Some(1));
     env.cleanup().await;
 }
 
