@@ -136,7 +136,7 @@ pub enum Finding {
 
 impl Finding {
     /// Whether deploying would strand or silently change live instances.
-    pub fn unsafe_(&self) -> bool {
+    pub fn is_unsafe(&self) -> bool {
         matches!(
             self,
             Finding::Stranded { .. } | Finding::ChangedInPlace { .. }
@@ -180,7 +180,7 @@ impl Report {
             .sagas
             .iter()
             .flat_map(|s| &s.findings)
-            .any(Finding::unsafe_)
+            .any(Finding::is_unsafe)
     }
 
     /// The report as `skald diff` prints it (README, *Changing a saga*).
@@ -228,7 +228,7 @@ impl Report {
             .sagas
             .iter()
             .flat_map(|s| &s.findings)
-            .filter(|f| f.unsafe_())
+            .filter(|f| f.is_unsafe())
             .count();
         if unsafe_count == 0 {
             out.push_str("safe: no live instance is stranded or changed\n");
@@ -288,7 +288,7 @@ fn saga_diff(name: &str, disk: &Catalog, live: &[LiveAt], recorded: &[Recorded])
             }
             continue;
         }
-        for ((_, hash), steps) in groups.range((version, None)..=(version, Some("\u{10ffff}"))) {
+        for ((_, hash), steps) in groups.iter().filter(|((v, _), _)| *v == version) {
             let count: i64 = steps.values().sum();
             let definition = hash.and_then(|h| {
                 recorded
