@@ -8,9 +8,10 @@ use actix::{Actor, Addr};
 use futures_util::StreamExt;
 
 use crate::actors::{Dispatch, Router};
-use crate::config::Config;
+use crate::config::{Config, Orphaned};
 use crate::engine::{Engine, Faults};
 use crate::handlers::Handlers;
+use crate::saga::versions::{self, ChangedVersion, OrphanedVersion};
 use crate::saga::{Catalog, LoadError, load_dir};
 use crate::store::{Store, StoreError};
 use crate::transport::rabbitmq::{RECONNECT_DELAY, RabbitTransport};
@@ -22,6 +23,14 @@ pub enum AppError {
     /// Saga files are invalid; every error is listed.
     #[error("{} saga definition error(s):\n{}", .0.len(), .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Sagas(Vec<LoadError>),
+    /// A loaded saga file keeps a version number the database knows with other content
+    /// (one line each, naming the file and the line of its `version:`).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    ChangedVersions(Vec<ChangedVersion>),
+    /// Live instances run on saga versions that are no longer loaded, and start-up was
+    /// not told to park them (one line each: saga, version, count).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Orphaned(Vec<OrphanedVersion>),
     /// Sagas use handlers that were not registered.
     #[error("saga steps use unregistered handler(s): {}", .0.join(", "))]
     MissingHandlers(Vec<String>),
@@ -87,6 +96,25 @@ impl App {
         })
         .await?;
         store.migrate().await?;
+        // Before anything runs: instances must find the definition they started with.
+        let stored = store.stored_versions().await?;
+        let changed = versions::changed_versions(&catalog, &stored);
+        if !changed.is_empty() {
+            return Err(AppError::ChangedVersions(changed));
+        }
+        let orphaned = versions::orphaned_versions(&catalog, &stored);
+        match config.orphaned {
+            _ if orphaned.is_empty() => {}
+            Orphaned::Refuse => return Err(AppError::Orphaned(orphaned)),
+            Orphaned::Park => {
+                for o in &orphaned {
+                    let parked = store.park_orphaned(&o.saga, o.version).await?;
+                    tracing::warn!(saga = %o.saga, version = o.version, parked,
+                        "saga version no longer loaded: its live instances are parked (dead letters `orphaned`)");
+                }
+            }
+        }
+        store.record_definitions(&catalog).await?;
         let all: Vec<_> = catalog.all().into_iter().map(|s| (**s).clone()).collect();
         store
             .run_setup(&all)
@@ -242,10 +270,15 @@ impl App {
 /// Points a failed `setup` at its saga file: the failing statement's line when
 /// PostgreSQL reports a position, the `setup:` line otherwise. Other errors pass.
 fn setup_failed(catalog: &Catalog, error: StoreError) -> AppError {
-    let StoreError::Setup { saga, source } = &error else {
+    let StoreError::Setup {
+        saga,
+        version,
+        source,
+    } = &error
+    else {
         return error.into();
     };
-    let Some(def) = catalog.get(saga) else {
+    let Some(def) = catalog.get_version(saga, *version) else {
         return error.into();
     };
     let sql = def.setup_sql.as_deref().unwrap_or_default();

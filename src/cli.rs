@@ -33,7 +33,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the orchestrator: migrate, declare the broker topology, load sagas, consume.
-    Run,
+    Run {
+        /// What to do with live instances of a saga version no longer loaded: refuse
+        /// to start (default), or park them as failed with a dead letter
+        /// (`orphaned_version`). Overrides SKALD_ORPHANED.
+        #[arg(long, value_enum)]
+        orphaned: Option<crate::config::Orphaned>,
+    },
     /// Start a saga instance; prints its ids once the broker confirmed the message.
     Start {
         /// The saga's name.
@@ -63,6 +69,12 @@ enum Cmd {
         /// The directory of saga files (default: SKALD_SAGAS_DIR or `sagas`).
         dir: Option<PathBuf>,
     },
+    /// Compare the saga files in DIR with the definitions live instances run; exit 1
+    /// when deploying them would strand or silently change live instances.
+    Diff {
+        /// The directory of saga files (default: SKALD_SAGAS_DIR or `sagas`).
+        dir: Option<PathBuf>,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Inspect, replay or discard dead letters.
@@ -79,7 +91,7 @@ enum Cmd {
 enum DlqCmd {
     /// List dead letters, newest first.
     List {
-        /// Only this kind: malformed, unprocessable, exhausted, compensation_failed.
+        /// Only this kind: malformed, unprocessable, exhausted, compensation_failed, orphaned.
         #[arg(long)]
         kind: Option<String>,
         /// Only this status: pending, replayed, discarded.
@@ -162,8 +174,11 @@ fn actix_system() -> actix::SystemRunner {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = || Config::from_env().context("configuration");
     match cli.command {
-        Cmd::Run => {
-            let config = config()?;
+        Cmd::Run { orphaned } => {
+            let mut config = config()?;
+            if let Some(orphaned) = orphaned {
+                config.orphaned = orphaned;
+            }
             let faults = Faults::from_env().map_err(anyhow::Error::msg)?;
             actix_system().block_on(async move {
                 let app = App::build(config, Handlers::default(), faults).await?;
@@ -221,14 +236,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Status { json } => {
             let config = config()?;
-            let counts = tokio_runtime()?.block_on(async {
+            let (counts, versions) = tokio_runtime()?.block_on(async {
                 let store = Store::connect(&config.database_url, 2).await?;
                 store.migrate().await?;
                 let counts = store.status_counts().await?;
+                let versions = store.live_per_version().await?;
                 store.close().await;
-                anyhow::Ok(counts)
+                anyhow::Ok((counts, versions))
             })?;
-            print!("{}", render_status(&counts, json));
+            print!("{}", render_status(&counts, &versions, json));
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Validate { dir } => {
@@ -241,7 +257,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     for warning in crate::saga::setup::setup_warnings(&sagas) {
                         eprintln!("{warning}");
                     }
-                    let names: Vec<_> = sagas.iter().map(|s| s.name.as_str()).collect();
+                    // A saga loaded in several versions is listed once per version.
+                    let names: Vec<String> = sagas
+                        .iter()
+                        .map(|s| {
+                            if sagas.iter().filter(|o| o.name == s.name).count() > 1 {
+                                format!("{} v{}", s.name, s.version)
+                            } else {
+                                s.name.clone()
+                            }
+                        })
+                        .collect();
                     println!(
                         "ok: {} saga(s) in {}: {}",
                         sagas.len(),
@@ -258,6 +284,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        Cmd::Diff { dir } => {
+            let config = config()?;
+            let dir = dir.unwrap_or_else(|| config.sagas_dir.clone());
+            let sagas = match load_dir(&dir) {
+                Ok(sagas) => sagas,
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("{e}");
+                    }
+                    eprintln!("{} error(s)", errors.len());
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let disk = crate::saga::Catalog::new(sagas);
+            let report = tokio_runtime()?.block_on(async {
+                let store = Store::connect(&config.database_url, 2).await?;
+                store.migrate().await?;
+                let live = store.live_positions().await?;
+                let recorded = store.recorded_definitions().await?;
+                store.close().await;
+                anyhow::Ok(crate::saga::diff::diff(&disk, &live, &recorded))
+            })?;
+            print!("{}", report.render());
+            Ok(if report.is_safe() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Cmd::Migrate => {
             let config = config()?;
@@ -299,8 +354,14 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// The `skald status` report: one row per saga, one column per status.
-pub fn render_status(counts: &[crate::store::StatusCount], json: bool) -> String {
+/// The `skald status` report: one row per saga, one column per status; then, when
+/// some instances are live, a table of live instances per saga version. As JSON:
+/// `{"sagas": {saga: {status: n}}, "live_per_version": [{"saga", "version", "live"}]}`.
+pub fn render_status(
+    counts: &[crate::store::StatusCount],
+    versions: &[crate::store::VersionCount],
+    json: bool,
+) -> String {
     let mut sagas: Vec<&str> = counts.iter().map(|c| c.saga.as_str()).collect();
     sagas.dedup();
     let count = |saga: &str, status: InstanceStatus| {
@@ -320,7 +381,10 @@ pub fn render_status(counts: &[crate::store::StatusCount], json: bool) -> String
                 (saga.to_string(), Value::Object(row))
             })
             .collect();
-        return format!("{}\n", serde_json::json!({ "sagas": map }));
+        return format!(
+            "{}\n",
+            serde_json::json!({ "sagas": map, "live_per_version": versions })
+        );
     }
     if sagas.is_empty() {
         return "no saga instances yet\n".to_string();
@@ -337,6 +401,24 @@ pub fn render_status(counts: &[crate::store::StatusCount], json: bool) -> String
             out += &format!("  {:>12}", count(saga, st));
         }
         out.push('\n');
+    }
+    out + &render_versions(versions)
+}
+
+/// Live instances per saga version, after a blank line; nothing when none is live.
+fn render_versions(versions: &[crate::store::VersionCount]) -> String {
+    if versions.is_empty() {
+        return String::new();
+    }
+    let width = versions
+        .iter()
+        .map(|v| v.saga.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!("\n{:width$}  {:>10}  {:>12}\n", "saga", "version", "live");
+    for v in versions {
+        out += &format!("{:width$}  {:>10}  {:>12}\n", v.saga, v.version, v.live);
     }
     out
 }

@@ -47,6 +47,9 @@ pub struct Config {
     /// `SKALD_STUCK_AFTER_MS`: a message held by infrastructure failures this long is
     /// reported stuck (error log, `skald_stuck_messages`, `/ready` detail).
     pub stuck_after: Duration,
+    /// `SKALD_ORPHANED` (or `skald run --orphaned`): what start-up does with live
+    /// instances of a saga version no longer loaded (default: refuse to start).
+    pub orphaned: Orphaned,
 }
 
 /// A configuration variable that is set but unusable.
@@ -56,6 +59,29 @@ pub struct ConfigError {
     name: &'static str,
     value: String,
     reason: String,
+}
+
+/// What `skald run` does with live instances of a saga version that is no longer
+/// loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Orphaned {
+    /// Refuse to start, naming saga, version and count.
+    #[default]
+    Refuse,
+    /// Park them (status `failed`, a dead letter `orphaned_version`) and start: replay
+    /// them once their version is loaded again.
+    Park,
+}
+
+impl Orphaned {
+    /// `refuse` or `park`, as `SKALD_ORPHANED` spells it.
+    pub fn parse(s: &str) -> Option<Orphaned> {
+        match s {
+            "refuse" => Some(Orphaned::Refuse),
+            "park" => Some(Orphaned::Park),
+            _ => None,
+        }
+    }
 }
 
 /// The database used when `DATABASE_URL` is not set.
@@ -121,7 +147,16 @@ impl Config {
                 reason: e.to_string(),
                 value: http_addr,
             })?;
+        let orphaned = match lookup("SKALD_ORPHANED") {
+            None => Orphaned::default(),
+            Some(value) => Orphaned::parse(&value).ok_or_else(|| ConfigError {
+                name: "SKALD_ORPHANED",
+                value,
+                reason: "must be refuse or park".into(),
+            })?,
+        };
         Ok(Config {
+            orphaned,
             startup_timeout: Duration::from_millis(number(
                 &lookup,
                 "SKALD_STARTUP_TIMEOUT_MS",
@@ -180,5 +215,20 @@ mod tests {
         assert!(err.to_string().contains("SKALD_PREFETCH"), "{err}");
         assert!(with(&[("SKALD_PREFETCH", "0")]).is_err());
         assert!(with(&[("SKALD_NAMESPACE", "")]).is_err());
+        let err = with(&[("SKALD_ORPHANED", "drop")]).unwrap_err();
+        assert!(err.to_string().contains("SKALD_ORPHANED"), "{err}");
+    }
+
+    #[test]
+    fn orphaned_instances_are_refused_unless_told_to_park() {
+        assert_eq!(with(&[]).unwrap().orphaned, Orphaned::Refuse);
+        assert_eq!(
+            with(&[("SKALD_ORPHANED", "park")]).unwrap().orphaned,
+            Orphaned::Park
+        );
+        assert_eq!(
+            with(&[("SKALD_ORPHANED", "refuse")]).unwrap().orphaned,
+            Orphaned::Refuse
+        );
     }
 }

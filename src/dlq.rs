@@ -156,7 +156,9 @@ pub async fn replay(
             let resolution = data.as_ref().map(|d| serde_json::json!({ "payload": d }));
             let send = match (letter.kind, letter.instance_id) {
                 (
-                    DeadLetterKind::Exhausted | DeadLetterKind::CompensationFailed,
+                    DeadLetterKind::Exhausted
+                    | DeadLetterKind::CompensationFailed
+                    | DeadLetterKind::Orphaned,
                     Some(instance),
                 ) => {
                     let message = resume_parked(&mut tx, instance, data).await?;
@@ -227,7 +229,14 @@ async fn resume_parked(
         Envelope {
             outputs: snap.outputs,
             deadline: snap.deadline,
-            ..Envelope::run(&snap.saga, &snap.aggregate_id, instance, cursor, payload)
+            ..Envelope::run(
+                &snap.saga,
+                snap.saga_version,
+                &snap.aggregate_id,
+                instance,
+                cursor,
+                payload,
+            )
         },
         0,
     ))

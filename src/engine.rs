@@ -24,12 +24,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use serde_json::Value;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::envelope::{
-    Command, Envelope, Malformed, Outgoing, check_aggregate_id, instance_id_for,
+    Command, Envelope, Malformed, Outgoing, check_aggregate_id, instance_id_for, version_list,
 };
 use crate::handlers::Handlers;
 use crate::metrics::LatencyHistogram;
@@ -42,7 +41,7 @@ use crate::saga::{Catalog, SagaDef};
 use crate::seen::SeenIds;
 use crate::store::dead_letters::{self, DeadLetterKind, NewDeadLetter};
 use crate::store::effects::{self, ActionContext, EffectError};
-use crate::store::{Disposal, NewInstance, StepRecord, Store, StoreError};
+use crate::store::{Disposal, NewInstance, Promoted, StepRecord, Store, StoreError};
 use crate::transport::{Delivery, Transport, TransportError};
 
 /// An infrastructure failure while handling a message: nothing about the message is
@@ -184,27 +183,67 @@ pub struct Engine {
 pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(60);
 
 /// The message that runs the first step of a waiting instance once it is promoted
-/// (`isolation: exclusive`), with the deadline its promotion recorded.
+/// (`isolation: exclusive`), in the saga version it was started with, with the
+/// deadline its promotion recorded.
 pub fn first_step_message(
-    saga: &SagaDef,
+    saga: &str,
     aggregate_id: &str,
-    instance_id: Uuid,
-    payload: Value,
+    promoted: Promoted,
     deadline: Option<chrono::DateTime<Utc>>,
 ) -> Outgoing {
     Outgoing::to_intake(
         Envelope {
             deadline,
             ..Envelope::run(
-                &saga.name,
+                saga,
+                promoted.saga_version,
                 aggregate_id,
-                instance_id,
+                promoted.id,
                 Cursor::START,
-                payload,
+                promoted.payload,
             )
         },
         0,
     )
+}
+
+/// The saga version `envelope` runs on: the one it names, else (a start) the newest
+/// loaded one, else (a run message from a skald before versions) the only loaded one.
+///
+/// # Errors
+/// [`Malformed::UnknownSaga`] when no version of the saga is loaded,
+/// [`Malformed::UnknownVersion`] when the named version is not loaded.
+pub fn resolve<'c>(
+    catalog: &'c Catalog,
+    envelope: &Envelope,
+) -> Result<&'c Arc<SagaDef>, Malformed> {
+    let name = &envelope.saga;
+    let newest = catalog
+        .get(name)
+        .ok_or_else(|| Malformed::UnknownSaga(name.clone()))?;
+    match (envelope.saga_version, envelope.command) {
+        (None, Command::Start) => Ok(newest),
+        // A run message sent by a skald older than versions: unambiguous only while
+        // one version is loaded.
+        (None, Command::Run { .. }) if catalog.versions(name).len() == 1 => Ok(newest),
+        (None, Command::Run { .. }) => Err(Malformed::Invalid(format!(
+            "run message without saga_version while versions {} of saga {name:?} are loaded",
+            version_list(catalog.versions(name))
+        ))),
+        (Some(wanted), _) => {
+            catalog
+                .get_version(name, wanted)
+                .ok_or_else(|| Malformed::UnknownVersion {
+                    saga: name.clone(),
+                    wanted,
+                    loaded: catalog.versions(name).to_vec(),
+                    instance: match envelope.command {
+                        Command::Start => None,
+                        Command::Run { instance_id, .. } => Some(instance_id),
+                    },
+                })
+        }
+    }
 }
 
 /// Waits between tries after an infrastructure failure: 100 ms doubling to 5 s.
@@ -286,20 +325,7 @@ impl Engine {
     /// Reads a raw body into a [`Job`]: envelope, saga, aggregate.
     pub fn read(&self, body: &[u8]) -> Result<Job, Malformed> {
         let envelope = Envelope::parse(body)?;
-        let saga = self
-            .catalog
-            .get(&envelope.saga)
-            .ok_or_else(|| Malformed::UnknownSaga(envelope.saga.clone()))?
-            .clone();
-        if let Some(wanted) = envelope.saga_version
-            && wanted != saga.version
-        {
-            return Err(Malformed::UnknownVersion {
-                saga: saga.name.clone(),
-                wanted,
-                loaded: saga.version,
-            });
-        }
+        let saga = resolve(&self.catalog, &envelope)?.clone();
         let aggregate_id = match (&envelope.aggregate_id, envelope.command) {
             (Some(id), _) => id.clone(),
             (None, Command::Start) => {
@@ -380,20 +406,34 @@ impl Engine {
         self.in_flight.leave();
     }
 
-    /// Sends an unreadable message to the dead-letter queue, then acks it.
+    /// Sends an unreadable message to the dead-letter queue, then acks it. A run
+    /// message for a saga version that is not loaded is readable: it is recorded as
+    /// `unprocessable`, with its instance and saga.
     pub async fn dead_letter(&self, delivery: Delivery, reason: Malformed) {
         self.stats.malformed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(reason = %reason, bytes = delivery.body.len(), "malformed message: dead-lettered");
         let text = reason.to_string();
+        let (kind, instance_id, saga) = match &reason {
+            Malformed::UnknownVersion {
+                saga,
+                instance: Some(instance),
+                ..
+            } => (
+                DeadLetterKind::Unprocessable,
+                Some(*instance),
+                Some(saga.as_str()),
+            ),
+            _ => (DeadLetterKind::Malformed, None, None),
+        };
         let record = NewDeadLetter {
             id: Uuid::new_v4(),
-            kind: DeadLetterKind::Malformed,
+            kind,
             reason_code: reason.code(),
             reason: &text,
             body: &delivery.body,
             message_id: None,
-            instance_id: None,
-            saga: None,
+            instance_id,
+            saga,
         };
         let mut tries = 0;
         loop {
@@ -516,9 +556,19 @@ impl Engine {
             deadline: decide::deadline(saga, env, started_at),
         };
         let mut tx = self.store.begin().await?;
+        // Every job's saga comes from the catalog, whose hashes are computed once.
+        let computed;
+        let saga_hash = match self.catalog.hash(&saga.name, saga.version) {
+            Some(hash) => hash,
+            None => {
+                computed = saga.content_hash();
+                &computed
+            }
+        };
         let new_instance = NewInstance {
             saga: &saga.name,
             saga_version: saga.version,
+            saga_hash,
             start_message_id: env.message_id,
             sequence: env.order_key(),
             deadline: at.deadline,
@@ -594,15 +644,14 @@ impl Engine {
             // The semantic lock passes to the oldest waiting instance, in this same
             // transaction: if this record does not commit, neither does the promotion.
             let deadline = deadline_after(Utc::now(), saga.timeout);
-            if let Some((next, payload)) = tx
+            if let Some(promoted) = tx
                 .promote_next(&saga.name, &job.aggregate_id, deadline)
                 .await?
             {
                 plan.outgoing.push(first_step_message(
-                    saga,
+                    &saga.name,
                     &job.aggregate_id,
-                    next,
-                    payload,
+                    promoted,
                     deadline,
                 ));
             }

@@ -37,8 +37,10 @@ pub struct Envelope {
     pub message_id: Uuid,
     /// The saga this message belongs to.
     pub saga: String,
-    /// The saga version the publisher means, if it says; a start for a version other
-    /// than the loaded one is malformed (not silently run with other steps).
+    /// The saga version the message is for. A start may name one (else it runs the
+    /// newest loaded version); a run message names the version its instance started
+    /// with. A version that is not loaded makes the message malformed
+    /// (`unknown_version`): it is never run with another version's steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saga_version: Option<u32>,
     /// The aggregate (order, account...) the message is about. Optional on a start:
@@ -182,15 +184,18 @@ pub enum Malformed {
     /// No saga of that name is loaded.
     #[error("unknown saga {0:?}")]
     UnknownSaga(String),
-    /// The saga is loaded, but in another version.
-    #[error("saga {saga:?} version {wanted} is not loaded (loaded: {loaded})")]
+    /// The saga is loaded, but not in the version the message names.
+    #[error("saga {saga:?} version {wanted} is not loaded (loaded: {})", version_list(.loaded))]
     UnknownVersion {
         /// The saga.
         saga: String,
         /// The version the message asked for.
         wanted: u32,
-        /// The version that is loaded.
-        loaded: u32,
+        /// The versions that are loaded, ascending.
+        loaded: Vec<u32>,
+        /// The instance, when the message is a run message: it is then readable but
+        /// unprocessable here, and recorded with its instance.
+        instance: Option<Uuid>,
     },
     /// A start without `aggregate_id` whose payload lacks the saga's aggregate field.
     #[error("no aggregate id: envelope has none and payload has no {0}")]
@@ -204,6 +209,15 @@ pub enum Malformed {
     /// A string holds NUL (`\u0000`), which PostgreSQL cannot store in text or jsonb.
     #[error("{0} contains a NUL character (\\u0000), which PostgreSQL cannot store")]
     NulCharacter(&'static str),
+}
+
+/// `1, 2, 3`.
+pub fn version_list(versions: &[u32]) -> String {
+    versions
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Malformed {
@@ -244,12 +258,13 @@ impl Envelope {
         }
     }
 
-    /// The run message that moves `instance_id` of `saga` on `aggregate_id` to
-    /// `cursor`, dispatched now, with its deterministic id ([`run_message_id`]). It
-    /// carries the start `payload`; set `outputs`, `errors` and `deadline` with struct
-    /// update syntax.
+    /// The run message that moves `instance_id` of `saga` (in the version it started
+    /// with, `saga_version`) on `aggregate_id` to `cursor`, dispatched now, with its
+    /// deterministic id ([`run_message_id`]). It carries the start `payload`; set
+    /// `outputs`, `errors` and `deadline` with struct update syntax.
     pub fn run(
         saga: &str,
+        saga_version: u32,
         aggregate_id: &str,
         instance_id: Uuid,
         cursor: Cursor,
@@ -258,7 +273,7 @@ impl Envelope {
         Envelope {
             message_id: run_message_id(instance_id, cursor),
             saga: saga.to_string(),
-            saga_version: None,
+            saga_version: Some(saga_version),
             aggregate_id: Some(aggregate_id.to_string()),
             sequence: None,
             dispatched_at: Some(Utc::now()),

@@ -12,7 +12,11 @@
 //!   after an attempt, admission, cancel), [`saga::decide`] (everything one message
 //!   leads to: its target, the deadline, the plan of an attempt, what a record that did
 //!   not apply is, resume, the exclusive lock hand-over) and [`saga::strict`] (strict
-//!   per-aggregate order of starts). [`saga::load`] reads and checks them, one concern a file:
+//!   per-aggregate order of starts), [`saga::versions`] (what start-up refuses about
+//!   loaded versions: same number with other content, live instances of a removed
+//!   version) and [`saga::diff`] (`skald diff`: what deploying files would do to live
+//!   instances). [`saga::Catalog`] holds several versions of a saga at once, keyed by
+//!   (name, version). [`saga::load`] reads and checks them, one concern a file:
 //!   `load/mod.rs` (the entry points, [`saga::LoadError`] and the file format),
 //!   `checker.rs` (the error collector; names and integers within their limits),
 //!   `structure.rs` (saga and step rules: roles and the pivot, check steps, ordering,

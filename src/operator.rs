@@ -91,6 +91,7 @@ fn current_message(id: Uuid, snap: &InstanceSnapshot) -> Outgoing {
             deadline: snap.deadline,
             ..Envelope::run(
                 &snap.saga,
+                snap.saga_version,
                 &snap.aggregate_id,
                 id,
                 snap.state.cursor,
@@ -159,9 +160,15 @@ pub async fn cancel(
 ) -> Result<ActionOutcome, OperatorError> {
     let mut tx = store.pool().begin().await?;
     let snap = locked(&mut tx, id).await?;
+    // The instance's own version decides how it compensates, never the newest.
     let saga = catalog
-        .get(&snap.saga)
-        .ok_or_else(|| OperatorError::Conflict(format!("saga {} is not loaded", snap.saga)))?;
+        .get_version(&snap.saga, snap.saga_version)
+        .ok_or_else(|| {
+            OperatorError::Conflict(format!(
+                "saga {} version {} is not loaded",
+                snap.saga, snap.saga_version
+            ))
+        })?;
     let (messages, outcome) = match coordinator::cancel(saga, snap.state) {
         Ok(t) => {
             resume_instance(&mut tx, id, t.state, &snap.payload).await?;
@@ -184,14 +191,13 @@ pub async fn cancel(
             // passes on. A cancelled *waiting* instance never held it.
             if decide::passes_lock(saga, snap.state.status, t.state.status)
                 && let deadline = deadline_after(Utc::now(), saga.timeout)
-                && let Some((next, payload)) =
+                && let Some(promoted) =
                     promote_next(&mut tx, &snap.saga, &snap.aggregate_id, deadline).await?
             {
                 messages.push(first_step_message(
-                    saga,
+                    &snap.saga,
                     &snap.aggregate_id,
-                    next,
-                    payload,
+                    promoted,
                     deadline,
                 ));
             }

@@ -790,12 +790,13 @@ pub async fn openapi() -> HttpResponse {
     HttpResponse::Ok().json(super::openapi::document())
 }
 
-/// Counts by saga and state, engine counters, dead letters, queue depths, and steps
+/// Counts by saga and state, live instances per saga version, engine counters, dead letters, queue depths, and steps
 /// per minute over the last 15 minutes.
 #[utoipa::path(tag = "health", responses((status = 200, body = Object)))]
 #[get("/stats")]
 pub async fn stats(state: web::Data<ApiState>) -> Result<HttpResponse> {
     let counts = state.store.status_counts().await?;
+    let versions = state.store.live_per_version().await?;
     let letters = state.store.dead_letter_counts().await?;
     let throughput: Vec<Value> = state
         .store
@@ -817,6 +818,7 @@ pub async fn stats(state: web::Data<ApiState>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(json!({
         "queues": queues,
         "instances": counts,
+        "live_per_version": versions,
         "dead_letters": letters.iter().map(|(k, st, n)| json!({"kind": k, "status": st, "count": n})).collect::<Vec<_>>(),
         "throughput": throughput,
         "engine": {

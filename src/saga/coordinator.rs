@@ -406,6 +406,7 @@ mod tests {
         SagaDef {
             name: "checkout".into(),
             version: 1,
+            version_line: 0,
             aggregate: ValueRef::AggregateId,
             setup_sql: None,
             setup_at: Default::default(),

@@ -229,6 +229,7 @@ pub fn decide(at: &Attempt<'_>, result: StepResult, now: DateTime<Utc>, jitter: 
                 dispatched_at: Some(now),
                 ..Envelope::run(
                     &at.saga.name,
+                    at.saga.version,
                     at.aggregate_id,
                     at.instance_id,
                     next.cursor,
@@ -482,7 +483,7 @@ steps:
         );
         let run = Envelope {
             deadline: Some(now()),
-            ..Envelope::run("s", "k", Uuid::nil(), Cursor::START, json!({}))
+            ..Envelope::run("s", 1, "k", Uuid::nil(), Cursor::START, json!({}))
         };
         assert_eq!(
             deadline(&s, &run, now() + chrono::Duration::hours(1)),
@@ -627,7 +628,7 @@ steps:
     #[test]
     fn only_starts_of_exclusive_sagas_ask_for_the_lock() {
         let exclusive = saga("isolation: exclusive\n");
-        let run = Envelope::run("s", "k", Uuid::nil(), Cursor::START, json!({}));
+        let run = Envelope::run("s", 1, "k", Uuid::nil(), Cursor::START, json!({}));
         assert!(takes_lock(&exclusive, &start()));
         assert!(!takes_lock(&exclusive, &run));
         assert!(!takes_lock(&saga(""), &start()));
@@ -683,7 +684,7 @@ steps:
             dispose(Disposal::NoInstance, &seq(4), id, Cursor::START, None),
             Disposition::Raced
         );
-        let run = Envelope::run("s", "k", id, Cursor::START, json!({}));
+        let run = Envelope::run("s", 1, "k", id, Cursor::START, json!({}));
         assert!(matches!(
             dispose(Disposal::NoInstance, &run, id, Cursor::START, None),
             Disposition::DeadLetter {

@@ -39,6 +39,9 @@ pub struct SagaDef {
     pub name: String,
     /// Bumped by the author when the steps change; recorded on every instance.
     pub version: u32,
+    /// The line of `version:` in `source` (1-based; 0 when unknown), to point at it.
+    #[serde(skip)]
+    pub version_line: u32,
     /// Where the aggregate id is found in a start message's payload when the envelope
     /// does not carry `aggregate_id` itself.
     pub aggregate: ValueRef,
@@ -63,6 +66,31 @@ pub struct SagaDef {
 }
 
 impl SagaDef {
+    /// The definition's identity by content: SHA-256, as 64 lowercase hex digits, of
+    /// its serde JSON without `source` and `setup_sql`. So the same steps, policies and
+    /// references give the same hash whatever the file's name, comments, key order or
+    /// YAML style, and whatever its start-up SQL (which no instance runs); any change
+    /// to what an instance runs (SQL text, parameters, roles, compensations, retry
+    /// policies, timeouts, ordering, isolation, version) changes it.
+    pub fn content_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        // serde_json's map is sorted by key (no `preserve_order`), so the text is
+        // canonical for a given definition.
+        let digest = Sha256::digest(self.normalised().to_string().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The definition as [`SagaDef::content_hash`] hashes it: its serde JSON without
+    /// `source` and `setup_sql`. Stored per hash, for `skald diff`.
+    pub fn normalised(&self) -> serde_json::Value {
+        let mut json = serde_json::to_value(self).expect("a saga definition serialises");
+        if let Some(fields) = json.as_object_mut() {
+            fields.remove("source");
+            fields.remove("setup_sql");
+        }
+        json
+    }
+
     /// The index of the step called `name`, if there is one.
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name == name)
@@ -261,5 +289,71 @@ mod millis {
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::saga::load_str;
+
+    const SAGA: &str = "name: s\nversion: 1\naggregate: payload.id\n\
+                        setup: CREATE SCHEMA IF NOT EXISTS s\nsteps:\n\
+                        - name: a\n  role: compensatable\n\
+                        \x20 action: { sql: 'UPDATE t SET n = n - 1 WHERE id = :id', params: { id: payload.id } }\n\
+                        \x20 compensation: { sql: 'UPDATE t SET n = n + 1 WHERE id = :id', params: { id: payload.id } }\n\
+                        - name: b\n  role: pivot\n  action: { handler: h }\n";
+
+    fn hash_of(src: &str, file: &str) -> String {
+        load_str(src, Path::new(file))
+            .expect("valid saga")
+            .content_hash()
+    }
+
+    #[test]
+    fn the_hash_is_64_hex_digits_and_stable() {
+        let h = hash_of(SAGA, "s.yaml");
+        assert_eq!(h.len(), 64);
+        assert!(
+            h.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert_eq!(h, hash_of(SAGA, "s.yaml"));
+    }
+
+    #[test]
+    fn the_file_name_comments_style_and_setup_do_not_count() {
+        let h = hash_of(SAGA, "s.yaml");
+        assert_eq!(h, hash_of(SAGA, "elsewhere/s.v1.yml"));
+        let restyled = format!(
+            "# a comment\n{}",
+            SAGA.replace("version: 1\n", "version:   1   # v1\n")
+        );
+        assert_eq!(h, hash_of(&restyled, "s.yaml"));
+        let other_setup = SAGA.replace("CREATE SCHEMA IF NOT EXISTS s", "SELECT 1");
+        assert_eq!(h, hash_of(&other_setup, "s.yaml"));
+    }
+
+    #[test]
+    fn any_change_to_what_an_instance_runs_changes_the_hash() {
+        let h = hash_of(SAGA, "s.yaml");
+        let changes = [
+            ("version: 1", "version: 2"),
+            ("n = n - 1", "n = n - 2"),
+            ("n = n + 1", "n = n + 2"),
+            ("handler: h", "handler: g"),
+            ("role: pivot", "role: retriable"),
+            (
+                "params: { id: payload.id } }\n  compensation",
+                "params: { id: payload.other } }\n  compensation",
+            ),
+            ("steps:\n", "retry: { max_attempts: 7 }\nsteps:\n"),
+        ];
+        for (from, to) in changes {
+            let changed = SAGA.replace(from, to);
+            assert_ne!(changed, SAGA, "{from} is in the saga");
+            assert_ne!(h, hash_of(&changed, "s.yaml"), "{from} → {to}");
+        }
     }
 }

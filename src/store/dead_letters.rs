@@ -21,15 +21,19 @@ pub enum DeadLetterKind {
     Exhausted,
     /// A compensation failed for good; the instance is parked, half undone.
     CompensationFailed,
+    /// The instance's saga version is no longer loaded; it was parked at start-up
+    /// (`--orphaned=park`) where it stood.
+    Orphaned,
 }
 
 impl DeadLetterKind {
     /// Every kind.
-    pub const ALL: [DeadLetterKind; 4] = [
+    pub const ALL: [DeadLetterKind; 5] = [
         DeadLetterKind::Malformed,
         DeadLetterKind::Unprocessable,
         DeadLetterKind::Exhausted,
         DeadLetterKind::CompensationFailed,
+        DeadLetterKind::Orphaned,
     ];
 
     /// The stored spelling.
@@ -39,6 +43,7 @@ impl DeadLetterKind {
             DeadLetterKind::Unprocessable => "unprocessable",
             DeadLetterKind::Exhausted => "exhausted",
             DeadLetterKind::CompensationFailed => "compensation_failed",
+            DeadLetterKind::Orphaned => "orphaned",
         }
     }
 

@@ -18,10 +18,13 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-use crate::envelope::Outgoing;
+use crate::envelope::{Envelope, Outgoing};
+use crate::saga::Catalog;
 use crate::saga::SagaDef;
 use crate::saga::coordinator::{Cursor, InstanceState, InstanceStatus, Phase};
-pub use steps::{NewInstance, StepRecord, StepTx};
+use crate::saga::diff::{LiveAt, Recorded};
+use crate::saga::versions::StoredVersion;
+pub use steps::{NewInstance, Promoted, StepRecord, StepTx};
 
 /// What can go wrong talking to PostgreSQL. Every variant is an infrastructure
 /// problem (the step itself did not fail): callers retry the whole message later.
@@ -37,10 +40,12 @@ pub enum StoreError {
     #[error("DATABASE_URL: {0}")]
     Url(String),
     /// A saga's `setup` SQL failed.
-    #[error("setup SQL of saga {saga:?} failed: {source}")]
+    #[error("setup SQL of saga {saga:?} version {version} failed: {source}")]
     Setup {
         /// The saga whose setup failed.
         saga: String,
+        /// Its version (each loaded version's setup runs).
+        version: u32,
         /// The database's error.
         source: sqlx::Error,
     },
@@ -102,6 +107,17 @@ pub struct StatusCount {
     pub count: i64,
 }
 
+/// Live instances (waiting, running, compensating) of one saga version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VersionCount {
+    /// The saga's name.
+    pub saga: String,
+    /// The version they started with.
+    pub version: i32,
+    /// How many are live.
+    pub live: i64,
+}
+
 /// A handle on skald's database. Cheap to clone (the pool is shared).
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -157,6 +173,7 @@ impl Store {
             {
                 result = Err(StoreError::Setup {
                     saga: saga.name.clone(),
+                    version: saga.version,
                     source,
                 });
                 break;
@@ -251,10 +268,180 @@ impl Store {
             .collect()
     }
 
+    /// Every (saga, version, hash) the database has instances of, with how many of
+    /// them are live (waiting, running, compensating), sorted. Read once at start-up
+    /// (it scans the instances).
+    pub async fn stored_versions(&self) -> Result<Vec<StoredVersion>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT saga, saga_version, saga_hash, \
+                    count(*) FILTER (WHERE status IN ('waiting', 'running', 'compensating')) \
+                      AS live \
+             FROM skald.instances GROUP BY saga, saga_version, saga_hash \
+             ORDER BY saga, saga_version, saga_hash",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let version: i32 = row.try_get("saga_version")?;
+                Ok(StoredVersion {
+                    saga: row.try_get("saga")?,
+                    version: u32::try_from(version)
+                        .map_err(|_| StoreError::Corrupt(format!("saga_version {version}")))?,
+                    hash: row.try_get("saga_hash")?,
+                    live: row.try_get("live")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Parks every live (waiting, running, compensating) instance of `saga` version
+    /// `version`, which is no longer loaded: each becomes `failed` where it stood, with
+    /// a pending dead letter of kind `orphaned` (code `orphaned_version`) holding the
+    /// run message of its cursor, so that a replay resumes it once the version is
+    /// loaded again. One transaction; returns how many were parked.
+    pub async fn park_orphaned(&self, saga: &str, version: u32) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE skald.instances SET status = 'failed', finished_at = now(), updated_at = now() \
+             WHERE saga = $1 AND saga_version = $2 \
+               AND status IN ('waiting', 'running', 'compensating') \
+             RETURNING id, aggregate_id, status, step, phase, attempt, payload, outputs, deadline",
+        )
+        .bind(saga)
+        .bind(version as i32)
+        .fetch_all(&mut *tx)
+        .await?;
+        let reason = format!(
+            "saga `{saga}` version {version} is not loaded: parked at start-up \
+             (--orphaned=park); replay once the version is loaded again"
+        );
+        for row in &rows {
+            let id: Uuid = row.try_get("id")?;
+            let aggregate_id: String = row.try_get("aggregate_id")?;
+            let cursor = state_from_row(row)?.cursor;
+            let json = |column| {
+                row.try_get::<sqlx::types::Json<serde_json::Value>, _>(column)
+                    .map(|j| j.0)
+            };
+            let envelope = Envelope {
+                outputs: json("outputs")?,
+                deadline: row.try_get("deadline")?,
+                ..Envelope::run(saga, version, &aggregate_id, id, cursor, json("payload")?)
+            };
+            let body = envelope.to_body();
+            dead_letters::insert(
+                &mut *tx,
+                &dead_letters::NewDeadLetter {
+                    id: Uuid::new_v5(&envelope.message_id, b"orphaned"),
+                    kind: dead_letters::DeadLetterKind::Orphaned,
+                    reason_code: "orphaned_version",
+                    reason: &reason,
+                    body: &body,
+                    message_id: Some(envelope.message_id),
+                    instance_id: Some(id),
+                    saga: Some(saga),
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
+    /// Live instances per saga version (only versions that have some), sorted: what
+    /// must drain before a version is removed.
+    pub async fn live_per_version(&self) -> Result<Vec<VersionCount>, StoreError> {
+        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+            "SELECT saga, saga_version, count(*) FROM skald.instances \
+             WHERE status IN ('waiting', 'running', 'compensating') \
+             GROUP BY saga, saga_version ORDER BY saga, saga_version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(saga, version, live)| VersionCount {
+                saga,
+                version,
+                live,
+            })
+            .collect())
+    }
+
+    /// Records every loaded saga definition by (saga, version, hash), once: what
+    /// `skald diff` compares the files on disk with.
+    pub async fn record_definitions(&self, catalog: &Catalog) -> Result<(), StoreError> {
+        for def in catalog.all() {
+            sqlx::query(
+                "INSERT INTO skald.saga_definitions (saga, version, hash, definition) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            )
+            .bind(&def.name)
+            .bind(def.version as i32)
+            .bind(def.content_hash())
+            .bind(sqlx::types::Json(def.normalised()))
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Every recorded saga definition.
+    pub async fn recorded_definitions(&self) -> Result<Vec<Recorded>, StoreError> {
+        let rows: Vec<(String, i32, String, sqlx::types::Json<serde_json::Value>)> =
+            sqlx::query_as(
+                "SELECT saga, version, hash, definition FROM skald.saga_definitions \
+                 ORDER BY saga, version, hash",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|(saga, version, hash, definition)| {
+                Ok(Recorded {
+                    saga,
+                    version: version_of(version)?,
+                    hash,
+                    definition: definition.0,
+                })
+            })
+            .collect()
+    }
+
+    /// Live instances (waiting, running, compensating) per saga, version, hash and
+    /// step index.
+    pub async fn live_positions(&self) -> Result<Vec<LiveAt>, StoreError> {
+        let rows: Vec<(String, i32, Option<String>, i32, i64)> = sqlx::query_as(
+            "SELECT saga, saga_version, saga_hash, step, count(*) FROM skald.instances \
+             WHERE status IN ('waiting', 'running', 'compensating') \
+             GROUP BY saga, saga_version, saga_hash, step \
+             ORDER BY saga, saga_version, saga_hash, step",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(saga, version, hash, step, count)| {
+                Ok(LiveAt {
+                    saga,
+                    version: version_of(version)?,
+                    hash,
+                    step: u32::try_from(step)
+                        .map_err(|_| StoreError::Corrupt("negative step".into()))?,
+                    count,
+                })
+            })
+            .collect()
+    }
+
     /// Closes every pooled connection, waiting for those in use to come back.
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// A stored `integer` saga version as skald's `u32`.
+fn version_of(version: i32) -> Result<u32, StoreError> {
+    u32::try_from(version).map_err(|_| StoreError::Corrupt(format!("saga_version {version}")))
 }
 
 /// `CREATE DATABASE` through the server's `postgres` database when the target is
@@ -287,6 +474,9 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), St
 pub struct InstanceSnapshot {
     /// The saga.
     pub saga: String,
+    /// The saga version the instance started with: the one it runs, compensates and
+    /// resumes on.
+    pub saga_version: u32,
     /// The aggregate.
     pub aggregate_id: String,
     /// Status and cursor.
@@ -305,7 +495,7 @@ pub async fn lock_instance(
     id: Uuid,
 ) -> Result<Option<InstanceSnapshot>, StoreError> {
     let row = sqlx::query(
-        "SELECT saga, aggregate_id, status, step, phase, attempt, payload, outputs, deadline \
+        "SELECT saga, saga_version, aggregate_id, status, step, phase, attempt, payload, outputs, deadline \
          FROM skald.instances WHERE id = $1 FOR UPDATE",
     )
     .bind(id)
@@ -314,6 +504,8 @@ pub async fn lock_instance(
     let Some(row) = row else { return Ok(None) };
     Ok(Some(InstanceSnapshot {
         saga: row.try_get("saga")?,
+        saga_version: u32::try_from(row.try_get::<i32, _>("saga_version")?)
+            .map_err(|_| StoreError::Corrupt("negative saga_version".into()))?,
         aggregate_id: row.try_get("aggregate_id")?,
         state: state_from_row(&row)?,
         payload: row

@@ -34,6 +34,8 @@ pub struct NewInstance<'a> {
     pub saga: &'a str,
     /// The saga's version at start.
     pub saga_version: u32,
+    /// That version's [`crate::saga::SagaDef::content_hash`].
+    pub saga_hash: &'a str,
     /// The start message's id (the instance id derives from it).
     pub start_message_id: Uuid,
     /// The start's order key ([`crate::envelope::Envelope::order_key`]), if any.
@@ -78,9 +80,10 @@ static RECORD_START: LazyLock<String> = LazyLock::new(|| {
         "{INBOX_CTE} \
          {watermark} \
          INSERT INTO skald.instances (id, status, step, phase, attempt, outputs, finished_at, \
-           saga, saga_version, aggregate_id, payload, start_message_id, sequence, deadline) \
+           saga, saga_version, aggregate_id, payload, start_message_id, sequence, deadline, \
+           saga_hash) \
          SELECT $2, $12, $13, $14, $15, $16, CASE WHEN $17 THEN now() END, \
-           $18, $19, $20, $21, $22, $23, $24 \
+           $18, $19, $20, $21, $22, $23, $24, $25 \
          WHERE EXISTS (SELECT 1 FROM inbox) \
            AND ($23::bigint IS NULL OR EXISTS (SELECT 1 FROM watermark)) \
          ON CONFLICT (id) DO NOTHING"
@@ -108,8 +111,8 @@ static RECORD_WAITING: LazyLock<String> = LazyLock::new(|| {
            VALUES ($1, $2, 'queued') ON CONFLICT (message_id) DO NOTHING RETURNING 1) \
          {watermark} \
          INSERT INTO skald.instances (id, status, step, phase, attempt, saga, saga_version, \
-           aggregate_id, payload, start_message_id, sequence) \
-         SELECT $2, 'waiting', 0, 'forward', 1, $3, $5, $4, $6, $1, $7 \
+           aggregate_id, payload, start_message_id, sequence, saga_hash) \
+         SELECT $2, 'waiting', 0, 'forward', 1, $3, $5, $4, $6, $1, $7, $8 \
          WHERE EXISTS (SELECT 1 FROM inbox) \
            AND ($7::bigint IS NULL OR EXISTS (SELECT 1 FROM watermark)) \
          ON CONFLICT (id) DO NOTHING"
@@ -156,6 +159,7 @@ impl StepTx {
             .bind(new.start_message_id)
             .bind(new.sequence.map(|s| s as i64))
             .bind(new.deadline)
+            .bind(new.saga_hash)
             .execute(&mut *self.tx)
             .await?;
         Ok(done.rows_affected() == 1)
@@ -214,6 +218,7 @@ impl StepTx {
             .bind(new.saga_version as i32)
             .bind(sqlx::types::Json(payload))
             .bind(new.sequence.map(|s| s as i64))
+            .bind(new.saga_hash)
             .execute(&mut *self.tx)
             .await?;
         Ok(done.rows_affected() == 1)
@@ -225,7 +230,7 @@ impl StepTx {
         saga: &str,
         aggregate_id: &str,
         deadline: Option<DateTime<Utc>>,
-    ) -> Result<Option<(Uuid, Value)>, StoreError> {
+    ) -> Result<Option<Promoted>, StoreError> {
         promote_next(&mut self.tx, saga, aggregate_id, deadline).await
     }
 
@@ -308,26 +313,45 @@ fn bind_record<'q>(
         .bind(rec.new_state.status.is_terminal())
 }
 
+/// A waiting instance just promoted to running: what its first step message needs.
+#[derive(Debug, Clone)]
+pub struct Promoted {
+    /// The instance.
+    pub id: Uuid,
+    /// The saga version it was started with (not necessarily the lock holder's).
+    pub saga_version: u32,
+    /// Its start payload.
+    pub payload: Value,
+}
+
 /// Promotes the oldest waiting instance of `saga` on `aggregate_id` to running (the
 /// semantic lock passes on) with its saga `deadline` (its clock starts now); returns
-/// its id and payload, to send it its first step.
+/// what its first step message needs.
 pub async fn promote_next(
     conn: &mut PgConnection,
     saga: &str,
     aggregate_id: &str,
     deadline: Option<DateTime<Utc>>,
-) -> Result<Option<(Uuid, Value)>, StoreError> {
-    let row: Option<(Uuid, sqlx::types::Json<Value>)> = sqlx::query_as(
+) -> Result<Option<Promoted>, StoreError> {
+    let row: Option<(Uuid, i32, sqlx::types::Json<Value>)> = sqlx::query_as(
         "UPDATE skald.instances SET status = 'running', deadline = $3, updated_at = now() \
          WHERE id = (SELECT id FROM skald.instances \
                      WHERE saga = $1 AND aggregate_id = $2 AND status = 'waiting' \
                      ORDER BY created_at, sequence LIMIT 1 FOR UPDATE) \
-         RETURNING id, payload",
+         RETURNING id, saga_version, payload",
     )
     .bind(saga)
     .bind(aggregate_id)
     .bind(deadline)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(|(id, payload)| (id, payload.0)))
+    row.map(|(id, version, payload)| {
+        Ok(Promoted {
+            id,
+            saga_version: u32::try_from(version)
+                .map_err(|_| StoreError::Corrupt(format!("saga_version {version}")))?,
+            payload: payload.0,
+        })
+    })
+    .transpose()
 }

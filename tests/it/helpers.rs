@@ -68,6 +68,7 @@ impl TestEnv {
             api_token: None,
             shutdown_timeout: Duration::from_secs(10),
             stuck_after: Duration::from_secs(60),
+            orphaned: skald::config::Orphaned::Refuse,
         };
         let store = skald::store::Store::connect(&config.database_url, 1)
             .await

@@ -21,3 +21,4 @@ mod ordering;
 mod resilience;
 mod saga_flow;
 mod scale;
+mod versions;

@@ -2,11 +2,12 @@
 //!
 //! # The file format
 //!
-//! One saga per file, one YAML document per file:
+//! One saga version per file, one YAML document per file; several versions of a saga
+//! are several files (README, *Changing a saga*):
 //!
 //! ```yaml
 //! name: order_checkout          # required, ^[a-z][a-z0-9_]*$, at most 63 characters
-//! version: 1                    # required, integer 1..=2147483647
+//! version: 1                    # required, integer 1..=2147483647; (name, version) unique
 //! aggregate: payload.order_id   # required, a `payload.*` reference: where a start
 //!                               # message's payload carries the aggregate id
 //! setup: |                      # optional: idempotent SQL run at start-up
@@ -208,10 +209,13 @@ pub fn load_file(path: &Path) -> Result<SagaDef, Vec<LoadError>> {
 /// Loads every `*.yaml` and `*.yml` file directly inside `dir` (not recursively, hidden
 /// files skipped), in file-name order.
 ///
+/// Several versions of one saga may be loaded at once, one file each (the layout the
+/// README recommends: `order_checkout.v1.yaml`, `order_checkout.v2.yaml`).
+///
 /// # Errors
 /// The errors of all files together; also an error when two files define the same saga
-/// name (at the later file's `name`, naming the earlier file), when the directory cannot
-/// be read, and when it contains no saga file.
+/// name *and* version (at the later file's `version`, naming the earlier file and its
+/// line), when the directory cannot be read, and when it contains no saga file.
 pub fn load_dir(dir: &Path) -> Result<Vec<SagaDef>, Vec<LoadError>> {
     let whole_dir = |message: String| LoadError {
         file: dir.to_path_buf(),
@@ -246,23 +250,32 @@ pub fn load_dir(dir: &Path) -> Result<Vec<SagaDef>, Vec<LoadError>> {
     }
 
     let mut sagas: Vec<SagaDef> = Vec::new();
-    // Saga name → the first file that uses it (valid or not, as long as it parsed).
-    let mut owners: Vec<(String, &Path)> = Vec::new();
+    // (name, version) → the first file that uses it and the line of its `version`
+    // (valid or not, as long as it parsed).
+    let mut owners: Vec<(String, i64, &Path, u32)> = Vec::new();
     for path in &files {
         let loaded = load_file_named(path);
         let mut duplicate = false;
-        if let Some((name, name_at)) = loaded.name {
-            if let Some((_, first)) = owners.iter().find(|(n, _)| *n == name) {
+        if let Some(id) = loaded.id {
+            if let Some((.., first, first_line)) = owners
+                .iter()
+                .find(|(n, v, ..)| *n == id.name && *v == id.version)
+            {
                 duplicate = true;
                 errors.push(LoadError {
                     file: path.clone(),
-                    line: name_at.line,
-                    column: name_at.column,
-                    field: "name".to_owned(),
-                    message: format!("saga `{name}` is already defined in {}", first.display()),
+                    line: id.version_at.line,
+                    column: id.version_at.column,
+                    field: "version".to_owned(),
+                    message: format!(
+                        "saga `{}` version {} is already defined in {}:{first_line}",
+                        id.name,
+                        id.version,
+                        first.display()
+                    ),
                 });
             } else {
-                owners.push((name, path));
+                owners.push((id.name, id.version, path, id.version_at.line));
             }
         }
         match loaded.result {
@@ -292,11 +305,18 @@ fn is_saga_file_name(path: &Path) -> bool {
     yaml && !hidden
 }
 
-/// The outcome of loading one file, plus the saga's name and its position when the
-/// file parsed far enough to have one (even if the saga is invalid).
+/// The outcome of loading one file, plus the saga's name and version when the file
+/// parsed far enough to have them (even if the saga is invalid).
 struct Loaded {
     result: Result<SagaDef, Vec<LoadError>>,
-    name: Option<(String, Pos)>,
+    id: Option<SagaId>,
+}
+
+/// What a saga file says it is: name and version (as written), and where `version` is.
+struct SagaId {
+    name: String,
+    version: i64,
+    version_at: Pos,
 }
 
 fn load_file_named(path: &Path) -> Loaded {
@@ -310,7 +330,7 @@ fn load_file_named(path: &Path) -> Loaded {
                 field: "<file>".to_owned(),
                 message: format!("cannot read file: {e}"),
             }]),
-            name: None,
+            id: None,
         },
     }
 }
@@ -322,11 +342,15 @@ fn load_named(src: &str, file: &Path) -> Loaded {
         Err(e) => {
             return Loaded {
                 result: Err(vec![yaml_error(src, file, &e)]),
-                name: None,
+                id: None,
             };
         }
     };
-    let name = Some((raw.name.value.clone(), Pos::at(&raw.name)));
+    let id = Some(SagaId {
+        name: raw.name.value.clone(),
+        version: raw.version.value,
+        version_at: Pos::at(&raw.version),
+    });
     let mut checker = Checker {
         file,
         src,
@@ -350,7 +374,7 @@ fn load_named(src: &str, file: &Path) -> Loaded {
             Err(errors)
         }
     };
-    Loaded { result, name }
+    Loaded { result, id }
 }
 
 /// The field name of errors that belong to the document as a whole.
@@ -791,30 +815,46 @@ mod tests {
                            - name: a\n  role: retriable\n  action: { handler: h }\n";
 
     #[test]
-    fn load_dir_rejects_two_files_with_the_same_saga_name() {
+    fn load_dir_rejects_two_files_with_the_same_saga_name_and_version() {
         let tmp = TempDir::new("dup");
         fs::write(tmp.0.join("b.yml"), MINIMAL).expect("write");
         fs::write(tmp.0.join("a.yaml"), MINIMAL).expect("write");
         fs::write(tmp.0.join("notes.txt"), "not a saga").expect("write");
         fs::write(tmp.0.join(".hidden.yaml"), "not: [a saga").expect("write");
-        let errors = load_dir(&tmp.0).expect_err("duplicate saga name");
+        let errors = load_dir(&tmp.0).expect_err("duplicate saga name and version");
         assert_eq!(errors.len(), 1, "{}", render(&errors));
         let e = &errors[0];
         assert_eq!(e.file, tmp.0.join("b.yml"));
-        assert_eq!((e.line, e.column, e.field.as_str()), (1, 7, "name"));
+        assert_eq!((e.line, e.column, e.field.as_str()), (2, 10, "version"));
         assert!(
-            e.message.contains("saga `same` is already defined in"),
+            e.message.contains(&format!(
+                "saga `same` version 1 is already defined in {}:2",
+                tmp.0.join("a.yaml").display()
+            )),
             "{e}"
         );
-        assert!(e.message.contains("a.yaml"), "{e}");
     }
 
     #[test]
-    fn load_dir_reports_a_duplicate_name_even_when_the_first_file_is_invalid() {
+    fn load_dir_loads_several_versions_of_one_saga() {
+        let tmp = TempDir::new("versions");
+        fs::write(tmp.0.join("same.v1.yaml"), MINIMAL).expect("write");
+        fs::write(
+            tmp.0.join("same.v2.yaml"),
+            MINIMAL.replace("version: 1", "version: 2"),
+        )
+        .expect("write");
+        let sagas = load_dir(&tmp.0).unwrap_or_else(|errors| panic!("{}", render(&errors)));
+        let ids: Vec<_> = sagas.iter().map(|s| (s.name.as_str(), s.version)).collect();
+        assert_eq!(ids, [("same", 1), ("same", 2)]);
+    }
+
+    #[test]
+    fn load_dir_reports_a_duplicate_version_even_when_the_first_file_is_invalid() {
         let tmp = TempDir::new("dup-invalid");
         fs::write(
             tmp.0.join("a.yaml"),
-            MINIMAL.replace("version: 1", "version: 0"),
+            MINIMAL.replace("payload.id", "saga.instance_id"),
         )
         .expect("write");
         fs::write(tmp.0.join("b.yaml"), MINIMAL).expect("write");
@@ -826,8 +866,8 @@ mod tests {
         assert_eq!(
             found,
             [
-                (tmp.0.join("a.yaml"), "version"),
-                (tmp.0.join("b.yaml"), "name")
+                (tmp.0.join("a.yaml"), "aggregate"),
+                (tmp.0.join("b.yaml"), "version")
             ],
             "{}",
             render(&errors)

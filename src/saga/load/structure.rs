@@ -73,6 +73,7 @@ impl Checker<'_> {
         Some(SagaDef {
             name: name?,
             version: version?,
+            version_line: u32::try_from(raw.version.referenced.line()).unwrap_or(0),
             aggregate: aggregate?,
             setup_sql,
             setup_at,
