@@ -29,11 +29,15 @@ async function loadStats() {
   const stats = await api("/api/v1/stats");
   const bySaga = {};
   for (const c of stats.instances) (bySaga[c.saga] ??= {})[c.status] = c.count;
+  // Live instances per version: an old version can go once nothing runs on it.
+  const versions = {};
+  for (const v of stats.live_per_version || []) (versions[v.saga] ??= []).push(`v${v.version}: ${v.live}`);
   const sagas = await api("/api/v1/sagas");
   const rows = sagas.items.map((s) => {
     const c = bySaga[s.name] || {};
     return `<tr class="clickable" data-saga="${esc(s.name)}"><td>${esc(s.name)} <span class="muted">v${s.version}</span></td>
-      <td>${(c.running||0)+(c.compensating||0)+(c.waiting||0)}</td><td>${c.completed||0}</td><td>${c.compensated||0}</td><td>${c.failed||0}</td></tr>`;
+      <td>${(c.running||0)+(c.compensating||0)+(c.waiting||0)}</td><td>${c.completed||0}</td><td>${c.compensated||0}</td><td>${c.failed||0}</td>
+      <td class="live-versions">${esc((versions[s.name] || ["none"]).join(" · "))}</td></tr>`;
   });
   $("sagas").tBodies[0].innerHTML = rows.join("");
   for (const tr of $("sagas").tBodies[0].rows) tr.onclick = () => loadGraph(tr.dataset.saga);

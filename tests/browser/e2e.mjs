@@ -23,6 +23,9 @@ try {
   await failedRow.waitFor({ timeout: 15000 });
   if (!(await failedRow.textContent()).includes("failed")) throw new Error("the parked saga is not shown as failed");
   await page.locator("#health.ok").waitFor({ timeout: 15000 });
+  // Live instances per saga version (nothing live once every saga ended or parked).
+  const live = await page.locator("#sagas tbody td.live-versions").first().textContent();
+  if (!/^(none|v\d+: \d+( · v\d+: \d+)*)$/.test(live)) throw new Error(`live per version shows ${live}`);
 
   // Its timeline shows the failed attempt as a picture, with the error.
   await failedRow.click();
