@@ -9,14 +9,7 @@ use crate::helpers::{TestEnv, start, test_sagas};
 
 /// `(step_name, phase, outcome)` of every applied attempt of `instance`, in order.
 async fn attempts(env: &TestEnv, instance: uuid::Uuid) -> Vec<(String, String, String)> {
-    sqlx::query_as(
-        "SELECT step_name, phase, outcome FROM skald.inbox \
-         WHERE instance_id = $1 AND disposition = 'applied' ORDER BY finished_at",
-    )
-    .bind(instance)
-    .fetch_all(&env.pool)
-    .await
-    .expect("read attempts")
+    env.attempts(instance, "step_name, phase, outcome").await
 }
 
 fn row(step: &str, phase: &str, outcome: &str) -> (String, String, String) {

@@ -28,14 +28,11 @@ struct Attempt {
 }
 
 async fn attempts(env: &TestEnv, instance: Uuid) -> Vec<Attempt> {
-    sqlx::query_as(
-        "SELECT step_name, phase, outcome, error_kind, started_at, finished_at, outgoing \
-         FROM skald.inbox WHERE instance_id = $1 AND disposition = 'applied' ORDER BY finished_at",
+    env.attempts(
+        instance,
+        "step_name, phase, outcome, error_kind, started_at, finished_at, outgoing",
     )
-    .bind(instance)
-    .fetch_all(&env.pool)
     .await
-    .unwrap()
 }
 
 fn summary(attempts: &[Attempt]) -> Vec<String> {

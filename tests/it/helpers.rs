@@ -225,6 +225,22 @@ impl TestEnv {
         }
     }
 
+    /// The applied attempts of `instance`, oldest first, as rows of `columns` of
+    /// `skald.inbox` (one row per attempt: its step, outcome, error, what it sent...).
+    pub async fn attempts<T>(&self, instance: Uuid, columns: &str) -> Vec<T>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {columns} FROM skald.inbox \
+             WHERE instance_id = $1 AND disposition = 'applied' ORDER BY finished_at"
+        )))
+        .bind(instance)
+        .fetch_all(&self.pool)
+        .await
+        .expect("read attempts")
+    }
+
     /// How many instances are in `status`.
     pub async fn count_status(&self, status: &str) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM skald.instances WHERE status = $1")

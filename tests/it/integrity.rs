@@ -68,14 +68,7 @@ async fn finish(env: &TestEnv, saga: &str, aggregate: &str, payload: Value) -> (
 
 /// Every attempt of `instance`: (outcome, error kind, error).
 async fn attempts(env: &TestEnv, instance: Uuid) -> Vec<(String, Option<String>, Option<String>)> {
-    sqlx::query_as(
-        "SELECT outcome, error_kind, error FROM skald.inbox \
-         WHERE instance_id = $1 AND disposition = 'applied' ORDER BY finished_at",
-    )
-    .bind(instance)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap()
+    env.attempts(instance, "outcome, error_kind, error").await
 }
 
 #[derive(Debug, PartialEq, sqlx::FromRow)]
