@@ -136,7 +136,10 @@ enum DlqCmd {
 /// Parses the arguments, runs the command, and maps failure to a non-zero exit.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    if let Err(e) = init_tracing() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -146,18 +149,35 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Logs to stderr, filtered by `SKALD_LOG`, as text or (`SKALD_LOG_FORMAT=json`) one
+/// JSON object per line carrying the fields of the spans it happened in.
+fn init_tracing() -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SKALD_LOG")
         // lapin logs every broker error itself, besides the error skald reports with
         // what it was doing: off by default, so that each problem is said once.
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=off"));
-    // Colours only on a terminal: logs piped to files or collectors stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let format = std::env::var("SKALD_LOG_FORMAT").unwrap_or_default();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format.as_str() {
+        "" | "text" => {
+            // Colours only on a terminal: logs piped to files stay plain text.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            builder.with_ansi(ansi).init();
+        }
+        "json" => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        other => {
+            return Err(format!(
+                "SKALD_LOG_FORMAT={other:?} is invalid: expected text or json"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An actix system on a multi-threaded tokio runtime: actors run on the system's

@@ -349,8 +349,31 @@ impl Engine {
     }
 
     /// Handles one job completely — commit, publish, ack — retrying through
-    /// infrastructure failures until it succeeds or shutdown begins.
+    /// infrastructure failures until it succeeds or shutdown begins. Everything it logs
+    /// happens in a `message` span naming the saga, instance, aggregate and step.
     pub async fn process(&self, job: Job, delivery: Delivery) {
+        let env = &job.envelope;
+        let (instance, cursor) = match env.command {
+            Command::Start => (instance_id_for(env.message_id), Cursor::START),
+            Command::Run {
+                instance_id,
+                cursor,
+            } => (instance_id, cursor),
+        };
+        let span = tracing::info_span!(
+            "message",
+            saga = %job.saga.name,
+            instance = %instance,
+            aggregate = %job.aggregate_id,
+            step = cursor.step,
+            phase = cursor.phase.as_str(),
+            attempt = cursor.attempt,
+            message_id = %env.message_id,
+        );
+        tracing::Instrument::instrument(self.process_in_span(job, delivery), span).await
+    }
+
+    async fn process_in_span(&self, job: Job, delivery: Delivery) {
         let started = Instant::now();
         let mut tries = 0;
         let mut stuck = false;

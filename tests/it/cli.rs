@@ -360,3 +360,56 @@ async fn dlq_list_json_prints_one_object_per_line_at_most_100_by_default() {
     assert_eq!(list(&["--limit", "1000"]).len(), 101);
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn json_logs_are_one_object_per_line_carrying_the_instance() {
+    let env =
+        TestEnv::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/failing")).await;
+    let ids = env
+        .publish_starts(vec![crate::helpers::start(
+            "fatal_third",
+            "k-1",
+            1,
+            serde_json::json!({"key": "k-1"}),
+        )])
+        .await;
+    let instance = skald::envelope::instance_id_for(ids[0]).to_string();
+    let mut child = env
+        .skald(&["run"])
+        .env("SKALD_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn skald run");
+    env.wait_for_terminal(1, Duration::from_secs(60)).await;
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    wait_child(&mut child, Duration::from_secs(30));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    // The failed third step is logged inside its message's span, instance and all.
+    let failed = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "step attempt failed")
+        .unwrap_or_else(|| panic!("no failed attempt logged: {stderr}"));
+    assert_eq!(failed["span"]["instance"], instance.as_str(), "{failed}");
+    assert_eq!(failed["span"]["saga"], "fatal_third");
+    assert_eq!(failed["level"], "INFO");
+
+    let bad = env
+        .skald(&["status"])
+        .env("SKALD_LOG_FORMAT", "yaml")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("SKALD_LOG_FORMAT=\"yaml\" is invalid"));
+    env.cleanup().await;
+}
