@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::envelope::{Envelope, Outgoing, UNROUTED_KEY, holds_nul};
+use crate::envelope::{Envelope, Outgoing, UNROUTED_KEY, nul_path};
 use crate::saga::decide;
 use crate::store::dead_letters::{self, DeadLetterKind, DeadLetterStatus};
 use crate::store::{Store, StoreError, lock_instance, resume_instance};
@@ -123,11 +123,10 @@ pub async fn replay(
             ));
         }
         // What PostgreSQL could not store is refused here, not by a database error.
-        if holds_nul(d) {
-            return Err(DlqError::BadPayload(
-                "the payload contains a NUL character (\\u0000), which PostgreSQL cannot store"
-                    .into(),
-            ));
+        if let Some(path) = nul_path(d, "payload") {
+            return Err(DlqError::BadPayload(format!(
+                "{path} contains a NUL character (\\u0000), which PostgreSQL cannot store"
+            )));
         }
     }
     let mut tx = store.pool().begin().await?;

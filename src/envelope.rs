@@ -206,9 +206,10 @@ pub enum Malformed {
     /// The aggregate id is empty or longer than [`MAX_AGGREGATE_ID_BYTES`].
     #[error("aggregate id must be 1 to {MAX_AGGREGATE_ID_BYTES} bytes, got {0}")]
     BadAggregate(usize),
-    /// A string holds NUL (`\u0000`), which PostgreSQL cannot store in text or jsonb.
+    /// A string holds NUL (`\u0000`), which PostgreSQL cannot store in text or jsonb;
+    /// where (`payload.note`).
     #[error("{0} contains a NUL character (\\u0000), which PostgreSQL cannot store")]
-    NulCharacter(&'static str),
+    NulCharacter(String),
 }
 
 /// `1, 2, 3`.
@@ -325,13 +326,12 @@ impl Envelope {
             )));
         }
         if self.saga.contains('\0') {
-            return Err(Malformed::NulCharacter("saga"));
+            return Err(Malformed::NulCharacter("saga".into()));
         }
-        if holds_nul(&self.payload) {
-            return Err(Malformed::NulCharacter("payload"));
-        }
-        if holds_nul(&self.outputs) {
-            return Err(Malformed::NulCharacter("outputs"));
+        for (field, value) in [("payload", &self.payload), ("outputs", &self.outputs)] {
+            if let Some(path) = nul_path(value, field) {
+                return Err(Malformed::NulCharacter(path));
+            }
         }
         Ok(())
     }
@@ -358,18 +358,35 @@ pub fn check_aggregate_id(id: &str) -> Result<(), Malformed> {
         return Err(Malformed::BadAggregate(id.len()));
     }
     if id.contains('\0') {
-        return Err(Malformed::NulCharacter("aggregate_id"));
+        return Err(Malformed::NulCharacter("aggregate_id".into()));
     }
     Ok(())
 }
 
-/// Whether any string or object key in `value` holds NUL.
-pub fn holds_nul(value: &Value) -> bool {
+/// The path (`at.b[2]`, or `.` for `value` itself when `at` is empty) of the first
+/// string or object key in `value` holding a NUL character, which PostgreSQL cannot
+/// store in text or jsonb; `None` when there is none.
+pub fn nul_path(value: &Value, at: &str) -> Option<String> {
+    let here = || if at.is_empty() { ".".into() } else { at.into() };
     match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(holds_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
-        _ => false,
+        Value::String(s) if s.contains('\0') => Some(here()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_path(v, &format!("{at}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let path = if at.is_empty() {
+                k.clone()
+            } else {
+                format!("{at}.{k}")
+            };
+            if k.contains('\0') {
+                Some(path.replace('\0', "\\0"))
+            } else {
+                nul_path(v, &path)
+            }
+        }),
+        _ => None,
     }
 }
 
@@ -561,6 +578,15 @@ mod tests {
             let err = Envelope::parse(&body).unwrap_err();
             assert_eq!(err.code(), code, "{err}");
         }
+    }
+
+    #[test]
+    fn nul_characters_are_found_with_their_path() {
+        let v = serde_json::json!({"a": {"b": ["x", "y\u{0}"]}, "c": 1});
+        assert_eq!(nul_path(&v, "").as_deref(), Some("a.b[1]"));
+        let key = serde_json::json!({"k\u{0}": 1});
+        assert_eq!(nul_path(&key, "").as_deref(), Some("k\\0"));
+        assert_eq!(nul_path(&serde_json::json!({"a": "fine"}), ""), None);
     }
 
     #[test]

@@ -125,7 +125,7 @@ fn parse_json<T: Input>(bytes: &[u8]) -> Result<T, ApiError> {
             "invalid JSON body: expected a JSON object".into(),
         ));
     }
-    if let Some(path) = nul_path(&raw, "") {
+    if let Some(path) = crate::envelope::nul_path(&raw, "") {
         return Err(ApiError::BadRequest(format!(
             "invalid JSON body at `{path}`: contains a NUL character (\\u0000)"
         )));
@@ -154,31 +154,6 @@ fn parse_query<T: Input>(query: &str) -> Result<T, ApiError> {
     })?;
     value.validate()?;
     Ok(value)
-}
-
-/// The path (`a.b[2]`) of the first string or key holding a NUL character.
-fn nul_path(value: &Value, at: &str) -> Option<String> {
-    let here = || if at.is_empty() { ".".into() } else { at.into() };
-    match value {
-        Value::String(s) if s.contains('\0') => Some(here()),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .find_map(|(i, v)| nul_path(v, &format!("{at}[{i}]"))),
-        Value::Object(map) => map.iter().find_map(|(k, v)| {
-            let path = if at.is_empty() {
-                k.clone()
-            } else {
-                format!("{at}.{k}")
-            };
-            if k.contains('\0') {
-                Some(path.replace('\0', "\\0"))
-            } else {
-                nul_path(v, &path)
-            }
-        }),
-        _ => None,
-    }
 }
 
 /// serde names the Rust integer type it expected (`expected u32`); clients are told
@@ -227,15 +202,6 @@ pub fn check_time(field: &str, value: Option<&DateTime<Utc>>) -> Result<(), ApiE
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nul_characters_are_found_with_their_path() {
-        let v = serde_json::json!({"a": {"b": ["x", "y\u{0}"]}, "c": 1});
-        assert_eq!(nul_path(&v, "").as_deref(), Some("a.b[1]"));
-        let key = serde_json::json!({"k\u{0}": 1});
-        assert_eq!(nul_path(&key, "").as_deref(), Some("k\\0"));
-        assert_eq!(nul_path(&serde_json::json!({"a": "fine"}), ""), None);
-    }
 
     #[test]
     fn messages_name_no_rust_integer_type() {

@@ -373,9 +373,9 @@ trait Chaos: FaultPlan {
 struct Plan {
     steps: Vec<String>,
     point: Option<Point>,
-    fired: Mutex<bool>,
-    triggered: Mutex<bool>,
-    transport_fired: Mutex<bool>,
+    fired: AtomicBool,
+    triggered: AtomicBool,
+    transport_fired: AtomicBool,
     crashed: AtomicBool,
 }
 
@@ -384,9 +384,9 @@ impl Plan {
         Plan {
             steps: saga.steps.iter().map(|s| s.name.clone()).collect(),
             point,
-            fired: Mutex::new(false),
-            triggered: Mutex::new(false),
-            transport_fired: Mutex::new(false),
+            fired: AtomicBool::new(false),
+            triggered: AtomicBool::new(false),
+            transport_fired: AtomicBool::new(false),
             crashed: AtomicBool::new(false),
         }
     }
@@ -397,8 +397,8 @@ impl Plan {
 }
 
 /// Sets `flag` and says whether it was clear: a fault fires once.
-fn first_time(flag: &Mutex<bool>) -> bool {
-    !std::mem::replace(&mut *flag.lock().expect("plan lock"), true)
+fn first_time(flag: &AtomicBool) -> bool {
+    !flag.swap(true, Ordering::SeqCst)
 }
 
 impl FaultPlan for Plan {

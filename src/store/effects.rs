@@ -112,7 +112,8 @@ async fn run_sql(
         Some(Either::Left(types)) => types,
         _ => &[],
     };
-    let mut q = sqlx::query(AssertSqlSafe(action.statement.clone()));
+    // Executed as the statement just prepared: no second copy of its text.
+    let mut q = prepared.query();
     for (i, r) in action.params.iter().enumerate() {
         let name = action.param_names.get(i).map_or("?", String::as_str);
         let value = r

@@ -76,13 +76,8 @@ async fn start_prints_ids_after_confirm_and_status_counts_the_result() {
     env.wait_for_terminal(1, Duration::from_secs(30)).await;
     app.stop().await;
 
-    let out = env.skald(&["status", "--json"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&env.skald_ok(&["status", "--json"])).unwrap();
     assert_eq!(report["sagas"]["order_checkout"]["completed"], 1);
     assert_eq!(report["sagas"]["order_checkout"]["running"], 0);
 

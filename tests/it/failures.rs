@@ -188,18 +188,7 @@ async fn a_compensation_failing_for_good_parks_the_saga_and_a_replay_finishes_it
 
     // Fix the cause, then replay through the CLI, twice.
     open_gate(&env).await;
-    let replay = || {
-        let out = env
-            .skald(&["dlq", "replay", &letter.to_string(), "--by", "test"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
+    let replay = || env.skald_ok(&["dlq", "replay", &letter.to_string(), "--by", "test"]);
     assert!(replay().starts_with("replayed"));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while status_of(&env, instance).await != "compensated" {

@@ -137,6 +137,18 @@ impl TestEnv {
         cmd
     }
 
+    /// `skald <args>` run to its end, which must succeed (else the test fails with its
+    /// stderr); its stdout.
+    pub fn skald_ok(&self, args: &[&str]) -> String {
+        let out = self.skald(args).output().expect("run skald");
+        assert!(
+            out.status.success(),
+            "skald {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
     /// Starts `skald run` as a child process (extra env on top of this test's).
     pub fn spawn_process(&self, extra_env: &[(&str, &str)]) -> Child {
         self.skald(&["run"])

@@ -164,11 +164,10 @@ async fn version_1_instances_finish_on_version_1_while_new_starts_run_version_2(
         { "saga": "stepped", "version": 1, "live": 2 },
         { "saga": "stepped", "version": 2, "live": 2 },
     ]);
-    let out = env.skald(&["status", "--json"]).output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&env.skald_ok(&["status", "--json"])).unwrap();
     assert_eq!(report["live_per_version"], live);
-    let out = env.skald(&["status"]).output().unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
+    let table = env.skald_ok(&["status"]);
     let rows: Vec<Vec<&str>> = table
         .lines()
         .skip_while(|l| !l.starts_with("saga ") || !l.contains("version"))
@@ -334,15 +333,7 @@ async fn removing_a_version_with_live_instances_is_refused_unless_told_to_park_t
     dir.add("stepped.v1.yaml");
     let app = env.start_app().await;
     open_gate(&env).await;
-    let out = env
-        .skald(&["dlq", "replay", &letter.to_string(), "--by", "test"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.skald_ok(&["dlq", "replay", &letter.to_string(), "--by", "test"]);
     wait_for_status(&env, live, "completed").await;
     app.stop().await;
     assert_eq!(effects(&env, live).await, ["one v1", "two v1", "three v1"]);
