@@ -392,7 +392,7 @@ pub fn nul_path(value: &Value, at: &str) -> Option<String> {
 
 /// Walks the JSON once more to find repeated keys in any object. serde_json keeps the
 /// last value of a repeated key, which would let two readers of one message disagree.
-fn reject_duplicate_keys(text: &str) -> Result<(), Malformed> {
+pub(crate) fn reject_duplicate_keys(text: &str) -> Result<(), Malformed> {
     use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
     use std::collections::HashSet;
     use std::fmt;

@@ -73,6 +73,7 @@ pub mod faults;
 pub mod handlers;
 pub mod metrics;
 pub mod operator;
+pub mod participant;
 pub mod saga;
 pub mod seen;
 pub mod store;
