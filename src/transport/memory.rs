@@ -12,6 +12,10 @@
 //!   ready, shortest delay first — time is not what `explore` tests, order is.
 //! - Dead letters are kept with their reason.
 //!
+//! - Endpoints: every clone shares one in-memory broker; [`MemoryTransport::endpoint`]
+//!   gives the transport of another endpoint (a participant service's queues), and
+//!   [`Transport::send_to`] publishes to it.
+//!
 //! Faults can be injected on purpose: lose the next publish confirm (the message does
 //! go out, the publisher hears an error), deliver the next message twice, or let the
 //! previous delivery come again after the next one (an old message overtaking).
@@ -24,7 +28,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use tokio::sync::Notify;
 
-use super::{Acknowledge, Delivery, Transport, TransportError};
+use super::{Acknowledge, Delivery, Endpoint, Transport, TransportError};
 
 /// A message that cannot be processed, kept with its reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,12 +66,18 @@ struct State {
     stopped: bool,
 }
 
-/// The in-memory transport. Cheap to clone; clones share the queues.
+/// The in-memory transport of one endpoint. Cheap to clone; clones share the queues.
 #[derive(Debug, Clone)]
 pub struct MemoryTransport {
     state: Arc<Mutex<State>>,
     arrived: Arc<Notify>,
+    /// Every endpoint's queues on this in-memory broker, this one's included.
+    endpoints: Arc<Mutex<Registry>>,
+    home: Endpoint,
 }
+
+/// The queues (and their wake-up) of each endpoint of one in-memory broker.
+type Registry = std::collections::HashMap<Endpoint, (Arc<Mutex<State>>, Arc<Notify>)>;
 
 struct MemoryAck {
     state: Arc<Mutex<State>>,
@@ -107,13 +117,49 @@ impl MemoryTransport {
     }
 
     fn with_epoch(epoch: Option<Instant>) -> Self {
+        let queues = Self::queues(epoch);
+        let endpoints = Arc::new(Mutex::new(Registry::from([(
+            Endpoint::Orchestrator,
+            queues.clone(),
+        )])));
         MemoryTransport {
-            state: Arc::new(Mutex::new(State {
-                epoch,
-                ..State::default()
-            })),
-            arrived: Arc::new(Notify::new()),
+            state: queues.0,
+            arrived: queues.1,
+            endpoints,
+            home: Endpoint::Orchestrator,
         }
+    }
+
+    fn queues(epoch: Option<Instant>) -> (Arc<Mutex<State>>, Arc<Notify>) {
+        let state = State {
+            epoch,
+            ..State::default()
+        };
+        (Arc::new(Mutex::new(state)), Arc::new(Notify::new()))
+    }
+
+    /// The transport of endpoint `to` on the same in-memory broker (its queues are
+    /// created empty, on the same clock, the first time it is asked for).
+    pub fn endpoint(&self, to: &Endpoint) -> MemoryTransport {
+        let epoch = self.lock().epoch;
+        let (state, arrived) = self
+            .endpoints
+            .lock()
+            .expect("endpoints lock")
+            .entry(to.clone())
+            .or_insert_with(|| Self::queues(epoch))
+            .clone();
+        MemoryTransport {
+            state,
+            arrived,
+            endpoints: self.endpoints.clone(),
+            home: to.clone(),
+        }
+    }
+
+    /// The endpoint this transport consumes.
+    pub fn home(&self) -> &Endpoint {
+        &self.home
     }
 
     /// Milliseconds since the epoch (0 in logical time).
@@ -263,6 +309,22 @@ impl Transport for MemoryTransport {
         })
     }
 
+    fn send_to<'a>(
+        &'a self,
+        to: &'a Endpoint,
+        _key: &'a str,
+        body: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            let target = self.endpoint(to);
+            target.enqueue(body.to_vec(), 0);
+            if std::mem::take(&mut self.lock().lose_next_confirm) {
+                return Err(TransportError::Connection("confirm lost (injected)".into()));
+            }
+            Ok(())
+        })
+    }
+
     fn dead_letter<'a>(
         &'a self,
         body: &'a [u8],
@@ -377,6 +439,22 @@ mod tests {
         }
         assert_eq!(seen, [0, 1, 2]);
         assert_eq!(t.pending(), (0, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn send_to_reaches_only_the_named_endpoint_and_back() {
+        let skald = MemoryTransport::new();
+        let stock = Endpoint::Service("stock".into());
+        skald.send_to(&stock, "k", b"command").await.unwrap();
+        assert!(skald.next().is_none(), "not in skald's own intake");
+        let service = skald.endpoint(&stock);
+        assert_eq!(service.home(), &stock);
+        assert_eq!(service.next().unwrap().body, b"command");
+        service
+            .send_to(&Endpoint::Orchestrator, "k", b"reply")
+            .await
+            .unwrap();
+        assert_eq!(skald.next().unwrap().body, b"reply");
     }
 
     #[tokio::test]

@@ -16,12 +16,48 @@
 //! 5. per-key FIFO: messages published under one key (the aggregate id) are delivered
 //!    in publish order, to one active consumer at a time; when that consumer dies, its
 //!    unacked deliveries go, in order, to the next one before anything newer of the key.
+//!
+//! **Endpoints.** A transport is opened for one *home* [`Endpoint`] — skald's intake, or
+//! a participant service's queues. Consuming, publishing (delays included),
+//! dead-lettering and queue depths act on the home endpoint;
+//! [`Transport::send_to`] reaches another endpoint's intake (skald sending a command to
+//! a service, a service replying to skald), with the same promises 1 and 5.
 
 pub mod memory;
 pub mod rabbitmq;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
+
+/// A set of queues one kind of consumer reads: skald's own intake, or a participant
+/// service's. Each endpoint has its own partitions, delays and dead letters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// skald's intake: starts, run messages, replies from services, reply timers.
+    Orchestrator,
+    /// A participant service's command and event queue, by service name.
+    Service(String),
+}
+
+impl Endpoint {
+    /// The prefix of this endpoint's queue names in `namespace`: the namespace itself
+    /// for skald, `NS.svc.<service>` for a service.
+    pub fn prefix(&self, namespace: &str) -> String {
+        match self {
+            Endpoint::Orchestrator => namespace.to_string(),
+            Endpoint::Service(name) => format!("{namespace}.svc.{name}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Orchestrator => f.write_str("skald"),
+            Endpoint::Service(name) => write!(f, "service {name}"),
+        }
+    }
+}
 
 /// A transport failure. Once running, always treated as an infrastructure problem: the
 /// caller retries later, and an unacknowledged delivery is redelivered, so nothing is
@@ -95,6 +131,16 @@ pub trait Transport: Send + Sync + 'static {
         key: &'a str,
         body: &'a [u8],
         delay_ms: u64,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Publishes `body` to the intake of endpoint `to` under `key`, at once, returning
+    /// once the broker confirmed it. Creates `to`'s queues if they do not exist yet, so a
+    /// message sent before its endpoint's consumer first starts is kept.
+    fn send_to<'a>(
+        &'a self,
+        to: &'a Endpoint,
+        key: &'a str,
+        body: &'a [u8],
     ) -> BoxFuture<'a, Result<(), TransportError>>;
 
     /// Stores `body` durably in the dead-letter queue with `reason` attached,

@@ -10,6 +10,11 @@
 //! | `NS.delay.<ms>` | durable queues, `x-message-ttl` = ms, dead-letter to `NS` | retries waiting out their backoff |
 //! | `NS.dlx` → `NS.dead` | fanout exchange → durable queue | dead letters, kept for a person |
 //!
+//! A participant service's endpoint has the same set of names under the prefix
+//! `NS.svc.<service>` (its intake exchange `NS.svc.<service>`, partitions
+//! `NS.svc.<service>.p.<i>`, …). Whoever first sends to an endpoint, or consumes it,
+//! declares them.
+//!
 //! **Partitions.** The consistent-hash exchange (shipped with RabbitMQ, enabled with
 //! `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange`) sends every message of
 //! one aggregate to the same partition queue. Each partition queue has
@@ -50,7 +55,7 @@ use lapin::{
 };
 use tokio::sync::Mutex;
 
-use super::{Acknowledge, Delivery, Transport, TransportError};
+use super::{Acknowledge, Delivery, Endpoint, Transport, TransportError};
 use crate::config::Config;
 use crate::saga::definition::limits::MAX_RETRY_DELAY_MS;
 
@@ -124,12 +129,15 @@ impl Topology {
 struct Link {
     connection: Connection,
     publisher: Channel,
+    /// Other endpoints' topologies declared on this connection (by intake exchange).
+    declared: std::collections::HashSet<String>,
 }
 
 /// skald's RabbitMQ transport: one connection, a confirming publish channel shared by
 /// all publishers, and a consume channel with a bounded prefetch.
 pub struct RabbitTransport {
     url: String,
+    namespace: String,
     topology: Topology,
     prefetch: u16,
     /// Pause between subscribing to two partitions (see `consume`).
@@ -197,12 +205,22 @@ fn text(s: &str) -> AMQPValue {
 }
 
 impl RabbitTransport {
-    /// Connects to the broker of `config` and declares its topology. Must be called
-    /// inside a tokio runtime.
+    /// Connects to the broker of `config` as skald's intake and declares its topology.
+    /// Must be called inside a tokio runtime.
     pub async fn connect(config: &Config) -> Result<Arc<RabbitTransport>, TransportError> {
+        Self::connect_as(config, Endpoint::Orchestrator).await
+    }
+
+    /// Connects to the broker of `config` for the endpoint `home` (what it consumes)
+    /// and declares its topology.
+    pub async fn connect_as(
+        config: &Config,
+        home: Endpoint,
+    ) -> Result<Arc<RabbitTransport>, TransportError> {
         let transport = RabbitTransport {
             url: config.amqp_url.clone(),
-            topology: Topology::new(&config.namespace, config.partitions),
+            namespace: config.namespace.clone(),
+            topology: Topology::new(&home.prefix(&config.namespace), config.partitions),
             prefetch: config.prefetch,
             stagger: config.subscribe_stagger,
             link: Mutex::new(None),
@@ -257,8 +275,35 @@ impl RabbitTransport {
         *guard = Some(Link {
             connection,
             publisher: publisher.clone(),
+            declared: Default::default(),
         });
         Ok(publisher)
+    }
+
+    /// The intake exchange of `to`, declaring `to`'s topology first if this connection
+    /// has not yet (it may be the first to send there).
+    async fn intake_of(&self, to: &Endpoint) -> Result<String, TransportError> {
+        let topology = Topology::new(
+            &to.prefix(&self.namespace),
+            self.topology.partitions.len() as u16,
+        );
+        if topology.exchange == self.topology.exchange {
+            return Ok(topology.exchange);
+        }
+        let channel = self.link().await?;
+        let known = self
+            .link
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|l| l.declared.contains(&topology.exchange));
+        if !known {
+            declare(&channel, &topology).await.map_err(setup_err)?;
+            if let Some(link) = self.link.lock().await.as_mut() {
+                link.declared.insert(topology.exchange.clone());
+            }
+        }
+        Ok(topology.exchange)
     }
 
     /// A fresh channel on the current connection (reconnecting if it is down).
@@ -450,6 +495,21 @@ impl Transport for RabbitTransport {
                 self.publish_confirmed(&self.topology.delay_exchange, key, body, properties)
                     .await
             }
+        })
+    }
+
+    fn send_to<'a>(
+        &'a self,
+        to: &'a Endpoint,
+        key: &'a str,
+        body: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            let exchange = self.intake_of(to).await?;
+            let properties =
+                BasicProperties::default().with_content_type("application/json".into());
+            self.publish_confirmed(&exchange, key, body, properties)
+                .await
         })
     }
 

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use skald::transport::memory::MemoryTransport;
 use skald::transport::rabbitmq::RabbitTransport;
-use skald::transport::{Delivery, Transport};
+use skald::transport::{Delivery, Endpoint, Transport};
 
 use crate::helpers::{TestEnv, test_sagas};
 
@@ -27,6 +27,16 @@ impl Harness {
                 .await
                 .expect("connect"),
             Harness::Memory(t) => Arc::new(t.clone()),
+        }
+    }
+
+    /// A connection whose home is participant service `name`'s endpoint.
+    async fn open_service(&self, name: &str) -> Arc<dyn Transport> {
+        match self {
+            Harness::Rabbit(env) => RabbitTransport::connect_as(&env.config, env.service(name))
+                .await
+                .expect("connect"),
+            Harness::Memory(t) => Arc::new(t.endpoint(&Endpoint::Service(name.into()))),
         }
     }
 
@@ -196,12 +206,38 @@ async fn each_keys_messages_arrive_in_publish_order(h: &Harness) {
     t.close().await;
 }
 
+/// Endpoints: a message sent to a service before that service ever ran is kept for it,
+/// reaches only its consumer, and its reply reaches skald's intake, both confirmed.
+async fn send_to_reaches_only_that_endpoint(h: &Harness) {
+    let skald = h.open().await;
+    skald
+        .send_to(&Endpoint::Service("stock".into()), "e", b"command")
+        .await
+        .expect("confirmed, though the service never ran");
+    let service = h.open_service("stock").await;
+    let mut commands = service.consume().await.expect("consume");
+    let got = take(&mut commands, 1, WAIT).await;
+    assert_eq!(bodies(&got), ["command"]);
+    ack_all(got).await;
+    service
+        .send_to(&Endpoint::Orchestrator, "e", b"reply")
+        .await
+        .expect("confirmed");
+    let mut intake = skald.consume().await.expect("consume");
+    let got = take(&mut intake, 2, Duration::from_secs(2)).await;
+    assert_eq!(bodies(&got), ["reply"], "the command never reached skald");
+    ack_all(got).await;
+    service.close().await;
+    skald.close().await;
+}
+
 async fn keeps_every_promise(h: &Harness) {
     published_messages_are_delivered_and_acked_ones_are_gone(h).await;
     a_dead_consumers_unacked_deliveries_come_again_in_order(h).await;
     a_delayed_message_is_never_early(h).await;
     a_dead_letter_is_stored(h).await;
     each_keys_messages_arrive_in_publish_order(h).await;
+    send_to_reaches_only_that_endpoint(h).await;
 }
 
 #[actix_rt::test]

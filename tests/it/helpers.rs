@@ -20,8 +20,8 @@ use skald::config::Config;
 use skald::engine::{Engine, Faults};
 use skald::envelope::{Envelope, Outgoing};
 use skald::handlers::Handlers;
-use skald::transport::Transport;
 use skald::transport::rabbitmq::{RabbitTransport, Topology};
+use skald::transport::{Endpoint, Transport};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
 use uuid::Uuid;
@@ -44,6 +44,9 @@ pub struct TestEnv {
     pub config: Config,
     pub name: String,
     pub pool: PgPool,
+    /// Participant service endpoints the test used ([`TestEnv::service`]): their
+    /// queues are removed with the environment's.
+    services: std::sync::Mutex<Vec<String>>,
     /// [`TestEnv::cleanup`] ran; otherwise dropping the value cleans up.
     cleaned: bool,
 }
@@ -83,6 +86,7 @@ impl TestEnv {
             config,
             name,
             pool,
+            services: Default::default(),
             cleaned: false,
         }
     }
@@ -329,11 +333,28 @@ impl TestEnv {
         Topology::new(&self.config.namespace, self.config.partitions)
     }
 
+    /// The endpoint of participant service `name` in this environment's namespace;
+    /// its queues are removed at cleanup.
+    pub fn service(&self, name: &str) -> Endpoint {
+        self.services.lock().unwrap().push(name.to_string());
+        Endpoint::Service(name.to_string())
+    }
+
+    /// Every topology this environment's queues may be in: skald's and its services'.
+    fn topologies(&self) -> Vec<Topology> {
+        let mut all = vec![self.topology()];
+        for name in self.services.lock().unwrap().iter() {
+            let prefix = Endpoint::Service(name.clone()).prefix(&self.config.namespace);
+            all.push(Topology::new(&prefix, self.config.partitions));
+        }
+        all
+    }
+
     /// Drops the database and deletes the queues.
     pub async fn cleanup(mut self) {
         self.cleaned = true;
         self.pool.close().await;
-        remove(&self.name, self.topology()).await;
+        remove(&self.name, self.topologies()).await;
     }
 }
 
@@ -344,13 +365,13 @@ impl Drop for TestEnv {
         if self.cleaned {
             return;
         }
-        let (name, topology) = (self.name.clone(), self.topology());
+        let (name, topologies) = (self.name.clone(), self.topologies());
         let removed = std::thread::spawn(move || {
             if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                rt.block_on(remove(&name, topology));
+                rt.block_on(remove(&name, topologies));
             }
         });
         let _ = removed.join();
@@ -358,23 +379,25 @@ impl Drop for TestEnv {
 }
 
 /// Deletes a test's queues and drops its database.
-async fn remove(name: &str, topology: Topology) {
+async fn remove(name: &str, topologies: Vec<Topology>) {
     if let Ok(conn) = Connection::connect(AMQP, ConnectionProperties::default()).await
         && let Ok(ch) = conn.create_channel().await
     {
-        for q in topology.all_queues() {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for x in [
-            &topology.exchange,
-            &topology.delay_exchange,
-            &topology.dead_exchange,
-        ] {
-            let _ = ch
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
+        for topology in &topologies {
+            for q in topology.all_queues() {
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            for x in [
+                &topology.exchange,
+                &topology.delay_exchange,
+                &topology.dead_exchange,
+            ] {
+                let _ = ch
+                    .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
         }
         let _ = conn.close(200, "".into()).await;
     }
