@@ -75,6 +75,7 @@ pub mod metrics;
 pub mod operator;
 pub mod participant;
 pub mod saga;
+pub mod scaffold;
 pub mod seen;
 pub mod store;
 pub mod transport;
