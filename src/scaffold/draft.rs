@@ -50,18 +50,24 @@ pub fn render(
     );
     w.line(&format!("name: {name}"));
     w.line("version: 1");
-    let first_param = steps
+    let params: Vec<String> = steps
         .iter()
         .flat_map(|s| param_names(&s.action.text))
-        .next();
-    match first_param {
+        .collect();
+    // An id names what the instance works on better than a quantity does.
+    let aggregate = params
+        .iter()
+        .find(|p| p.ends_with("_id"))
+        .or(params.first());
+    match aggregate {
         Some(p) => {
             w.todo(
                 "",
                 &format!(
                     "aggregate: the start payload's field naming what one instance works on \
                      (an order, an account): its messages are handled one at a time, in \
-                     order. The first parameter, `{p}`, was taken."
+                     order. `{p}` was taken: the first parameter named `…_id`, else the \
+                     first parameter."
                 ),
             );
             w.line(&format!("aggregate: payload.{p}"));
@@ -278,7 +284,7 @@ mod tests {
             ]
         );
         let y = &draft.yaml;
-        assert!(y.contains("aggregate: payload.qty"), "{y}");
+        assert!(y.contains("aggregate: payload.order_id"), "{y}");
         assert!(y.contains("  # Take it.\n"), "{y}");
         assert!(y.contains("expect_rows: 1  # the legacy transaction checked it (line 6)"), "{y}");
         // The payment id captured with \gset is the invoice's parameter.

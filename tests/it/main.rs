@@ -20,5 +20,6 @@ mod malformed;
 mod ordering;
 mod resilience;
 mod saga_flow;
+mod scaffold;
 mod scale;
 mod versions;
