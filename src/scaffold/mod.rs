@@ -62,13 +62,22 @@ pub enum ScaffoldError {
         what: String,
     },
     /// Anything else the scaffold cannot read, said plainly.
-    #[error("line {line}: {message}")]
+    #[error("{}", at_line(*line, message))]
     Unsupported {
         /// Where the problem is (0: the whole file).
         line: u64,
         /// What and why.
         message: String,
     },
+}
+
+/// `line <n>: <message>`, or the message alone for the whole file (line 0).
+fn at_line(line: u64, message: &str) -> String {
+    if line == 0 {
+        message.to_string()
+    } else {
+        format!("line {line}: {message}")
+    }
 }
 
 impl ScaffoldError {

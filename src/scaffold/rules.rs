@@ -9,7 +9,7 @@
 //! | `UPDATE t SET x = x - e` | as written | `UPDATE t SET x = x + e` (and `+` ↔ `-`) |
 //! | `UPDATE t SET x = e` (overwrite) | captures the old `x` with `FROM (SELECT … FOR UPDATE) old … RETURNING` | `UPDATE t SET x = :old_x` |
 //! | `DELETE FROM t …` | adds `RETURNING to_jsonb(t.*) AS old_row` | re-inserts it with `jsonb_populate_record` |
-//! | `SELECT … FOR UPDATE`, or a `SELECT` whose row count is checked | a `check` step | none: it changes nothing |
+//! | `SELECT … FOR UPDATE`, a `SELECT` whose row count is checked, or one read into psql variables (`\gset`) | a `check` step | none: it changes nothing |
 //! | anything else (`SELECT f()`, `CALL`, `MERGE` …) | as written | none: the scaffold cannot see what it changes, so it cannot be undone |
 //!
 //! An UPDATE's compensation keeps the legacy WHERE's conditions on columns it does not
@@ -105,8 +105,18 @@ pub fn draft_step(w: &Written) -> StepDraft {
         Statement::Insert(insert) => insert_step(insert, &w.sql, expect),
         Statement::Update(update) => update_step(update, &w.sql, expect),
         Statement::Delete(delete) => delete_step(delete, &w.sql, expect),
-        Statement::Query(query) if expect.is_some() || !query.locks.is_empty() => {
-            check_step(query, &w.sql)
+        Statement::Query(query) if expect.is_some() || !query.locks.is_empty() || w.gset => {
+            let mut step = check_step(query, &w.sql);
+            if w.gset {
+                step.todos.push(
+                    "the legacy transaction read this query's columns into psql variables \
+                     (\\gset), and a check step passes nothing on: fold the query into the \
+                     statements that use those variables (their parameters are taken from \
+                     the payload until then)"
+                        .into(),
+                );
+            }
+            step
         }
         other => opaque_step(other, &w.sql, w.line),
     };
@@ -766,6 +776,17 @@ mod tests {
         assert_eq!(s.action.expect_rows, Some(1));
         assert!(s.notes[0].contains("lock"));
         assert_eq!(step("SELECT 1 FROM t WHERE a = 1", Some(0)).undo, Undo::Nothing);
+        let w = Written {
+            statement: statement("SELECT price FROM shop.prices WHERE sku = :sku"),
+            sql: "SELECT price FROM shop.prices WHERE sku = :sku".into(),
+            line: 3,
+            comment: Vec::new(),
+            expect_rows: None,
+            gset: true,
+        };
+        let s = draft_step(&w);
+        assert_eq!((s.name.as_str(), &s.undo), ("check_prices", &Undo::Nothing));
+        assert!(s.todos[0].contains("psql variables"), "{:?}", s.todos);
     }
 
     #[test]
