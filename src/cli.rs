@@ -573,9 +573,11 @@ fn saga_name(name: &str) -> Result<String, String> {
     if valid {
         Ok(name.to_string())
     } else {
-        Err("a saga name is a lower-case letter then lower-case letters, digits or _, at \
+        Err(
+            "a saga name is a lower-case letter then lower-case letters, digits or _, at \
              most 63 characters"
-            .into())
+                .into(),
+        )
     }
 }
 

@@ -121,7 +121,12 @@ pub fn render(
                 .cloned()
                 .unwrap_or_else(|| format!("payload.{name}"))
         };
-        w.sql("      ", &step.action, &resolve, stmt.expect_rows.map(|(_, l)| l));
+        w.sql(
+            "      ",
+            &step.action,
+            &resolve,
+            stmt.expect_rows.map(|(_, l)| l),
+        );
         if stmt.gset {
             for column in &step.action.returning {
                 outputs.insert(column.clone(), format!("steps.{step_name}.{column}"));
@@ -178,7 +183,9 @@ fn unique_names(steps: &[StepDraft]) -> Vec<String> {
 /// The `:name` parameters of a statement, in order of first appearance (none when it
 /// does not compile: `skald validate` will say why).
 fn param_names(sql: &str) -> Vec<String> {
-    compile_named(sql).map(|(_, names)| names).unwrap_or_default()
+    compile_named(sql)
+        .map(|(_, names)| names)
+        .unwrap_or_default()
 }
 
 /// The YAML text being written, line by line, with its TODOs.
@@ -235,7 +242,10 @@ impl Writer {
             self.line(&format!("{indent}expect_rows: {rows}{why}"));
         }
         if !sql.returning.is_empty() {
-            self.line(&format!("{indent}returning: [{}]", sql.returning.join(", ")));
+            self.line(&format!(
+                "{indent}returning: [{}]",
+                sql.returning.join(", ")
+            ));
         }
     }
 }
@@ -286,9 +296,15 @@ mod tests {
         let y = &draft.yaml;
         assert!(y.contains("aggregate: payload.order_id"), "{y}");
         assert!(y.contains("  # Take it.\n"), "{y}");
-        assert!(y.contains("expect_rows: 1  # the legacy transaction checked it (line 6)"), "{y}");
+        assert!(
+            y.contains("expect_rows: 1  # the legacy transaction checked it (line 6)"),
+            "{y}"
+        );
         // The payment id captured with \gset is the invoice's parameter.
-        assert!(y.contains("payment_id: steps.insert_payments.payment_id"), "{y}");
+        assert!(
+            y.contains("payment_id: steps.insert_payments.payment_id"),
+            "{y}"
+        );
         assert!(y.contains("role: pivot"), "{y}");
         assert!(y.contains("    role: retriable\n"), "{y}");
         // The TODO list points at lines that say TODO.
@@ -298,7 +314,10 @@ mod tests {
         }
         assert!(draft.todos.iter().any(|(_, t)| t.starts_with("setup:")));
         assert!(draft.todos.iter().any(|(_, t)| t.starts_with("aggregate:")));
-        assert!(!draft.todos.iter().any(|(_, t)| t.starts_with("roles:")), "a pivot exists");
+        assert!(
+            !draft.todos.iter().any(|(_, t)| t.starts_with("roles:")),
+            "a pivot exists"
+        );
     }
 
     #[test]
@@ -320,7 +339,9 @@ mod tests {
         assert!(draft.todos.iter().any(|(_, t)| t.starts_with("roles:")));
         let errors = load_str(&draft.yaml, Path::new("d.yaml")).unwrap_err();
         assert!(
-            errors.iter().any(|e| e.to_string().contains("compensation")),
+            errors
+                .iter()
+                .any(|e| e.to_string().contains("compensation")),
             "{errors:?}"
         );
     }

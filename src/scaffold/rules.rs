@@ -177,14 +177,21 @@ pub fn insert_step(insert: &Insert, sql: &str, expect: Option<u64>) -> StepDraft
         }
         return step;
     }
+    if insert.on.is_some() {
+        step.todos.push(
+            "write the compensation: with ON CONFLICT and no RETURNING, the scaffold cannot \
+             tell whether the row was inserted or already there; add `RETURNING <key>` (only \
+             inserted rows are returned) and `DELETE … WHERE <key> = :<key>`"
+                .into(),
+        );
+        return step;
+    }
     match single_values_row(insert) {
         Some(pairs) if !pairs.is_empty() => {
             let condition = pairs
                 .iter()
                 .map(|(c, v)| match v {
-                    Expr::Value(value)
-                        if matches!(value.value, sqlparser::ast::Value::Null) =>
-                    {
+                    Expr::Value(value) if matches!(value.value, sqlparser::ast::Value::Null) => {
                         format!("{c} IS NULL")
                     }
                     v => format!("{c} = {v}"),
@@ -280,7 +287,7 @@ pub fn update_step(update: &Update, sql: &str, expect: Option<u64>) -> StepDraft
         let selection = update
             .selection
             .as_ref()
-            .map(|s| format!("\n WHERE {s}"))
+            .map(|s| format!("\n         WHERE {s}"))
             .unwrap_or_default();
         let captured = overwritten
             .iter()
@@ -501,13 +508,22 @@ fn change(assignment: &Assignment) -> Option<Change> {
                 BinaryOperator::Minus if is_column(left) => (right, "+"),
                 BinaryOperator::Plus if is_column(left) => (right, "-"),
                 BinaryOperator::Plus if is_column(right) => (left, "-"),
-                _ => return Some(Change { column, inverse: None }),
+                _ => {
+                    return Some(Change {
+                        column,
+                        inverse: None,
+                    });
+                }
             };
             let text = other.to_string();
             (!mentions(&text, &[column.as_str()])).then(|| {
                 let operand = match other.as_ref() {
-                    Expr::Value(_) | Expr::Identifier(_) | Expr::CompoundIdentifier(_)
-                    | Expr::Cast { .. } | Expr::Nested(_) | Expr::Function(_) => text,
+                    Expr::Value(_)
+                    | Expr::Identifier(_)
+                    | Expr::CompoundIdentifier(_)
+                    | Expr::Cast { .. }
+                    | Expr::Nested(_)
+                    | Expr::Function(_) => text,
                     _ => format!("({text})"),
                 };
                 format!("{column} {op} {operand}")
@@ -530,7 +546,15 @@ fn conjuncts(e: &Expr) -> Vec<&Expr> {
             out.extend(conjuncts(right));
             out
         }
-        Expr::Nested(inner) if matches!(inner.as_ref(), Expr::BinaryOp { op: BinaryOperator::And, .. }) => {
+        Expr::Nested(inner)
+            if matches!(
+                inner.as_ref(),
+                Expr::BinaryOp {
+                    op: BinaryOperator::And,
+                    ..
+                }
+            ) =>
+        {
             conjuncts(inner)
         }
         e => vec![e],
@@ -625,7 +649,9 @@ mod tests {
     use sqlparser::parser::Parser;
 
     fn statement(sql: &str) -> Statement {
-        Parser::parse_sql(&PostgreSqlDialect {}, sql).unwrap().remove(0)
+        Parser::parse_sql(&PostgreSqlDialect {}, sql)
+            .unwrap()
+            .remove(0)
     }
 
     fn step(sql: &str, expect: Option<u64>) -> StepDraft {
@@ -664,7 +690,10 @@ mod tests {
 
     #[test]
     fn insert_of_several_rows_returning_a_key_says_only_the_first_is_deleted() {
-        let s = step("INSERT INTO t (a) SELECT a FROM u RETURNING id AS t_id", None);
+        let s = step(
+            "INSERT INTO t (a) SELECT a FROM u RETURNING id AS t_id",
+            None,
+        );
         assert_eq!(compensation(&s), "DELETE FROM t WHERE t_id = :t_id");
         assert!(s.todos[0].contains("first inserted row only"));
     }
@@ -695,6 +724,15 @@ mod tests {
         assert!(s.todos[0].contains("ON CONFLICT"));
         let s = step("INSERT INTO t (a) VALUES (1) RETURNING *", None);
         assert_eq!(s.undo, Undo::Unknown);
+        let s = step("INSERT INTO t (k) VALUES (:k) ON CONFLICT DO NOTHING", None);
+        assert_eq!(s.undo, Undo::Unknown);
+        assert!(s.todos[0].contains("already there"));
+        // With RETURNING, only an inserted row is returned: deleting it is right.
+        let s = step(
+            "INSERT INTO t (k) VALUES (:k) ON CONFLICT DO NOTHING RETURNING id",
+            Some(1),
+        );
+        assert_eq!(compensation(&s), "DELETE FROM t WHERE id = :id");
     }
 
     #[test]
@@ -704,7 +742,10 @@ mod tests {
             Some(1),
         );
         assert_eq!(s.name, "update_stock");
-        assert_eq!(s.action.text, "UPDATE shop.stock SET available = available - :qty WHERE sku = :sku AND available >= :qty");
+        assert_eq!(
+            s.action.text,
+            "UPDATE shop.stock SET available = available - :qty WHERE sku = :sku AND available >= :qty"
+        );
         assert_eq!(s.action.expect_rows, Some(1));
         assert_eq!(
             compensation(&s),
@@ -730,7 +771,7 @@ mod tests {
         assert_eq!(s.action.returning, vec!["old_status", "old_shipped_at"]);
         assert_eq!(
             s.action.text,
-            "UPDATE shop.orders\n   SET status = 'shipped', shipped_at = now()\n  FROM (SELECT ctid AS old_ctid, status AS old_status, shipped_at AS old_shipped_at\n          FROM shop.orders\n WHERE order_id = :order_id AND status = 'paid'\n           FOR UPDATE) AS old\n WHERE orders.ctid = old.old_ctid\nRETURNING to_jsonb(old.old_status) AS old_status, to_jsonb(old.old_shipped_at) AS old_shipped_at"
+            "UPDATE shop.orders\n   SET status = 'shipped', shipped_at = now()\n  FROM (SELECT ctid AS old_ctid, status AS old_status, shipped_at AS old_shipped_at\n          FROM shop.orders\n         WHERE order_id = :order_id AND status = 'paid'\n           FOR UPDATE) AS old\n WHERE orders.ctid = old.old_ctid\nRETURNING to_jsonb(old.old_status) AS old_status, to_jsonb(old.old_shipped_at) AS old_shipped_at"
         );
         assert_eq!(
             compensation(&s),
@@ -770,12 +811,18 @@ mod tests {
 
     #[test]
     fn a_locking_or_counted_select_is_a_check() {
-        let s = step("SELECT 1 FROM bank.accounts WHERE id = :id FOR UPDATE", Some(1));
+        let s = step(
+            "SELECT 1 FROM bank.accounts WHERE id = :id FOR UPDATE",
+            Some(1),
+        );
         assert_eq!(s.name, "check_accounts");
         assert_eq!(s.undo, Undo::Nothing);
         assert_eq!(s.action.expect_rows, Some(1));
         assert!(s.notes[0].contains("lock"));
-        assert_eq!(step("SELECT 1 FROM t WHERE a = 1", Some(0)).undo, Undo::Nothing);
+        assert_eq!(
+            step("SELECT 1 FROM t WHERE a = 1", Some(0)).undo,
+            Undo::Nothing
+        );
         let w = Written {
             statement: statement("SELECT price FROM shop.prices WHERE sku = :sku"),
             sql: "SELECT price FROM shop.prices WHERE sku = :sku".into(),

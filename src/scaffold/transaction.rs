@@ -99,8 +99,7 @@ pub fn read(items: Vec<Item>) -> Result<Vec<Written>, ScaffoldError> {
             (Statement::Rollback { .. }, _, _) => {
                 return Err(ScaffoldError::Unsupported {
                     line,
-                    message: "ROLLBACK outside an \\if block: the transaction never commits"
-                        .into(),
+                    message: "ROLLBACK outside an \\if block: the transaction never commits".into(),
                 });
             }
             (Statement::Commit { .. }, Some(_), None) => committed = Some(line),
@@ -218,7 +217,8 @@ pub fn row_count_check(statement: &Statement) -> Option<u64> {
         _ => None,
     };
     match (value(left)?, value(right)?) {
-        (Value::Placeholder(p), Value::Number(n, _)) | (Value::Number(n, _), Value::Placeholder(p))
+        (Value::Placeholder(p), Value::Number(n, _))
+        | (Value::Number(n, _), Value::Placeholder(p))
             if p.eq_ignore_ascii_case(":row_count") =>
         {
             n.to_string().parse().ok()
@@ -258,13 +258,17 @@ mod tests {
                 first_end: 3
             }
         );
-        assert!(e.to_string().starts_with("line 5: a second transaction"), "{e}");
+        assert!(
+            e.to_string().starts_with("line 5: a second transaction"),
+            "{e}"
+        );
     }
 
     #[test]
     fn ddl_is_refused_naming_its_line_and_kind() {
-        let e = transaction("BEGIN;\nINSERT INTO t VALUES (1);\n  create table x (a int);\nCOMMIT;")
-            .unwrap_err();
+        let e =
+            transaction("BEGIN;\nINSERT INTO t VALUES (1);\n  create table x (a int);\nCOMMIT;")
+                .unwrap_err();
         assert_eq!(
             e,
             ScaffoldError::Ddl {
@@ -278,10 +282,13 @@ mod tests {
 
     #[test]
     fn a_statement_the_parser_rejects_names_its_line() {
-        let e = transaction("BEGIN;\nUPDATE t SET a = 1;\nUPDATE t SETT a = 2;\nCOMMIT;")
-            .unwrap_err();
+        let e =
+            transaction("BEGIN;\nUPDATE t SET a = 1;\nUPDATE t SETT a = 2;\nCOMMIT;").unwrap_err();
         assert!(matches!(e, ScaffoldError::Parse { line: 3, .. }), "{e:?}");
-        assert!(e.to_string().starts_with("line 3: the SQL parser rejects"), "{e}");
+        assert!(
+            e.to_string().starts_with("line 3: the SQL parser rejects"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -290,10 +297,22 @@ mod tests {
             ("UPDATE t SET a = 1;", 1, "outside BEGIN"),
             ("BEGIN;\nUPDATE t SET a = 1;\n", 1, "BEGIN without COMMIT"),
             ("-- nothing\n", 0, "no transaction"),
-            ("BEGIN;\nUPDATE t SET a = 1;\nROLLBACK;\n", 3, "never commits"),
-            ("BEGIN;\n\\if :x\nUPDATE t SET a = 1;\n\\endif\nCOMMIT;", 3, "\\if"),
+            (
+                "BEGIN;\nUPDATE t SET a = 1;\nROLLBACK;\n",
+                3,
+                "never commits",
+            ),
+            (
+                "BEGIN;\n\\if :x\nUPDATE t SET a = 1;\n\\endif\nCOMMIT;",
+                3,
+                "\\if",
+            ),
             ("BEGIN;\n\\copy t from 'f'\nCOMMIT;", 2, "\\copy"),
-            ("BEGIN;\nSELECT :ROW_COUNT = 1 AS ok \\gset\nCOMMIT;", 2, "before any"),
+            (
+                "BEGIN;\nSELECT :ROW_COUNT = 1 AS ok \\gset\nCOMMIT;",
+                2,
+                "before any",
+            ),
         ] {
             let e = transaction(text).unwrap_err();
             assert_eq!(e.line(), line, "{text}: {e}");

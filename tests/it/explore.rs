@@ -57,7 +57,9 @@ fn shipped_flow_holds(flow: &str, points: usize) {
         "{report}"
     );
     assert!(
-        report.contains(&format!("{flow}: every promise held at all {points} points")),
+        report.contains(&format!(
+            "{flow}: every promise held at all {points} points"
+        )),
         "{report}"
     );
 }

@@ -33,14 +33,19 @@ fn scratch_dir() -> PathBuf {
 }
 
 /// The TODOs this test fills in, and only these: the draft cannot know the tables'
-/// schema (its `setup:` TODO), so the shipped saga's `setup:` SQL is appended. The
-/// aggregate, roles and compensations are the scaffold's own proposals, unchanged.
-fn fill_in(draft: &str, flow: &str) -> String {
-    let shipped = skald::saga::load_file(&sample_sagas().join(format!("{flow}.yaml")))
-        .expect("the shipped saga loads");
-    let setup = shipped.setup_sql.expect("the shipped saga has setup SQL");
+/// schema (its `setup:` TODO), so `setup` is appended. The aggregate, roles and
+/// compensations are the scaffold's own proposals, unchanged.
+fn fill_in(draft: &str, setup: &str) -> String {
     let indented: String = setup.lines().map(|l| format!("  {l}\n")).collect();
     format!("{draft}setup: |\n{indented}")
+}
+
+/// The `setup:` SQL of the shipped saga of `flow`.
+fn shipped_setup(flow: &str) -> String {
+    skald::saga::load_file(&sample_sagas().join(format!("{flow}.yaml")))
+        .expect("the shipped saga loads")
+        .setup_sql
+        .expect("the shipped saga has setup SQL")
 }
 
 /// The columns of `report`'s row for `step`'s forward action under `fault`:
@@ -62,12 +67,19 @@ fn row(report: &str, step: &str, fault: &str) -> (String, String, String) {
     )
 }
 
-/// Scaffolds `sagas/<flow>.legacy.sql`, fills in the TODOs of [`fill_in`], and checks
-/// the draft against the legacy transaction at every fault point.
-fn drafted_flow_ends_as_its_legacy_transaction(flow: &str, last_compensatable: &str) {
-    let dir = scratch_dir();
-    let draft_file = dir.join(format!("{flow}.yaml"));
-    let legacy = format!("sagas/{flow}.legacy.sql");
+/// Scaffolds `<dir>/<flow>.legacy.sql`, fills in the TODOs of [`fill_in`] with
+/// `setup`, and checks the draft against the legacy transaction (and
+/// `<dir>/<flow>.observe.sql`) at every fault point.
+fn drafted_flow_ends_as_its_legacy_transaction(
+    dir: &str,
+    flow: &str,
+    setup: &str,
+    data: &str,
+    last_compensatable: &str,
+) {
+    let scratch = scratch_dir();
+    let draft_file = scratch.join(format!("{flow}.yaml"));
+    let legacy = format!("{dir}/{flow}.legacy.sql");
     let out = scaffold(&[
         &legacy,
         "--name",
@@ -77,14 +89,17 @@ fn drafted_flow_ends_as_its_legacy_transaction(flow: &str, last_compensatable: &
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("the draft passes `skald validate` as it is"), "{stderr}");
+    assert!(
+        stderr.contains("the draft passes `skald validate` as it is"),
+        "{stderr}"
+    );
     let draft = std::fs::read_to_string(&draft_file).unwrap();
     assert!(draft.contains("# TODO: setup:"), "{draft}");
-    std::fs::write(&draft_file, fill_in(&draft, flow)).unwrap();
+    std::fs::write(&draft_file, fill_in(&draft, setup)).unwrap();
 
     let validate = Command::new(env!("CARGO_BIN_EXE_skald"))
         .arg("validate")
-        .arg(&dir)
+        .arg(&scratch)
         .output()
         .unwrap();
     assert!(
@@ -93,11 +108,11 @@ fn drafted_flow_ends_as_its_legacy_transaction(flow: &str, last_compensatable: &
         String::from_utf8_lossy(&validate.stderr)
     );
 
-    let observe = format!("sagas/{flow}.observe.sql");
+    let observe = format!("{dir}/{flow}.observe.sql");
     let out = explore(&[
         draft_file.to_str().unwrap(),
         "--data",
-        flow_data(flow),
+        data,
         "--legacy",
         &legacy,
         "--observe",
@@ -122,22 +137,49 @@ fn drafted_flow_ends_as_its_legacy_transaction(flow: &str, last_compensatable: &
         "{report}"
     );
     assert!(report.contains("every promise held"), "{report}");
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+/// [`drafted_flow_ends_as_its_legacy_transaction`] for a flow shipped in `sagas/`.
+fn drafted_shipped_flow(flow: &str, last_compensatable: &str) {
+    drafted_flow_ends_as_its_legacy_transaction(
+        "sagas",
+        flow,
+        &shipped_setup(flow),
+        flow_data(flow),
+        last_compensatable,
+    );
 }
 
 #[test]
 fn the_drafted_order_checkout_ends_as_its_legacy_transaction_and_compensates_to_the_start() {
-    drafted_flow_ends_as_its_legacy_transaction("order_checkout", "insert_shipments");
+    drafted_shipped_flow("order_checkout", "insert_shipments");
 }
 
 #[test]
 fn the_drafted_bank_transfer_ends_as_its_legacy_transaction_and_compensates_to_the_start() {
-    drafted_flow_ends_as_its_legacy_transaction("transfer_funds", "insert_ledger");
+    drafted_shipped_flow("transfer_funds", "insert_ledger");
 }
 
 #[test]
 fn the_drafted_trip_booking_ends_as_its_legacy_transaction_and_compensates_to_the_start() {
-    drafted_flow_ends_as_its_legacy_transaction("trip_booking", "insert_flight_tickets");
+    drafted_shipped_flow("trip_booking", "insert_flight_tickets");
+}
+
+/// The rules that rewrite the action run on PostgreSQL as generated: an overwriting
+/// UPDATE captures the old values (a NULL note, a timestamp) and a DELETE the whole row
+/// (jsonb, a microsecond timestamp), and their compensations put both back exactly.
+#[test]
+fn a_drafted_overwrite_and_delete_are_undone_exactly_on_postgresql() {
+    let dir = "tests/fixtures/scaffold";
+    let setup = std::fs::read_to_string(format!("{dir}/archive_order.setup.sql")).unwrap();
+    drafted_flow_ends_as_its_legacy_transaction(
+        dir,
+        "archive_order",
+        &setup,
+        r#"{"order_id":"o-1","note":"done"}"#,
+        "insert_archive_log",
+    );
 }
 
 #[test]
@@ -212,7 +254,13 @@ fn the_draft_goes_to_stdout_or_to_out_which_is_never_overwritten_without_force()
     let dir = scratch_dir();
     let out_file = dir.join("place_order.yaml");
     std::fs::write(&out_file, "keep me").unwrap();
-    let refused = scaffold(&[legacy, "--name", "place_order", "--out", out_file.to_str().unwrap()]);
+    let refused = scaffold(&[
+        legacy,
+        "--name",
+        "place_order",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
     assert_eq!(refused.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&refused.stderr).trim(),
@@ -268,9 +316,8 @@ async fn the_trip_bookings_flight_step_retries_while_the_flight_row_is_held() {
         .await
         .unwrap();
     assert_eq!(status, "completed");
-    let attempts: Vec<(String, String, Option<String>)> = env
-        .attempts(instance, "step_name, outcome, error")
-        .await;
+    let attempts: Vec<(String, String, Option<String>)> =
+        env.attempts(instance, "step_name, outcome, error").await;
     let flight: Vec<_> = attempts.iter().filter(|a| a.0 == "book_flight").collect();
     assert!(flight.len() >= 3, "retried: {attempts:?}");
     assert!(
