@@ -310,12 +310,10 @@ async fn the_trip_bookings_flight_step_retries_while_the_flight_row_is_held() {
     env.wait_for_terminal(1, Duration::from_secs(60)).await;
     app.stop().await;
 
-    let status: String = sqlx::query_scalar("SELECT status FROM skald.instances WHERE id = $1")
-        .bind(instance)
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-    assert_eq!(status, "completed");
+    assert_eq!(
+        env.statuses().await,
+        vec![(instance, "completed".to_string())]
+    );
     let attempts: Vec<(String, String, Option<String>)> =
         env.attempts(instance, "step_name, outcome, error").await;
     let flight: Vec<_> = attempts.iter().filter(|a| a.0 == "book_flight").collect();
