@@ -16,6 +16,7 @@ mod failures;
 mod handlers;
 mod integrity;
 mod isolation;
+mod legacy_flows;
 mod malformed;
 mod ordering;
 mod resilience;

@@ -4,17 +4,14 @@
 //! transaction on the same input (the legacy script and the saga run on separate
 //! scratch databases, by `skald explore --legacy`), and compensates back to the
 //! starting state when its last compensatable step fails. Input the scaffold cannot
-//! read is refused with the line. And the shipped trip booking retries its flight
-//! booking while the flight's row is held by another booking.
+//! read is refused with the line.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
-use skald::envelope::instance_id_for;
 use uuid::Uuid;
 
-use crate::helpers::{TestEnv, explore, flow_data, sample_sagas, start};
+use crate::helpers::{explore, flow_data, sample_sagas};
 
 fn scaffold(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_skald"))
@@ -285,51 +282,4 @@ fn the_draft_goes_to_stdout_or_to_out_which_is_never_overwritten_without_force()
     let bad_name = scaffold(&[legacy, "--name", "Place-Order"]);
     assert_eq!(bad_name.status.code(), Some(2));
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// The shipped trip booking: while another booking holds the flight's row, each
-/// `book_flight` attempt gives up after the step's `timeout_ms` (SQLSTATE 57014, a
-/// transient failure) and is retried; once the row is free, the trip completes.
-#[actix_rt::test]
-async fn the_trip_bookings_flight_step_retries_while_the_flight_row_is_held() {
-    let env = TestEnv::new(sample_sagas()).await;
-    let app = env.start_app().await; // runs the setup: the tables exist
-    let mut holder = env.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM travel.flights WHERE flight_id = 'SK-4411' FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    let payload: serde_json::Value = serde_json::from_str(flow_data("trip_booking")).unwrap();
-    let ids = env
-        .publish_starts(vec![start("trip_booking", "trip-1", 1, payload)])
-        .await;
-    let instance = instance_id_for(ids[0]);
-    // Held for more than two attempts' timeouts.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    holder.commit().await.unwrap();
-    env.wait_for_terminal(1, Duration::from_secs(60)).await;
-    app.stop().await;
-
-    assert_eq!(
-        env.statuses().await,
-        vec![(instance, "completed".to_string())]
-    );
-    let attempts: Vec<(String, String, Option<String>)> =
-        env.attempts(instance, "step_name, outcome, error").await;
-    let flight: Vec<_> = attempts.iter().filter(|a| a.0 == "book_flight").collect();
-    assert!(flight.len() >= 3, "retried: {attempts:?}");
-    assert!(
-        flight[..flight.len() - 1]
-            .iter()
-            .all(|a| a.2.as_deref().is_some_and(|e| e.contains("57014"))),
-        "timed out waiting for the row: {attempts:?}"
-    );
-    let tickets: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM travel.flight_tickets WHERE trip_id = 'trip-1' AND NOT cancelled",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
-    assert_eq!(tickets, 1, "one ticket, however many attempts");
-    env.cleanup().await;
 }
