@@ -131,6 +131,14 @@ pub fn read(items: Vec<Item>) -> Result<Vec<Written>, ScaffoldError> {
                     };
                     checked.expect_rows = Some((rows, line));
                 }
+                None if mentions_row_count(&stmt.sql) => {
+                    return Err(ScaffoldError::Unsupported {
+                        line,
+                        message: "`:ROW_COUNT` used otherwise than `SELECT :ROW_COUNT = <n> …`: \
+                                  a step's expect_rows is one exact count; write the check that way"
+                            .into(),
+                    });
+                }
                 None => out.push(Written {
                     statement,
                     sql: stmt.sql,
@@ -187,6 +195,12 @@ fn leading_keywords(sql: &str) -> Vec<String> {
         })
         .take(2)
         .collect()
+}
+
+/// Whether the statement reads psql's `:ROW_COUNT` variable.
+fn mentions_row_count(sql: &str) -> bool {
+    crate::saga::sql::compile_named(sql)
+        .is_ok_and(|(_, names)| names.iter().any(|n| n.eq_ignore_ascii_case("row_count")))
 }
 
 /// `n` when the statement is the psql row-count idiom `SELECT :ROW_COUNT = n …`.
@@ -312,6 +326,11 @@ mod tests {
                 "BEGIN;\nSELECT :ROW_COUNT = 1 AS ok \\gset\nCOMMIT;",
                 2,
                 "before any",
+            ),
+            (
+                "BEGIN;\nDELETE FROM t;\nSELECT :ROW_COUNT > 0 AS ok \\gset\nCOMMIT;",
+                3,
+                "one exact count",
             ),
         ] {
             let e = transaction(text).unwrap_err();
