@@ -283,6 +283,14 @@ mod tests {
     }
 
     #[test]
+    fn text_after_multibyte_characters_is_cut_where_the_tokens_are() {
+        let s =
+            statements("-- café — naïve\nBEGIN; UPDATE t SET a = 'é…' WHERE k = :'k';\r\nCOMMIT;");
+        assert_eq!(s[1].sql, "UPDATE t SET a = 'é…' WHERE k = :k");
+        assert_eq!((s[1].line, s[2].line), (2, 3));
+    }
+
+    #[test]
     fn an_identifier_variable_is_refused_with_its_line() {
         let e = read("BEGIN;\nSELECT * FROM :\"tbl\";").unwrap_err();
         assert_eq!(e.line(), 2);
