@@ -85,6 +85,24 @@ enum Cmd {
     /// Run a saga through every crash and fault point against scratch databases and
     /// check every promise held (exit 0), or report where one broke (exit 1).
     Explore(crate::explore::ExploreArgs),
+    /// Draft a saga file from a legacy transaction (a psql script: BEGIN; … COMMIT;).
+    Scaffold(ScaffoldArgs),
+}
+
+/// `skald scaffold` arguments.
+#[derive(Debug, clap::Args)]
+struct ScaffoldArgs {
+    /// The legacy transaction: a psql script holding one BEGIN; … COMMIT;.
+    legacy: PathBuf,
+    /// The saga's name: `[a-z][a-z0-9_]*`, at most 63 characters.
+    #[arg(long, value_parser = saga_name)]
+    name: String,
+    /// Write the draft to this file instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Overwrite `--out` when it exists.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -354,6 +372,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             actix_system().block_on(crate::bench::run(config, args))?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Scaffold(args) => run_scaffold(&args),
         Cmd::Explore(args) => {
             let config = config()?;
             let report =
@@ -543,4 +562,70 @@ fn saga_to_start(config: &Config, saga: &str) -> anyhow::Result<crate::saga::Sag
         .into_iter()
         .find(|s| s.name == saga)
         .ok_or_else(|| Malformed::UnknownSaga(saga.to_string()).into())
+}
+
+/// A saga name as saga files allow it (checked again by `skald validate`).
+fn saga_name(name: &str) -> Result<String, String> {
+    let mut chars = name.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63;
+    if valid {
+        Ok(name.to_string())
+    } else {
+        Err(
+            "a saga name is a lower-case letter then lower-case letters, digits or _, at \
+             most 63 characters"
+                .into(),
+        )
+    }
+}
+
+/// `skald scaffold`: the draft on stdout or in `--out`; on stderr, its TODOs and whether
+/// it passes `skald validate` as it is.
+fn run_scaffold(args: &ScaffoldArgs) -> anyhow::Result<ExitCode> {
+    if let Some(out) = &args.out
+        && out.exists()
+        && !args.force
+    {
+        anyhow::bail!("{} exists: pass --force to overwrite it", out.display());
+    }
+    let legacy = args.legacy.display().to_string();
+    let text = std::fs::read_to_string(&args.legacy).with_context(|| legacy.clone())?;
+    let draft = crate::scaffold::scaffold(&text, &legacy, &args.name)
+        .map_err(|e| anyhow::anyhow!("{legacy}: {e}"))?;
+    let target = match &args.out {
+        Some(out) => {
+            std::fs::write(out, &draft.yaml).with_context(|| out.display().to_string())?;
+            out.display().to_string()
+        }
+        None => {
+            print!("{}", draft.yaml);
+            "<stdout>".to_string()
+        }
+    };
+    eprintln!(
+        "drafted saga `{}` from {legacy}: {} TODO(s)",
+        args.name,
+        draft.todos.len()
+    );
+    for (line, todo) in &draft.todos {
+        eprintln!("{target}:{line}: TODO: {todo}");
+    }
+    let as_file = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.yaml", args.name)));
+    match crate::saga::load_str(&draft.yaml, &as_file) {
+        Ok(_) => eprintln!("the draft passes `skald validate` as it is"),
+        Err(errors) => {
+            eprintln!(
+                "the draft does not pass `skald validate` yet: fill in the TODOs above; it says"
+            );
+            for e in errors {
+                eprintln!("{e}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

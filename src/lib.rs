@@ -35,6 +35,10 @@
 //!   (`SKALD_CRASH_AT`, and `explore`'s plans).
 //! - [`explore`]: `skald explore`, a saga through every crash and fault point against
 //!   scratch databases, checked against the legacy transaction.
+//! - [`scaffold`]: `skald scaffold`, a draft saga from a legacy psql transaction: the
+//!   script read with `sqlparser`'s tokenizer, its one transaction parsed, one rule per
+//!   statement shape (step and suggested compensation), proposed roles, the YAML with
+//!   its `# TODO`s. Depends on [`saga`] only.
 //! - [`engine`]: one message, end to end: effect, guarded record, commit, publish, ack —
 //!   an interpreter of [`saga::decide`]'s plans. A plain component, driven by the
 //!   actors but testable without them.
@@ -75,6 +79,7 @@ pub mod metrics;
 pub mod operator;
 pub mod participant;
 pub mod saga;
+pub mod scaffold;
 pub mod seen;
 pub mod store;
 pub mod transport;

@@ -3,20 +3,8 @@
 //! wrong, says where it does not and exits non-zero (issue #10).
 
 use std::path::Path;
-use std::process::Output;
 
-use crate::helpers::SERVER;
-
-fn explore(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
-        .arg("explore")
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("DATABASE_URL", format!("{SERVER}/postgres"))
-        .env("SKALD_LOG", "warn")
-        .output()
-        .expect("run skald explore")
-}
+use crate::helpers::{explore, flow_data};
 
 #[test]
 fn the_sample_saga_keeps_every_promise_at_every_point_and_ends_as_the_legacy_transaction() {
@@ -49,6 +37,43 @@ fn the_sample_saga_keeps_every_promise_at_every_point_and_ends_as_the_legacy_tra
     assert!(!report.contains("BROKEN"), "{report}");
     assert!(report.contains("fault-free saga vs legacy commit: same business state"));
     assert!(report.contains("order_checkout: every promise held at all 40 points"));
+}
+
+/// `skald explore` of a shipped flow against its legacy transaction: every promise holds
+/// at all `points`, and the fault-free run ends as the legacy commit.
+fn shipped_flow_holds(flow: &str, points: usize) {
+    let saga = format!("sagas/{flow}.yaml");
+    let legacy = format!("sagas/{flow}.legacy.sql");
+    let out = explore(&[&saga, "--data", flow_data(flow), "--legacy", &legacy]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!report.contains("BROKEN"), "{report}");
+    assert!(
+        report.contains("fault-free saga vs legacy commit: same business state"),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!(
+            "{flow}: every promise held at all {points} points"
+        )),
+        "{report}"
+    );
+}
+
+#[test]
+fn the_bank_transfer_ends_as_its_legacy_transaction_at_every_point() {
+    // 3 actions and the debit's compensation (the credit, the pivot, can trigger it).
+    shipped_flow_holds("transfer_funds", 32);
+}
+
+#[test]
+fn the_trip_booking_ends_as_its_legacy_transaction_at_every_point() {
+    // 3 actions and 2 compensations (hotel and flight, triggered by a later failure).
+    shipped_flow_holds("trip_booking", 40);
 }
 
 #[test]

@@ -34,9 +34,48 @@ pub fn sample_sagas() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas")
 }
 
+/// The legacy flows shipped in `sagas/` (`<flow>.legacy.sql` beside `<flow>.yaml` and
+/// `<flow>.observe.sql`), each with a start payload its legacy transaction commits.
+pub const LEGACY_FLOWS: [(&str, &str); 3] = [
+    (
+        "order_checkout",
+        r#"{"order_id":"o-1","sku":"SKU-1","qty":2,"account":"alice","amount":19.9}"#,
+    ),
+    (
+        "transfer_funds",
+        r#"{"transfer_id":"t-1","from_account":"north-001","to_account":"south-001","amount":250.5}"#,
+    ),
+    (
+        "trip_booking",
+        r#"{"trip_id":"trip-1","hotel":"H-OSLO","nights":3,"flight":"SK-4411","city":"oslo"}"#,
+    ),
+];
+
+/// A start payload of a shipped legacy flow.
+pub fn flow_data(flow: &str) -> &'static str {
+    LEGACY_FLOWS
+        .iter()
+        .find(|(name, _)| *name == flow)
+        .map(|(_, data)| *data)
+        .expect("a shipped flow")
+}
+
 /// Sagas written for the tests, in `tests/fixtures/sagas/`.
 pub fn test_sagas() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sagas")
+}
+
+/// `skald explore <args>` from the crate's root, on scratch databases of the local
+/// server, with warnings only in its log.
+pub fn explore(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_skald"))
+        .arg("explore")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATABASE_URL", format!("{SERVER}/postgres"))
+        .env("SKALD_LOG", "warn")
+        .output()
+        .expect("run skald explore")
 }
 
 /// One test's private database and broker namespace.
