@@ -85,6 +85,87 @@ enum Cmd {
     /// Run a saga through every crash and fault point against scratch databases and
     /// check every promise held (exit 0), or report where one broke (exit 1).
     Explore(crate::explore::ExploreArgs),
+    /// Participant services: their dead letters, and the sample services.
+    #[command(subcommand)]
+    Participant(ParticipantCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ParticipantCmd {
+    /// List, replay or discard a participant service's dead letters (in its database).
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(ServiceDlqCmd),
+    /// Run one of the sample services (stock, payments, shipping) until Ctrl-C/SIGTERM,
+    /// as `cargo run --example <service>_service` does.
+    Sample {
+        /// Which service.
+        #[arg(value_enum)]
+        service: crate::participant::sample::Sample,
+        /// The service's database, created if missing (default
+        /// postgres://postgres@127.0.0.1:5432/skald_<service>).
+        #[arg(long, env = "SERVICE_DATABASE_URL")]
+        database_url: Option<String>,
+    },
+}
+
+/// Where a service's dead letters are.
+#[derive(Debug, clap::Args)]
+struct ServiceDb {
+    /// The service's name.
+    #[arg(long)]
+    service: String,
+    /// The service's database.
+    #[arg(long, env = "SERVICE_DATABASE_URL")]
+    database_url: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceDlqCmd {
+    /// List the service's dead letters, newest first.
+    List {
+        #[command(flatten)]
+        db: ServiceDb,
+        /// Only this status: pending, replayed, discarded.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many, 1 to 1000.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1000))]
+        limit: i64,
+        /// Print one JSON object per line (JSON lines) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a pending dead letter back to the service's queue, marked replayed.
+    Replay {
+        #[command(flatten)]
+        db: ServiceDb,
+        /// The dead letter's id.
+        #[arg(long)]
+        id: Uuid,
+        /// Who is replaying (recorded; default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+        /// Print the replayed letter as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a pending dead letter aside for good (recorded, never erased).
+    Discard {
+        #[command(flatten)]
+        db: ServiceDb,
+        /// The dead letter's id.
+        #[arg(long)]
+        id: Uuid,
+        /// Who is discarding (recorded; default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+        /// Why (recorded).
+        #[arg(long)]
+        note: Option<String>,
+        /// Print the discarded letter as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,7 +232,7 @@ pub fn main() -> ExitCode {
 
 /// Logs to stderr, filtered by `SKALD_LOG`, as text or (`SKALD_LOG_FORMAT=json`) one
 /// JSON object per line carrying the fields of the spans it happened in.
-fn init_tracing() -> Result<(), String> {
+pub fn init_tracing() -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SKALD_LOG")
         // lapin logs every broker error itself, besides the error skald reports with
         // what it was doing: off by default, so that each problem is said once.
@@ -365,7 +446,106 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Cmd::Participant(ParticipantCmd::DeadLetters(cmd)) => {
+            tokio_runtime()?.block_on(run_service_dlq(cmd))
+        }
+        Cmd::Participant(ParticipantCmd::Sample {
+            service,
+            database_url,
+        }) => {
+            let config = config()?;
+            let faults = crate::participant::faults::ParticipantFaults::from_env()
+                .map_err(anyhow::Error::msg)?;
+            let url = database_url.unwrap_or_else(|| service.default_database_url());
+            tokio_runtime()?.block_on(service.run(&url, &config, faults, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Who runs an operator action: `--by`, else `$USER`, else `cli`.
+fn operator(by: Option<String>) -> String {
+    by.or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "cli".to_string())
+}
+
+async fn run_service_dlq(cmd: ServiceDlqCmd) -> anyhow::Result<ExitCode> {
+    use crate::participant::dead_letters::{self, DeadLetter};
+    let connect = |db: &ServiceDb| {
+        let url = db.database_url.clone();
+        async move {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect(&url)
+                .await
+                .context("connecting to the service's database")?;
+            crate::participant::store::migrate(&pool).await?;
+            anyhow::Ok(pool)
+        }
+    };
+    let print = |letter: &DeadLetter, json: bool, verb: &str| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string(letter)?);
+        } else {
+            println!("{verb} {}", letter.id);
+        }
+        Ok(())
+    };
+    match cmd {
+        ServiceDlqCmd::List {
+            db,
+            status,
+            limit,
+            json,
+        } => {
+            let pool = connect(&db).await?;
+            let letters = dead_letters::list(&pool, &db.service, status.as_deref(), limit).await?;
+            for l in &letters {
+                if json {
+                    println!("{}", serde_json::to_string(l)?);
+                } else {
+                    println!(
+                        "{}  {:<12} {:<9} {}  {}",
+                        l.id,
+                        l.reason_code,
+                        l.status,
+                        l.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        l.reason
+                    );
+                }
+            }
+            if !json && letters.is_empty() {
+                println!("no dead letters");
+            }
+        }
+        ServiceDlqCmd::Replay { db, id, by, json } => {
+            let pool = connect(&db).await?;
+            let config = Config::from_env().context("configuration")?;
+            let endpoint = crate::transport::Endpoint::Service(db.service.clone());
+            let transport = RabbitTransport::connect_as(&config, endpoint)
+                .await
+                .context("connecting to RabbitMQ")?;
+            let replayed =
+                dead_letters::replay(&pool, transport.as_ref(), &db.service, id, &operator(by))
+                    .await;
+            transport.close().await;
+            print(&replayed?, json, "replayed")?;
+        }
+        ServiceDlqCmd::Discard {
+            db,
+            id,
+            by,
+            note,
+            json,
+        } => {
+            let pool = connect(&db).await?;
+            let discarded =
+                dead_letters::discard(&pool, &db.service, id, &operator(by), note.as_deref())
+                    .await?;
+            print(&discarded, json, "discarded")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -447,10 +627,6 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
     use crate::store::dead_letters::{self, DeadLetterKind, DeadLetterStatus};
     let store = Store::connect(&config.database_url, 2).await?;
     store.migrate().await?;
-    let operator = |by: Option<String>| {
-        by.or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "cli".to_string())
-    };
     match cmd {
         DlqCmd::List {
             kind,

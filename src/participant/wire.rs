@@ -182,7 +182,8 @@ fn read<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Malformed> {
     serde_json::from_str(text).map_err(|e| Malformed::Invalid(e.to_string()))
 }
 
-fn check_kind(kind: &str) -> Result<(), Malformed> {
+/// Whether `kind` can be a message type: 1 to [`MAX_TYPE_BYTES`] of `[A-Za-z0-9_.-]`.
+pub fn check_kind(kind: &str) -> Result<(), Malformed> {
     let ok = !kind.is_empty()
         && kind.len() <= MAX_TYPE_BYTES
         && kind

@@ -446,7 +446,7 @@ fn version_of(version: i32) -> Result<u32, StoreError> {
 
 /// `CREATE DATABASE` through the server's `postgres` database when the target is
 /// missing. Two processes racing to create it are both fine.
-async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
+pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
     let name = options.get_database().unwrap_or("postgres").to_string();
     let mut admin = PgConnection::connect_with(&options.clone().database("postgres")).await?;
     let exists: bool =
