@@ -18,6 +18,7 @@ mod integrity;
 mod isolation;
 mod malformed;
 mod ordering;
+mod participant;
 mod resilience;
 mod saga_flow;
 mod scale;
