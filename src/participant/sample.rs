@@ -283,37 +283,54 @@ pub fn reserve_stock<'a>(conn: &'a mut PgConnection, msg: Incoming) -> HandlerFu
 pub fn release_stock<'a>(conn: &'a mut PgConnection, msg: Incoming) -> HandlerFuture<'a> {
     Box::pin(async move {
         let id = uuid_field(&msg.payload, "reservation_id")?;
-        let released: Option<(String, i32)> = sqlx::query_as(
-            "UPDATE stock.reservations SET released = true \
-             WHERE reservation_id = $1 AND NOT released RETURNING sku, qty",
-        )
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        match released {
-            Some((sku, qty)) => {
-                sqlx::query("UPDATE stock.items SET available = available + $2 WHERE sku = $1")
-                    .bind(sku)
-                    .bind(qty)
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            None => {
-                let exists: bool = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM stock.reservations WHERE reservation_id = $1)",
-                )
-                .bind(id)
-                .fetch_one(&mut *conn)
-                .await?;
-                if !exists {
-                    return Err(HandlerError::Fatal(format!("no reservation {id}")));
-                }
-            }
-        }
+        let undo = Undo {
+            mark: "UPDATE stock.reservations SET released = true \
+                   WHERE reservation_id = $1 AND NOT released RETURNING sku, qty::text",
+            put_back: "UPDATE stock.items SET available = available + $2::int WHERE sku = $1",
+            exists: "SELECT EXISTS (SELECT 1 FROM stock.reservations WHERE reservation_id = $1)",
+            what: "reservation",
+        };
+        undo.run(conn, id).await?;
         let mut out = output("reservation_id", id.to_string());
         out.insert("released".into(), Value::Bool(true));
         Ok(out)
     })
+}
+
+/// A compensation that undoes a row once: `mark` flags row `$1` undone and returns
+/// what to give back (a key and an amount as text) to `put_back`; when nothing was
+/// marked, the row was undone already (fine) or never existed (fatal).
+struct Undo {
+    mark: &'static str,
+    put_back: &'static str,
+    exists: &'static str,
+    what: &'static str,
+}
+
+impl Undo {
+    async fn run(&self, conn: &mut PgConnection, id: Uuid) -> Result<(), HandlerError> {
+        let marked: Option<(String, String)> = sqlx::query_as(self.mark)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some((key, amount)) = marked {
+            sqlx::query(self.put_back)
+                .bind(key)
+                .bind(amount)
+                .execute(&mut *conn)
+                .await?;
+            return Ok(());
+        }
+        let exists: bool = sqlx::query_scalar(self.exists)
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await?;
+        if exists {
+            Ok(())
+        } else {
+            Err(HandlerError::Fatal(format!("no {} {id}", self.what)))
+        }
+    }
 }
 
 /// `charge_card` {order_id, account, amount}: debits `amount` from `account`.
@@ -362,36 +379,15 @@ pub fn charge_card<'a>(conn: &'a mut PgConnection, msg: Incoming) -> HandlerFutu
 pub fn refund_card<'a>(conn: &'a mut PgConnection, msg: Incoming) -> HandlerFuture<'a> {
     Box::pin(async move {
         let id = uuid_field(&msg.payload, "payment_id")?;
-        let refunded: Option<(String, String)> = sqlx::query_as(
-            "UPDATE payments.payments SET refunded = true \
-             WHERE payment_id = $1 AND NOT refunded RETURNING account, amount::text",
-        )
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        match refunded {
-            Some((account, amount)) => {
-                sqlx::query(
-                    "UPDATE payments.accounts SET balance = balance + $2::numeric \
-                     WHERE account = $1",
-                )
-                .bind(account)
-                .bind(amount)
-                .execute(&mut *conn)
-                .await?;
-            }
-            None => {
-                let exists: bool = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM payments.payments WHERE payment_id = $1)",
-                )
-                .bind(id)
-                .fetch_one(&mut *conn)
-                .await?;
-                if !exists {
-                    return Err(HandlerError::Fatal(format!("no payment {id}")));
-                }
-            }
-        }
+        let undo = Undo {
+            mark: "UPDATE payments.payments SET refunded = true \
+                   WHERE payment_id = $1 AND NOT refunded RETURNING account, amount::text",
+            put_back: "UPDATE payments.accounts SET balance = balance + $2::numeric \
+                       WHERE account = $1",
+            exists: "SELECT EXISTS (SELECT 1 FROM payments.payments WHERE payment_id = $1)",
+            what: "payment",
+        };
+        undo.run(conn, id).await?;
         let mut out = output("payment_id", id.to_string());
         out.insert("refunded".into(), Value::Bool(true));
         Ok(out)

@@ -77,14 +77,37 @@ async fn start(env: &TestEnv, db: &ServiceDb, builder: ParticipantBuilder) -> Ru
     Running { stop, handle }
 }
 
-/// The sample service `sample`, running.
-async fn start_sample(env: &TestEnv, db: &ServiceDb, sample: Sample) -> Running {
-    start(
-        env,
-        db,
-        sample.register(Participant::builder(sample.name())),
-    )
-    .await
+/// One scenario's world: skald's side (its intake, where replies arrive) and a
+/// service in its own database, running `builder` (default: the sample's handlers).
+struct Scene {
+    env: TestEnv,
+    db: ServiceDb,
+    replies: Replies,
+    service: Running,
+}
+
+impl Scene {
+    async fn new(sample: Sample, builder: Option<ParticipantBuilder>) -> Scene {
+        let env = TestEnv::new(test_sagas()).await;
+        let db = service_db(&env, sample).await;
+        let replies = Replies::new(&env).await;
+        let builder =
+            builder.unwrap_or_else(|| sample.register(Participant::builder(sample.name())));
+        let service = start(&env, &db, builder).await;
+        Scene {
+            env,
+            db,
+            replies,
+            service,
+        }
+    }
+}
+
+/// Stops the service gracefully and removes everything the scenario created.
+async fn end(env: TestEnv, replies: Replies, service: Running) {
+    service.stop().await;
+    replies.close().await;
+    env.cleanup().await;
 }
 
 /// A quick policy, so retries take milliseconds.
@@ -228,10 +251,12 @@ const STOCK: i64 = 1_000_000_000;
 
 #[actix_rt::test]
 async fn a_command_delivered_twice_has_one_effect_and_the_same_reply_twice() {
-    let env = TestEnv::new(test_sagas()).await;
-    let db = service_db(&env, Sample::Stock).await;
-    let mut replies = Replies::new(&env).await;
-    let service = start_sample(&env, &db, Sample::Stock).await;
+    let Scene {
+        env,
+        db,
+        mut replies,
+        service,
+    } = Scene::new(Sample::Stock, None).await;
 
     let cmd = reserve("order-1", 2);
     send_messages(&env, &db, &[&cmd, &cmd]).await;
@@ -249,9 +274,20 @@ async fn a_command_delivered_twice_has_one_effect_and_the_same_reply_twice() {
     assert_eq!(available(&db.pool).await, STOCK - 2, "one effect");
     assert_eq!(processed(&db.pool, cmd.message_id).await.0, "succeeded");
 
-    service.stop().await;
-    replies.close().await;
-    env.cleanup().await;
+    // Its compensation, delivered twice too: the items come back once.
+    let reservation = succeeded(&first)["reservation_id"].clone();
+    let release = command(
+        "release_stock",
+        "order-1",
+        json!({"reservation_id": reservation}),
+    );
+    send_messages(&env, &db, &[&release, &release]).await;
+    for _ in 0..2 {
+        assert_eq!(succeeded(&replies.next().await)["released"], json!(true));
+    }
+    assert_eq!(available(&db.pool).await, STOCK);
+
+    end(env, replies, service).await;
 }
 
 /// Fails retryably until `fixed`, or its first `failures` tries, then reserves.
@@ -293,13 +329,15 @@ fn flaky(failures: u32, fixed: &Arc<AtomicBool>) -> Flaky {
 
 #[actix_rt::test]
 async fn a_retryable_failure_is_retried_with_its_error_history_then_succeeds() {
-    let env = TestEnv::new(test_sagas()).await;
-    let db = service_db(&env, Sample::Stock).await;
-    let mut replies = Replies::new(&env).await;
     let builder = Participant::builder("stock")
         .handler("reserve_stock", flaky(2, &Arc::default()))
         .retry(quick(5));
-    let service = start(&env, &db, builder).await;
+    let Scene {
+        env,
+        db,
+        mut replies,
+        service,
+    } = Scene::new(Sample::Stock, Some(builder)).await;
 
     let cmd = reserve("order-1", 3);
     send_messages(&env, &db, &[&cmd]).await;
@@ -341,22 +379,22 @@ async fn a_retryable_failure_is_retried_with_its_error_history_then_succeeds() {
         "failed tries rolled back"
     );
 
-    service.stop().await;
-    replies.close().await;
-    env.cleanup().await;
+    end(env, replies, service).await;
 }
 
 #[actix_rt::test]
 async fn past_the_threshold_a_dead_letter_with_its_history_and_an_exhausted_reply_then_a_replay_after_the_fix_is_handled()
  {
-    let env = TestEnv::new(test_sagas()).await;
-    let db = service_db(&env, Sample::Stock).await;
-    let mut replies = Replies::new(&env).await;
     let fixed = Arc::new(AtomicBool::new(false));
     let builder = Participant::builder("stock")
         .handler("reserve_stock", flaky(u32::MAX, &fixed))
         .retry(quick(3));
-    let service = start(&env, &db, builder).await;
+    let Scene {
+        env,
+        db,
+        mut replies,
+        service,
+    } = Scene::new(Sample::Stock, Some(builder)).await;
 
     let cmd = reserve("order-1", 4);
     send_messages(&env, &db, &[&cmd]).await;
@@ -416,9 +454,7 @@ async fn past_the_threshold_a_dead_letter_with_its_history_and_an_exhausted_repl
     assert!(!replay_twice.status.success());
     assert!(String::from_utf8_lossy(&replay_twice.stderr).contains("is replayed, not pending"));
 
-    service.stop().await;
-    replies.close().await;
-    env.cleanup().await;
+    end(env, replies, service).await;
 }
 
 /// Writes its effect, then refuses.
@@ -431,11 +467,13 @@ fn refuse_after_writing<'a>(conn: &'a mut PgConnection, msg: Incoming) -> Handle
 
 #[actix_rt::test]
 async fn a_fatal_failure_replies_failed_and_its_effect_is_rolled_back() {
-    let env = TestEnv::new(test_sagas()).await;
-    let db = service_db(&env, Sample::Stock).await;
-    let mut replies = Replies::new(&env).await;
     let builder = Participant::builder("stock").handler("reserve_stock", refuse_after_writing);
-    let service = start(&env, &db, builder).await;
+    let Scene {
+        env,
+        db,
+        mut replies,
+        service,
+    } = Scene::new(Sample::Stock, Some(builder)).await;
 
     let cmd = reserve("order-1", 5);
     send_messages(&env, &db, &[&cmd]).await;
@@ -455,17 +493,17 @@ async fn a_fatal_failure_replies_failed_and_its_effect_is_rolled_back() {
     let (outcome, attempts, errors) = processed(&db.pool, cmd.message_id).await;
     assert_eq!((outcome.as_str(), attempts, errors.len()), ("fatal", 1, 1));
 
-    service.stop().await;
-    replies.close().await;
-    env.cleanup().await;
+    end(env, replies, service).await;
 }
 
 #[actix_rt::test]
 async fn a_business_refusal_of_a_sample_service_is_fatal() {
-    let env = TestEnv::new(test_sagas()).await;
-    let db = service_db(&env, Sample::Payments).await;
-    let mut replies = Replies::new(&env).await;
-    let service = start_sample(&env, &db, Sample::Payments).await;
+    let Scene {
+        env,
+        db,
+        mut replies,
+        service,
+    } = Scene::new(Sample::Payments, None).await;
 
     let charge = |amount: Value| {
         command(
@@ -504,17 +542,17 @@ async fn a_business_refusal_of_a_sample_service_is_fatal() {
             .unwrap();
     assert_eq!(balance, "1000000000.00");
 
-    service.stop().await;
-    replies.close().await;
-    env.cleanup().await;
+    end(env, replies, service).await;
 }
 
 #[actix_rt::test]
 async fn a_malformed_message_is_dead_lettered_at_once_and_the_service_keeps_working() {
-    let env = TestEnv::new(test_sagas()).await;
-    let db = service_db(&env, Sample::Stock).await;
-    let mut replies = Replies::new(&env).await;
-    let service = start_sample(&env, &db, Sample::Stock).await;
+    let Scene {
+        env,
+        db,
+        mut replies,
+        service,
+    } = Scene::new(Sample::Stock, None).await;
 
     let unknown = command("teleport_stock", "order-1", json!({}));
     send(
@@ -556,9 +594,7 @@ async fn a_malformed_message_is_dead_lettered_at_once_and_the_service_keeps_work
     let dead_queue = format!("{}.svc.stock.dead", env.config.namespace);
     assert_eq!(env.queue_depth(&dead_queue).await, 2);
 
-    service.stop().await;
-    replies.close().await;
-    env.cleanup().await;
+    end(env, replies, service).await;
 }
 
 /// Appends each event's `n` to `stock.log` (an effect whose order is visible).
@@ -598,11 +634,13 @@ async fn wait_processed(pool: &PgPool, n: i64) {
 
 #[actix_rt::test]
 async fn a_plain_event_is_handled_once_in_aggregate_order_without_a_reply() {
-    let env = TestEnv::new(test_sagas()).await;
-    let db = service_db(&env, Sample::Stock).await;
-    let mut replies = Replies::new(&env).await;
     let builder = Participant::builder("stock").handler("stock_counted", log_event);
-    let service = start(&env, &db, builder).await;
+    let Scene {
+        env,
+        db,
+        mut replies,
+        service,
+    } = Scene::new(Sample::Stock, Some(builder)).await;
 
     let events: Vec<ServiceMessage> = (0..40)
         .map(|n| event("stock_counted", &format!("sku-{}", n % 4), json!({"n": n})))
@@ -619,18 +657,18 @@ async fn a_plain_event_is_handled_once_in_aggregate_order_without_a_reply() {
     }
     replies.none_within(Duration::from_millis(500)).await;
 
-    service.stop().await;
-    replies.close().await;
-    env.cleanup().await;
+    end(env, replies, service).await;
 }
 
 #[actix_rt::test]
 async fn an_older_message_of_an_aggregate_is_discarded_and_recorded() {
-    let env = TestEnv::new(test_sagas()).await;
-    let db = service_db(&env, Sample::Stock).await;
-    let mut replies = Replies::new(&env).await;
     let builder = Participant::builder("stock").handler("stock_counted", log_event);
-    let service = start(&env, &db, builder).await;
+    let Scene {
+        env,
+        db,
+        mut replies,
+        service,
+    } = Scene::new(Sample::Stock, Some(builder)).await;
 
     // By sequence (events) ...
     let with_seq = |n: i64, seq: u64| ServiceMessage {
@@ -667,9 +705,7 @@ async fn an_older_message_of_an_aggregate_is_discarded_and_recorded() {
     assert_eq!((outcome.as_str(), attempts), ("stale", 0));
     assert_eq!(processed(&db.pool, earlier.message_id).await.0, "stale");
 
-    service.stop().await;
-    replies.close().await;
-    env.cleanup().await;
+    end(env, replies, service).await;
 }
 
 #[actix_rt::test]
@@ -757,4 +793,59 @@ async fn a_builder_without_handlers_or_with_a_bad_name_is_refused() {
     }
     transport.close().await;
     env.cleanup().await;
+}
+
+/// Lets connections to the service's database in (or keeps them out, ending those open).
+async fn database_reachable(db: &ServiceDb, reachable: bool) {
+    let name = db.url.rsplit('/').next().unwrap();
+    let mut admin = <PgConnection as sqlx::Connection>::connect(&format!(
+        "{}/postgres",
+        crate::helpers::SERVER
+    ))
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS {reachable}"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    if !reachable {
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(name)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+}
+
+#[actix_rt::test]
+async fn a_database_outage_holds_the_message_without_counting_an_attempt() {
+    let builder = Participant::builder("stock")
+        .handler("reserve_stock", sample::reserve_stock)
+        .retry(quick(1));
+    let Scene {
+        env,
+        db,
+        mut replies,
+        service,
+    } = Scene::new(Sample::Stock, Some(builder)).await;
+
+    database_reachable(&db, false).await;
+    let cmd = reserve("order-1", 6);
+    send_messages(&env, &db, &[&cmd]).await;
+    // With one attempt allowed, a counted failure would have answered `exhausted`.
+    replies.none_within(Duration::from_secs(2)).await;
+    database_reachable(&db, true).await;
+
+    let reply = replies.next().await;
+    assert!(succeeded(&reply).contains_key("reservation_id"));
+    let (outcome, attempts, errors) = processed(&db.pool, cmd.message_id).await;
+    assert_eq!(
+        (outcome.as_str(), attempts, errors.len()),
+        ("succeeded", 1, 0)
+    );
+    assert_eq!(available(&db.pool).await, STOCK - 6);
+
+    end(env, replies, service).await;
 }
