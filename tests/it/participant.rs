@@ -103,11 +103,13 @@ impl Scene {
     }
 }
 
-/// Stops the service gracefully and removes everything the scenario created.
-async fn end(env: TestEnv, replies: Replies, service: Running) {
-    service.stop().await;
-    replies.close().await;
-    env.cleanup().await;
+impl Scene {
+    /// Stops the service gracefully and removes everything the scenario created.
+    async fn end(self) {
+        self.service.stop().await;
+        self.replies.close().await;
+        self.env.cleanup().await;
+    }
 }
 
 /// A quick policy, so retries take milliseconds.
@@ -251,16 +253,11 @@ const STOCK: i64 = 1_000_000_000;
 
 #[actix_rt::test]
 async fn a_command_delivered_twice_has_one_effect_and_the_same_reply_twice() {
-    let Scene {
-        env,
-        db,
-        mut replies,
-        service,
-    } = Scene::new(Sample::Stock, None).await;
+    let mut s = Scene::new(Sample::Stock, None).await;
 
     let cmd = reserve("order-1", 2);
-    send_messages(&env, &db, &[&cmd, &cmd]).await;
-    let (first, second) = (replies.next().await, replies.next().await);
+    send_messages(&s.env, &s.db, &[&cmd, &cmd]).await;
+    let (first, second) = (s.replies.next().await, s.replies.next().await);
 
     assert_eq!(first, second, "the stored reply, sent again");
     assert_eq!(first.message_id, reply_id(cmd.message_id));
@@ -268,11 +265,11 @@ async fn a_command_delivered_twice_has_one_effect_and_the_same_reply_twice() {
     assert_eq!(first.reply_to, cmd.reply_to.clone().unwrap());
     assert!(succeeded(&first).contains_key("reservation_id"));
     assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM stock.reservations").await,
+        count(&s.db.pool, "SELECT count(*) FROM stock.reservations").await,
         1
     );
-    assert_eq!(available(&db.pool).await, STOCK - 2, "one effect");
-    assert_eq!(processed(&db.pool, cmd.message_id).await.0, "succeeded");
+    assert_eq!(available(&s.db.pool).await, STOCK - 2, "one effect");
+    assert_eq!(processed(&s.db.pool, cmd.message_id).await.0, "succeeded");
 
     // Its compensation, delivered twice too: the items come back once.
     let reservation = succeeded(&first)["reservation_id"].clone();
@@ -281,13 +278,13 @@ async fn a_command_delivered_twice_has_one_effect_and_the_same_reply_twice() {
         "order-1",
         json!({"reservation_id": reservation}),
     );
-    send_messages(&env, &db, &[&release, &release]).await;
+    send_messages(&s.env, &s.db, &[&release, &release]).await;
     for _ in 0..2 {
-        assert_eq!(succeeded(&replies.next().await)["released"], json!(true));
+        assert_eq!(succeeded(&s.replies.next().await)["released"], json!(true));
     }
-    assert_eq!(available(&db.pool).await, STOCK);
+    assert_eq!(available(&s.db.pool).await, STOCK);
 
-    end(env, replies, service).await;
+    s.end().await;
 }
 
 /// Fails retryably until `fixed`, or its first `failures` tries, then reserves.
@@ -332,23 +329,18 @@ async fn a_retryable_failure_is_retried_with_its_error_history_then_succeeds() {
     let builder = Participant::builder("stock")
         .handler("reserve_stock", flaky(2, &Arc::default()))
         .retry(quick(5));
-    let Scene {
-        env,
-        db,
-        mut replies,
-        service,
-    } = Scene::new(Sample::Stock, Some(builder)).await;
+    let mut s = Scene::new(Sample::Stock, Some(builder)).await;
 
     let cmd = reserve("order-1", 3);
-    send_messages(&env, &db, &[&cmd]).await;
-    let reply = replies.next().await;
+    send_messages(&s.env, &s.db, &[&cmd]).await;
+    let reply = s.replies.next().await;
 
     assert_eq!(
         succeeded(&reply)["attempt"],
         json!(3),
         "the third try succeeded"
     );
-    let (outcome, attempts, errors) = processed(&db.pool, cmd.message_id).await;
+    let (outcome, attempts, errors) = processed(&s.db.pool, cmd.message_id).await;
     assert_eq!((outcome.as_str(), attempts), ("succeeded", 3));
     // The history the message carried back to the service on its retries.
     let messages: Vec<&str> = errors
@@ -363,7 +355,7 @@ async fn a_retryable_failure_is_retried_with_its_error_history_then_succeeds() {
     let failures: Vec<(i32, String, bool)> = sqlx::query_as(
         "SELECT attempt, error, retryable FROM skald_participant.failures ORDER BY attempt",
     )
-    .fetch_all(&db.pool)
+    .fetch_all(&s.db.pool)
     .await
     .unwrap();
     assert_eq!(
@@ -374,12 +366,12 @@ async fn a_retryable_failure_is_retried_with_its_error_history_then_succeeds() {
         ]
     );
     assert_eq!(
-        available(&db.pool).await,
+        available(&s.db.pool).await,
         STOCK - 3,
         "failed tries rolled back"
     );
 
-    end(env, replies, service).await;
+    s.end().await;
 }
 
 #[actix_rt::test]
@@ -389,32 +381,29 @@ async fn past_the_threshold_a_dead_letter_with_its_history_and_an_exhausted_repl
     let builder = Participant::builder("stock")
         .handler("reserve_stock", flaky(u32::MAX, &fixed))
         .retry(quick(3));
-    let Scene {
-        env,
-        db,
-        mut replies,
-        service,
-    } = Scene::new(Sample::Stock, Some(builder)).await;
+    let mut s = Scene::new(Sample::Stock, Some(builder)).await;
 
     let cmd = reserve("order-1", 4);
-    send_messages(&env, &db, &[&cmd]).await;
-    let reply = replies.next().await;
+    send_messages(&s.env, &s.db, &[&cmd]).await;
+    let reply = s.replies.next().await;
     let ReplyOutcome::Failed { kind, error } = &reply.outcome else {
         panic!("expected a failure: {reply:?}")
     };
     assert_eq!(*kind, ReplyFailure::Exhausted);
     assert!(error.starts_with("exhausted after 3 attempt(s)"), "{error}");
-    assert_eq!(available(&db.pool).await, STOCK, "no effect");
+    assert_eq!(available(&s.db.pool).await, STOCK, "no effect");
 
     // The dead letter, in the service's database and its dead-letter queue.
     let dlq = |args: &[&str]| -> Vec<String> {
         let mut all = vec!["participant", "dead-letters"];
         all.extend_from_slice(args);
-        all.extend_from_slice(&["--service", "stock", "--database-url", &db.url]);
+        all.extend_from_slice(&["--service", "stock", "--database-url", &s.db.url]);
         all.into_iter().map(String::from).collect()
     };
-    let run =
-        |args: Vec<String>| env.skald_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = |args: Vec<String>| {
+        s.env
+            .skald_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
     let listed = run(dlq(&["list", "--json"]));
     let letter: Value = serde_json::from_str(listed.trim()).expect("one JSON line");
     assert_eq!(letter["reason_code"], "exhausted");
@@ -426,8 +415,8 @@ async fn past_the_threshold_a_dead_letter_with_its_history_and_an_exhausted_repl
         3,
         "{letter}"
     );
-    let dead_queue = format!("{}.svc.stock.dead", env.config.namespace);
-    assert_eq!(env.queue_depth(&dead_queue).await, 1);
+    let dead_queue = format!("{}.svc.stock.dead", s.env.config.namespace);
+    assert_eq!(s.env.queue_depth(&dead_queue).await, 1);
 
     // After the fix, the operator replays it: the command runs again, once.
     fixed.store(true, Ordering::SeqCst);
@@ -436,25 +425,26 @@ async fn past_the_threshold_a_dead_letter_with_its_history_and_an_exhausted_repl
         run(dlq(&["replay", "--id", id])).trim(),
         format!("replayed {id}")
     );
-    let again = replies.next().await;
+    let again = s.replies.next().await;
     assert!(succeeded(&again).contains_key("reservation_id"));
     assert_eq!(again.in_reply_to, cmd.message_id);
-    assert_eq!(available(&db.pool).await, STOCK - 4);
-    assert_eq!(processed(&db.pool, cmd.message_id).await.0, "succeeded");
+    assert_eq!(available(&s.db.pool).await, STOCK - 4);
+    assert_eq!(processed(&s.db.pool, cmd.message_id).await.0, "succeeded");
     let status: String = sqlx::query_scalar("SELECT status FROM skald_participant.dead_letters")
-        .fetch_one(&db.pool)
+        .fetch_one(&s.db.pool)
         .await
         .unwrap();
     assert_eq!(status, "replayed");
     let again_args = dlq(&["replay", "--id", id]);
-    let replay_twice = env
+    let replay_twice = s
+        .env
         .skald(&again_args.iter().map(String::as_str).collect::<Vec<_>>())
         .output()
         .unwrap();
     assert!(!replay_twice.status.success());
     assert!(String::from_utf8_lossy(&replay_twice.stderr).contains("is replayed, not pending"));
 
-    end(env, replies, service).await;
+    s.end().await;
 }
 
 /// Writes its effect, then refuses.
@@ -468,16 +458,11 @@ fn refuse_after_writing<'a>(conn: &'a mut PgConnection, msg: Incoming) -> Handle
 #[actix_rt::test]
 async fn a_fatal_failure_replies_failed_and_its_effect_is_rolled_back() {
     let builder = Participant::builder("stock").handler("reserve_stock", refuse_after_writing);
-    let Scene {
-        env,
-        db,
-        mut replies,
-        service,
-    } = Scene::new(Sample::Stock, Some(builder)).await;
+    let mut s = Scene::new(Sample::Stock, Some(builder)).await;
 
     let cmd = reserve("order-1", 5);
-    send_messages(&env, &db, &[&cmd]).await;
-    let reply = replies.next().await;
+    send_messages(&s.env, &s.db, &[&cmd]).await;
+    let reply = s.replies.next().await;
     assert_eq!(
         reply.outcome,
         ReplyOutcome::Failed {
@@ -486,24 +471,19 @@ async fn a_fatal_failure_replies_failed_and_its_effect_is_rolled_back() {
         }
     );
     assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM stock.reservations").await,
+        count(&s.db.pool, "SELECT count(*) FROM stock.reservations").await,
         0
     );
-    assert_eq!(available(&db.pool).await, STOCK);
-    let (outcome, attempts, errors) = processed(&db.pool, cmd.message_id).await;
+    assert_eq!(available(&s.db.pool).await, STOCK);
+    let (outcome, attempts, errors) = processed(&s.db.pool, cmd.message_id).await;
     assert_eq!((outcome.as_str(), attempts, errors.len()), ("fatal", 1, 1));
 
-    end(env, replies, service).await;
+    s.end().await;
 }
 
 #[actix_rt::test]
 async fn a_business_refusal_of_a_sample_service_is_fatal() {
-    let Scene {
-        env,
-        db,
-        mut replies,
-        service,
-    } = Scene::new(Sample::Payments, None).await;
+    let mut s = Scene::new(Sample::Payments, None).await;
 
     let charge = |amount: Value| {
         command(
@@ -513,69 +493,64 @@ async fn a_business_refusal_of_a_sample_service_is_fatal() {
         )
     };
     let (too_much, fine) = (charge(json!(2_000_000_000)), charge(json!(25.5)));
-    send_messages(&env, &db, &[&too_much, &fine]).await;
-    let refused = replies.next().await;
+    send_messages(&s.env, &s.db, &[&too_much, &fine]).await;
+    let refused = s.replies.next().await;
     assert!(
         matches!(&refused.outcome, ReplyOutcome::Failed { kind: ReplyFailure::Fatal, error }
             if error.contains("insufficient funds")),
         "{refused:?}"
     );
-    let paid = replies.next().await;
+    let paid = s.replies.next().await;
     let payment_id = succeeded(&paid)["payment_id"].as_str().unwrap().to_string();
     let balance: String =
         sqlx::query_scalar("SELECT balance::text FROM payments.accounts WHERE account = 'alice'")
-            .fetch_one(&db.pool)
+            .fetch_one(&s.db.pool)
             .await
             .unwrap();
     assert_eq!(balance, "999999974.50");
 
     // Refunding it, twice: once.
     let refund = command("refund_card", "order-1", json!({"payment_id": payment_id}));
-    send_messages(&env, &db, &[&refund, &refund]).await;
+    send_messages(&s.env, &s.db, &[&refund, &refund]).await;
     for _ in 0..2 {
-        assert_eq!(succeeded(&replies.next().await)["refunded"], json!(true));
+        assert_eq!(succeeded(&s.replies.next().await)["refunded"], json!(true));
     }
     let balance: String =
         sqlx::query_scalar("SELECT balance::text FROM payments.accounts WHERE account = 'alice'")
-            .fetch_one(&db.pool)
+            .fetch_one(&s.db.pool)
             .await
             .unwrap();
     assert_eq!(balance, "1000000000.00");
 
-    end(env, replies, service).await;
+    s.end().await;
 }
 
 #[actix_rt::test]
 async fn a_malformed_message_is_dead_lettered_at_once_and_the_service_keeps_working() {
-    let Scene {
-        env,
-        db,
-        mut replies,
-        service,
-    } = Scene::new(Sample::Stock, None).await;
+    let mut s = Scene::new(Sample::Stock, None).await;
 
     let unknown = command("teleport_stock", "order-1", json!({}));
     send(
-        &env,
-        &db,
+        &s.env,
+        &s.db,
         "order-1",
         &[b"not json".to_vec(), unknown.to_body()],
     )
     .await;
     let good = reserve("order-1", 1);
-    send_messages(&env, &db, &[&good]).await;
+    send_messages(&s.env, &s.db, &[&good]).await;
 
-    let reply = replies.next().await;
+    let reply = s.replies.next().await;
     assert_eq!(
         reply.in_reply_to, good.message_id,
         "no reply to the bad ones"
     );
-    replies.none_within(Duration::from_millis(500)).await;
+    s.replies.none_within(Duration::from_millis(500)).await;
     let letters: Vec<(String, String, Option<Uuid>)> = sqlx::query_as(
         "SELECT reason_code, reason, message_id FROM skald_participant.dead_letters \
          ORDER BY reason_code",
     )
-    .fetch_all(&db.pool)
+    .fetch_all(&s.db.pool)
     .await
     .unwrap();
     assert_eq!(letters.len(), 2, "{letters:?}");
@@ -589,12 +564,16 @@ async fn a_malformed_message_is_dead_lettered_at_once_and_the_service_keeps_work
         letters[1].1
     );
     assert_eq!(letters[1].2, Some(unknown.message_id));
-    let failures = count(&db.pool, "SELECT count(*) FROM skald_participant.failures").await;
+    let failures = count(
+        &s.db.pool,
+        "SELECT count(*) FROM skald_participant.failures",
+    )
+    .await;
     assert_eq!(failures, 0, "never tried");
-    let dead_queue = format!("{}.svc.stock.dead", env.config.namespace);
-    assert_eq!(env.queue_depth(&dead_queue).await, 2);
+    let dead_queue = format!("{}.svc.stock.dead", s.env.config.namespace);
+    assert_eq!(s.env.queue_depth(&dead_queue).await, 2);
 
-    end(env, replies, service).await;
+    s.end().await;
 }
 
 /// Appends each event's `n` to `stock.log` (an effect whose order is visible).
@@ -635,12 +614,7 @@ async fn wait_processed(pool: &PgPool, n: i64) {
 #[actix_rt::test]
 async fn a_plain_event_is_handled_once_in_aggregate_order_without_a_reply() {
     let builder = Participant::builder("stock").handler("stock_counted", log_event);
-    let Scene {
-        env,
-        db,
-        mut replies,
-        service,
-    } = Scene::new(Sample::Stock, Some(builder)).await;
+    let mut s = Scene::new(Sample::Stock, Some(builder)).await;
 
     let events: Vec<ServiceMessage> = (0..40)
         .map(|n| event("stock_counted", &format!("sku-{}", n % 4), json!({"n": n})))
@@ -648,27 +622,22 @@ async fn a_plain_event_is_handled_once_in_aggregate_order_without_a_reply() {
     let copy = events[5].clone();
     let mut all: Vec<&ServiceMessage> = events.iter().collect();
     all.push(&copy);
-    send_messages(&env, &db, &all).await;
-    wait_processed(&db.pool, 40).await;
+    send_messages(&s.env, &s.db, &all).await;
+    wait_processed(&s.db.pool, 40).await;
 
     for a in 0..4 {
         let expected: Vec<i64> = (0..40).filter(|n| n % 4 == a).collect();
-        assert_eq!(logged(&db.pool, &format!("sku-{a}")).await, expected);
+        assert_eq!(logged(&s.db.pool, &format!("sku-{a}")).await, expected);
     }
-    replies.none_within(Duration::from_millis(500)).await;
+    s.replies.none_within(Duration::from_millis(500)).await;
 
-    end(env, replies, service).await;
+    s.end().await;
 }
 
 #[actix_rt::test]
 async fn an_older_message_of_an_aggregate_is_discarded_and_recorded() {
     let builder = Participant::builder("stock").handler("stock_counted", log_event);
-    let Scene {
-        env,
-        db,
-        mut replies,
-        service,
-    } = Scene::new(Sample::Stock, Some(builder)).await;
+    let mut s = Scene::new(Sample::Stock, Some(builder)).await;
 
     // By sequence (events) ...
     let with_seq = |n: i64, seq: u64| ServiceMessage {
@@ -685,27 +654,27 @@ async fn an_older_message_of_an_aggregate_is_discarded_and_recorded() {
         at(20, "2026-05-01T10:00:01Z"),
         at(10, "2026-05-01T10:00:00Z"),
     );
-    send_messages(&env, &db, &[&newer, &older, &later, &earlier]).await;
+    send_messages(&s.env, &s.db, &[&newer, &older, &later, &earlier]).await;
 
     assert!(matches!(
-        replies.next().await.outcome,
+        s.replies.next().await.outcome,
         ReplyOutcome::Succeeded { .. }
     ));
-    let stale = replies.next().await;
+    let stale = s.replies.next().await;
     assert_eq!(stale.in_reply_to, earlier.message_id);
     assert!(
         matches!(&stale.outcome, ReplyOutcome::Failed { kind: ReplyFailure::Fatal, error }
             if error.starts_with("stale: dispatched_at")),
         "{stale:?}"
     );
-    wait_processed(&db.pool, 4).await;
-    assert_eq!(logged(&db.pool, "sku-1").await, vec![2]);
-    assert_eq!(logged(&db.pool, "sku-2").await, vec![20]);
-    let (outcome, attempts, _) = processed(&db.pool, older.message_id).await;
+    wait_processed(&s.db.pool, 4).await;
+    assert_eq!(logged(&s.db.pool, "sku-1").await, vec![2]);
+    assert_eq!(logged(&s.db.pool, "sku-2").await, vec![20]);
+    let (outcome, attempts, _) = processed(&s.db.pool, older.message_id).await;
     assert_eq!((outcome.as_str(), attempts), ("stale", 0));
-    assert_eq!(processed(&db.pool, earlier.message_id).await.0, "stale");
+    assert_eq!(processed(&s.db.pool, earlier.message_id).await.0, "stale");
 
-    end(env, replies, service).await;
+    s.end().await;
 }
 
 #[actix_rt::test]
@@ -824,28 +793,23 @@ async fn a_database_outage_holds_the_message_without_counting_an_attempt() {
     let builder = Participant::builder("stock")
         .handler("reserve_stock", sample::reserve_stock)
         .retry(quick(1));
-    let Scene {
-        env,
-        db,
-        mut replies,
-        service,
-    } = Scene::new(Sample::Stock, Some(builder)).await;
+    let mut s = Scene::new(Sample::Stock, Some(builder)).await;
 
-    database_reachable(&db, false).await;
+    database_reachable(&s.db, false).await;
     let cmd = reserve("order-1", 6);
-    send_messages(&env, &db, &[&cmd]).await;
+    send_messages(&s.env, &s.db, &[&cmd]).await;
     // With one attempt allowed, a counted failure would have answered `exhausted`.
-    replies.none_within(Duration::from_secs(2)).await;
-    database_reachable(&db, true).await;
+    s.replies.none_within(Duration::from_secs(2)).await;
+    database_reachable(&s.db, true).await;
 
-    let reply = replies.next().await;
+    let reply = s.replies.next().await;
     assert!(succeeded(&reply).contains_key("reservation_id"));
-    let (outcome, attempts, errors) = processed(&db.pool, cmd.message_id).await;
+    let (outcome, attempts, errors) = processed(&s.db.pool, cmd.message_id).await;
     assert_eq!(
         (outcome.as_str(), attempts, errors.len()),
         ("succeeded", 1, 0)
     );
-    assert_eq!(available(&db.pool).await, STOCK - 6);
+    assert_eq!(available(&s.db.pool).await, STOCK - 6);
 
-    end(env, replies, service).await;
+    s.end().await;
 }
