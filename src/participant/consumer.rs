@@ -25,17 +25,19 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::StreamExt;
+use serde_json::Value;
 use sqlx::{Acquire, PgPool, Postgres, Transaction};
 
 use super::builder::ParticipantError;
 use super::decide::{self, Outcome};
 use super::faults::{CrashPoint, ParticipantFaults};
-use super::handler::{Incoming, MessageHandler};
+use super::handler::{HandlerError, Incoming, MessageHandler};
 use super::lanes::Lanes;
 use super::policy::{AfterFailure, RetryPolicy};
 use super::store::{self, DeadReason, NewDeadLetter};
 use super::wire::{Reply, ServiceError, ServiceMessage};
 use crate::engine::InFlight;
+use crate::envelope::nul_path;
 use crate::transport::{Delivery, Endpoint, Transport, TransportError};
 
 /// Pause before consuming again after the broker connection was lost.
@@ -75,6 +77,14 @@ enum Action {
         delay_ms: u64,
     },
     Reply(Reply),
+}
+
+/// Why a piece of work was given up.
+enum Stop {
+    /// Shutdown: the delivery stays unacked and is redelivered.
+    Shutdown,
+    /// PostgreSQL refused the data itself: no wait can help.
+    Refused(String),
 }
 
 /// Why a piece of work must be done again (never an attempt of the message).
@@ -224,8 +234,9 @@ impl Participant {
 
 impl Inner {
     /// Runs `work` until it succeeds, waiting out infrastructure failures (0.2 s
-    /// doubling to 5 s). `None` when shutdown gave up on it.
-    async fn until_done<T, F, Fut>(&self, what: &str, mut work: F) -> Option<T>
+    /// doubling to 5 s). Stops at shutdown, and at once when PostgreSQL refuses the
+    /// data itself (waiting cannot fix that).
+    async fn until_done<T, F, Fut>(&self, what: &str, mut work: F) -> Result<T, Stop>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Again>>,
@@ -233,12 +244,18 @@ impl Inner {
         let mut wait = INFRA_WAIT.0;
         loop {
             match work().await {
-                Ok(value) => return Some(value),
+                Ok(value) => return Ok(value),
                 Err(Again::Raced) => continue,
+                Err(Again::Infra(ParticipantError::Database(e)))
+                    if crate::store::is_data_error(&e) =>
+                {
+                    tracing::error!(error = %crate::store::error_text(&e), "{what}: data refused");
+                    return Err(Stop::Refused(crate::store::error_text(&e)));
+                }
                 Err(Again::Infra(e)) => {
                     if self.stopping.load(Ordering::SeqCst) {
                         tracing::warn!(error = %e, "{what}: giving up at shutdown; redelivered later");
-                        return None;
+                        return Err(Stop::Shutdown);
                     }
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
                         "{what}: infrastructure failure, not an attempt; retrying");
@@ -250,10 +267,16 @@ impl Inner {
     }
 
     async fn handle_delivery(&self, msg: &ServiceMessage, delivery: Delivery) {
-        let Some(actions) = self.until_done("handling", || self.handle(msg)).await else {
-            return;
-        };
-        self.finish_delivery(actions, delivery, &msg.kind).await;
+        match self.until_done("handling", || self.handle(msg)).await {
+            Ok(actions) => self.finish_delivery(actions, delivery, &msg.kind).await,
+            Err(Stop::Shutdown) => {}
+            Err(Stop::Refused(why)) => {
+                let reason =
+                    format!("unprocessable: the service's database refused to record it: {why}");
+                self.set_apart(delivery, DeadReason::Unprocessable, reason, Some(msg))
+                    .await;
+            }
+        }
     }
 
     /// Carries out `actions` in order, then acks the delivery (of a message of type
@@ -274,7 +297,7 @@ impl Inner {
                 }
             })
             .await;
-        if sent.is_none() {
+        if sent.is_err() {
             return;
         }
         if replies {
@@ -334,7 +357,7 @@ impl Inner {
                 Ok(())
             })
             .await;
-        if recorded.is_none() {
+        if recorded.is_err() {
             return;
         }
         let action = Action::DeadLetter {
@@ -375,7 +398,15 @@ impl Inner {
             dispatched_at: msg.dispatched_at,
         };
         let mut savepoint = (&mut tx).begin().await?;
-        let result = handler.call(&mut savepoint, incoming).await;
+        let result = handler.call(&mut savepoint, incoming).await.and_then(|outputs| {
+            match nul_path(&Value::Object(outputs.clone()), "outputs") {
+                // A handler bug no retry fixes: PostgreSQL cannot store the reply.
+                Some(path) => Err(HandlerError::Fatal(format!(
+                    "the handler's outputs hold a NUL character at {path}, which PostgreSQL cannot store"
+                ))),
+                None => Ok(outputs),
+            }
+        });
         let error = match result {
             Ok(outputs) => {
                 savepoint.commit().await?;
@@ -388,10 +419,12 @@ impl Inner {
         };
         // A dead connection fails here too: then it is the infrastructure, not an attempt.
         savepoint.rollback().await?;
+        // The error text is stored as text: a NUL in it is spelled out.
+        let message = error.to_string().replace('\0', "\\0");
         let failure = ServiceError {
             attempt,
             at: Utc::now(),
-            message: error.to_string(),
+            message: message.clone(),
         };
         let next = self
             .retry
@@ -419,11 +452,11 @@ impl Inner {
                 Ok(VecDeque::from([Action::Republish { body, delay_ms }]))
             }
             AfterFailure::Fatal => {
-                self.record(tx, msg, Outcome::Fatal(error.to_string()), attempt, &errors)
+                self.record(tx, msg, Outcome::Fatal(message), attempt, &errors)
                     .await
             }
             AfterFailure::Exhausted => {
-                let reason = format!("exhausted after {attempt} attempt(s): {error}");
+                let reason = format!("exhausted after {attempt} attempt(s): {message}");
                 let dead = ServiceMessage {
                     errors: errors.clone(),
                     ..msg.clone()

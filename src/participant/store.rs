@@ -178,6 +178,8 @@ pub enum DeadReason {
     UnknownType,
     /// Retryable failures past the policy.
     Exhausted,
+    /// Readable, but the service's database refused to record it (its data).
+    Unprocessable,
 }
 
 impl DeadReason {
@@ -187,6 +189,7 @@ impl DeadReason {
             DeadReason::Malformed => "malformed",
             DeadReason::UnknownType => "unknown_type",
             DeadReason::Exhausted => "exhausted",
+            DeadReason::Unprocessable => "unprocessable",
         }
     }
 }

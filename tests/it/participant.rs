@@ -457,7 +457,9 @@ fn refuse_after_writing<'a>(conn: &'a mut PgConnection, msg: Incoming) -> Handle
 
 #[actix_rt::test]
 async fn a_fatal_failure_replies_failed_and_its_effect_is_rolled_back() {
-    let builder = Participant::builder("stock").handler("reserve_stock", refuse_after_writing);
+    let builder = Participant::builder("stock")
+        .handler("reserve_stock", refuse_after_writing)
+        .handler("note_stock", nul_outputs);
     let mut s = Scene::new(Sample::Stock, Some(builder)).await;
 
     let cmd = reserve("order-1", 5);
@@ -478,7 +480,34 @@ async fn a_fatal_failure_replies_failed_and_its_effect_is_rolled_back() {
     let (outcome, attempts, errors) = processed(&s.db.pool, cmd.message_id).await;
     assert_eq!((outcome.as_str(), attempts, errors.len()), ("fatal", 1, 1));
 
+    // Outputs PostgreSQL cannot store are the handler's bug: fatal, its effect undone.
+    let note = command("note_stock", "order-2", json!({}));
+    send_messages(&s.env, &s.db, &[&note]).await;
+    let reply = s.replies.next().await;
+    assert_eq!(
+        reply.outcome,
+        ReplyOutcome::Failed {
+            kind: ReplyFailure::Fatal,
+            error: "the handler's outputs hold a NUL character at outputs.note, \
+                    which PostgreSQL cannot store"
+                .into()
+        }
+    );
+    assert_eq!(available(&s.db.pool).await, STOCK);
+
     s.end().await;
+}
+
+/// Takes one item, then returns an output PostgreSQL cannot store.
+fn nul_outputs<'a>(conn: &'a mut PgConnection, _: Incoming) -> HandlerFuture<'a> {
+    Box::pin(async move {
+        sqlx::query("UPDATE stock.items SET available = available - 1 WHERE sku = 'SKU-1'")
+            .execute(&mut *conn)
+            .await?;
+        let mut out = Map::new();
+        out.insert("note".into(), Value::from("a\0b"));
+        Ok(out)
+    })
 }
 
 #[actix_rt::test]
@@ -527,14 +556,24 @@ async fn a_business_refusal_of_a_sample_service_is_fatal() {
 
 #[actix_rt::test]
 async fn a_malformed_message_is_dead_lettered_at_once_and_the_service_keeps_working() {
-    let mut s = Scene::new(Sample::Stock, None).await;
+    let builder = Sample::Stock
+        .register(Participant::builder("stock"))
+        .handler("orphan_child", orphan_child);
+    let mut s = Scene::new(Sample::Stock, Some(builder)).await;
 
     let unknown = command("teleport_stock", "order-1", json!({}));
+    let mut nul = reserve("order-1", 1);
+    nul.reply_to.as_mut().unwrap().saga = "order\0checkout".into();
     send(
         &s.env,
         &s.db,
         "order-1",
-        &[b"not json".to_vec(), unknown.to_body()],
+        &[
+            b"not json".to_vec(),
+            unknown.to_body(),
+            nul.to_body(),
+            command("orphan_child", "order-1", json!({})).to_body(),
+        ],
     )
     .await;
     let good = reserve("order-1", 1);
@@ -548,22 +587,38 @@ async fn a_malformed_message_is_dead_lettered_at_once_and_the_service_keeps_work
     s.replies.none_within(Duration::from_millis(500)).await;
     let letters: Vec<(String, String, Option<Uuid>)> = sqlx::query_as(
         "SELECT reason_code, reason, message_id FROM skald_participant.dead_letters \
-         ORDER BY reason_code",
+         ORDER BY reason_code, reason",
     )
     .fetch_all(&s.db.pool)
     .await
     .unwrap();
-    assert_eq!(letters.len(), 2, "{letters:?}");
-    assert_eq!(letters[0].0, "malformed");
-    assert!(letters[0].1.starts_with("malformed: "), "{}", letters[0].1);
-    assert_eq!(letters[0].2, None);
-    assert_eq!(letters[1].0, "unknown_type");
-    assert!(
-        letters[1].1.contains("\"teleport_stock\""),
-        "{}",
-        letters[1].1
+    let codes: Vec<&str> = letters.iter().map(|l| l.0.as_str()).collect();
+    assert_eq!(
+        codes,
+        ["malformed", "malformed", "unknown_type", "unprocessable"],
+        "{letters:?}"
     );
-    assert_eq!(letters[1].2, Some(unknown.message_id));
+    assert_eq!(
+        letters[0].1,
+        "malformed: not a valid envelope: expected ident at line 1 column 2"
+    );
+    assert_eq!(
+        letters[1].1,
+        "malformed: reply_to.saga contains a NUL character (\\u0000), which PostgreSQL cannot store"
+    );
+    assert_eq!((letters[0].2, letters[1].2), (None, None));
+    assert_eq!(
+        letters[2].1,
+        "unknown type \"teleport_stock\": service stock has no handler for it"
+    );
+    assert_eq!(letters[2].2, Some(unknown.message_id));
+    assert!(
+        letters[3].1.starts_with(
+            "unprocessable: the service's database refused to record it: SQLSTATE 23503"
+        ),
+        "{}",
+        letters[3].1
+    );
     let failures = count(
         &s.db.pool,
         "SELECT count(*) FROM skald_participant.failures",
@@ -571,9 +626,24 @@ async fn a_malformed_message_is_dead_lettered_at_once_and_the_service_keeps_work
     .await;
     assert_eq!(failures, 0, "never tried");
     let dead_queue = format!("{}.svc.stock.dead", s.env.config.namespace);
-    assert_eq!(s.env.queue_depth(&dead_queue).await, 2);
+    assert_eq!(s.env.queue_depth(&dead_queue).await, 4);
 
     s.end().await;
+}
+
+/// Leaves a deferred foreign key broken: PostgreSQL refuses the commit, every time.
+fn orphan_child<'a>(conn: &'a mut PgConnection, _: Incoming) -> HandlerFuture<'a> {
+    Box::pin(async move {
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS stock.parent (id int PRIMARY KEY); \
+             CREATE TABLE IF NOT EXISTS stock.child (pid int REFERENCES stock.parent \
+               DEFERRABLE INITIALLY DEFERRED); \
+             INSERT INTO stock.child VALUES (42)",
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(Map::new())
+    })
 }
 
 /// Appends each event's `n` to `stock.log` (an effect whose order is visible).

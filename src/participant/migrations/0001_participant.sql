@@ -55,13 +55,13 @@ CREATE TABLE skald_participant.aggregates (
     PRIMARY KEY (service, aggregate_id)
 );
 
--- Messages set apart for a person: malformed bodies and unknown types at once,
--- retryable failures past the policy.
+-- Messages set apart for a person: malformed bodies, unknown types and messages the
+-- database refuses to record at once, retryable failures past the policy.
 CREATE TABLE skald_participant.dead_letters (
     id           uuid        PRIMARY KEY,
     service      text        NOT NULL,
     reason_code  text        NOT NULL
-        CHECK (reason_code IN ('malformed', 'unknown_type', 'exhausted')),
+        CHECK (reason_code IN ('malformed', 'unknown_type', 'exhausted', 'unprocessable')),
     reason       text        NOT NULL,
     message_id   uuid,
     type         text,
