@@ -198,6 +198,13 @@ impl TestEnv {
     pub async fn publish_raw(&self, bodies: &[Vec<u8>]) {
         let transport = self.transport().await; // declares the topology
         transport.close().await;
+        self.publish_raw_to(&self.config.namespace, "intake", bodies)
+            .await;
+    }
+
+    /// Publishes raw bodies (persistent, confirmed, in order) to `exchange` under
+    /// `routing_key` with plain AMQP, as a foreign publisher would.
+    pub async fn publish_raw_to(&self, exchange: &str, routing_key: &str, bodies: &[Vec<u8>]) {
         let conn = Connection::connect(AMQP, ConnectionProperties::default())
             .await
             .expect("connect");
@@ -208,8 +215,8 @@ impl TestEnv {
         for body in bodies {
             let confirm = ch
                 .basic_publish(
-                    self.config.namespace.as_str().into(),
-                    "intake".into(),
+                    exchange.into(),
+                    routing_key.into(),
                     BasicPublishOptions::default(),
                     body,
                     BasicProperties::default().with_delivery_mode(2),
