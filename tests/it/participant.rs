@@ -819,17 +819,23 @@ async fn a_builder_without_handlers_or_with_a_bad_name_is_refused() {
     )
     .await;
     assert!(bad.contains("service name must be"), "{bad}");
-    // Building twice (two processes starting) migrates once, quietly.
-    let sample = Sample::Shipping;
-    for _ in 0..2 {
-        sample
+    // Three processes starting at once on a fresh database: the migrations apply once.
+    let builds = (0..3).map(|_| {
+        Sample::Shipping
             .register(Participant::builder("shipping"))
             .pool(db.pool.clone())
             .transport(transport.clone())
             .build()
-            .await
-            .expect("builds");
+    });
+    for built in futures_util::future::join_all(builds).await {
+        built.expect("builds");
     }
+    let migrations = count(
+        &db.pool,
+        "SELECT count(*) FROM skald_participant._sqlx_migrations",
+    )
+    .await;
+    assert_eq!(migrations, 1);
     transport.close().await;
     env.cleanup().await;
 }
@@ -921,6 +927,8 @@ async fn a_command_published_as_the_readme_says_is_answered_as_the_readme_says()
         Sample::Shipping.register(Participant::builder("shipping")),
     )
     .await;
+    // skald runs: its intake exists.
+    env.transport().await.close().await;
 
     // Written by hand from "Participant protocol", not built with skald's types.
     let (command_id, instance_id) = (Uuid::new_v4(), Uuid::new_v4());
@@ -962,5 +970,51 @@ async fn a_command_published_as_the_readme_says_is_answered_as_the_readme_says()
     );
 
     service.stop().await;
+    env.cleanup().await;
+}
+
+/// Reserves, slowly, saying when it started.
+struct Slow(Arc<AtomicBool>);
+
+impl MessageHandler for Slow {
+    fn call<'a>(&'a self, conn: &'a mut PgConnection, msg: Incoming) -> HandlerFuture<'a> {
+        self.0.store(true, Ordering::SeqCst);
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            sample::reserve_stock(conn, msg).await
+        })
+    }
+}
+
+#[actix_rt::test]
+async fn a_graceful_shutdown_lets_the_message_in_flight_commit_reply_and_ack() {
+    let started = Arc::new(AtomicBool::new(false));
+    let builder = Participant::builder("stock").handler("reserve_stock", Slow(started.clone()));
+    let Scene {
+        env,
+        db,
+        mut replies,
+        service,
+    } = Scene::new(Sample::Stock, Some(builder)).await;
+
+    let cmd = reserve("order-1", 8);
+    send_messages(&env, &db, &[&cmd]).await;
+    while !started.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    service.stop().await;
+
+    assert_eq!(replies.next().await.in_reply_to, cmd.message_id);
+    assert_eq!(processed(&db.pool, cmd.message_id).await.0, "succeeded");
+    let queues = env.topology().partitions.len();
+    for i in 0..queues {
+        let queue = format!("{}.svc.stock.p.{i}", env.config.namespace);
+        assert_eq!(
+            env.queue_depth(&queue).await,
+            0,
+            "acked: nothing to redeliver"
+        );
+    }
+    replies.close().await;
     env.cleanup().await;
 }
