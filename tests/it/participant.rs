@@ -104,6 +104,26 @@ impl Scene {
 }
 
 impl Scene {
+    /// `skald participant dead-letters <args> --service <it> --database-url <its>`:
+    /// stdout when it succeeds, its error line when it fails.
+    fn dead_letters(&self, args: &[&str]) -> Result<String, String> {
+        let Endpoint::Service(service) = &self.db.endpoint else {
+            unreachable!("a service's endpoint")
+        };
+        let mut all = vec!["participant", "dead-letters"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--service", service, "--database-url", &self.db.url]);
+        let out = self.env.skald(&all).output().expect("run skald");
+        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        if out.status.success() {
+            Ok(text(out.stdout))
+        } else {
+            // The error is the last line (logs may come before it).
+            let stderr = text(out.stderr);
+            Err(format!("{}\n", stderr.lines().last().unwrap_or_default()))
+        }
+    }
+
     /// Stops the service gracefully and removes everything the scenario created.
     async fn end(self) {
         self.service.stop().await;
@@ -394,17 +414,7 @@ async fn past_the_threshold_a_dead_letter_with_its_history_and_an_exhausted_repl
     assert_eq!(available(&s.db.pool).await, STOCK, "no effect");
 
     // The dead letter, in the service's database and its dead-letter queue.
-    let dlq = |args: &[&str]| -> Vec<String> {
-        let mut all = vec!["participant", "dead-letters"];
-        all.extend_from_slice(args);
-        all.extend_from_slice(&["--service", "stock", "--database-url", &s.db.url]);
-        all.into_iter().map(String::from).collect()
-    };
-    let run = |args: Vec<String>| {
-        s.env
-            .skald_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    };
-    let listed = run(dlq(&["list", "--json"]));
+    let listed = s.dead_letters(&["list", "--json"]).expect("lists");
     let letter: Value = serde_json::from_str(listed.trim()).expect("one JSON line");
     assert_eq!(letter["reason_code"], "exhausted");
     assert_eq!(letter["status"], "pending");
@@ -422,7 +432,7 @@ async fn past_the_threshold_a_dead_letter_with_its_history_and_an_exhausted_repl
     fixed.store(true, Ordering::SeqCst);
     let id = letter["id"].as_str().unwrap();
     assert_eq!(
-        run(dlq(&["replay", "--id", id])).trim(),
+        s.dead_letters(&["replay", "--id", id]).unwrap().trim(),
         format!("replayed {id}")
     );
     let again = s.replies.next().await;
@@ -435,14 +445,11 @@ async fn past_the_threshold_a_dead_letter_with_its_history_and_an_exhausted_repl
         .await
         .unwrap();
     assert_eq!(status, "replayed");
-    let again_args = dlq(&["replay", "--id", id]);
-    let replay_twice = s
-        .env
-        .skald(&again_args.iter().map(String::as_str).collect::<Vec<_>>())
-        .output()
-        .unwrap();
-    assert!(!replay_twice.status.success());
-    assert!(String::from_utf8_lossy(&replay_twice.stderr).contains("is replayed, not pending"));
+    let twice = s.dead_letters(&["replay", "--id", id]).unwrap_err();
+    assert_eq!(
+        twice,
+        format!("error: dead letter {id} is replayed, not pending\n")
+    );
 
     s.end().await;
 }
@@ -627,6 +634,54 @@ async fn a_malformed_message_is_dead_lettered_at_once_and_the_service_keeps_work
     assert_eq!(failures, 0, "never tried");
     let dead_queue = format!("{}.svc.stock.dead", s.env.config.namespace);
     assert_eq!(s.env.queue_depth(&dead_queue).await, 4);
+
+    // The operator sets the unreadable one aside, once.
+    let id: Uuid = sqlx::query_scalar(
+        "SELECT id FROM skald_participant.dead_letters WHERE reason LIKE '%expected ident%'",
+    )
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    let id = id.to_string();
+    let discard = ["discard", "--id", &id, "--by", "ops", "--note", "garbage"];
+    assert_eq!(
+        s.dead_letters(&discard).unwrap(),
+        format!("discarded {id}\n")
+    );
+    let listed = s
+        .dead_letters(&["list", "--status", "discarded", "--json"])
+        .unwrap();
+    let letter: Value = serde_json::from_str(listed.trim()).expect("one JSON line");
+    assert_eq!(
+        (
+            &letter["id"],
+            &letter["resolved_by"],
+            &letter["note"],
+            &letter["body"]
+        ),
+        (
+            &json!(id),
+            &json!("ops"),
+            &json!("garbage"),
+            &json!("not json")
+        )
+    );
+    assert_eq!(
+        s.dead_letters(&discard).unwrap_err(),
+        format!("error: dead letter {id} is discarded, not pending\n")
+    );
+    assert_eq!(
+        s.dead_letters(&["list", "--status", "lost"]).unwrap_err(),
+        "error: unknown status \"lost\": expected pending, replayed or discarded\n"
+    );
+    let unknown = Uuid::new_v4();
+    assert_eq!(
+        s.dead_letters(&["discard", "--id", &unknown.to_string()])
+            .unwrap_err(),
+        format!("error: no dead letter {unknown} for this service\n")
+    );
+    let table = s.dead_letters(&["list", "--status", "pending"]).unwrap();
+    assert_eq!(table.lines().count(), 3, "{table}");
 
     s.end().await;
 }
