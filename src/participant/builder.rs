@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use super::consumer::Participant;
+use super::consumer::{Participant, Parts};
 use super::faults::ParticipantFaults;
 use super::handler::MessageHandler;
 use super::policy::{PolicyError, RetryPolicy};
@@ -161,14 +161,14 @@ impl ParticipantBuilder {
                 .map_err(|e| ParticipantError::Config(format!("handler type {kind:?}: {e}")))?;
         }
         store::migrate(&pool).await?;
-        Ok(Participant::new(
-            self.service,
+        let parts = Parts {
+            service: self.service,
             pool,
             transport,
-            self.handlers,
-            self.retry,
-            self.faults,
-            self.shutdown_timeout,
-        ))
+            handlers: self.handlers,
+            retry: self.retry,
+            faults: self.faults,
+        };
+        Ok(Participant::new(parts, self.shutdown_timeout))
     }
 }

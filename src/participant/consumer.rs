@@ -51,13 +51,18 @@ pub struct Participant {
     shutdown_timeout: Duration,
 }
 
+/// What the builder checked and hands over.
+pub(super) struct Parts {
+    pub(super) service: String,
+    pub(super) pool: PgPool,
+    pub(super) transport: Arc<dyn Transport>,
+    pub(super) handlers: HashMap<String, Arc<dyn MessageHandler>>,
+    pub(super) retry: RetryPolicy,
+    pub(super) faults: ParticipantFaults,
+}
+
 struct Inner {
-    service: String,
-    pool: PgPool,
-    transport: Arc<dyn Transport>,
-    handlers: HashMap<String, Arc<dyn MessageHandler>>,
-    retry: RetryPolicy,
-    faults: ParticipantFaults,
+    parts: Parts,
     lanes: Lanes,
     in_flight: InFlight,
     stopping: AtomicBool,
@@ -108,23 +113,10 @@ impl From<TransportError> for Again {
 }
 
 impl Participant {
-    pub(super) fn new(
-        service: String,
-        pool: PgPool,
-        transport: Arc<dyn Transport>,
-        handlers: HashMap<String, Arc<dyn MessageHandler>>,
-        retry: RetryPolicy,
-        faults: ParticipantFaults,
-        shutdown_timeout: Duration,
-    ) -> Self {
+    pub(super) fn new(parts: Parts, shutdown_timeout: Duration) -> Self {
         Participant {
             inner: Arc::new(Inner {
-                service,
-                pool,
-                transport,
-                handlers,
-                retry,
-                faults,
+                parts,
                 lanes: Lanes::default(),
                 in_flight: InFlight::default(),
                 stopping: AtomicBool::new(false),
@@ -135,7 +127,7 @@ impl Participant {
 
     /// The service's name.
     pub fn service(&self) -> &str {
-        &self.inner.service
+        &self.inner.parts.service
     }
 
     /// Consumes until `shutdown` resolves, then shuts down gracefully: stops
@@ -145,11 +137,11 @@ impl Participant {
     /// configuration; a lost connection is waited out.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ParticipantError> {
         let inner = &self.inner;
-        tracing::info!(service = %inner.service, types = ?inner.handlers.keys().collect::<Vec<_>>(),
+        tracing::info!(service = %inner.parts.service, types = ?inner.parts.handlers.keys().collect::<Vec<_>>(),
             "participant consuming");
         tokio::pin!(shutdown);
         loop {
-            let mut deliveries = match inner.transport.consume().await {
+            let mut deliveries = match inner.parts.transport.consume().await {
                 Ok(stream) => stream,
                 Err(e @ TransportError::Refused(_)) => return Err(e.into()),
                 Err(e) => {
@@ -179,7 +171,7 @@ impl Participant {
             in_flight = inner.in_flight.count(),
             "participant shutting down: draining"
         );
-        inner.transport.stop_consuming().await;
+        inner.parts.transport.stop_consuming().await;
         let drained = tokio::time::timeout(self.shutdown_timeout, inner.in_flight.drained()).await;
         inner.stopping.store(true, Ordering::SeqCst);
         if drained.is_err() {
@@ -188,7 +180,7 @@ impl Participant {
                 "shutdown timeout: unfinished messages will be redelivered"
             );
         }
-        inner.transport.close().await;
+        inner.parts.transport.close().await;
         Ok(())
     }
 
@@ -207,11 +199,11 @@ impl Participant {
                     inner.in_flight.leave();
                 });
             }
-            Ok(msg) if !inner.handlers.contains_key(&msg.kind) => {
+            Ok(msg) if !inner.parts.handlers.contains_key(&msg.kind) => {
                 tokio::spawn(async move {
                     let reason = format!(
                         "unknown type {:?}: service {} has no handler for it",
-                        msg.kind, inner.service
+                        msg.kind, inner.parts.service
                     );
                     inner
                         .set_apart(delivery, DeadReason::UnknownType, reason, Some(&msg))
@@ -301,7 +293,7 @@ impl Inner {
             return;
         }
         if replies {
-            self.faults.at(CrashPoint::AfterReply, kind);
+            self.parts.faults.at(CrashPoint::AfterReply, kind);
         }
         if let Err(e) = delivery.ack().await {
             // The channel is gone: the broker redelivers it, and it is a copy then.
@@ -312,18 +304,21 @@ impl Inner {
     async fn carry_out(&self, action: &Action) -> Result<(), TransportError> {
         match action {
             Action::DeadLetter { body, code, reason } => {
-                self.transport
+                self.parts
+                    .transport
                     .dead_letter(body, code.as_str(), reason)
                     .await
             }
             Action::Republish { body, delay_ms } => {
                 let msg = ServiceMessage::parse(body).expect("a republished body is ours");
-                self.transport
+                self.parts
+                    .transport
                     .publish(&msg.aggregate_id, body, *delay_ms)
                     .await
             }
             Action::Reply(reply) => {
-                self.transport
+                self.parts
+                    .transport
                     .send_to(
                         &Endpoint::Orchestrator,
                         &reply.aggregate_id,
@@ -343,7 +338,7 @@ impl Inner {
         reason: String,
         msg: Option<&ServiceMessage>,
     ) {
-        tracing::warn!(service = %self.service, code = code.as_str(), %reason, "dead letter");
+        tracing::warn!(service = %self.parts.service, code = code.as_str(), %reason, "dead letter");
         let letter = NewDeadLetter {
             code,
             reason: &reason,
@@ -352,8 +347,8 @@ impl Inner {
         };
         let recorded = self
             .until_done("recording a dead letter", || async {
-                let mut conn = self.pool.acquire().await?;
-                store::insert_dead_letter(&mut conn, &self.service, &letter).await?;
+                let mut conn = self.parts.pool.acquire().await?;
+                store::insert_dead_letter(&mut conn, &self.parts.service, &letter).await?;
                 Ok(())
             })
             .await;
@@ -372,21 +367,21 @@ impl Inner {
 
     /// One message's transaction: what follows its commit.
     async fn handle(&self, msg: &ServiceMessage) -> Result<VecDeque<Action>, Again> {
-        let mut tx = self.pool.begin().await?;
-        if let Some(done) = store::processed(&mut tx, &self.service, msg.message_id).await? {
+        let mut tx = self.parts.pool.begin().await?;
+        if let Some(done) = store::processed(&mut tx, &self.parts.service, msg.message_id).await? {
             tx.rollback().await?;
-            tracing::info!(service = %self.service, message_id = %msg.message_id,
+            tracing::info!(service = %self.parts.service, message_id = %msg.message_id,
                 outcome = %done.outcome, "copy of a processed message: nothing runs");
             return Ok(done.reply.into_iter().map(Action::Reply).collect());
         }
-        let last = store::last_applied(&mut tx, &self.service, &msg.aggregate_id).await?;
+        let last = store::last_applied(&mut tx, &self.parts.service, &msg.aggregate_id).await?;
         if let Some(reason) = decide::stale(msg, &last) {
             return self
                 .record(tx, msg, Outcome::Stale(reason), 0, &msg.errors)
                 .await;
         }
         let attempt = msg.errors.len() as u32 + 1;
-        let handler = self.handlers[&msg.kind].clone();
+        let handler = self.parts.handlers[&msg.kind].clone();
         let incoming = Incoming {
             message_id: msg.message_id,
             kind: msg.kind.clone(),
@@ -410,7 +405,13 @@ impl Inner {
         let error = match result {
             Ok(outputs) => {
                 savepoint.commit().await?;
-                store::advance(&mut tx, &self.service, &msg.aggregate_id, last.after(msg)).await?;
+                store::advance(
+                    &mut tx,
+                    &self.parts.service,
+                    &msg.aggregate_id,
+                    last.after(msg),
+                )
+                .await?;
                 return self
                     .record(tx, msg, Outcome::Succeeded(outputs), attempt, &msg.errors)
                     .await;
@@ -427,11 +428,12 @@ impl Inner {
             message: message.clone(),
         };
         let next = self
+            .parts
             .retry
             .after_failure(error.kind(), attempt, fastrand::f64());
         store::record_failure(
             &mut tx,
-            &self.service,
+            &self.parts.service,
             msg,
             &failure,
             next != AfterFailure::Fatal,
@@ -439,7 +441,7 @@ impl Inner {
         .await?;
         let mut errors = msg.errors.clone();
         errors.push(failure);
-        tracing::warn!(service = %self.service, message_id = %msg.message_id, attempt,
+        tracing::warn!(service = %self.parts.service, message_id = %msg.message_id, attempt,
             error = %error, next = ?next, "handler failed");
         match next {
             AfterFailure::Retry { delay_ms } => {
@@ -468,7 +470,7 @@ impl Inner {
                     msg: Some(&dead),
                     body: &body,
                 };
-                store::insert_dead_letter(&mut tx, &self.service, &letter).await?;
+                store::insert_dead_letter(&mut tx, &self.parts.service, &letter).await?;
                 let mut actions = self
                     .record(
                         tx,
@@ -497,10 +499,10 @@ impl Inner {
         attempts: u32,
         errors: &[ServiceError],
     ) -> Result<VecDeque<Action>, Again> {
-        let reply = decide::reply(&self.service, msg, &outcome);
+        let reply = decide::reply(&self.parts.service, msg, &outcome);
         let recorded = store::record(
             &mut tx,
-            &self.service,
+            &self.parts.service,
             msg,
             &outcome,
             reply.as_ref(),
@@ -513,10 +515,10 @@ impl Inner {
             return Err(Again::Raced);
         }
         tx.commit().await?;
-        tracing::info!(service = %self.service, message_id = %msg.message_id,
+        tracing::info!(service = %self.parts.service, message_id = %msg.message_id,
             aggregate = %msg.aggregate_id, kind = %msg.kind, outcome = outcome.as_str(),
             attempts, "processed");
-        self.faults.at(CrashPoint::AfterCommit, &msg.kind);
+        self.parts.faults.at(CrashPoint::AfterCommit, &msg.kind);
         Ok(reply.into_iter().map(Action::Reply).collect())
     }
 }
