@@ -505,7 +505,7 @@ async fn run_service_dlq(cmd: ServiceDlqCmd) -> anyhow::Result<ExitCode> {
                     println!("{}", serde_json::to_string(l)?);
                 } else {
                     println!(
-                        "{}  {:<12} {:<9} {}  {}",
+                        "{}  {:<13} {:<9} {}  {}",
                         l.id,
                         l.reason_code,
                         l.status,

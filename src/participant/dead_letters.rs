@@ -139,29 +139,29 @@ async fn pending(
     Ok(letter)
 }
 
-/// Marks a dead letter resolved.
+/// Marks a dead letter resolved; it as it is now.
 async fn resolve(
     conn: &mut PgConnection,
     id: Uuid,
     status: &str,
     by: &str,
     note: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<DeadLetter, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE skald_participant.dead_letters \
-         SET status = $2, resolved_at = now(), resolved_by = $3, note = $4 WHERE id = $1",
-    )
+         SET status = $2, resolved_at = now(), resolved_by = $3, note = $4 WHERE id = $1 \
+         RETURNING {COLUMNS}"
+    )))
     .bind(id)
     .bind(status)
     .bind(by)
     .bind(note)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await
 }
 
 /// Sends a pending dead letter back to its service's endpoint (under its aggregate
-/// id), marked `replayed` by `by`, and returns it as it was.
+/// id), marked `replayed` by `by`, and returns it so marked.
 ///
 /// An `exhausted` message goes back with an empty error history (a fresh set of
 /// tries; the history stays on the letter) and its processed-messages row is removed
@@ -201,19 +201,17 @@ pub async fn replay(
         }
         _ => raw,
     };
-    resolve(&mut tx, id, "replayed", by, None).await?;
-    let key = letter
-        .aggregate_id
-        .clone()
-        .unwrap_or_else(|| id.to_string());
+    let replayed = resolve(&mut tx, id, "replayed", by, None).await?;
+    let key = letter.aggregate_id.unwrap_or_else(|| id.to_string());
     transport
         .send_to(&Endpoint::Service(service.to_string()), &key, &body)
         .await?;
     tx.commit().await?;
-    Ok(letter)
+    Ok(replayed)
 }
 
-/// Sets a pending dead letter aside for good, recording who and why.
+/// Sets a pending dead letter aside for good, recording who and why; returns it so
+/// marked.
 pub async fn discard(
     pool: &PgPool,
     service: &str,
@@ -222,8 +220,8 @@ pub async fn discard(
     note: Option<&str>,
 ) -> Result<DeadLetter, DeadLetterError> {
     let mut tx = pool.begin().await?;
-    let letter = pending(&mut tx, service, id).await?;
-    resolve(&mut tx, id, "discarded", by, note).await?;
+    pending(&mut tx, service, id).await?;
+    let discarded = resolve(&mut tx, id, "discarded", by, note).await?;
     tx.commit().await?;
-    Ok(letter)
+    Ok(discarded)
 }
