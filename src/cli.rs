@@ -119,6 +119,22 @@ struct ServiceDb {
     database_url: String,
 }
 
+/// One dead letter of a service, and who acts on it.
+#[derive(Debug, clap::Args)]
+struct ServiceLetter {
+    #[command(flatten)]
+    db: ServiceDb,
+    /// The dead letter's id.
+    #[arg(long)]
+    id: Uuid,
+    /// Who is acting (recorded; default: $USER).
+    #[arg(long)]
+    by: Option<String>,
+    /// Print the letter as now recorded, as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum ServiceDlqCmd {
     /// List the service's dead letters, newest first.
@@ -138,33 +154,15 @@ enum ServiceDlqCmd {
     /// Send a pending dead letter back to the service's queue, marked replayed.
     Replay {
         #[command(flatten)]
-        db: ServiceDb,
-        /// The dead letter's id.
-        #[arg(long)]
-        id: Uuid,
-        /// Who is replaying (recorded; default: $USER).
-        #[arg(long)]
-        by: Option<String>,
-        /// Print the replayed letter as JSON.
-        #[arg(long)]
-        json: bool,
+        letter: ServiceLetter,
     },
     /// Set a pending dead letter aside for good (recorded, never erased).
     Discard {
         #[command(flatten)]
-        db: ServiceDb,
-        /// The dead letter's id.
-        #[arg(long)]
-        id: Uuid,
-        /// Who is discarding (recorded; default: $USER).
-        #[arg(long)]
-        by: Option<String>,
+        letter: ServiceLetter,
         /// Why (recorded).
         #[arg(long)]
         note: Option<String>,
-        /// Print the discarded letter as JSON.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -518,31 +516,25 @@ async fn run_service_dlq(cmd: ServiceDlqCmd) -> anyhow::Result<ExitCode> {
                 println!("no dead letters");
             }
         }
-        ServiceDlqCmd::Replay { db, id, by, json } => {
-            let pool = connect(&db).await?;
+        ServiceDlqCmd::Replay { letter: l } => {
+            let pool = connect(&l.db).await?;
             let config = Config::from_env().context("configuration")?;
-            let endpoint = crate::transport::Endpoint::Service(db.service.clone());
+            let endpoint = crate::transport::Endpoint::Service(l.db.service.clone());
             let transport = RabbitTransport::connect_as(&config, endpoint)
                 .await
                 .context("connecting to RabbitMQ")?;
+            let by = operator(l.by);
             let replayed =
-                dead_letters::replay(&pool, transport.as_ref(), &db.service, id, &operator(by))
-                    .await;
+                dead_letters::replay(&pool, transport.as_ref(), &l.db.service, l.id, &by).await;
             transport.close().await;
-            print(&replayed?, json, "replayed")?;
+            print(&replayed?, l.json, "replayed")?;
         }
-        ServiceDlqCmd::Discard {
-            db,
-            id,
-            by,
-            note,
-            json,
-        } => {
-            let pool = connect(&db).await?;
+        ServiceDlqCmd::Discard { letter: l, note } => {
+            let pool = connect(&l.db).await?;
+            let by = operator(l.by);
             let discarded =
-                dead_letters::discard(&pool, &db.service, id, &operator(by), note.as_deref())
-                    .await?;
-            print(&discarded, json, "discarded")?;
+                dead_letters::discard(&pool, &l.db.service, l.id, &by, note.as_deref()).await?;
+            print(&discarded, l.json, "discarded")?;
         }
     }
     Ok(ExitCode::SUCCESS)
