@@ -108,6 +108,20 @@ enum ParticipantCmd {
     },
 }
 
+/// Which dead letters a list shows, and how.
+#[derive(Debug, clap::Args)]
+struct ListArgs {
+    /// Only this status: pending, replayed, discarded.
+    #[arg(long)]
+    status: Option<String>,
+    /// At most this many, 1 to 1000.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1000))]
+    limit: i64,
+    /// Print one JSON object per line (JSON lines) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Where a service's dead letters are.
 #[derive(Debug, clap::Args)]
 struct ServiceDb {
@@ -141,15 +155,8 @@ enum ServiceDlqCmd {
     List {
         #[command(flatten)]
         db: ServiceDb,
-        /// Only this status: pending, replayed, discarded.
-        #[arg(long)]
-        status: Option<String>,
-        /// At most this many, 1 to 1000.
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1000))]
-        limit: i64,
-        /// Print one JSON object per line (JSON lines) instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        list: ListArgs,
     },
     /// Send a pending dead letter back to the service's queue, marked replayed.
     Replay {
@@ -173,15 +180,8 @@ enum DlqCmd {
         /// Only this kind: malformed, unprocessable, exhausted, compensation_failed, orphaned.
         #[arg(long)]
         kind: Option<String>,
-        /// Only this status: pending, replayed, discarded.
-        #[arg(long)]
-        status: Option<String>,
-        /// At most this many, 1 to 1000.
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1000))]
-        limit: i64,
-        /// Print one JSON object per line (JSON lines) instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        list: ListArgs,
     },
     /// Show one dead letter: reason, body, error history, resolution.
     Show {
@@ -461,6 +461,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Prints dead letters: one JSON object per line with `--json` (nothing when there are
+/// none), else `line` of each, or `no dead letters`.
+fn print_letters<T: serde::Serialize>(
+    letters: &[T],
+    json: bool,
+    line: impl Fn(&T) -> String,
+) -> anyhow::Result<()> {
+    for letter in letters {
+        if json {
+            println!("{}", serde_json::to_string(letter)?);
+        } else {
+            println!("{}", line(letter));
+        }
+    }
+    if !json && letters.is_empty() {
+        println!("no dead letters");
+    }
+    Ok(())
+}
+
 /// Who runs an operator action: `--by`, else `$USER`, else `cli`.
 fn operator(by: Option<String>) -> String {
     by.or_else(|| std::env::var("USER").ok())
@@ -490,31 +510,20 @@ async fn run_service_dlq(cmd: ServiceDlqCmd) -> anyhow::Result<ExitCode> {
         Ok(())
     };
     match cmd {
-        ServiceDlqCmd::List {
-            db,
-            status,
-            limit,
-            json,
-        } => {
+        ServiceDlqCmd::List { db, list } => {
             let pool = connect(&db).await?;
-            let letters = dead_letters::list(&pool, &db.service, status.as_deref(), limit).await?;
-            for l in &letters {
-                if json {
-                    println!("{}", serde_json::to_string(l)?);
-                } else {
-                    println!(
-                        "{}  {:<13} {:<9} {}  {}",
-                        l.id,
-                        l.reason_code,
-                        l.status,
-                        l.created_at.format("%Y-%m-%d %H:%M:%S"),
-                        l.reason
-                    );
-                }
-            }
-            if !json && letters.is_empty() {
-                println!("no dead letters");
-            }
+            let letters =
+                dead_letters::list(&pool, &db.service, list.status.as_deref(), list.limit).await?;
+            print_letters(&letters, list.json, |l| {
+                format!(
+                    "{}  {:<13} {:<9} {}  {}",
+                    l.id,
+                    l.reason_code,
+                    l.status,
+                    l.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    l.reason
+                )
+            })?;
         }
         ServiceDlqCmd::Replay { letter: l } => {
             let pool = connect(&l.db).await?;
@@ -620,38 +629,27 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
     let store = Store::connect(&config.database_url, 2).await?;
     store.migrate().await?;
     match cmd {
-        DlqCmd::List {
-            kind,
-            status,
-            limit,
-            json,
-        } => {
+        DlqCmd::List { kind, list } => {
             let kind = kind
                 .map(|k| DeadLetterKind::parse(&k).with_context(|| format!("unknown kind {k:?}")))
                 .transpose()?;
-            let status = status
+            let status = list
+                .status
                 .map(|s| {
                     DeadLetterStatus::parse(&s).with_context(|| format!("unknown status {s:?}"))
                 })
                 .transpose()?;
-            let letters = dead_letters::list(store.pool(), kind, status, limit).await?;
-            for l in &letters {
-                if json {
-                    println!("{}", serde_json::to_string(l)?);
-                } else {
-                    println!(
-                        "{}  {:<19} {:<9} {}  {}",
-                        l.id,
-                        l.kind.as_str(),
-                        l.status.as_str(),
-                        l.created_at.format("%Y-%m-%d %H:%M:%S"),
-                        l.reason
-                    );
-                }
-            }
-            if !json && letters.is_empty() {
-                println!("no dead letters");
-            }
+            let letters = dead_letters::list(store.pool(), kind, status, list.limit).await?;
+            print_letters(&letters, list.json, |l| {
+                format!(
+                    "{}  {:<19} {:<9} {}  {}",
+                    l.id,
+                    l.kind.as_str(),
+                    l.status.as_str(),
+                    l.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    l.reason
+                )
+            })?;
         }
         DlqCmd::Show { id } => {
             let letter = dead_letters::get(store.pool(), id, false)
