@@ -87,6 +87,9 @@ enum Cmd {
     Explore(crate::explore::ExploreArgs),
     /// Draft a saga file from a legacy transaction (a psql script: BEGIN; … COMMIT;).
     Scaffold(ScaffoldArgs),
+    /// Participant services: their dead letters, and the sample services.
+    #[command(subcommand)]
+    Participant(ParticipantCmd),
 }
 
 /// `skald scaffold` arguments.
@@ -106,21 +109,97 @@ struct ScaffoldArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum ParticipantCmd {
+    /// List, replay or discard a participant service's dead letters (in its database).
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(ServiceDlqCmd),
+    /// Run one of the sample services (stock, payments, shipping) until Ctrl-C/SIGTERM,
+    /// as `cargo run --example <service>_service` does.
+    Sample {
+        /// Which service.
+        #[arg(value_enum)]
+        service: crate::participant::sample::Sample,
+        /// The service's database, created if missing (default
+        /// postgres://postgres@127.0.0.1:5432/skald_<service>).
+        #[arg(long, env = "SERVICE_DATABASE_URL")]
+        database_url: Option<String>,
+    },
+}
+
+/// Which dead letters a list shows, and how.
+#[derive(Debug, clap::Args)]
+struct ListArgs {
+    /// Only this status: pending, replayed, discarded.
+    #[arg(long)]
+    status: Option<String>,
+    /// At most this many, 1 to 1000.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1000))]
+    limit: i64,
+    /// Print one JSON object per line (JSON lines) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where a service's dead letters are.
+#[derive(Debug, clap::Args)]
+struct ServiceDb {
+    /// The service's name.
+    #[arg(long)]
+    service: String,
+    /// The service's database.
+    #[arg(long, env = "SERVICE_DATABASE_URL")]
+    database_url: String,
+}
+
+/// One dead letter of a service, and who acts on it.
+#[derive(Debug, clap::Args)]
+struct ServiceLetter {
+    #[command(flatten)]
+    db: ServiceDb,
+    /// The dead letter's id.
+    #[arg(long)]
+    id: Uuid,
+    /// Who is acting (recorded; default: $USER).
+    #[arg(long)]
+    by: Option<String>,
+    /// Print the letter as now recorded, as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceDlqCmd {
+    /// List the service's dead letters, newest first.
+    List {
+        #[command(flatten)]
+        db: ServiceDb,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Send a pending dead letter back to the service's queue, marked replayed.
+    Replay {
+        #[command(flatten)]
+        letter: ServiceLetter,
+    },
+    /// Set a pending dead letter aside for good (recorded, never erased).
+    Discard {
+        #[command(flatten)]
+        letter: ServiceLetter,
+        /// Why (recorded).
+        #[arg(long)]
+        note: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DlqCmd {
     /// List dead letters, newest first.
     List {
         /// Only this kind: malformed, unprocessable, exhausted, compensation_failed, orphaned.
         #[arg(long)]
         kind: Option<String>,
-        /// Only this status: pending, replayed, discarded.
-        #[arg(long)]
-        status: Option<String>,
-        /// At most this many, 1 to 1000.
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1000))]
-        limit: i64,
-        /// Print one JSON object per line (JSON lines) instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        list: ListArgs,
     },
     /// Show one dead letter: reason, body, error history, resolution.
     Show {
@@ -169,7 +248,7 @@ pub fn main() -> ExitCode {
 
 /// Logs to stderr, filtered by `SKALD_LOG`, as text or (`SKALD_LOG_FORMAT=json`) one
 /// JSON object per line carrying the fields of the spans it happened in.
-fn init_tracing() -> Result<(), String> {
+pub fn init_tracing() -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SKALD_LOG")
         // lapin logs every broker error itself, besides the error skald reports with
         // what it was doing: off by default, so that each problem is said once.
@@ -384,7 +463,109 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Cmd::Participant(ParticipantCmd::DeadLetters(cmd)) => {
+            tokio_runtime()?.block_on(run_service_dlq(cmd))
+        }
+        Cmd::Participant(ParticipantCmd::Sample {
+            service,
+            database_url,
+        }) => {
+            let config = config()?;
+            let faults = crate::participant::faults::ParticipantFaults::from_env()
+                .map_err(anyhow::Error::msg)?;
+            let url = database_url.unwrap_or_else(|| service.default_database_url());
+            tokio_runtime()?.block_on(service.run(&url, &config, faults, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Prints dead letters: one JSON object per line with `--json` (nothing when there are
+/// none), else `line` of each, or `no dead letters`.
+fn print_letters<T: serde::Serialize>(
+    letters: &[T],
+    json: bool,
+    line: impl Fn(&T) -> String,
+) -> anyhow::Result<()> {
+    for letter in letters {
+        if json {
+            println!("{}", serde_json::to_string(letter)?);
+        } else {
+            println!("{}", line(letter));
+        }
+    }
+    if !json && letters.is_empty() {
+        println!("no dead letters");
+    }
+    Ok(())
+}
+
+/// Who runs an operator action: `--by`, else `$USER`, else `cli`.
+fn operator(by: Option<String>) -> String {
+    by.or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "cli".to_string())
+}
+
+async fn run_service_dlq(cmd: ServiceDlqCmd) -> anyhow::Result<ExitCode> {
+    use crate::participant::dead_letters::{self, DeadLetter};
+    let connect = |db: &ServiceDb| {
+        let url = db.database_url.clone();
+        async move {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect(&url)
+                .await
+                .context("connecting to the service's database")?;
+            crate::participant::store::migrate(&pool).await?;
+            anyhow::Ok(pool)
+        }
+    };
+    let print = |letter: &DeadLetter, json: bool, verb: &str| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string(letter)?);
+        } else {
+            println!("{verb} {}", letter.id);
+        }
+        Ok(())
+    };
+    match cmd {
+        ServiceDlqCmd::List { db, list } => {
+            let pool = connect(&db).await?;
+            let letters =
+                dead_letters::list(&pool, &db.service, list.status.as_deref(), list.limit).await?;
+            print_letters(&letters, list.json, |l| {
+                format!(
+                    "{}  {:<13} {:<9} {}  {}",
+                    l.id,
+                    l.reason_code,
+                    l.status,
+                    l.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    l.reason
+                )
+            })?;
+        }
+        ServiceDlqCmd::Replay { letter: l } => {
+            let pool = connect(&l.db).await?;
+            let config = Config::from_env().context("configuration")?;
+            let endpoint = crate::transport::Endpoint::Service(l.db.service.clone());
+            let transport = RabbitTransport::connect_as(&config, endpoint)
+                .await
+                .context("connecting to RabbitMQ")?;
+            let by = operator(l.by);
+            let replayed =
+                dead_letters::replay(&pool, transport.as_ref(), &l.db.service, l.id, &by).await;
+            transport.close().await;
+            print(&replayed?, l.json, "replayed")?;
+        }
+        ServiceDlqCmd::Discard { letter: l, note } => {
+            let pool = connect(&l.db).await?;
+            let by = operator(l.by);
+            let discarded =
+                dead_letters::discard(&pool, &l.db.service, l.id, &by, note.as_deref()).await?;
+            print(&discarded, l.json, "discarded")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -466,43 +647,28 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
     use crate::store::dead_letters::{self, DeadLetterKind, DeadLetterStatus};
     let store = Store::connect(&config.database_url, 2).await?;
     store.migrate().await?;
-    let operator = |by: Option<String>| {
-        by.or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "cli".to_string())
-    };
     match cmd {
-        DlqCmd::List {
-            kind,
-            status,
-            limit,
-            json,
-        } => {
+        DlqCmd::List { kind, list } => {
             let kind = kind
                 .map(|k| DeadLetterKind::parse(&k).with_context(|| format!("unknown kind {k:?}")))
                 .transpose()?;
-            let status = status
+            let status = list
+                .status
                 .map(|s| {
                     DeadLetterStatus::parse(&s).with_context(|| format!("unknown status {s:?}"))
                 })
                 .transpose()?;
-            let letters = dead_letters::list(store.pool(), kind, status, limit).await?;
-            for l in &letters {
-                if json {
-                    println!("{}", serde_json::to_string(l)?);
-                } else {
-                    println!(
-                        "{}  {:<19} {:<9} {}  {}",
-                        l.id,
-                        l.kind.as_str(),
-                        l.status.as_str(),
-                        l.created_at.format("%Y-%m-%d %H:%M:%S"),
-                        l.reason
-                    );
-                }
-            }
-            if !json && letters.is_empty() {
-                println!("no dead letters");
-            }
+            let letters = dead_letters::list(store.pool(), kind, status, list.limit).await?;
+            print_letters(&letters, list.json, |l| {
+                format!(
+                    "{}  {:<19} {:<9} {}  {}",
+                    l.id,
+                    l.kind.as_str(),
+                    l.status.as_str(),
+                    l.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    l.reason
+                )
+            })?;
         }
         DlqCmd::Show { id } => {
             let letter = dead_letters::get(store.pool(), id, false)

@@ -51,6 +51,14 @@
 //!   in the inbox before its step runs again.
 //! - [`dlq`]: operator actions on dead letters (replay, discard); [`operator`]:
 //!   on instances (retry now, cancel, resume).
+//! - [`participant`]: the library a *participant service* (its own PostgreSQL
+//!   database, its own endpoint on the broker) uses to handle saga commands and plain
+//!   events with skald's guarantees: [`participant::wire`] (the service message and the
+//!   reply on the wire), a builder and handler contract, the consume loop
+//!   ([`participant::consumer`]), pure rules ([`participant::decide`],
+//!   [`participant::policy`]), per-aggregate lanes, its own schema `skald_participant`
+//!   (migrations in `src/participant/migrations/`), dead-letter tooling, crash faults,
+//!   and the three sample services ([`participant::sample`], run by `examples/`).
 //! - [`cli`]: the `skald` command line.
 //!
 //! ## The path of one message

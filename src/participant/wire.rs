@@ -182,7 +182,8 @@ fn read<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Malformed> {
     serde_json::from_str(text).map_err(|e| Malformed::Invalid(e.to_string()))
 }
 
-fn check_kind(kind: &str) -> Result<(), Malformed> {
+/// Whether `kind` can be a message type: 1 to [`MAX_TYPE_BYTES`] of `[A-Za-z0-9_.-]`.
+pub fn check_kind(kind: &str) -> Result<(), Malformed> {
     let ok = !kind.is_empty()
         && kind.len() <= MAX_TYPE_BYTES
         && kind
@@ -212,7 +213,10 @@ impl ServiceMessage {
                 i64::MAX
             )));
         }
-        if let Some(path) = nul_path(&Value::Object(msg.payload.clone()), "payload") {
+        // Anywhere, not only in the payload: the service stores the whole message
+        // (`reply_to`, `errors`) in PostgreSQL, which cannot hold a NUL.
+        let whole = serde_json::to_value(&msg).expect("a service message always serialises");
+        if let Some(path) = nul_path(&whole, "") {
             return Err(Malformed::NulCharacter(path));
         }
         Ok(msg)
@@ -332,6 +336,13 @@ mod tests {
                 r#"{{"message_id":"{id}","type":"t","aggregate_id":"o","payload":{{"n":"a\u0000"}}}}"#
             )),
             Malformed::NulCharacter("payload.n".into())
+        );
+        assert_eq!(
+            bad(format!(
+                r#"{{"message_id":"{id}","type":"t","aggregate_id":"o",
+                    "errors":[{{"attempt":1,"at":"2026-01-01T00:00:00Z","message":"\u0000"}}]}}"#
+            )),
+            Malformed::NulCharacter("errors[0].message".into())
         );
     }
 }

@@ -81,17 +81,19 @@ impl StoreError {
     /// violation (class 23) or a protocol violation from a value it could not read
     /// (08P01), or a value sqlx could not encode. Trying again cannot help.
     pub fn is_data_error(&self) -> bool {
-        let StoreError::Database(e) = self else {
-            return false;
-        };
-        if matches!(e, sqlx::Error::Encode(_)) {
-            return true;
-        }
-        let Some(code) = e.as_database_error().and_then(|d| d.code()) else {
-            return false;
-        };
-        code.starts_with("22") || code.starts_with("23") || code == "08P01"
+        matches!(self, StoreError::Database(e) if is_data_error(e))
     }
+}
+
+/// Whether `e` is PostgreSQL refusing the data (see [`StoreError::is_data_error`]).
+pub fn is_data_error(e: &sqlx::Error) -> bool {
+    if matches!(e, sqlx::Error::Encode(_)) {
+        return true;
+    }
+    let Some(code) = e.as_database_error().and_then(|d| d.code()) else {
+        return false;
+    };
+    code.starts_with("22") || code.starts_with("23") || code == "08P01"
 }
 
 pub use crate::saga::decide::Disposal;
@@ -446,7 +448,7 @@ fn version_of(version: i32) -> Result<u32, StoreError> {
 
 /// `CREATE DATABASE` through the server's `postgres` database when the target is
 /// missing. Two processes racing to create it are both fine.
-async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
+pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
     let name = options.get_database().unwrap_or("postgres").to_string();
     let mut admin = PgConnection::connect_with(&options.clone().database("postgres")).await?;
     let exists: bool =

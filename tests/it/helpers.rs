@@ -86,6 +86,9 @@ pub struct TestEnv {
     /// Participant service endpoints the test used ([`TestEnv::service`]): their
     /// queues are removed with the environment's.
     services: std::sync::Mutex<Vec<String>>,
+    /// Databases of participant services ([`TestEnv::service_database`]): dropped with
+    /// the environment's.
+    databases: std::sync::Mutex<Vec<String>>,
     /// [`TestEnv::cleanup`] ran; otherwise dropping the value cleans up.
     cleaned: bool,
 }
@@ -126,6 +129,7 @@ impl TestEnv {
             name,
             pool,
             services: Default::default(),
+            databases: Default::default(),
             cleaned: false,
         }
     }
@@ -233,6 +237,13 @@ impl TestEnv {
     pub async fn publish_raw(&self, bodies: &[Vec<u8>]) {
         let transport = self.transport().await; // declares the topology
         transport.close().await;
+        self.publish_raw_to(&self.config.namespace, "intake", bodies)
+            .await;
+    }
+
+    /// Publishes raw bodies (persistent, confirmed, in order) to `exchange` under
+    /// `routing_key` with plain AMQP, as a foreign publisher would.
+    pub async fn publish_raw_to(&self, exchange: &str, routing_key: &str, bodies: &[Vec<u8>]) {
         let conn = Connection::connect(AMQP, ConnectionProperties::default())
             .await
             .expect("connect");
@@ -243,8 +254,8 @@ impl TestEnv {
         for body in bodies {
             let confirm = ch
                 .basic_publish(
-                    self.config.namespace.as_str().into(),
-                    "intake".into(),
+                    exchange.into(),
+                    routing_key.into(),
                     BasicPublishOptions::default(),
                     body,
                     BasicProperties::default().with_delivery_mode(2),
@@ -379,6 +390,25 @@ impl TestEnv {
         Endpoint::Service(name.to_string())
     }
 
+    /// A database of its own for participant service `service` (created now, dropped
+    /// at cleanup): its URL and a pool on it.
+    pub async fn service_database(&self, service: &str) -> (String, PgPool) {
+        let name = format!("{}_{service}", self.name);
+        self.databases.lock().unwrap().push(name.clone());
+        let url = format!("{SERVER}/{name}");
+        let pool = skald::participant::connect_pool(&url, 5)
+            .await
+            .expect("create the service's database");
+        (url, pool)
+    }
+
+    /// Every database of this environment: skald's and its services'.
+    fn databases(&self) -> Vec<String> {
+        let mut all = vec![self.name.clone()];
+        all.extend(self.databases.lock().unwrap().iter().cloned());
+        all
+    }
+
     /// Every topology this environment's queues may be in: skald's and its services'.
     fn topologies(&self) -> Vec<Topology> {
         let mut all = vec![self.topology()];
@@ -393,7 +423,7 @@ impl TestEnv {
     pub async fn cleanup(mut self) {
         self.cleaned = true;
         self.pool.close().await;
-        remove(&self.name, self.topologies()).await;
+        remove(self.databases(), self.topologies()).await;
     }
 }
 
@@ -404,21 +434,21 @@ impl Drop for TestEnv {
         if self.cleaned {
             return;
         }
-        let (name, topologies) = (self.name.clone(), self.topologies());
+        let (databases, topologies) = (self.databases(), self.topologies());
         let removed = std::thread::spawn(move || {
             if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                rt.block_on(remove(&name, topologies));
+                rt.block_on(remove(databases, topologies));
             }
         });
         let _ = removed.join();
     }
 }
 
-/// Deletes a test's queues and drops its database.
-async fn remove(name: &str, topologies: Vec<Topology>) {
+/// Deletes a test's queues and drops its databases.
+async fn remove(databases: Vec<String>, topologies: Vec<Topology>) {
     if let Ok(conn) = Connection::connect(AMQP, ConnectionProperties::default()).await
         && let Ok(ch) = conn.create_channel().await
     {
@@ -443,21 +473,29 @@ async fn remove(name: &str, topologies: Vec<Topology>) {
     // A pool that is being closed may still be handing a connection back: retry the
     // drop a few times rather than leave the database behind.
     if let Ok(mut admin) = PgConnection::connect(&format!("{SERVER}/postgres")).await {
-        for _ in 0..5 {
-            let dropped = sqlx::query(AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-            )))
-            .execute(&mut admin)
-            .await;
-            match dropped {
-                Ok(_) => break,
-                Err(e) => {
-                    eprintln!("dropping {name}: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
+        for name in &databases {
+            drop_database(&mut admin, name).await;
         }
         let _ = admin.close().await;
+    }
+}
+
+/// Drops one database, retrying a few times: a pool that is being closed may still be
+/// handing a connection back.
+async fn drop_database(admin: &mut PgConnection, name: &str) {
+    for _ in 0..5 {
+        let dropped = sqlx::query(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&mut *admin)
+        .await;
+        match dropped {
+            Ok(_) => break,
+            Err(e) => {
+                eprintln!("dropping {name}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
 }
 

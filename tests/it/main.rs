@@ -19,6 +19,7 @@ mod isolation;
 mod legacy_flows;
 mod malformed;
 mod ordering;
+mod participant;
 mod resilience;
 mod saga_flow;
 mod scaffold;
