@@ -31,7 +31,7 @@ use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 use uuid::Uuid;
 
 use crate::engine::Engine;
-use crate::envelope::{Command, Envelope, Outgoing, instance_id_for};
+use crate::envelope::{Envelope, Outgoing, instance_id_for};
 use crate::faults::{FaultPlan, FaultPoint, Faults, Injected};
 use crate::handlers::Handlers;
 use crate::saga::coordinator::{FailureKind, InstanceStatus, Phase};
@@ -451,9 +451,9 @@ impl Chaos for Plan {
 
 /// Where a message is in its saga: the step index and phase it runs.
 fn position(envelope: &Envelope) -> (usize, Phase) {
-    match envelope.command {
-        Command::Start => (0, Phase::Forward),
-        Command::Run { cursor, .. } => (cursor.step as usize, cursor.phase),
+    match envelope.command.target() {
+        None => (0, Phase::Forward),
+        Some((_, cursor)) => (cursor.step as usize, cursor.phase),
     }
 }
 

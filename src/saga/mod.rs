@@ -1,6 +1,7 @@
 //! Sagas: their YAML definitions, validation, and the pure coordinator that decides
 //! what happens next. Nothing in here does I/O except reading saga files.
 
+pub mod command;
 pub mod context;
 pub mod coordinator;
 pub mod decide;
@@ -14,7 +15,7 @@ pub mod versions;
 mod yaml;
 
 pub use definition::{
-    Action, Backoff, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction, StepDef, StepRole,
+    Action, Backoff, CommandAction, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction, StepDef, StepRole,
     ValueRef,
 };
 pub use load::{LoadError, load_dir, load_file, load_str};

@@ -4,7 +4,9 @@
 //! - [`Store`]: the pool, database creation, migrations, saga setup SQL, reports.
 //! - [`steps`]: the statements of one step's transaction (the guarded record).
 //! - [`effects`]: running a step's action in that transaction.
+//! - [`commands`]: command steps' commands and the replies received.
 
+pub mod commands;
 pub mod dead_letters;
 pub mod effects;
 pub mod params;
@@ -24,7 +26,7 @@ use crate::saga::SagaDef;
 use crate::saga::coordinator::{Cursor, InstanceState, InstanceStatus, Phase};
 use crate::saga::diff::{LiveAt, Recorded};
 use crate::saga::versions::StoredVersion;
-pub use steps::{NewInstance, Promoted, StepRecord, StepTx};
+pub use steps::{InboxOutcome, NewInstance, Promoted, StepRecord, StepTx};
 
 /// What can go wrong talking to PostgreSQL. Every variant is an infrastructure
 /// problem (the step itself did not fail): callers retry the whole message later.
