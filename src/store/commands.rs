@@ -231,7 +231,7 @@ pub async fn waiting_at(
 }
 
 /// One command of an instance, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct CommandView {
     /// The command's message id.
     pub command_id: Uuid,
@@ -261,13 +261,15 @@ pub struct CommandView {
     /// The failure reply's error, or the time-out.
     pub error: Option<String>,
     /// The success reply's outputs.
+    #[schema(value_type = Option<Object>)]
     pub outputs: Option<Value>,
     /// The parameters it carried.
+    #[schema(value_type = Object)]
     pub params: Value,
 }
 
 /// One reply delivery, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ReplyView {
     /// The reply's message id.
     pub message_id: Uuid,
@@ -284,6 +286,7 @@ pub struct ReplyView {
     /// When skald received it.
     pub received_at: DateTime<Utc>,
     /// The reply as received.
+    #[schema(value_type = Object)]
     pub body: Value,
 }
 
