@@ -448,3 +448,77 @@ async fn a_crash_between_the_command_steps_commit_and_its_publish_still_sends_it
     stock.close().await;
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn operators_see_commands_retry_resends_the_awaited_command_and_cancel_compensates_by_command()
+ {
+    use crate::api::{get, post, service};
+    let env = TestEnv::new(fast_sagas(30_000)).await;
+    let mut stock = RawService::open(&env, "stock").await;
+    let mut payments = RawService::open(&env, "payments").await;
+    let app = env.start_app().await;
+    let svc = service(app.api.clone()).await;
+    env.publish_starts(vec![order("order-5")]).await;
+
+    stock
+        .answer("reserve_stock", json!({"reservation_id": "r-5"}))
+        .await;
+    // Given the instance waits for the payments service's reply.
+    let charge = payments.next().await;
+    let (id, status, _) = instance_of(&env).await;
+    assert_eq!(status, "running");
+
+    // The API shows the commands: service, type, sends, when sent and answered.
+    let (code, detail) = get(&svc, &format!("/api/v1/instances/{id}")).await;
+    assert_eq!(code, 200, "{detail}");
+    let commands = detail["commands"].as_array().unwrap();
+    assert_eq!(commands.len(), 2, "{detail}");
+    assert_eq!(commands[0]["service"], "stock");
+    assert_eq!(commands[0]["type"], "reserve_stock");
+    assert_eq!(commands[0]["status"], "succeeded");
+    assert_eq!(commands[0]["outputs"], json!({"reservation_id": "r-5"}));
+    assert!(commands[0]["answered_at"].is_string());
+    assert_eq!(commands[1]["service"], "payments");
+    assert_eq!(commands[1]["status"], "waiting");
+    assert_eq!(commands[1]["sends"], 1);
+    assert_eq!(commands[1]["command_id"], charge["message_id"]);
+    assert!(commands[1]["answered_at"].is_null());
+    assert_eq!(detail["replies"][0]["disposition"], "applied");
+    let (code, own) = get(&svc, &format!("/api/v1/instances/{id}/commands")).await;
+    assert_eq!(code, 200);
+    assert_eq!(own["commands"], detail["commands"]);
+
+    // When an operator retries now: the very same command is sent again.
+    let (code, retried) = post(&svc, &format!("/api/v1/instances/{id}/retry"), json!({})).await;
+    assert_eq!((code.as_u16(), &retried["outcome"]), (200, &json!("done")), "{retried}");
+    assert_eq!(payments.next().await, charge);
+
+    // When an operator cancels: the reservation is released by command, and the charge's
+    // reply, arriving afterwards, is recorded as late.
+    let (code, cancelled) = post(&svc, &format!("/api/v1/instances/{id}/cancel"), json!({})).await;
+    assert_eq!(code, 200, "{cancelled}");
+    let release = stock.answer("release_stock", json!({})).await;
+    assert_eq!(release["payload"], json!({"reservation_id": "r-5"}));
+    env.wait_for_terminal(1, Duration::from_secs(20)).await;
+    assert_eq!(instance_of(&env).await.1, "compensated");
+    payments
+        .publish(&payments.reply(&charge, succeeded(json!({"payment_id": 5}))))
+        .await;
+    for _ in 0..100 {
+        let (_, replies) = get(&svc, "/api/v1/replies").await;
+        if replies["items"].as_array().is_some_and(|r| !r.is_empty()) {
+            assert_eq!(replies["items"][0]["disposition"], "late", "{replies}");
+            assert_eq!(replies["items"][0]["instance_id"], json!(id));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(instance_of(&env).await.1, "compensated");
+    let (_, replies) = get(&svc, "/api/v1/replies").await;
+    assert_eq!(replies["items"].as_array().unwrap().len(), 1, "{replies}");
+
+    app.stop().await;
+    stock.close().await;
+    payments.close().await;
+    env.cleanup().await;
+}
