@@ -324,13 +324,21 @@ async fn instance_exchanges(state: &ApiState, id: Uuid) -> Result<CommandExchang
 #[utoipa::path(
     tag = "instances",
     params(("id" = Uuid, Path, description = "The instance id")),
-    responses((status = 200, body = CommandExchanges))
+    responses(
+        (status = 200, body = CommandExchanges),
+        (status = 404, description = "No such instance", body = ErrorBody),
+    )
 )]
 #[get("/instances/{id}/commands")]
 pub async fn instance_commands(
     state: web::Data<ApiState>,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse> {
+    state
+        .store
+        .instance(*id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no instance {id}")))?;
     Ok(HttpResponse::Ok().json(instance_exchanges(&state, *id).await?))
 }
 

@@ -25,7 +25,7 @@
 //! steps:                        # required, non-empty, run in this order
 //!   - name: reserve_stock       # required, ^[a-z][a-z0-9_]*$, at most 63 characters, unique
 //!     role: compensatable       # required: compensatable | pivot | retriable | check
-//!     action:                   # required: exactly one of `sql` or `handler`
+//!     action:                   # required: exactly one of `sql`, `handler` or `command`
 //!       sql: |
 //!         UPDATE shop.stock SET available = available - :qty
 //!          WHERE sku = :sku AND available >= :qty
@@ -42,6 +42,15 @@
 //!   - name: send_receipt
 //!     role: retriable
 //!     action: { handler: send_email, params: { to: payload.email } }
+//!   - name: ship
+//!     role: retriable
+//!     action:
+//!       command:                # a command step: sent to a participant service
+//!         service: shipping     # required, ^[a-z][a-z0-9_-]*$, at most 63 characters
+//!         type: create_shipment # required, 1..=128 of [A-Za-z0-9_.-]
+//!         params: { order_id: payload.order_id }
+//!         returning: [shipment_id]   # optional: reply fields later steps may reference
+//!         timeout_ms: 5000      # optional, 1..=3600000 (default 30000): reply timeout
 //! ```
 //!
 //! ## Actions
@@ -53,6 +62,9 @@
 //! error codes (one word each) that make a handler's retryable error fatal — an error
 //! whose message starts with `code:` is not retried. Its `params` are handed
 //! over in the order written in the file. `params` keys match `^[A-Za-z_][A-Za-z0-9_]*$`.
+//! A `command` action holds its own `params` and `returning` inside `command:`; no other
+//! action key is allowed beside it, nor a step-level `timeout_ms`, nor `role: check`
+//! (see [`crate::saga::command`] for how it runs).
 //!
 //! ## Value references
 //!
