@@ -32,16 +32,16 @@ mod commands;
 use crate::envelope::{
     Command, Envelope, Malformed, Outgoing, check_aggregate_id, instance_id_for, version_list,
 };
-use crate::participant::wire::Reply;
-use crate::saga::command;
-use crate::saga::definition::{Action, StepDef};
 use crate::handlers::Handlers;
 use crate::metrics::LatencyHistogram;
+use crate::participant::wire::Reply;
+use crate::saga::command;
 use crate::saga::context::StepInput;
 use crate::saga::coordinator::{Cursor, FailureKind, InstanceStatus, Phase};
 use crate::saga::decide::{
     self, Attempt, Disposition, ParkKind, StepResult, Target, deadline_after,
 };
+use crate::saga::definition::{Action, StepDef};
 use crate::saga::{Catalog, SagaDef};
 use crate::seen::SeenIds;
 use crate::store::dead_letters::{self, DeadLetterKind, NewDeadLetter};
@@ -342,7 +342,12 @@ impl Engine {
     /// aggregate.
     pub fn read(&self, body: &[u8]) -> Result<Job, Malformed> {
         if Reply::looks_like(body) {
-            return self.read_reply(body);
+            match self.read_reply(body) {
+                Ok(job) => return Ok(job),
+                // A start whose payload merely holds an `in_reply_to` key stays a start.
+                Err(e) if commands::is_reply_shaped(body) => return Err(e),
+                Err(_) => {}
+            }
         }
         let envelope = Envelope::parse(body)?;
         let saga = resolve(&self.catalog, &envelope)?.clone();
@@ -597,7 +602,10 @@ impl Engine {
                 }
                 _ => Ok(Handled::DeadLetter(
                     "not_a_command",
-                    format!("step {} sends no command: a reply timer has nothing to time", step.name),
+                    format!(
+                        "step {} sends no command: a reply timer has nothing to time",
+                        step.name
+                    ),
                 )),
             };
         }

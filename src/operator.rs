@@ -139,7 +139,11 @@ pub async fn retry_now(
         .await?;
         tx.commit().await?;
         transport
-            .send_to(&Endpoint::Service(service), &command.aggregate_id, &command.to_body())
+            .send_to(
+                &Endpoint::Service(service),
+                &command.aggregate_id,
+                &command.to_body(),
+            )
             .await?;
         tracing::info!(instance = %id, by, command_id = %command.message_id,
             "operator: retry now re-sent the awaited command");

@@ -19,6 +19,13 @@ use crate::saga::definition::{CommandAction, StepDef};
 use crate::store::commands::{self, NewCommand, ReplyDisposition};
 use crate::store::{Disposal, InboxOutcome, NewInstance, StepRecord, StepTx};
 
+/// Whether `body` is a JSON object with `in_reply_to` at its top level: a reply,
+/// however malformed otherwise (a start or run envelope has no such field).
+pub(super) fn is_reply_shaped(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Map<String, Value>>(body)
+        .is_ok_and(|fields| fields.contains_key("in_reply_to"))
+}
+
 impl Engine {
     /// Reads a reply from a participant service into a [`Job`] routed to the aggregate
     /// and saga version it names.
@@ -140,7 +147,9 @@ impl Engine {
         };
         let (status, error, outputs) = match &result {
             StepResult::Succeeded(outputs) => (CommandStatus::Succeeded, None, outputs.as_ref()),
-            StepResult::Failed { message, .. } => (CommandStatus::Failed, Some(message.as_str()), None),
+            StepResult::Failed { message, .. } => {
+                (CommandStatus::Failed, Some(message.as_str()), None)
+            }
         };
         commands::finish(tx.conn(), reply.in_reply_to, status, error, outputs).await?;
         commands::record_reply(tx.conn(), reply, ReplyDisposition::Applied).await?;
@@ -191,7 +200,12 @@ impl Engine {
     /// A copy of a reply handled before: recorded as `duplicate`; what its first
     /// handling sent is sent again.
     pub(super) async fn duplicate_reply(&self, reply: &Reply) -> Result<Handled, EngineError> {
-        let mut conn = self.store.pool().acquire().await.map_err(crate::store::StoreError::from)?;
+        let mut conn = self
+            .store
+            .pool()
+            .acquire()
+            .await
+            .map_err(crate::store::StoreError::from)?;
         commands::record_reply(&mut conn, reply, ReplyDisposition::Duplicate).await?;
         self.resend_copy(reply.message_id).await
     }
@@ -237,7 +251,9 @@ impl Engine {
                     deadline: context.deadline,
                 };
                 let plan = decide::decide(&at, result, Utc::now(), fastrand::f64());
-                return self.finish(tx, job, &at, step, plan, Utc::now(), None).await;
+                return self
+                    .finish(tx, job, &at, step, plan, Utc::now(), None)
+                    .await;
             }
             (OnTimer::Resend { send, note }, Some(locked), Some(state)) => {
                 ((locked, send, note), state)
@@ -274,5 +290,19 @@ impl Engine {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
         tracing::info!(service = %action.service, command = %action.kind, send = next, "{note}");
         Ok(Handled::Send(outgoing))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_reply_shaped;
+
+    #[test]
+    fn only_a_top_level_in_reply_to_makes_a_reply() {
+        assert!(is_reply_shaped(br#"{"in_reply_to": 1, "x": 2}"#));
+        assert!(!is_reply_shaped(
+            br#"{"saga": "s", "payload": {"in_reply_to": "x"}}"#
+        ));
+        assert!(!is_reply_shaped(b"not json \"in_reply_to\""));
     }
 }

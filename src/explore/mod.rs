@@ -434,7 +434,9 @@ impl FaultPlan for Plan {
             Fault::Crash(p) if p == at => Injected::Crash,
             // The first message of the step at this point sent the command; the second
             // is its reply.
-            Fault::ReplyCrash(p) if p == at && self.arrivals.fetch_add(1, Ordering::SeqCst) == 1 => {
+            Fault::ReplyCrash(p)
+                if p == at && self.arrivals.fetch_add(1, Ordering::SeqCst) == 1 =>
+            {
                 Injected::Crash
             }
             Fault::Fail(kind) if at == FaultPoint::BeforeEffect => Injected::Fail(kind),
@@ -556,7 +558,11 @@ async fn deliver_all(
     for _ in 0..MAX_DELIVERIES {
         services.play(&transport).await.map_err(broker_error)?;
         let Some(delivery) = transport.next() else {
-            if services.flush_late(&transport).await.map_err(broker_error)? {
+            if services
+                .flush_late(&transport)
+                .await
+                .map_err(broker_error)?
+            {
                 continue;
             }
             break;

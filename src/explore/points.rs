@@ -103,7 +103,11 @@ pub fn all(saga: &SagaDef) -> Vec<Point> {
             def.role == StepRole::Retriable,
         );
         if def.compensation.is_some() && step + 1 < saga.steps.len() {
-            at(Phase::Compensate, is_command(def.compensation.as_ref()), false);
+            at(
+                Phase::Compensate,
+                is_command(def.compensation.as_ref()),
+                false,
+            );
         }
     }
     points

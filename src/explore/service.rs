@@ -86,10 +86,15 @@ impl Services {
                     outcome: ReplyOutcome::Succeeded { outputs },
                 };
                 if silent {
-                    self.held.push((reply.aggregate_id.clone(), reply.to_body()));
+                    self.held
+                        .push((reply.aggregate_id.clone(), reply.to_body()));
                 } else {
                     service
-                        .send_to(&Endpoint::Orchestrator, &reply.aggregate_id, &reply.to_body())
+                        .send_to(
+                            &Endpoint::Orchestrator,
+                            &reply.aggregate_id,
+                            &reply.to_body(),
+                        )
                         .await?;
                 }
             }

@@ -382,7 +382,11 @@ steps:
     }
 
     fn start() -> Envelope {
-        Envelope::start("s", Some("k".into()), json!({"key": "k", "sku": "A", "qty": 2}))
+        Envelope::start(
+            "s",
+            Some("k".into()),
+            json!({"key": "k", "sku": "A", "qty": 2}),
+        )
     }
 
     fn attempt<'a>(saga: &'a SagaDef, env: &'a Envelope, cursor: Cursor) -> Attempt<'a> {
@@ -432,7 +436,10 @@ steps:
     fn the_yaml_fields_load_with_their_default_timeout() {
         let s = saga();
         let c = command(&s.steps[0]);
-        assert_eq!((c.service.as_str(), c.kind.as_str()), ("stock", "reserve_stock"));
+        assert_eq!(
+            (c.service.as_str(), c.kind.as_str()),
+            ("stock", "reserve_stock")
+        );
         assert_eq!(c.returning, ["reservation_id"]);
         assert_eq!(c.timeout.as_millis(), 500);
         let keys: Vec<_> = c.params.iter().map(|(k, _)| k.as_str()).collect();
@@ -454,7 +461,10 @@ steps:
         let bound = bind(command(&s.steps[0]), &input).unwrap();
         assert_eq!(Value::Object(bound), json!({"sku": "A", "qty": 2}));
         let err = bind(command(&s.steps[1]), &input).unwrap_err();
-        assert!(err.contains("steps.reserve.reservation_id has no value"), "{err}");
+        assert!(
+            err.contains("steps.reserve.reservation_id has no value"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -464,11 +474,17 @@ steps:
         let at = attempt(&s, &env, Cursor::START);
         let params = Map::from_iter([("sku".to_string(), json!("A"))]);
         let sent = send(&at, command(&s.steps[0]), params.clone(), now());
-        assert_eq!(sent.message.message_id, command_id(Uuid::nil(), Cursor::START));
+        assert_eq!(
+            sent.message.message_id,
+            command_id(Uuid::nil(), Cursor::START)
+        );
         assert_eq!(sent.message.kind, "reserve_stock");
         assert_eq!(sent.message.payload, params);
         assert_eq!(sent.message.dispatched_at, Some(now()));
-        assert_eq!(sent.message.reply_to.as_ref().unwrap().cursor, Cursor::START);
+        assert_eq!(
+            sent.message.reply_to.as_ref().unwrap().cursor,
+            Cursor::START
+        );
         assert_eq!(
             sent.state,
             InstanceState {
@@ -509,7 +525,9 @@ steps:
         );
         assert_eq!(
             on_reply(&ok, Some(&pending), Some(state)),
-            OnReply::Apply(StepResult::Succeeded(Some(json!({"reservation_id": "r-1"}))))
+            OnReply::Apply(StepResult::Succeeded(Some(
+                json!({"reservation_id": "r-1"})
+            )))
         );
         let no = reply(
             c,
@@ -531,7 +549,12 @@ steps:
     fn late_answered_and_unknown_replies_are_only_recorded() {
         let c = Cursor::START;
         let (pending, state) = waiting(c, 1);
-        let ok = reply(c, ReplyOutcome::Succeeded { outputs: Map::new() });
+        let ok = reply(
+            c,
+            ReplyOutcome::Succeeded {
+                outputs: Map::new(),
+            },
+        );
         assert_eq!(
             on_reply(&ok, None, None),
             OnReply::Record(LateReason::Unknown)
@@ -590,7 +613,10 @@ steps:
         match on_timer(&s.steps[0], action, c, 3, Some(&pending), Some(state)) {
             OnTimer::TimedOut(StepResult::Failed { kind, message }) => {
                 assert_eq!(kind, FailureKind::Fatal);
-                assert!(message.contains("within 500 ms, after 3 send(s)"), "{message}");
+                assert!(
+                    message.contains("within 500 ms, after 3 send(s)"),
+                    "{message}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -605,7 +631,14 @@ steps:
         };
         let (pending, state) = waiting(c, 50);
         assert!(matches!(
-            on_timer(&s.steps[1], command(&s.steps[1]), c, 50, Some(&pending), Some(state)),
+            on_timer(
+                &s.steps[1],
+                command(&s.steps[1]),
+                c,
+                50,
+                Some(&pending),
+                Some(state)
+            ),
             OnTimer::Resend { send: 51, .. }
         ));
     }
@@ -616,18 +649,28 @@ steps:
         let c = Cursor::START;
         let action = command(&s.steps[0]);
         let (pending, state) = waiting(c, 2);
-        let skip = |p: &Pending, st, send| on_timer(&s.steps[0], action, c, send, Some(p), Some(st));
-        assert_eq!(skip(&pending, state, 1), OnTimer::Skip(TimerSkip::Superseded));
+        let skip =
+            |p: &Pending, st, send| on_timer(&s.steps[0], action, c, send, Some(p), Some(st));
+        assert_eq!(
+            skip(&pending, state, 1),
+            OnTimer::Skip(TimerSkip::Superseded)
+        );
         let answered = Pending {
             status: CommandStatus::Succeeded,
             ..pending.clone()
         };
-        assert_eq!(skip(&answered, state, 2), OnTimer::Skip(TimerSkip::Answered));
+        assert_eq!(
+            skip(&answered, state, 2),
+            OnTimer::Skip(TimerSkip::Answered)
+        );
         let done = InstanceState {
             status: InstanceStatus::Completed,
             ..state
         };
-        assert_eq!(skip(&pending, done, 2), OnTimer::Skip(TimerSkip::NotCurrent));
+        assert_eq!(
+            skip(&pending, done, 2),
+            OnTimer::Skip(TimerSkip::NotCurrent)
+        );
         assert_eq!(
             on_timer(&s.steps[0], action, c, 1, None, None),
             OnTimer::Skip(TimerSkip::NotCurrent)

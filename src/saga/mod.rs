@@ -15,8 +15,8 @@ pub mod versions;
 mod yaml;
 
 pub use definition::{
-    Action, Backoff, CommandAction, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction, StepDef, StepRole,
-    ValueRef,
+    Action, Backoff, CommandAction, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction,
+    StepDef, StepRole, ValueRef,
 };
 pub use load::{LoadError, load_dir, load_file, load_str};
 

@@ -126,13 +126,11 @@ pub async fn lock(
 
 /// Counts a re-send of command `id` (now send number `sends`).
 pub async fn resent(conn: &mut PgConnection, id: Uuid, sends: u32) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE skald.commands SET sends = $2, last_sent_at = now() WHERE id = $1",
-    )
-    .bind(id)
-    .bind(sends as i32)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query("UPDATE skald.commands SET sends = $2, last_sent_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(sends as i32)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -316,7 +314,9 @@ pub async fn of_instance(pool: &PgPool, instance_id: Uuid) -> Result<Vec<Command
                 last_sent_at: row.try_get("last_sent_at")?,
                 answered_at: row.try_get("answered_at")?,
                 error: row.try_get("error")?,
-                outputs: row.try_get::<Option<Json<Value>>, _>("outputs")?.map(|j| j.0),
+                outputs: row
+                    .try_get::<Option<Json<Value>>, _>("outputs")?
+                    .map(|j| j.0),
                 params: row
                     .try_get::<Option<Json<Value>>, _>("params")?
                     .map_or(Value::Null, |j| j.0),

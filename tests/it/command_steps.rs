@@ -24,7 +24,10 @@ fn fast_sagas(timeout_ms: u64) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("skald_it_cmd_{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let sample = std::fs::read_to_string(sample_sagas().join("order_services.yaml")).unwrap();
-    assert!(sample.contains("timeout_ms: 5000"), "the sample sets its reply timeouts");
+    assert!(
+        sample.contains("timeout_ms: 5000"),
+        "the sample sets its reply timeouts"
+    );
     let fast = sample.replace("timeout_ms: 5000", &format!("timeout_ms: {timeout_ms}"));
     std::fs::write(dir.join("order_services.yaml"), fast).unwrap();
     dir
@@ -238,18 +241,32 @@ async fn three_command_steps_complete_and_a_duplicated_reply_is_applied_once() {
             ("create_shipment", "succeeded"),
         ]
     );
-    let commands: Vec<(String, String, String, i32)> = sqlx::query_as(
-        "SELECT service, type, status, sends FROM skald.commands ORDER BY sent_at",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let commands: Vec<(String, String, String, i32)> =
+        sqlx::query_as("SELECT service, type, status, sends FROM skald.commands ORDER BY sent_at")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(
         commands,
         vec![
-            ("stock".into(), "reserve_stock".into(), "succeeded".into(), 1),
-            ("payments".into(), "charge_card".into(), "succeeded".into(), 1),
-            ("shipping".into(), "create_shipment".into(), "succeeded".into(), 1),
+            (
+                "stock".into(),
+                "reserve_stock".into(),
+                "succeeded".into(),
+                1
+            ),
+            (
+                "payments".into(),
+                "charge_card".into(),
+                "succeeded".into(),
+                1
+            ),
+            (
+                "shipping".into(),
+                "create_shipment".into(),
+                "succeeded".into(),
+                1
+            ),
         ]
     );
 
@@ -294,7 +311,9 @@ async fn a_failed_reply_at_the_third_step_compensates_the_first_two_services_in_
     let release = stock.next().await;
     assert_eq!(release["type"], "release_stock");
     assert_eq!(release["payload"], json!({"reservation_id": "r-2"}));
-    stock.publish(&stock.reply(&release, succeeded(json!({})))).await;
+    stock
+        .publish(&stock.reply(&release, succeeded(json!({}))))
+        .await;
 
     env.wait_for_terminal(1, Duration::from_secs(20)).await;
     let (id, status, _) = instance_of(&env).await;
@@ -376,7 +395,10 @@ async fn without_a_reply_the_same_command_is_resent_then_compensated_and_late_re
         ]
     );
     let (_, status_after, outputs_after) = instance_of(&env).await;
-    assert_eq!((status_after.as_str(), &outputs_after), ("compensated", &outputs));
+    assert_eq!(
+        (status_after.as_str(), &outputs_after),
+        ("compensated", &outputs)
+    );
     let (sends_count, command_status, error): (i32, String, Option<String>) = sqlx::query_as(
         "SELECT sends, status, error FROM skald.commands WHERE type = 'charge_card'",
     )
@@ -428,7 +450,8 @@ async fn a_crash_between_the_command_steps_commit_and_its_publish_still_sends_it
     // Then the restarted skald sends the command, under its deterministic id.
     let app = env.start_app().await;
     let command = stock.next().await;
-    let expected = skald::participant::wire::command_id(id, skald::saga::coordinator::Cursor::START);
+    let expected =
+        skald::participant::wire::command_id(id, skald::saga::coordinator::Cursor::START);
     assert_eq!(command["message_id"], json!(expected));
     stock
         .publish(&stock.reply(&command, succeeded(json!({"reservation_id": "r-4"}))))
@@ -490,7 +513,11 @@ async fn operators_see_commands_retry_resends_the_awaited_command_and_cancel_com
 
     // When an operator retries now: the very same command is sent again.
     let (code, retried) = post(&svc, &format!("/api/v1/instances/{id}/retry"), json!({})).await;
-    assert_eq!((code.as_u16(), &retried["outcome"]), (200, &json!("done")), "{retried}");
+    assert_eq!(
+        (code.as_u16(), &retried["outcome"]),
+        (200, &json!("done")),
+        "{retried}"
+    );
     assert_eq!(payments.next().await, charge);
 
     // When an operator cancels: the reservation is released by command, and the charge's

@@ -12,11 +12,13 @@ use super::value_refs::{Scope, StepOutputs, is_identifier, parse_value_ref};
 use std::time::Duration;
 
 use crate::participant::wire::{MAX_TYPE_BYTES, is_command_type};
-use crate::saga::definition::{
-    Action, CommandAction, HandlerAction, SqlAction, ValueRef, limits,
-};
+use crate::saga::definition::{Action, CommandAction, HandlerAction, SqlAction, ValueRef, limits};
 use crate::saga::sql::{compile_named, has_keyword, is_single_statement};
 use crate::saga::yaml::{Entries, RawAction, RawCommand};
+
+/// A `params:` map as checked: every well-named key with its position, and the
+/// references that resolved, both in YAML order.
+type Params<'a> = (Vec<(&'a str, Pos)>, Vec<(&'a str, ValueRef)>);
 
 impl Checker<'_> {
     /// An `action:` or `compensation:` block at `field`, its references seen from
@@ -76,7 +78,7 @@ impl Checker<'_> {
         field: &str,
         scope: Scope,
         outputs: &StepOutputs<'_>,
-    ) -> (Vec<(&'a str, Pos)>, Vec<(&'a str, ValueRef)>) {
+    ) -> Params<'a> {
         let mut keys: Vec<(&str, Pos)> = Vec::new();
         let mut resolved: Vec<(&str, ValueRef)> = Vec::new();
         for (key, value) in params.iter().flat_map(|p| p.value.0.iter()) {
@@ -179,9 +181,7 @@ impl Checker<'_> {
                 .map(|(k, r)| (k.to_owned(), r))
                 .collect(),
             returning,
-            timeout: timeout.unwrap_or(Duration::from_millis(
-                limits::DEFAULT_COMMAND_TIMEOUT_MS,
-            )),
+            timeout: timeout.unwrap_or(Duration::from_millis(limits::DEFAULT_COMMAND_TIMEOUT_MS)),
         }))
     }
 
@@ -462,13 +462,19 @@ mod tests {
         ));
         match &def.steps[0].action {
             Action::Command(c) => {
-                assert_eq!((c.service.as_str(), c.kind.as_str()), ("stock-1", "reserve.v2"));
+                assert_eq!(
+                    (c.service.as_str(), c.kind.as_str()),
+                    ("stock-1", "reserve.v2")
+                );
                 assert_eq!(c.timeout.as_millis(), 3_600_000);
                 assert_eq!(c.params[1], ("id".to_string(), ValueRef::InstanceId));
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(&def.steps[0].compensation, Some(Action::Command(_))));
+        assert!(matches!(
+            &def.steps[0].compensation,
+            Some(Action::Command(_))
+        ));
     }
 
     #[test]
@@ -482,7 +488,10 @@ mod tests {
                 "service name `Stock` must match ^[a-z][a-z0-9_-]*$",
             ),
             (
-                command_saga(&format!("{{ service: {}, type: t, returning: [r] }}", "s".repeat(64)), ""),
+                command_saga(
+                    &format!("{{ service: {}, type: t, returning: [r] }}", "s".repeat(64)),
+                    "",
+                ),
                 "steps[0].action.command.service",
                 8,
                 "at most 63 characters",
@@ -494,13 +503,19 @@ mod tests {
                 "command type `a b` must be 1 to 128 characters of [A-Za-z0-9_.-]",
             ),
             (
-                command_saga("{ service: stock, type: t, params: { x: payload }, returning: [r] }", ""),
+                command_saga(
+                    "{ service: stock, type: t, params: { x: payload }, returning: [r] }",
+                    "",
+                ),
                 "steps[0].action.command.params.x",
                 8,
                 "unknown parameter reference `payload`",
             ),
             (
-                command_saga("{ service: stock, type: t, params: { x: steps.b.r }, returning: [r] }", ""),
+                command_saga(
+                    "{ service: stock, type: t, params: { x: steps.b.r }, returning: [r] }",
+                    "",
+                ),
                 "steps[0].action.command.params.x",
                 8,
                 "runs after this one",
@@ -512,13 +527,19 @@ mod tests {
                 "step `a` does not return column `r` (its `returning` is [q])",
             ),
             (
-                command_saga("{ service: stock, type: t, returning: [r], timeout_ms: 0 }", ""),
+                command_saga(
+                    "{ service: stock, type: t, returning: [r], timeout_ms: 0 }",
+                    "",
+                ),
                 "steps[0].action.command.timeout_ms",
                 8,
                 "timeout_ms must be an integer >= 1, found 0",
             ),
             (
-                command_saga("{ service: stock, type: t, returning: [r], timeout_ms: 3600001 }", ""),
+                command_saga(
+                    "{ service: stock, type: t, returning: [r], timeout_ms: 3600001 }",
+                    "",
+                ),
                 "steps[0].action.command.timeout_ms",
                 8,
                 "timeout_ms must be at most 3600000",
