@@ -428,7 +428,7 @@ mod tests {
 
     use super::test_support::{load, loaded, payload, render, sql_of};
     use super::*;
-    use crate::saga::definition::{Isolation, OrderingPolicy, StepRole, ValueRef};
+    use crate::saga::definition::{Action, Isolation, OrderingPolicy, StepRole, ValueRef};
     use crate::saga::sql::compile_named;
 
     fn manifest_path(rel: &str) -> PathBuf {
@@ -455,7 +455,10 @@ mod tests {
         assert_eq!(def.isolation, Isolation::Exclusive);
         assert_eq!(def.steps[0].timeout, Some(Duration::from_secs(5)));
         assert_eq!(def.steps[1].timeout, None);
-        assert_eq!(def.steps.len(), 2);
+        assert_eq!(def.steps.len(), 3);
+        assert!(
+            matches!(&def.steps[2].action, Action::Command(c) if c.timeout == Duration::from_secs(5))
+        );
         assert_eq!(def.steps[0].retry.max_attempts, 10);
         assert_eq!(def.steps[0].retry.max_delay, Duration::from_secs(10));
         assert_eq!(def.steps[1].retry.max_attempts, 5);
