@@ -544,13 +544,11 @@ pub fn run_message_id(instance_id: Uuid, cursor: Cursor) -> Uuid {
 /// The deterministic id of the reply timer of `cursor`'s command for its `send`-th
 /// send: a re-sent timer (a copy after a crash) is recognised by the inbox.
 pub fn timer_message_id(instance_id: Uuid, cursor: Cursor, send: u32) -> Uuid {
-    let name = format!(
-        "timer/{}/{}/{}/{send}",
-        cursor.step,
-        cursor.phase.as_str(),
-        cursor.attempt
-    );
-    Uuid::new_v5(&instance_id, name.as_bytes())
+    // Its run message's id names the cursor; the send number makes each timer distinct.
+    Uuid::new_v5(
+        &run_message_id(instance_id, cursor),
+        format!("timer/{send}").as_bytes(),
+    )
 }
 
 /// The instance a start message creates: derived from the message id, so the same

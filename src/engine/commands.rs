@@ -26,6 +26,24 @@ pub(super) fn is_reply_shaped(body: &[u8]) -> bool {
         .is_ok_and(|fields| fields.contains_key("in_reply_to"))
 }
 
+/// The attempt a reply or a time-out ends: the step's cursor, decided in the context
+/// (payload, outputs, errors, deadline) its command was sent in.
+fn attempt_in<'a>(
+    job: &'a Job,
+    locked: &'a commands::Locked,
+    instance_id: Uuid,
+    cursor: Cursor,
+) -> Attempt<'a> {
+    Attempt {
+        saga: &job.saga,
+        envelope: &locked.context,
+        aggregate_id: &job.aggregate_id,
+        instance_id,
+        cursor,
+        deadline: locked.context.deadline,
+    }
+}
+
 impl Engine {
     /// Reads a reply from a participant service into a [`Job`] routed to the aggregate
     /// and saga version it names.
@@ -153,15 +171,7 @@ impl Engine {
         };
         commands::finish(tx.conn(), reply.in_reply_to, status, error, outputs).await?;
         commands::record_reply(tx.conn(), reply, ReplyDisposition::Applied).await?;
-        let context = &locked.context;
-        let at = Attempt {
-            saga: &job.saga,
-            envelope: context,
-            aggregate_id: &job.aggregate_id,
-            instance_id,
-            cursor,
-            deadline: context.deadline,
-        };
+        let at = attempt_in(job, &locked, instance_id, cursor);
         tracing::info!(service = %reply.service, command_id = %reply.in_reply_to,
             status = status.as_str(), "reply applied");
         let plan = decide::decide(&at, result, Utc::now(), fastrand::f64());
@@ -241,15 +251,7 @@ impl Engine {
                     commands::finish(tx.conn(), id, CommandStatus::TimedOut, Some(message), None)
                         .await?;
                 }
-                let context = &locked.context;
-                let at = Attempt {
-                    saga: &job.saga,
-                    envelope: context,
-                    aggregate_id: &job.aggregate_id,
-                    instance_id,
-                    cursor,
-                    deadline: context.deadline,
-                };
+                let at = attempt_in(job, &locked, instance_id, cursor);
                 let plan = decide::decide(&at, result, Utc::now(), fastrand::f64());
                 return self
                     .finish(tx, job, &at, step, plan, Utc::now(), None)

@@ -10,11 +10,11 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-use super::{StoreError, state_from_row};
+use super::{StoreError, cursor_from_row, state_from_row};
 use crate::envelope::Envelope;
 use crate::participant::wire::{Reply, ReplyOutcome, ServiceMessage};
 use crate::saga::command::{CommandStatus, Pending};
-use crate::saga::coordinator::{Cursor, InstanceState, Phase};
+use crate::saga::coordinator::{Cursor, InstanceState};
 
 /// A command being sent for the first time.
 #[derive(Debug, Clone)]
@@ -97,17 +97,10 @@ pub async fn lock(
         return Ok((None, state));
     };
     let status: String = row.try_get("status")?;
-    let phase: String = row.try_get("phase")?;
     let corrupt = |what: String| StoreError::Corrupt(what);
     let pending = Pending {
         instance_id: row.try_get("instance_id")?,
-        cursor: Cursor {
-            step: u32::try_from(row.try_get::<i32, _>("step")?)
-                .map_err(|_| corrupt("negative step".into()))?,
-            phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase:?}")))?,
-            attempt: u32::try_from(row.try_get::<i32, _>("attempt")?)
-                .map_err(|_| corrupt("negative attempt".into()))?,
-        },
+        cursor: cursor_from_row(&row)?,
         status: CommandStatus::parse(&status)
             .ok_or_else(|| corrupt(format!("command status {status:?}")))?,
         sends: u32::try_from(row.try_get::<i32, _>("sends")?)

@@ -545,17 +545,22 @@ pub async fn resume_instance(
 /// The status and cursor columns (`status`, `step`, `phase`, `attempt`) of a row.
 pub(crate) fn state_from_row(row: &sqlx::postgres::PgRow) -> Result<InstanceState, StoreError> {
     let status: String = row.try_get("status")?;
-    let phase: String = row.try_get("phase")?;
-    let corrupt = |what: String| StoreError::Corrupt(what);
     Ok(InstanceState {
         status: InstanceStatus::parse(&status)
-            .ok_or_else(|| corrupt(format!("status {status:?}")))?,
-        cursor: Cursor {
-            step: u32::try_from(row.try_get::<i32, _>("step")?)
-                .map_err(|_| corrupt("negative step".into()))?,
-            phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase:?}")))?,
-            attempt: u32::try_from(row.try_get::<i32, _>("attempt")?)
-                .map_err(|_| corrupt("negative attempt".into()))?,
-        },
+            .ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
+        cursor: cursor_from_row(row)?,
+    })
+}
+
+/// The cursor columns (`step`, `phase`, `attempt`) of a row.
+pub(crate) fn cursor_from_row(row: &sqlx::postgres::PgRow) -> Result<Cursor, StoreError> {
+    let phase: String = row.try_get("phase")?;
+    let corrupt = |what: String| StoreError::Corrupt(what);
+    Ok(Cursor {
+        step: u32::try_from(row.try_get::<i32, _>("step")?)
+            .map_err(|_| corrupt("negative step".into()))?,
+        phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase:?}")))?,
+        attempt: u32::try_from(row.try_get::<i32, _>("attempt")?)
+            .map_err(|_| corrupt("negative attempt".into()))?,
     })
 }
