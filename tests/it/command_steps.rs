@@ -549,3 +549,67 @@ async fn operators_see_commands_retry_resends_the_awaited_command_and_cancel_com
     payments.close().await;
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn a_compensation_command_failing_for_good_parks_and_a_resume_finishes_it() {
+    use crate::api::{post, service};
+    let env = TestEnv::new(fast_sagas(5_000)).await;
+    let mut stock = RawService::open(&env, "stock").await;
+    let mut payments = RawService::open(&env, "payments").await;
+    let app = env.start_app().await;
+    let svc = service(app.api.clone()).await;
+    env.publish_starts(vec![order("order-6")]).await;
+
+    stock
+        .answer("reserve_stock", json!({"reservation_id": "r-6"}))
+        .await;
+    let charge = payments.next().await;
+    payments
+        .publish(&payments.reply(&charge, failed("card declined")))
+        .await;
+    // Given the stock service cannot release the reservation.
+    let release = stock.next().await;
+    assert_eq!(release["type"], "release_stock");
+    stock
+        .publish(&stock.reply(&release, failed("reservation locked")))
+        .await;
+
+    // Then the instance is parked with a compensation_failed dead letter holding the
+    // whole history.
+    env.wait_for_terminal(1, Duration::from_secs(20)).await;
+    let (id, status, _) = instance_of(&env).await;
+    assert_eq!(status, "failed");
+    let (kind, history): (String, String) = sqlx::query_as(
+        "SELECT kind, convert_from(body, 'UTF8') FROM skald.dead_letters WHERE instance_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(kind, "compensation_failed");
+    assert!(history.contains("card declined") && history.contains("reservation locked"));
+
+    // When an operator resumes it: the release is sent again as a new attempt (a new
+    // command id), and its success finishes the compensation.
+    let (code, resumed) = post(&svc, &format!("/api/v1/instances/{id}/resume"), json!({})).await;
+    assert_eq!(code, 200, "{resumed}");
+    let again = stock.next().await;
+    assert_eq!(again["type"], "release_stock");
+    assert_eq!(again["reply_to"]["cursor"]["attempt"], 2);
+    assert_ne!(again["message_id"], release["message_id"]);
+    stock
+        .publish(&stock.reply(&again, succeeded(json!({}))))
+        .await;
+    for _ in 0..100 {
+        if instance_of(&env).await.1 == "compensated" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(instance_of(&env).await.1, "compensated");
+
+    app.stop().await;
+    stock.close().await;
+    payments.close().await;
+    env.cleanup().await;
+}
