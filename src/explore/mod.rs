@@ -783,3 +783,65 @@ impl Scratch {
         let _ = admin.close().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::saga::load_str;
+
+    fn services_saga() -> SagaDef {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas/order_services.yaml"),
+        )
+        .unwrap();
+        load_str(&text, std::path::Path::new("order_services.yaml")).unwrap()
+    }
+
+    fn plan(fault: Fault) -> Plan {
+        Plan::new(
+            &services_saga(),
+            Some(Point {
+                step: 1,
+                phase: Phase::Forward,
+                fault,
+            }),
+        )
+    }
+
+    #[test]
+    fn a_reply_crash_hits_the_second_message_of_the_step_at_its_point_only() {
+        let p = plan(Fault::ReplyCrash(FaultPoint::AfterCommit));
+        let at = |point, step| p.at(point, step, Phase::Forward);
+        // Other steps and points are untouched.
+        assert_eq!(
+            at(FaultPoint::AfterCommit, "reserve_stock"),
+            Injected::Nothing
+        );
+        assert_eq!(
+            at(FaultPoint::BeforeCommit, "charge_card"),
+            Injected::Nothing
+        );
+        // The command's send passes; its reply crashes; nothing after.
+        assert_eq!(
+            at(FaultPoint::AfterCommit, "charge_card"),
+            Injected::Nothing
+        );
+        assert_eq!(at(FaultPoint::AfterCommit, "charge_card"), Injected::Crash);
+        assert!(p.take_crash());
+        assert_eq!(
+            at(FaultPoint::AfterCommit, "charge_card"),
+            Injected::Nothing
+        );
+    }
+
+    #[test]
+    fn a_duplicated_reply_is_the_second_delivery_and_no_reply_silences_the_step() {
+        let p = plan(Fault::ReplyDuplicated);
+        assert_eq!(p.on_delivery((0, Phase::Forward)), None);
+        assert_eq!(p.on_delivery((1, Phase::Forward)), None);
+        assert_eq!(p.on_delivery((1, Phase::Forward)), Some(Fault::Duplicate));
+        assert_eq!(p.on_delivery((1, Phase::Forward)), None);
+        assert_eq!(p.silent(), None);
+        assert_eq!(plan(Fault::NoReply).silent(), Some((1, Phase::Forward)));
+    }
+}
