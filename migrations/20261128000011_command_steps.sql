@@ -20,7 +20,7 @@ CREATE TABLE skald.commands (
     context       jsonb       NOT NULL,
     sends         integer     NOT NULL DEFAULT 1 CHECK (sends >= 1),
     status        text        NOT NULL DEFAULT 'waiting'
-        CHECK (status IN ('waiting', 'succeeded', 'failed', 'timed_out')),
+        CHECK (status IN ('waiting', 'succeeded', 'failed', 'timed_out', 'cancelled')),
     sent_at       timestamptz NOT NULL DEFAULT now(),
     last_sent_at  timestamptz NOT NULL DEFAULT now(),
     answered_at   timestamptz,

@@ -200,6 +200,8 @@ pub async fn cancel(
     let (messages, outcome) = match coordinator::cancel(saga, snap.state) {
         Ok(t) => {
             resume_instance(&mut tx, id, t.state, &snap.payload).await?;
+            // A command the instance waited on no longer applies: its reply is late.
+            commands::cancel_waiting(&mut tx, id).await?;
             if t.state.status.is_terminal() {
                 sqlx::query("UPDATE skald.instances SET finished_at = now() WHERE id = $1")
                     .bind(id)

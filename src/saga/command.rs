@@ -40,6 +40,8 @@ pub enum CommandStatus {
     Failed,
     /// No reply after the retry policy's sends: the step failed.
     TimedOut,
+    /// An operator cancelled the instance while it waited: a reply is late.
+    Cancelled,
 }
 
 impl CommandStatus {
@@ -50,6 +52,7 @@ impl CommandStatus {
             CommandStatus::Succeeded => "succeeded",
             CommandStatus::Failed => "failed",
             CommandStatus::TimedOut => "timed_out",
+            CommandStatus::Cancelled => "cancelled",
         }
     }
 
@@ -60,6 +63,7 @@ impl CommandStatus {
             CommandStatus::Succeeded,
             CommandStatus::Failed,
             CommandStatus::TimedOut,
+            CommandStatus::Cancelled,
         ]
         .into_iter()
         .find(|c| c.as_str() == s)
@@ -684,6 +688,7 @@ steps:
             CommandStatus::Succeeded,
             CommandStatus::Failed,
             CommandStatus::TimedOut,
+            CommandStatus::Cancelled,
         ] {
             assert_eq!(CommandStatus::parse(st.as_str()), Some(st));
         }

@@ -148,6 +148,19 @@ pub async fn finish(
     Ok(())
 }
 
+/// Marks the commands `instance_id` waits on as `cancelled` (an operator cancelled it):
+/// their replies and timers no longer apply.
+pub async fn cancel_waiting(conn: &mut PgConnection, instance_id: Uuid) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE skald.commands SET status = 'cancelled', answered_at = now() \
+         WHERE instance_id = $1 AND status = 'waiting'",
+    )
+    .bind(instance_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// What became of one reply delivery (`skald.replies.disposition`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -239,7 +252,7 @@ pub struct CommandView {
     /// The command type.
     #[serde(rename = "type")]
     pub kind: String,
-    /// `waiting`, `succeeded`, `failed` or `timed_out`.
+    /// `waiting`, `succeeded`, `failed`, `timed_out` or `cancelled`.
     pub status: String,
     /// How many times it was sent (1 + re-sends after reply timeouts).
     pub sends: i32,

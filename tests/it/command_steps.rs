@@ -541,6 +541,14 @@ async fn operators_see_commands_retry_resends_the_awaited_command_and_cancel_com
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(instance_of(&env).await.1, "compensated");
+    let (_, own) = get(&svc, &format!("/api/v1/instances/{id}/commands")).await;
+    let statuses: Vec<&str> = own["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["succeeded", "cancelled", "succeeded"], "{own}");
     let (_, replies) = get(&svc, "/api/v1/replies").await;
     assert_eq!(replies["items"].as_array().unwrap().len(), 1, "{replies}");
 
