@@ -741,6 +741,18 @@ mod tests {
             "version",
             "version must be at most 2147483647",
         ),
+        (
+            "command_bad_service.yaml",
+            10,
+            "steps[0].action.command.service",
+            "service name `Shipping Dept` must match ^[a-z][a-z0-9_-]*$",
+        ),
+        (
+            "command_timeout_too_long.yaml",
+            12,
+            "steps[0].action.command.timeout_ms",
+            "timeout_ms must be at most 3600000",
+        ),
     ];
 
     #[test]
