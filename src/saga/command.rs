@@ -192,6 +192,8 @@ pub fn send(
 pub struct Pending {
     /// Its instance.
     pub instance_id: Uuid,
+    /// The aggregate it was sent for (a reply must name the same one).
+    pub aggregate_id: String,
     /// The cursor that sent it.
     pub cursor: Cursor,
     /// Waiting, or how it ended.
@@ -204,7 +206,8 @@ pub struct Pending {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LateReason {
-    /// skald sent no such command (no instance, or an id that is not its command's).
+    /// skald sent no such command (no instance, or an id, cursor or aggregate that is
+    /// not its command's).
     Unknown,
     /// The command was answered before (another reply id, or it timed out).
     AlreadyAnswered,
@@ -239,6 +242,7 @@ pub fn on_reply(reply: &Reply, pending: Option<&Pending>, state: Option<Instance
         return OnReply::Record(LateReason::Unknown);
     };
     if pending.instance_id != to.instance_id
+        || pending.aggregate_id != reply.aggregate_id
         || pending.cursor != to.cursor
         || command_id(to.instance_id, to.cursor) != reply.in_reply_to
     {
@@ -408,6 +412,7 @@ steps:
         (
             Pending {
                 instance_id: Uuid::nil(),
+                aggregate_id: "k".into(),
                 cursor,
                 status: CommandStatus::Waiting,
                 sends,
@@ -596,6 +601,14 @@ steps:
         };
         assert_eq!(
             on_reply(&forged, Some(&pending), Some(state)),
+            OnReply::Record(LateReason::Unknown)
+        );
+        let elsewhere = Reply {
+            aggregate_id: "other".into(),
+            ..ok.clone()
+        };
+        assert_eq!(
+            on_reply(&elsewhere, Some(&pending), Some(state)),
             OnReply::Record(LateReason::Unknown)
         );
         assert_eq!(LateReason::NotCurrent.as_str(), "late");

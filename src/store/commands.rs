@@ -98,8 +98,10 @@ pub async fn lock(
     };
     let status: String = row.try_get("status")?;
     let corrupt = |what: String| StoreError::Corrupt(what);
+    let message = row.try_get::<Json<ServiceMessage>, _>("body")?.0;
     let pending = Pending {
         instance_id: row.try_get("instance_id")?,
+        aggregate_id: message.aggregate_id.clone(),
         cursor: cursor_from_row(&row)?,
         status: CommandStatus::parse(&status)
             .ok_or_else(|| corrupt(format!("command status {status:?}")))?,
@@ -110,7 +112,7 @@ pub async fn lock(
         Some(Locked {
             pending,
             service: row.try_get("service")?,
-            message: row.try_get::<Json<ServiceMessage>, _>("body")?.0,
+            message,
             context: row.try_get::<Json<Envelope>, _>("context")?.0,
         }),
         state,
