@@ -154,6 +154,21 @@ async fn instance_of(env: &TestEnv) -> (Uuid, String, Value) {
     .expect("one instance")
 }
 
+/// Polls `ready` every 100 ms until it holds, for at most 10 s (the assertions that
+/// follow say what was wrong if it never does).
+async fn until<F, Fut>(mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if ready().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// How many reply deliveries were recorded with each disposition.
 async fn replies_by_disposition(env: &TestEnv) -> Vec<(String, i64)> {
     sqlx::query_as(
@@ -215,12 +230,7 @@ async fn three_command_steps_complete_and_a_duplicated_reply_is_applied_once() {
     for copy in payments.drain(Duration::from_millis(500)).await {
         assert_eq!(copy["message_id"], charge["message_id"], "{copy}");
     }
-    for _ in 0..50 {
-        if replies_by_disposition(&env).await.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until(|| async { replies_by_disposition(&env).await.len() == 2 }).await;
     assert_eq!(
         replies_by_disposition(&env).await,
         vec![("applied".into(), 3), ("duplicate".into(), 1)]
@@ -378,13 +388,7 @@ async fn without_a_reply_the_same_command_is_resent_then_compensated_and_late_re
     payments
         .publish(&payments.reply(&stranger, succeeded(json!({"payment_id": 2}))))
         .await;
-    for _ in 0..100 {
-        if replies_by_disposition(&env).await.len() == 3 {
-            // reserve and release applied, one late, one unknown
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until(|| async { replies_by_disposition(&env).await.len() == 3 }).await;
     // …then both are recorded, and neither changes the instance.
     assert_eq!(
         replies_by_disposition(&env).await,
@@ -456,13 +460,7 @@ async fn a_crash_between_the_command_steps_commit_and_its_publish_still_sends_it
     stock
         .publish(&stock.reply(&command, succeeded(json!({"reservation_id": "r-4"}))))
         .await;
-    for _ in 0..100 {
-        let (_, _, outputs) = instance_of(&env).await;
-        if outputs.get("reserve_stock").is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until(|| async { instance_of(&env).await.2.get("reserve_stock").is_some() }).await;
     let (_, _, outputs) = instance_of(&env).await;
     assert_eq!(outputs["reserve_stock"], json!({"reservation_id": "r-4"}));
     stock.quiet_for(Duration::from_millis(300)).await;
@@ -531,15 +529,11 @@ async fn operators_see_commands_retry_resends_the_awaited_command_and_cancel_com
     payments
         .publish(&payments.reply(&charge, succeeded(json!({"payment_id": 5}))))
         .await;
-    for _ in 0..100 {
+    until(|| async {
         let (_, replies) = get(&svc, "/api/v1/replies").await;
-        if replies["items"].as_array().is_some_and(|r| !r.is_empty()) {
-            assert_eq!(replies["items"][0]["disposition"], "late", "{replies}");
-            assert_eq!(replies["items"][0]["instance_id"], json!(id));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        replies["items"].as_array().is_some_and(|r| !r.is_empty())
+    })
+    .await;
     assert_eq!(instance_of(&env).await.1, "compensated");
     let (_, own) = get(&svc, &format!("/api/v1/instances/{id}/commands")).await;
     let statuses: Vec<&str> = own["commands"]
@@ -551,6 +545,8 @@ async fn operators_see_commands_retry_resends_the_awaited_command_and_cancel_com
     assert_eq!(statuses, ["succeeded", "cancelled", "succeeded"], "{own}");
     let (_, replies) = get(&svc, "/api/v1/replies").await;
     assert_eq!(replies["items"].as_array().unwrap().len(), 1, "{replies}");
+    assert_eq!(replies["items"][0]["disposition"], "late", "{replies}");
+    assert_eq!(replies["items"][0]["instance_id"], json!(id));
 
     app.stop().await;
     stock.close().await;
@@ -608,12 +604,7 @@ async fn a_compensation_command_failing_for_good_parks_and_a_resume_finishes_it(
     stock
         .publish(&stock.reply(&again, succeeded(json!({}))))
         .await;
-    for _ in 0..100 {
-        if instance_of(&env).await.1 == "compensated" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until(|| async { instance_of(&env).await.1 == "compensated" }).await;
     assert_eq!(instance_of(&env).await.1, "compensated");
 
     app.stop().await;
