@@ -27,21 +27,28 @@ use chrono::Utc;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+mod commands;
+
 use crate::envelope::{
     Command, Envelope, Malformed, Outgoing, check_aggregate_id, instance_id_for, version_list,
 };
 use crate::handlers::Handlers;
 use crate::metrics::LatencyHistogram;
+use crate::participant::wire::Reply;
+use crate::saga::command;
 use crate::saga::context::StepInput;
 use crate::saga::coordinator::{Cursor, FailureKind, InstanceStatus, Phase};
 use crate::saga::decide::{
     self, Attempt, Disposition, ParkKind, StepResult, Target, deadline_after,
 };
+use crate::saga::definition::{Action, StepDef};
 use crate::saga::{Catalog, SagaDef};
 use crate::seen::SeenIds;
 use crate::store::dead_letters::{self, DeadLetterKind, NewDeadLetter};
 use crate::store::effects::{self, ActionContext, EffectError};
-use crate::store::{Disposal, NewInstance, Promoted, StepRecord, Store, StoreError};
+use crate::store::{
+    Disposal, InboxOutcome, NewInstance, Promoted, StepRecord, StepTx, Store, StoreError,
+};
 use crate::transport::{Delivery, Transport, TransportError};
 
 /// An infrastructure failure while handling a message: nothing about the message is
@@ -72,6 +79,10 @@ pub struct Job {
     pub saga: Arc<SagaDef>,
     /// The aggregate whose actor handles it.
     pub aggregate_id: String,
+    /// A service's reply to a command step: then `envelope` is only its identity, a run
+    /// message of the cursor it answers under the reply's message id (so routing, logs
+    /// and the inbox treat it like any message of its instance).
+    pub reply: Option<Arc<Reply>>,
 }
 
 pub use crate::faults::{FaultPoint, Faults, Injected};
@@ -225,8 +236,8 @@ pub fn resolve<'c>(
         (None, Command::Start) => Ok(newest),
         // A run message sent by a skald older than versions: unambiguous only while
         // one version is loaded.
-        (None, Command::Run { .. }) if catalog.versions(name).len() == 1 => Ok(newest),
-        (None, Command::Run { .. }) => Err(Malformed::Invalid(format!(
+        (None, _) if catalog.versions(name).len() == 1 => Ok(newest),
+        (None, _) => Err(Malformed::Invalid(format!(
             "run message without saga_version while versions {} of saga {name:?} are loaded",
             version_list(catalog.versions(name))
         ))),
@@ -237,13 +248,18 @@ pub fn resolve<'c>(
                     saga: name.clone(),
                     wanted,
                     loaded: catalog.versions(name).to_vec(),
-                    instance: match envelope.command {
-                        Command::Start => None,
-                        Command::Run { instance_id, .. } => Some(instance_id),
-                    },
+                    instance: envelope.command.target().map(|(id, _)| id),
                 })
         }
     }
+}
+
+/// The instance and cursor a message is about: a start's derived instance at
+/// [`Cursor::START`], else the ones its run or timer command names.
+fn target_of(env: &Envelope) -> (Uuid, Cursor) {
+    env.command
+        .target()
+        .unwrap_or((instance_id_for(env.message_id), Cursor::START))
 }
 
 /// Waits between tries after an infrastructure failure: 100 ms doubling to 5 s.
@@ -322,8 +338,17 @@ impl Engine {
         Ok(self.store.watermark(saga, aggregate_id).await?)
     }
 
-    /// Reads a raw body into a [`Job`]: envelope, saga, aggregate.
+    /// Reads a raw body into a [`Job`]: envelope (or a service's reply), saga,
+    /// aggregate.
     pub fn read(&self, body: &[u8]) -> Result<Job, Malformed> {
+        if Reply::looks_like(body) {
+            match self.read_reply(body) {
+                Ok(job) => return Ok(job),
+                // A start whose payload merely holds an `in_reply_to` key stays a start.
+                Err(e) if commands::is_reply_shaped(body) => return Err(e),
+                Err(_) => {}
+            }
+        }
         let envelope = Envelope::parse(body)?;
         let saga = resolve(&self.catalog, &envelope)?.clone();
         let aggregate_id = match (&envelope.aggregate_id, envelope.command) {
@@ -335,7 +360,7 @@ impl Engine {
                 check_aggregate_id(&id)?;
                 id
             }
-            (None, Command::Run { .. }) => {
+            (None, _) => {
                 return Err(Malformed::Invalid(
                     "run message without aggregate_id".into(),
                 ));
@@ -345,6 +370,7 @@ impl Engine {
             envelope,
             saga,
             aggregate_id,
+            reply: None,
         })
     }
 
@@ -353,13 +379,7 @@ impl Engine {
     /// happens in a `message` span naming the saga, instance, aggregate and step.
     pub async fn process(&self, job: Job, delivery: Delivery) {
         let env = &job.envelope;
-        let (instance, cursor) = match env.command {
-            Command::Start => (instance_id_for(env.message_id), Cursor::START),
-            Command::Run {
-                instance_id,
-                cursor,
-            } => (instance_id, cursor),
-        };
+        let (instance, cursor) = target_of(env);
         let span = tracing::info_span!(
             "message",
             saga = %job.saga.name,
@@ -483,11 +503,13 @@ impl Engine {
     }
 
     async fn try_once(&self, job: &Job, redelivered: bool) -> Result<(), EngineError> {
-        let (step_name, phase) = match job.envelope.command {
-            Command::Start => (job.saga.steps.first(), Phase::Forward),
-            Command::Run { cursor, .. } => (job.saga.steps.get(cursor.step as usize), cursor.phase),
-        };
-        let step_name = step_name.map_or("", |s| s.name.as_str());
+        let (_, cursor) = target_of(&job.envelope);
+        let phase = cursor.phase;
+        let step_name = job
+            .saga
+            .steps
+            .get(cursor.step as usize)
+            .map_or("", |s| s.name.as_str());
         let crash_at = |point| {
             if self.faults.at(point, step_name, phase) == Injected::Crash {
                 Err(EngineError::Crashed)
@@ -524,7 +546,11 @@ impl Engine {
         reason: &str,
     ) -> Result<(), EngineError> {
         tracing::warn!(reason, code, message_id = %job.envelope.message_id, "dead-lettered");
-        let body = job.envelope.to_body();
+        // A reply is kept as the service sent it, not as its routing envelope.
+        let body = match &job.reply {
+            Some(reply) => reply.to_body(),
+            None => job.envelope.to_body(),
+        };
         dead_letters::insert(
             self.store.pool(),
             &NewDeadLetter {
@@ -553,20 +579,35 @@ impl Engine {
     async fn handle(&self, job: &Job, suspect_copy: bool) -> Result<Handled, EngineError> {
         let env = &job.envelope;
         let saga = &job.saga;
-        let (instance_id, requested) = match env.command {
-            Command::Start => (instance_id_for(env.message_id), Cursor::START),
-            Command::Run {
-                instance_id,
-                cursor,
-            } => (instance_id, cursor),
-        };
+        let (instance_id, requested) = target_of(env);
         let (step, action) = match decide::target(saga, requested) {
             Target::Run { step, action } => (step, action),
             Target::DeadLetter { code, reason } => return Ok(Handled::DeadLetter(code, reason)),
         };
         if suspect_copy && self.store.disposal(env.message_id, instance_id).await? == Disposal::Seen
         {
+            if let Some(reply) = &job.reply {
+                return self.duplicate_reply(reply).await;
+            }
             return self.resend_copy(env.message_id).await;
+        }
+        if let Some(reply) = &job.reply {
+            return self.handle_reply(job, reply, step).await;
+        }
+        if let Command::Timer { send, .. } = env.command {
+            return match action {
+                Action::Command(command) => {
+                    self.handle_timer(job, instance_id, requested, send, step, command)
+                        .await
+                }
+                _ => Ok(Handled::DeadLetter(
+                    "not_a_command",
+                    format!(
+                        "step {} sends no command: a reply timer has nothing to time",
+                        step.name
+                    ),
+                )),
+            };
         }
 
         let started_at = Utc::now();
@@ -643,6 +684,32 @@ impl Engine {
                     payload: &env.payload,
                     outputs: &env.outputs,
                 };
+                if let Action::Command(command) = action {
+                    match command::bind(command, &input) {
+                        Ok(params) => {
+                            let sent = command::send(&at, command, params, Utc::now());
+                            let new = (env.command == Command::Start).then_some(&new_instance);
+                            return self
+                                .record_sent(tx, job, &at, step, command, sent, started_at, new)
+                                .await;
+                        }
+                        Err(message) => {
+                            tx.rollback().await?;
+                            tx = self.store.begin().await?;
+                            let plan = decide::decide(
+                                &at,
+                                StepResult::Failed {
+                                    kind: FailureKind::Fatal,
+                                    message,
+                                },
+                                Utc::now(),
+                                fastrand::f64(),
+                            );
+                            let new = (env.command == Command::Start).then_some(&new_instance);
+                            return self.finish(tx, job, &at, step, plan, started_at, new).await;
+                        }
+                    }
+                }
                 let ctx = ActionContext {
                     input: &input,
                     step_name: &step.name,
@@ -662,7 +729,29 @@ impl Engine {
             tx = self.store.begin().await?;
         }
 
-        let mut plan = decide::decide(&at, result, Utc::now(), fastrand::f64());
+        let plan = decide::decide(&at, result, Utc::now(), fastrand::f64());
+        let new = (env.command == Command::Start).then_some(&new_instance);
+        self.finish(tx, job, &at, step, plan, started_at, new).await
+    }
+
+    /// Records an attempt's `plan` in `tx` — the inbox row under the message's id, the
+    /// instance's new state (creating it for a start, `new`), the lock hand-over and
+    /// the parked instance's dead letter — and commits; or, when the guarded record
+    /// does not apply, rolls back and disposes of the message.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        mut tx: StepTx,
+        job: &Job,
+        at: &Attempt<'_>,
+        step: &StepDef,
+        mut plan: decide::Plan,
+        started_at: chrono::DateTime<Utc>,
+        new_instance: Option<&NewInstance<'_>>,
+    ) -> Result<Handled, EngineError> {
+        let saga = &job.saga;
+        let env = &job.envelope;
+        let (instance_id, requested) = (at.instance_id, at.cursor);
         if plan.pass_lock {
             // The semantic lock passes to the oldest waiting instance, in this same
             // transaction: if this record does not commit, neither does the promotion.
@@ -683,19 +772,19 @@ impl Engine {
             message_id: env.message_id,
             instance_id,
             aggregate_id: &job.aggregate_id,
-            payload: &env.payload,
+            payload: &at.envelope.payload,
             ran: requested,
             step_name: &step.name,
-            outcome: plan.outcome,
+            outcome: InboxOutcome::Ran(plan.outcome),
             error: plan.error.as_deref(),
             started_at,
             new_state: plan.state,
             outputs: &plan.outputs,
             outgoing: &plan.outgoing,
         };
-        let recorded = match env.command {
-            Command::Start => tx.record_start(&record, &new_instance).await?,
-            Command::Run { .. } => tx.record_run(&record, requested).await?,
+        let recorded = match new_instance {
+            Some(new) => tx.record_start(&record, new).await?,
+            None => tx.record_run(&record, requested).await?,
         };
         if !recorded {
             tx.rollback().await?;
@@ -722,14 +811,7 @@ impl Engine {
             )
             .await?;
         }
-        if self
-            .faults
-            .at(FaultPoint::BeforeCommit, &step.name, requested.phase)
-            == Injected::Crash
-        {
-            return Err(EngineError::Crashed);
-        }
-        tx.commit().await?;
+        self.commit(tx, &step.name, requested.phase).await?;
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
         if let Some(error) = &plan.error {
             // Logged only now that it is recorded: a copy's failed re-run is not an attempt.
@@ -748,6 +830,15 @@ impl Engine {
                 status = plan.state.status.as_str(), "saga instance finished after a failure");
         }
         Ok(Handled::Send(plan.outgoing))
+    }
+
+    /// Commits `tx`, unless a crash is injected just before (`BeforeCommit`).
+    async fn commit(&self, tx: StepTx, step_name: &str, phase: Phase) -> Result<(), EngineError> {
+        if self.faults.at(FaultPoint::BeforeCommit, step_name, phase) == Injected::Crash {
+            return Err(EngineError::Crashed);
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The slow path: a message whose guarded record did not apply.

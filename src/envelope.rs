@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::participant::wire::ServiceMessage;
 use crate::saga::coordinator::{Cursor, FailureKind, Phase};
-use crate::transport::{Transport, TransportError};
+use crate::transport::{Endpoint, Transport, TransportError};
 
 /// Bodies above this many bytes are malformed without being parsed (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -103,6 +104,21 @@ pub struct Outgoing {
     /// Send it to the dead-letter queue (with this reason) instead of the intake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<DeadLetterNote>,
+    /// A command step's command: sent to its participant service (under the
+    /// aggregate id, at once) instead of `envelope`, which is then the run message the
+    /// command was sent for, kept for its context. Stored with the rest in the inbox,
+    /// so a copy of the message that sent it sends the very same command again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<ServiceCommand>,
+}
+
+/// A command on its way to a participant service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceCommand {
+    /// The service ([`Endpoint::Service`]).
+    pub service: String,
+    /// The message, exactly as every send sends it (same id, same `dispatched_at`).
+    pub message: ServiceMessage,
 }
 
 /// Why a message is dead-lettered, as attached to it in the dead-letter queue.
@@ -125,12 +141,33 @@ impl Outgoing {
             envelope,
             delay_ms,
             dead_letter: None,
+            command: None,
         }
     }
 
-    /// Sends it: to the dead-letter queue when it carries a [`DeadLetterNote`], else to
-    /// the intake under its aggregate id (after its delay). Returns once confirmed.
+    /// `message` for participant `service`, sent at once; `context` is the run message
+    /// it was sent for.
+    pub fn to_service(service: &str, message: ServiceMessage, context: Envelope) -> Self {
+        Outgoing {
+            command: Some(ServiceCommand {
+                service: service.to_string(),
+                message,
+            }),
+            ..Outgoing::to_intake(context, 0)
+        }
+    }
+
+    /// Sends it: a command to its service's intake; to the dead-letter queue when it
+    /// carries a [`DeadLetterNote`]; else to skald's intake under its aggregate id (after
+    /// its delay). Returns once confirmed.
     pub async fn send(&self, transport: &dyn Transport) -> Result<(), TransportError> {
+        if let Some(command) = &self.command {
+            let to = Endpoint::Service(command.service.clone());
+            let body = command.message.to_body();
+            return transport
+                .send_to(&to, &command.message.aggregate_id, &body)
+                .await;
+        }
         let body = self.envelope.to_body();
         match &self.dead_letter {
             Some(note) => transport.dead_letter(&body, &note.code, &note.reason).await,
@@ -160,6 +197,36 @@ pub enum Command {
         /// What to run.
         cursor: Cursor,
     },
+    /// A command step's reply timer, sent by skald to itself delayed by the command's
+    /// `timeout_ms` when it sends the command for the `send`-th time: if the instance
+    /// still waits for that command's reply when it arrives, the command is sent again
+    /// (or, past the retry policy's attempts, the step fails).
+    Timer {
+        /// The waiting instance.
+        instance_id: Uuid,
+        /// The step, phase and attempt whose command it times.
+        cursor: Cursor,
+        /// Which send of the command it times (1 for the first).
+        send: u32,
+    },
+}
+
+impl Command {
+    /// The instance and cursor a run or timer message is about; `None` for a start.
+    pub fn target(self) -> Option<(Uuid, Cursor)> {
+        match self {
+            Command::Start => None,
+            Command::Run {
+                instance_id,
+                cursor,
+            }
+            | Command::Timer {
+                instance_id,
+                cursor,
+                ..
+            } => Some((instance_id, cursor)),
+        }
+    }
 }
 
 /// Why a body is not a usable envelope. Each reason sends the message to the
@@ -474,6 +541,16 @@ pub fn run_message_id(instance_id: Uuid, cursor: Cursor) -> Uuid {
     Uuid::new_v5(&instance_id, name.as_bytes())
 }
 
+/// The deterministic id of the reply timer of `cursor`'s command for its `send`-th
+/// send: a re-sent timer (a copy after a crash) is recognised by the inbox.
+pub fn timer_message_id(instance_id: Uuid, cursor: Cursor, send: u32) -> Uuid {
+    // Its run message's id names the cursor; the send number makes each timer distinct.
+    Uuid::new_v5(
+        &run_message_id(instance_id, cursor),
+        format!("timer/{send}").as_bytes(),
+    )
+}
+
 /// The instance a start message creates: derived from the message id, so the same
 /// start message (however often delivered) always names the same instance.
 pub fn instance_id_for(start_message_id: Uuid) -> Uuid {
@@ -622,5 +699,38 @@ mod tests {
         assert_ne!(a, run_message_id(instance, retry));
         assert_eq!(instance_id_for(a), instance_id_for(a));
         assert_ne!(instance_id_for(a), a);
+    }
+
+    #[tokio::test]
+    async fn a_command_goes_to_its_service_and_survives_the_inbox_round_trip() {
+        use crate::transport::memory::MemoryTransport;
+        let context = Envelope::run(
+            "s",
+            1,
+            "k",
+            Uuid::nil(),
+            Cursor::START,
+            serde_json::json!({}),
+        );
+        let message = ServiceMessage {
+            message_id: Uuid::nil(),
+            kind: "reserve_stock".into(),
+            aggregate_id: "k".into(),
+            sequence: None,
+            dispatched_at: Some(Utc::now()),
+            payload: Default::default(),
+            reply_to: None,
+            errors: Vec::new(),
+        };
+        let out = Outgoing::to_service("stock", message.clone(), context);
+        // As stored in the inbox's `outgoing` and read back for a copy.
+        let stored: Outgoing = serde_json::from_value(serde_json::to_value(&out).unwrap()).unwrap();
+        assert_eq!(stored, out);
+        let skald = MemoryTransport::new();
+        stored.send(&skald).await.unwrap();
+        assert!(skald.next().is_none(), "nothing reaches skald's intake");
+        let stock = skald.endpoint(&Endpoint::Service("stock".into()));
+        let got = stock.next().expect("the command reached its service");
+        assert_eq!(ServiceMessage::parse(&got.body).unwrap(), message);
     }
 }

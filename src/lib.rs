@@ -11,7 +11,9 @@
 //!   function — no I/O but reading saga files: [`saga::coordinator`] (the next state
 //!   after an attempt, admission, cancel), [`saga::decide`] (everything one message
 //!   leads to: its target, the deadline, the plan of an attempt, what a record that did
-//!   not apply is, resume, the exclusive lock hand-over) and [`saga::strict`] (strict
+//!   not apply is, resume, the exclusive lock hand-over), [`saga::command`] (command
+//!   steps: sending a command, applying its reply once, its reply timer's re-sends and
+//!   time-out) and [`saga::strict`] (strict
 //!   per-aggregate order of starts), [`saga::versions`] (what start-up refuses about
 //!   loaded versions: same number with other content, live instances of a removed
 //!   version) and [`saga::diff`] (`skald diff`: what deploying files would do to live
@@ -20,12 +22,13 @@
 //!   `load/mod.rs` (the entry points, [`saga::LoadError`] and the file format),
 //!   `checker.rs` (the error collector; names and integers within their limits),
 //!   `structure.rs` (saga and step rules: roles and the pivot, check steps, ordering,
-//!   isolation, timeouts), `retry.rs` (retry policies), `action.rs` (`sql` and `handler`
-//!   actions), `value_refs.rs` (`payload.…`, `steps.…`, `saga.…` references) and
+//!   isolation, timeouts), `retry.rs` (retry policies), `action.rs` (`sql`, `handler`
+//!   and `command` actions), `value_refs.rs` (`payload.…`, `steps.…`, `saga.…` references) and
 //!   `yaml_error.rs` (a serde-saphyr error as one error with its document path).
 //! - [`envelope`]: the JSON message every start and step travels in, and how a raw
 //!   body is read (or found malformed).
-//! - [`store`]: PostgreSQL. All of skald's SQL lives here and in `migrations/`.
+//! - [`store`]: PostgreSQL. All of skald's SQL lives here and in `migrations/`
+//!   ([`store::commands`]: command steps' commands and every reply received).
 //! - [`handlers`]: steps written in Rust, registered by name. Depends on [`saga`] only;
 //!   [`store::effects`] runs them (and classifies their database errors).
 //! - [`transport`]: the [`transport::Transport`] seam (publish with confirm, consume
@@ -34,13 +37,15 @@
 //! - [`faults`]: faults injected on purpose at the points of a message's handling
 //!   (`SKALD_CRASH_AT`, and `explore`'s plans).
 //! - [`explore`]: `skald explore`, a saga through every crash and fault point against
-//!   scratch databases, checked against the legacy transaction.
+//!   scratch databases, checked against the legacy transaction; it plays command
+//!   steps' participant services itself (`explore/service.rs`).
 //! - [`scaffold`]: `skald scaffold`, a draft saga from a legacy psql transaction: the
 //!   script read with `sqlparser`'s tokenizer, its one transaction parsed, one rule per
 //!   statement shape (step and suggested compensation), proposed roles, the YAML with
 //!   its `# TODO`s. Depends on [`saga`] only.
 //! - [`engine`]: one message, end to end: effect, guarded record, commit, publish, ack —
-//!   an interpreter of [`saga::decide`]'s plans. A plain component, driven by the
+//!   an interpreter of [`saga::decide`]'s plans (`engine/commands.rs`: a command
+//!   step's send, its reply and its reply timer). A plain component, driven by the
 //!   actors but testable without them.
 //! - [`actors`]: per-aggregate actix actors that serialise the engine's work for
 //!   one aggregate, and the router that creates and evicts them.

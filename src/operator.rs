@@ -20,10 +20,11 @@ use crate::envelope::{Envelope, Outgoing};
 use crate::saga::coordinator::{self, CancelRefusal, InstanceStatus};
 use crate::saga::decide::deadline_after;
 use crate::saga::{Catalog, decide};
+use crate::store::commands;
 use crate::store::dead_letters::{self, DeadLetterStatus};
 use crate::store::steps::promote_next;
 use crate::store::{InstanceSnapshot, Store, StoreError, lock_instance, resume_instance};
-use crate::transport::{Transport, TransportError};
+use crate::transport::{Endpoint, Transport, TransportError};
 
 /// Why an action was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +109,8 @@ async fn locked(conn: &mut PgConnection, id: Uuid) -> Result<InstanceSnapshot, O
         .ok_or(OperatorError::NotFound(id))
 }
 
-/// Runs the instance's pending retry now instead of after its backoff delay.
+/// Runs the instance's pending retry now instead of after its backoff delay; for an
+/// instance waiting for a command's reply, sends that command again (same id).
 pub async fn retry_now(
     store: &Store,
     transport: &dyn Transport,
@@ -121,6 +123,32 @@ pub async fn retry_now(
         snap.state.status,
         InstanceStatus::Running | InstanceStatus::Compensating
     );
+    // Waiting for a command's reply: send the very same command again (the service
+    // answers a copy without running it twice); its reply timer keeps running.
+    if live
+        && let Some((service, command)) =
+            commands::waiting_at(&mut tx, id, snap.state.cursor).await?
+    {
+        record(
+            &mut tx,
+            id,
+            "retry",
+            by,
+            json!({ "cursor": snap.state.cursor, "resent_command": command.message_id }),
+        )
+        .await?;
+        tx.commit().await?;
+        transport
+            .send_to(
+                &Endpoint::Service(service),
+                &command.aggregate_id,
+                &command.to_body(),
+            )
+            .await?;
+        tracing::info!(instance = %id, by, command_id = %command.message_id,
+            "operator: retry now re-sent the awaited command");
+        return Ok(ActionOutcome::Done);
+    }
     let last_failed: bool = sqlx::query_scalar(
         "SELECT coalesce((SELECT outcome = 'failed' FROM skald.inbox \
            WHERE instance_id = $1 AND disposition = 'applied' \
@@ -172,6 +200,8 @@ pub async fn cancel(
     let (messages, outcome) = match coordinator::cancel(saga, snap.state) {
         Ok(t) => {
             resume_instance(&mut tx, id, t.state, &snap.payload).await?;
+            // A command the instance waited on no longer applies: its reply is late.
+            commands::cancel_waiting(&mut tx, id).await?;
             if t.state.status.is_terminal() {
                 sqlx::query("UPDATE skald.instances SET finished_at = now() WHERE id = $1")
                     .bind(id)

@@ -109,13 +109,20 @@ async function loadDetail() {
     const label = e.disposition === "applied"
       ? `${esc(e.step_name)} · ${esc(e.phase)} · try ${e.attempt} · ${esc(e.outcome)}` : esc(e.disposition);
     const cls = e.disposition === "applied" ? `${esc(e.phase)} ${esc(e.outcome)}` : esc(e.disposition);
-    const sent = (e.sent || []).map((m) => m.dead_letter ? "→ dead-letter queue" : m.delay_ms ? `→ retry in ${m.delay_ms} ms` : "→ next").join(", ");
+    const sent = (e.sent || []).map((m) => m.command ? `→ command ${m.command.message.type} to ${m.command.service}`
+      : m.dead_letter ? "→ dead-letter queue" : m.envelope.command.type === "timer" ? `→ reply timer ${m.delay_ms} ms`
+      : m.delay_ms ? `→ retry in ${m.delay_ms} ms` : "→ next").join(", ");
     return `<div class="attempt"><span class="muted">${time(e.finished_at)}</span><span class="bar ${cls}">${label}</span>
       <span class="muted">${esc(sent)}</span>${e.error ? `<span class="err">${esc(e.error_kind)}: ${esc(e.error)}</span>` : ""}</div>`;
   });
   $("detail").innerHTML = `<p>${pill(d.status)} <b>${esc(d.saga)}</b> on <b>${esc(d.aggregate_id)}</b> <span class="muted">${d.id}</span></p>
     <div class="timeline">${rows.join("")}</div>
     ${d.dead_letters.length ? `<p class="err">dead letter: ${esc(d.dead_letters[0].reason)}</p>` : ""}
+    ${(d.commands || []).length ? `<table class="commands"><thead><tr><th>command</th><th>service</th><th>step</th><th>status</th><th>sends</th><th>sent</th><th>answered</th></tr></thead><tbody>
+      ${d.commands.map((c) => `<tr><td>${esc(c.type)}</td><td>${esc(c.service)}</td><td>${esc(c.step_name)} · ${esc(c.phase)} · try ${c.attempt}</td>
+        <td>${esc(c.status)}${c.error ? ` <span class="err">${esc(c.error)}</span>` : ""}</td><td>${c.sends}</td><td>${time(c.sent_at)}</td><td>${c.answered_at ? time(c.answered_at) : ""}</td></tr>`).join("")}
+      </tbody></table>` : ""}
+    ${(d.replies || []).some((r) => r.disposition !== "applied") ? `<p class="muted">replies not applied: ${d.replies.filter((r) => r.disposition !== "applied").map((r) => `${esc(r.service)} ${esc(r.disposition)} ${time(r.received_at)}`).join(", ")}</p>` : ""}
     <details><summary>payload and outputs</summary><pre>${esc(JSON.stringify({payload: d.payload, outputs: d.outputs}, null, 2))}</pre></details>`;
 }
 

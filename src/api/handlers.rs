@@ -21,6 +21,7 @@ use crate::envelope::{Envelope, Malformed, Outgoing, instance_id_for};
 use crate::operator::ActionOutcome;
 use crate::saga::coordinator::InstanceStatus;
 use crate::saga::{SagaDef, StepRole};
+use crate::store::commands::{self, CommandView, ReplyView};
 use crate::store::dead_letters::{self, DeadLetter, DeadLetterKind, DeadLetterStatus};
 use crate::store::queries::InstanceFilter;
 
@@ -296,7 +297,92 @@ pub async fn instance_detail(
         .collect();
     let mut body = serde_json::to_value(&detail).expect("instance serialises");
     body["dead_letters"] = Value::Array(letters);
+    let exchanges = instance_exchanges(&state, *id).await?;
+    body["commands"] = serde_json::to_value(exchanges.commands).expect("commands serialise");
+    body["replies"] = serde_json::to_value(exchanges.replies).expect("replies serialise");
     Ok(HttpResponse::Ok().json(body))
+}
+
+/// An instance's command steps: every command sent (service, type, sends, when sent
+/// and answered, error or outputs) and every reply received, applied or not.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CommandExchanges {
+    /// Oldest first.
+    commands: Vec<CommandView>,
+    /// Newest first.
+    replies: Vec<ReplyView>,
+}
+
+async fn instance_exchanges(state: &ApiState, id: Uuid) -> Result<CommandExchanges> {
+    Ok(CommandExchanges {
+        commands: commands::of_instance(state.store.pool(), id).await?,
+        replies: commands::replies(state.store.pool(), Some(id), 1000).await?,
+    })
+}
+
+/// The commands an instance's command steps sent, and the replies received for it.
+#[utoipa::path(
+    tag = "instances",
+    params(("id" = Uuid, Path, description = "The instance id")),
+    responses(
+        (status = 200, body = CommandExchanges),
+        (status = 404, description = "No such instance", body = ErrorBody),
+    )
+)]
+#[get("/instances/{id}/commands")]
+pub async fn instance_commands(
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+) -> Result<HttpResponse> {
+    state
+        .store
+        .instance(*id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no instance {id}")))?;
+    Ok(HttpResponse::Ok().json(instance_exchanges(&state, *id).await?))
+}
+
+/// Query of `GET /api/v1/replies`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RepliesQuery {
+    /// At most this many, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+}
+
+impl Input for RepliesQuery {
+    fn validate(&self) -> Result<()> {
+        check_range("limit", self.limit, 1..=1000)
+    }
+}
+
+/// Replies that were not applied — `duplicate`, `late` or `unknown` — newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Replies {
+    /// The replies.
+    items: Vec<ReplyView>,
+}
+
+/// Replies recorded without being applied (copies, late ones, unknown ones), newest
+/// first.
+#[utoipa::path(
+    tag = "instances",
+    params(RepliesQuery),
+    responses(
+        (status = 200, body = Replies),
+        (status = 400, description = "A query parameter is invalid", body = ErrorBody),
+    )
+)]
+#[get("/replies")]
+pub async fn list_replies(
+    state: web::Data<ApiState>,
+    query: QueryParams<RepliesQuery>,
+) -> Result<HttpResponse> {
+    let limit = query.0.limit.unwrap_or(100);
+    let items = commands::replies(state.store.pool(), None, limit).await?;
+    Ok(HttpResponse::Ok().json(Replies { items }))
 }
 
 /// Body of `POST /api/v1/instances`: the start envelope's fields.

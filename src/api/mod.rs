@@ -188,6 +188,8 @@ api_routes! {
     list_instances,
     start,
     instance_detail,
+    instance_commands,
+    list_replies,
     retry_now,
     cancel,
     resume,

@@ -20,9 +20,10 @@
 pub mod observe;
 pub mod points;
 pub mod random;
+mod service;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
@@ -31,7 +32,7 @@ use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 use uuid::Uuid;
 
 use crate::engine::Engine;
-use crate::envelope::{Command, Envelope, Outgoing, instance_id_for};
+use crate::envelope::{Envelope, Outgoing, instance_id_for};
 use crate::faults::{FaultPlan, FaultPoint, Faults, Injected};
 use crate::handlers::Handlers;
 use crate::saga::coordinator::{FailureKind, InstanceStatus, Phase};
@@ -168,7 +169,7 @@ impl Report {
     pub fn render(&self) -> String {
         let mark = |ok: bool| if ok { "ok" } else { "BROKEN" };
         let mut out = format!(
-            "{:<4} {:<20} {:<10} {:<24} {:<12} {:<12} {:<6} {:<6} {:<6} {:<6}\n",
+            "{:<4} {:<20} {:<10} {:<30} {:<12} {:<12} {:<6} {:<6} {:<6} {:<6}\n",
             "#", "step", "phase", "injected", "ended", "expected", "ends", "once", "atomic", "lost"
         );
         for (i, row) in self.rows.iter().enumerate() {
@@ -181,7 +182,7 @@ impl Report {
                 None => ("-".into(), "-".into(), "nothing (baseline)".into()),
             };
             out.push_str(&format!(
-                "{:<4} {:<20} {:<10} {:<24} {:<12} {:<12} {:<6} {:<6} {:<6} {:<6}\n",
+                "{:<4} {:<20} {:<10} {:<30} {:<12} {:<12} {:<6} {:<6} {:<6} {:<6}\n",
                 i,
                 step,
                 phase,
@@ -366,6 +367,11 @@ trait Chaos: FaultPlan {
 
     /// Whether an injected crash happened since the last call.
     fn take_crash(&self) -> bool;
+
+    /// The command step (index and phase) whose service answers nothing in time.
+    fn silent(&self) -> Option<(usize, Phase)> {
+        None
+    }
 }
 
 /// The fault plan of one point: its fault, once, and for a compensation point the
@@ -377,6 +383,10 @@ struct Plan {
     triggered: AtomicBool,
     transport_fired: AtomicBool,
     crashed: AtomicBool,
+    /// Messages of the point's step that reached its crash point (for a reply fault).
+    arrivals: AtomicU32,
+    /// Deliveries of the point's step (for a reply fault).
+    deliveries: AtomicU32,
 }
 
 impl Plan {
@@ -388,6 +398,8 @@ impl Plan {
             triggered: AtomicBool::new(false),
             transport_fired: AtomicBool::new(false),
             crashed: AtomicBool::new(false),
+            arrivals: AtomicU32::new(0),
+            deliveries: AtomicU32::new(0),
         }
     }
 
@@ -420,6 +432,13 @@ impl FaultPlan for Plan {
         }
         let injected = match point.fault {
             Fault::Crash(p) if p == at => Injected::Crash,
+            // The first message of the step at this point sent the command; the second
+            // is its reply.
+            Fault::ReplyCrash(p)
+                if p == at && self.arrivals.fetch_add(1, Ordering::SeqCst) == 1 =>
+            {
+                Injected::Crash
+            }
             Fault::Fail(kind) if at == FaultPoint::BeforeEffect => Injected::Fail(kind),
             _ => return Injected::Nothing,
         };
@@ -436,12 +455,26 @@ impl FaultPlan for Plan {
 impl Chaos for Plan {
     fn on_delivery(&self, here: (usize, Phase)) -> Option<Fault> {
         let point = self.point?;
+        if (point.step, point.phase) != here {
+            return None;
+        }
         let transport_fault = matches!(
             point.fault,
             Fault::Duplicate | Fault::LostConfirm | Fault::Overtaken
         );
-        (transport_fault && (point.step, point.phase) == here && first_time(&self.transport_fired))
-            .then_some(point.fault)
+        // The step's first delivery is its run message, the second the reply.
+        let reply = point.fault == Fault::ReplyDuplicated
+            && self.deliveries.fetch_add(1, Ordering::SeqCst) == 1;
+        if reply && first_time(&self.transport_fired) {
+            return Some(Fault::Duplicate);
+        }
+        (transport_fault && first_time(&self.transport_fired)).then_some(point.fault)
+    }
+
+    fn silent(&self) -> Option<(usize, Phase)> {
+        self.point
+            .filter(|p| p.fault == Fault::NoReply)
+            .map(|p| (p.step, p.phase))
     }
 
     fn take_crash(&self) -> bool {
@@ -451,9 +484,9 @@ impl Chaos for Plan {
 
 /// Where a message is in its saga: the step index and phase it runs.
 fn position(envelope: &Envelope) -> (usize, Phase) {
-    match envelope.command {
-        Command::Start => (0, Phase::Forward),
-        Command::Run { cursor, .. } => (cursor.step as usize, cursor.phase),
+    match envelope.command.target() {
+        None => (0, Phase::Forward),
+        Some((_, cursor)) => (cursor.step as usize, cursor.phase),
     }
 }
 
@@ -519,9 +552,19 @@ async fn deliver_all(
             .await
             .map_err(|e| ExploreError::Input(e.to_string()))?;
     }
+    let mut services = service::Services::new(catalog, chaos.silent());
+    let broker_error = |e: crate::transport::TransportError| ExploreError::Input(e.to_string());
     let mut previous: Option<Vec<u8>> = None;
     for _ in 0..MAX_DELIVERIES {
+        services.play(&transport).await.map_err(broker_error)?;
         let Some(delivery) = transport.next() else {
+            if services
+                .flush_late(&transport)
+                .await
+                .map_err(broker_error)?
+            {
+                continue;
+            }
             break;
         };
         let body = delivery.body.clone();
@@ -738,5 +781,67 @@ impl Scratch {
             .await;
         }
         let _ = admin.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::saga::load_str;
+
+    fn services_saga() -> SagaDef {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas/order_services.yaml"),
+        )
+        .unwrap();
+        load_str(&text, std::path::Path::new("order_services.yaml")).unwrap()
+    }
+
+    fn plan(fault: Fault) -> Plan {
+        Plan::new(
+            &services_saga(),
+            Some(Point {
+                step: 1,
+                phase: Phase::Forward,
+                fault,
+            }),
+        )
+    }
+
+    #[test]
+    fn a_reply_crash_hits_the_second_message_of_the_step_at_its_point_only() {
+        let p = plan(Fault::ReplyCrash(FaultPoint::AfterCommit));
+        let at = |point, step| p.at(point, step, Phase::Forward);
+        // Other steps and points are untouched.
+        assert_eq!(
+            at(FaultPoint::AfterCommit, "reserve_stock"),
+            Injected::Nothing
+        );
+        assert_eq!(
+            at(FaultPoint::BeforeCommit, "charge_card"),
+            Injected::Nothing
+        );
+        // The command's send passes; its reply crashes; nothing after.
+        assert_eq!(
+            at(FaultPoint::AfterCommit, "charge_card"),
+            Injected::Nothing
+        );
+        assert_eq!(at(FaultPoint::AfterCommit, "charge_card"), Injected::Crash);
+        assert!(p.take_crash());
+        assert_eq!(
+            at(FaultPoint::AfterCommit, "charge_card"),
+            Injected::Nothing
+        );
+    }
+
+    #[test]
+    fn a_duplicated_reply_is_the_second_delivery_and_no_reply_silences_the_step() {
+        let p = plan(Fault::ReplyDuplicated);
+        assert_eq!(p.on_delivery((0, Phase::Forward)), None);
+        assert_eq!(p.on_delivery((1, Phase::Forward)), None);
+        assert_eq!(p.on_delivery((1, Phase::Forward)), Some(Fault::Duplicate));
+        assert_eq!(p.on_delivery((1, Phase::Forward)), None);
+        assert_eq!(p.silent(), None);
+        assert_eq!(plan(Fault::NoReply).silent(), Some((1, Phase::Forward)));
     }
 }

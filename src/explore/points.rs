@@ -4,7 +4,7 @@ use std::fmt;
 
 use crate::faults::FaultPoint;
 use crate::saga::coordinator::{FailureKind, InstanceStatus, Phase};
-use crate::saga::{SagaDef, StepRole};
+use crate::saga::{Action, SagaDef, StepRole};
 
 /// One fault, injected once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +20,14 @@ pub enum Fault {
     Overtaken,
     /// The step's effect fails this way.
     Fail(FailureKind),
+    /// A command step: the process dies at this point of handling the service's reply
+    /// (the second message of the step to reach it; the first sent the command).
+    ReplyCrash(FaultPoint),
+    /// A command step: the service's reply is delivered twice.
+    ReplyDuplicated,
+    /// A command step: the service answers none of the sends in time (the step times
+    /// out, as a failure for good); its replies arrive late, after everything else.
+    NoReply,
 }
 
 impl fmt::Display for Fault {
@@ -31,6 +39,9 @@ impl fmt::Display for Fault {
             Fault::Overtaken => f.write_str("older message after it"),
             Fault::Fail(FailureKind::Retryable) => f.write_str("retryable failure"),
             Fault::Fail(FailureKind::Fatal) => f.write_str("fatal failure"),
+            Fault::ReplyCrash(p) => write!(f, "reply: crash {}", p.as_str().replace('_', " ")),
+            Fault::ReplyDuplicated => f.write_str("reply delivered twice"),
+            Fault::NoReply => f.write_str("no reply in time, late reply"),
         }
     }
 }
@@ -67,23 +78,36 @@ pub fn all(saga: &SagaDef) -> Vec<Point> {
         Fault::Fail(FailureKind::Retryable),
         Fault::Fail(FailureKind::Fatal),
     ];
+    let reply_faults = [
+        Fault::ReplyCrash(FaultPoint::BeforeCommit),
+        Fault::ReplyCrash(FaultPoint::AfterCommit),
+        Fault::ReplyCrash(FaultPoint::AfterPublish),
+        Fault::ReplyDuplicated,
+        Fault::NoReply,
+    ];
+    let is_command = |a: Option<&Action>| matches!(a, Some(Action::Command(_)));
     let mut points = Vec::new();
     for (step, def) in saga.steps.iter().enumerate() {
-        for fault in faults {
-            points.push(Point {
-                step,
-                phase: Phase::Forward,
-                fault,
-            });
-        }
-        if def.compensation.is_some() && step + 1 < saga.steps.len() {
-            for fault in faults {
-                points.push(Point {
-                    step,
-                    phase: Phase::Compensate,
-                    fault,
-                });
+        let mut at = |phase, command: bool, endless: bool| {
+            let extra = if command { &reply_faults[..] } else { &[] };
+            for &fault in faults.iter().chain(extra) {
+                // A retriable step re-sends without end: it never times out.
+                if !(endless && fault == Fault::NoReply) {
+                    points.push(Point { step, phase, fault });
+                }
             }
+        };
+        at(
+            Phase::Forward,
+            is_command(Some(&def.action)),
+            def.role == StepRole::Retriable,
+        );
+        if def.compensation.is_some() && step + 1 < saga.steps.len() {
+            at(
+                Phase::Compensate,
+                is_command(def.compensation.as_ref()),
+                false,
+            );
         }
     }
     points
@@ -96,6 +120,7 @@ pub fn expected(saga: &SagaDef, point: &Point) -> InstanceStatus {
     let step = &saga.steps[point.step];
     // A retryable failure with no attempt left is a failure for good.
     let fatal = point.fault == Fault::Fail(FailureKind::Fatal)
+        || point.fault == Fault::NoReply
         || (point.fault == Fault::Fail(FailureKind::Retryable)
             && step.retry.max_attempts <= 1
             && !(point.phase == Phase::Forward && step.role == StepRole::Retriable));
@@ -154,5 +179,30 @@ mod tests {
             InstanceStatus::Compensated
         );
         assert_eq!(at(1, Phase::Compensate, fatal), InstanceStatus::Failed);
+        assert_eq!(
+            at(1, Phase::Forward, Fault::NoReply),
+            InstanceStatus::Compensated
+        );
+        assert_eq!(
+            at(0, Phase::Compensate, Fault::NoReply),
+            InstanceStatus::Failed
+        );
+        assert_eq!(
+            at(0, Phase::Forward, Fault::ReplyDuplicated),
+            InstanceStatus::Completed
+        );
+    }
+
+    #[test]
+    fn command_steps_add_the_reply_faults() {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas/order_services.yaml"),
+        )
+        .unwrap();
+        let saga = load_str(&text, std::path::Path::new("order_services.yaml")).unwrap();
+        // 3 actions and 2 compensations, all commands: 8 + 5 faults each.
+        assert_eq!(all(&saga).len(), 5 * 13);
+        assert!(all(&saga).iter().any(|p| p.phase == Phase::Compensate
+            && p.fault == Fault::ReplyCrash(FaultPoint::AfterCommit)));
     }
 }

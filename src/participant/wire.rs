@@ -182,14 +182,19 @@ fn read<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Malformed> {
     serde_json::from_str(text).map_err(|e| Malformed::Invalid(e.to_string()))
 }
 
-/// Whether `kind` can be a message type: 1 to [`MAX_TYPE_BYTES`] of `[A-Za-z0-9_.-]`.
-pub fn check_kind(kind: &str) -> Result<(), Malformed> {
-    let ok = !kind.is_empty()
+/// Whether `kind` is a valid message or command type: 1 to [`MAX_TYPE_BYTES`] of
+/// `[A-Za-z0-9_.-]` (also what `skald validate` checks of a command step's `type`).
+pub fn is_command_type(kind: &str) -> bool {
+    !kind.is_empty()
         && kind.len() <= MAX_TYPE_BYTES
         && kind
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// [`is_command_type`], or why not as a malformed reason.
+pub fn check_kind(kind: &str) -> Result<(), Malformed> {
+    if is_command_type(kind) {
         Ok(())
     } else {
         Err(Malformed::Invalid(format!(

@@ -68,7 +68,7 @@ pub fn target(saga: &SagaDef, cursor: Cursor) -> Target<'_> {
 pub fn deadline(saga: &SagaDef, envelope: &Envelope, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     match envelope.command {
         Command::Start => deadline_after(now, saga.timeout),
-        Command::Run { .. } => envelope.deadline,
+        Command::Run { .. } | Command::Timer { .. } => envelope.deadline,
     }
 }
 
@@ -263,12 +263,11 @@ pub fn decide(at: &Attempt<'_>, result: StepResult, now: DateTime<Utc>, jitter: 
     });
     if let Some(p) = &park {
         outgoing.push(Outgoing {
-            envelope: p.envelope.clone(),
-            delay_ms: 0,
             dead_letter: Some(DeadLetterNote {
                 code: p.kind.code().to_string(),
                 reason: p.reason.clone(),
             }),
+            ..Outgoing::to_intake(p.envelope.clone(), 0)
         });
     }
     let retries = failure.is_some()
@@ -374,7 +373,7 @@ pub fn dispose(
                 Disposition::RecordStale
             }
             (Command::Start, _) => Disposition::Raced,
-            (Command::Run { .. }, _) => Disposition::DeadLetter {
+            (Command::Run { .. } | Command::Timer { .. }, _) => Disposition::DeadLetter {
                 code: "no_instance",
                 reason: format!("run message for unknown instance {instance_id}"),
             },

@@ -30,6 +30,13 @@ pub mod limits {
     /// unacked while it waits, and RabbitMQ closes the channel of a delivery left unacked
     /// longer than its `consumer_timeout` (30 minutes by default).
     pub const MAX_ORDERING_WAIT_MS: u64 = 600_000;
+    /// The largest command `timeout_ms` (1 hour): the reply timer is a delayed message,
+    /// and the transport's longest delay tier holds one for at most an hour.
+    pub const MAX_COMMAND_TIMEOUT_MS: u64 = 3_600_000;
+    /// A command's reply timeout when `timeout_ms` is not given (30 seconds).
+    pub const DEFAULT_COMMAND_TIMEOUT_MS: u64 = 30_000;
+    /// Service names: at most this many characters (`[a-z][a-z0-9_-]*`).
+    pub const MAX_SERVICE_CHARS: usize = 63;
 }
 
 /// One saga: an ordered list of steps run one after another for one aggregate.
@@ -172,6 +179,27 @@ pub enum Action {
     Sql(SqlAction),
     /// A Rust handler registered by name by the library user.
     Handler(HandlerAction),
+    /// A command sent to a participant service; the step ends with its reply.
+    Command(CommandAction),
+}
+
+/// A command step: a message to another service, answered by a reply to skald's intake.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandAction {
+    /// The participant service that runs it (`[a-z][a-z0-9_-]*`, 1 to
+    /// [`limits::MAX_SERVICE_CHARS`]).
+    pub service: String,
+    /// The command type: which of the service's handlers runs it.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Named parameters, resolved and sent as the command's `payload`, in YAML order.
+    pub params: Vec<(String, ValueRef)>,
+    /// The reply's output fields later steps may reference as `steps.<step>.<field>`.
+    pub returning: Vec<String>,
+    /// How long skald waits for the reply before re-sending the same command (each
+    /// send counts as an attempt of the step's retry policy).
+    #[serde(with = "millis")]
+    pub timeout: Duration,
 }
 
 /// A SQL statement whose parameters are bound, never pasted into the text.

@@ -1,6 +1,7 @@
 //! Sagas: their YAML definitions, validation, and the pure coordinator that decides
 //! what happens next. Nothing in here does I/O except reading saga files.
 
+pub mod command;
 pub mod context;
 pub mod coordinator;
 pub mod decide;
@@ -14,8 +15,8 @@ pub mod versions;
 mod yaml;
 
 pub use definition::{
-    Action, Backoff, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction, StepDef, StepRole,
-    ValueRef,
+    Action, Backoff, CommandAction, Isolation, OrderingPolicy, RetryPolicy, SagaDef, SqlAction,
+    StepDef, StepRole, ValueRef,
 };
 pub use load::{LoadError, load_dir, load_file, load_str};
 

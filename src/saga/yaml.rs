@@ -134,6 +134,29 @@ pub(crate) struct RawAction {
     /// `fatal_errors:` (handler actions only)
     #[serde(default)]
     pub fatal_errors: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `command:`: a command sent to a participant service.
+    #[serde(default)]
+    pub command: Option<Spanned<RawCommand>>,
+}
+
+/// A `command:` block.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCommand {
+    /// `service:`: the participant service.
+    pub service: Spanned<String>,
+    /// `type:`: the command type.
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    /// `params:`: parameter name to value reference, in YAML order.
+    #[serde(default)]
+    pub params: Option<Spanned<Entries<Spanned<String>>>>,
+    /// `returning:`: the reply's output fields later steps may reference.
+    #[serde(default)]
+    pub returning: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `timeout_ms:`: how long to wait for the reply.
+    #[serde(default)]
+    pub timeout_ms: Option<Spanned<i64>>,
 }
 
 /// A `retry:` block; every field is optional.

@@ -75,6 +75,14 @@ pub async fn run_action(
             }
             run_sql(conn, sql, ctx.input).await
         }
+        // The engine sends a command instead of running it (see `saga::command`).
+        Action::Command(c) => Err(EffectError {
+            kind: FailureKind::Fatal,
+            message: format!(
+                "command {} of service {} is sent, not run in skald's database",
+                c.kind, c.service
+            ),
+        }),
         Action::Handler(h) => {
             let call = run_handler(conn, h, ctx.input, ctx.step_name, ctx.cursor, handlers);
             match ctx.timeout {

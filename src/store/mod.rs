@@ -4,7 +4,9 @@
 //! - [`Store`]: the pool, database creation, migrations, saga setup SQL, reports.
 //! - [`steps`]: the statements of one step's transaction (the guarded record).
 //! - [`effects`]: running a step's action in that transaction.
+//! - [`commands`]: command steps' commands and the replies received.
 
+pub mod commands;
 pub mod dead_letters;
 pub mod effects;
 pub mod params;
@@ -24,7 +26,7 @@ use crate::saga::SagaDef;
 use crate::saga::coordinator::{Cursor, InstanceState, InstanceStatus, Phase};
 use crate::saga::diff::{LiveAt, Recorded};
 use crate::saga::versions::StoredVersion;
-pub use steps::{NewInstance, Promoted, StepRecord, StepTx};
+pub use steps::{InboxOutcome, NewInstance, Promoted, StepRecord, StepTx};
 
 /// What can go wrong talking to PostgreSQL. Every variant is an infrastructure
 /// problem (the step itself did not fail): callers retry the whole message later.
@@ -545,17 +547,22 @@ pub async fn resume_instance(
 /// The status and cursor columns (`status`, `step`, `phase`, `attempt`) of a row.
 pub(crate) fn state_from_row(row: &sqlx::postgres::PgRow) -> Result<InstanceState, StoreError> {
     let status: String = row.try_get("status")?;
-    let phase: String = row.try_get("phase")?;
-    let corrupt = |what: String| StoreError::Corrupt(what);
     Ok(InstanceState {
         status: InstanceStatus::parse(&status)
-            .ok_or_else(|| corrupt(format!("status {status:?}")))?,
-        cursor: Cursor {
-            step: u32::try_from(row.try_get::<i32, _>("step")?)
-                .map_err(|_| corrupt("negative step".into()))?,
-            phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase:?}")))?,
-            attempt: u32::try_from(row.try_get::<i32, _>("attempt")?)
-                .map_err(|_| corrupt("negative attempt".into()))?,
-        },
+            .ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
+        cursor: cursor_from_row(row)?,
+    })
+}
+
+/// The cursor columns (`step`, `phase`, `attempt`) of a row.
+pub(crate) fn cursor_from_row(row: &sqlx::postgres::PgRow) -> Result<Cursor, StoreError> {
+    let phase: String = row.try_get("phase")?;
+    let corrupt = |what: String| StoreError::Corrupt(what);
+    Ok(Cursor {
+        step: u32::try_from(row.try_get::<i32, _>("step")?)
+            .map_err(|_| corrupt("negative step".into()))?,
+        phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase:?}")))?,
+        attempt: u32::try_from(row.try_get::<i32, _>("attempt")?)
+            .map_err(|_| corrupt("negative attempt".into()))?,
     })
 }

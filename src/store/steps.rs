@@ -59,8 +59,8 @@ pub struct StepRecord<'a> {
     pub ran: Cursor,
     /// The step's name.
     pub step_name: &'a str,
-    /// How it ended.
-    pub outcome: Outcome,
+    /// How it ended, or that it sent a command.
+    pub outcome: InboxOutcome,
     /// The failure's message, if it failed.
     pub error: Option<&'a str>,
     /// When the attempt began.
@@ -71,6 +71,16 @@ pub struct StepRecord<'a> {
     pub outputs: &'a Value,
     /// The messages to publish after commit.
     pub outgoing: &'a [Outgoing],
+}
+
+/// What an inbox row of an attempt says happened (`skald.inbox.outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboxOutcome {
+    /// The step ran (or its reply was applied) and ended so.
+    Ran(Outcome),
+    /// A command step sent its command (or sent it again after a reply timeout, then
+    /// with the reason as the row's `error`): the instance waits for the reply.
+    Sent,
 }
 
 /// The record of a start (see [`StepTx::record_start`]), built once.
@@ -290,9 +300,11 @@ fn bind_record<'q>(
     rec: &StepRecord<'_>,
 ) -> Query<'q, Postgres, PgArguments> {
     let (outcome, error_kind) = match rec.outcome {
-        Outcome::Succeeded => ("succeeded", None),
-        Outcome::Failed(FailureKind::Retryable) => ("failed", Some("retryable")),
-        Outcome::Failed(FailureKind::Fatal) => ("failed", Some("fatal")),
+        InboxOutcome::Ran(Outcome::Succeeded) => ("succeeded", None),
+        InboxOutcome::Ran(Outcome::Failed(FailureKind::Retryable)) => ("failed", Some("retryable")),
+        InboxOutcome::Ran(Outcome::Failed(FailureKind::Fatal)) => ("failed", Some("fatal")),
+        // A re-send after a reply timeout: the timeout was a retryable failure.
+        InboxOutcome::Sent => ("sent", rec.error.map(|_| "retryable")),
     };
     q.bind(rec.message_id)
         .bind(rec.instance_id)

@@ -147,3 +147,44 @@ fn random_schedules_keep_every_promise_and_the_same_seed_gives_the_same_run() {
     );
     assert_eq!(run("40"), first, "the same seed, the same schedules");
 }
+
+#[test]
+fn a_saga_of_command_steps_keeps_every_promise_with_the_services_played_in_memory() {
+    let out = explore(&[
+        "sagas/order_services.yaml",
+        "--data",
+        r#"{"order_id":"o-1","sku":"SKU-1","qty":2,"account":"alice","amount":19.9}"#,
+    ]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every command step (3 actions, 2 compensations) also meets the reply's faults:
+    // crashes while handling it, a duplicated reply, and no reply in time (then a late
+    // one).
+    for fault in [
+        "reply: crash before commit",
+        "reply: crash after commit",
+        "reply: crash after publish",
+        "reply delivered twice",
+        "no reply in time, late reply",
+    ] {
+        assert_eq!(report.matches(fault).count(), 5, "{fault}\n{report}");
+    }
+    // No reply in time: the step fails for good, so a forward step compensates and a
+    // compensation parks.
+    let silent: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains("no reply in time"))
+        .collect();
+    assert!(
+        silent
+            .iter()
+            .all(|l| l.contains("forward") == l.contains("compensated  compensated")),
+        "{report}"
+    );
+    assert!(!report.contains("BROKEN"), "{report}");
+    assert!(report.contains("order_services: every promise held at all 65 points"));
+}

@@ -9,6 +9,7 @@ mod api_safety;
 mod browser;
 mod check_steps;
 mod cli;
+mod command_steps;
 mod conformance;
 mod crash;
 mod explore;

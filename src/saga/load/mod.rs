@@ -25,7 +25,7 @@
 //! steps:                        # required, non-empty, run in this order
 //!   - name: reserve_stock       # required, ^[a-z][a-z0-9_]*$, at most 63 characters, unique
 //!     role: compensatable       # required: compensatable | pivot | retriable | check
-//!     action:                   # required: exactly one of `sql` or `handler`
+//!     action:                   # required: exactly one of `sql`, `handler` or `command`
 //!       sql: |
 //!         UPDATE shop.stock SET available = available - :qty
 //!          WHERE sku = :sku AND available >= :qty
@@ -42,6 +42,15 @@
 //!   - name: send_receipt
 //!     role: retriable
 //!     action: { handler: send_email, params: { to: payload.email } }
+//!   - name: ship
+//!     role: retriable
+//!     action:
+//!       command:                # a command step: sent to a participant service
+//!         service: shipping     # required, ^[a-z][a-z0-9_-]*$, at most 63 characters
+//!         type: create_shipment # required, 1..=128 of [A-Za-z0-9_.-]
+//!         params: { order_id: payload.order_id }
+//!         returning: [shipment_id]   # optional: reply fields later steps may reference
+//!         timeout_ms: 5000      # optional, 1..=3600000 (default 30000): reply timeout
 //! ```
 //!
 //! ## Actions
@@ -53,6 +62,9 @@
 //! error codes (one word each) that make a handler's retryable error fatal — an error
 //! whose message starts with `code:` is not retried. Its `params` are handed
 //! over in the order written in the file. `params` keys match `^[A-Za-z_][A-Za-z0-9_]*$`.
+//! A `command` action holds its own `params` and `returning` inside `command:`; no other
+//! action key is allowed beside it, nor a step-level `timeout_ms`, nor `role: check`
+//! (see [`crate::saga::command`] for how it runs).
 //!
 //! ## Value references
 //!
@@ -416,7 +428,7 @@ mod tests {
 
     use super::test_support::{load, loaded, payload, render, sql_of};
     use super::*;
-    use crate::saga::definition::{Isolation, OrderingPolicy, StepRole, ValueRef};
+    use crate::saga::definition::{Action, Isolation, OrderingPolicy, StepRole, ValueRef};
     use crate::saga::sql::compile_named;
 
     fn manifest_path(rel: &str) -> PathBuf {
@@ -443,7 +455,10 @@ mod tests {
         assert_eq!(def.isolation, Isolation::Exclusive);
         assert_eq!(def.steps[0].timeout, Some(Duration::from_secs(5)));
         assert_eq!(def.steps[1].timeout, None);
-        assert_eq!(def.steps.len(), 2);
+        assert_eq!(def.steps.len(), 3);
+        assert!(
+            matches!(&def.steps[2].action, Action::Command(c) if c.timeout == Duration::from_secs(5))
+        );
         assert_eq!(def.steps[0].retry.max_attempts, 10);
         assert_eq!(def.steps[0].retry.max_delay, Duration::from_secs(10));
         assert_eq!(def.steps[1].retry.max_attempts, 5);
@@ -725,6 +740,18 @@ mod tests {
             3,
             "version",
             "version must be at most 2147483647",
+        ),
+        (
+            "command_bad_service.yaml",
+            10,
+            "steps[0].action.command.service",
+            "service name `Shipping Dept` must match ^[a-z][a-z0-9_-]*$",
+        ),
+        (
+            "command_timeout_too_long.yaml",
+            12,
+            "steps[0].action.command.timeout_ms",
+            "timeout_ms must be at most 3600000",
         ),
     ];
 

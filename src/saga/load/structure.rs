@@ -330,6 +330,23 @@ impl Checker<'_> {
                 ),
             );
         }
+        if role == StepRole::Check
+            && let Some(command) = &step.action.value.command
+        {
+            self.error(
+                Pos::at(command),
+                format!("{prefix}.action.command"),
+                "a check step must be a read-only `sql` SELECT, not a `command`",
+            );
+        }
+        if let (Some(timeout), Some(_)) = (&step.timeout_ms, &step.action.value.command) {
+            self.error(
+                Pos::at(timeout),
+                format!("{prefix}.timeout_ms"),
+                "a command step has no statement timeout: its reply timeout is \
+                 `action.command.timeout_ms`",
+            );
+        }
         let retry = match &step.retry {
             Some(retry) => self.retry(saga_retry, retry, &format!("{prefix}.retry")),
             None => saga_retry.clone(),

@@ -31,7 +31,7 @@ pub(super) fn render(errors: &[LoadError]) -> String {
 pub(super) fn sql_of(action: &Action) -> &SqlAction {
     match action {
         Action::Sql(sql) => sql,
-        Action::Handler(h) => panic!("expected sql, got handler {}", h.name),
+        other => panic!("expected sql, got {other:?}"),
     }
 }
 

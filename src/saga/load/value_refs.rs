@@ -64,7 +64,12 @@ impl<'r> StepOutputs<'r> {
         let mut returning = Vec::with_capacity(steps.len());
         for (i, step) in steps.iter().enumerate() {
             index.entry(step.value.name.value.as_str()).or_insert(i);
-            let columns = step.value.action.value.returning.as_ref();
+            let action = &step.value.action.value;
+            // A command's reply fields are declared inside its `command:` block.
+            let columns = match &action.command {
+                Some(command) => command.value.returning.as_ref(),
+                None => action.returning.as_ref(),
+            };
             returning.push(
                 columns
                     .map(|cols| cols.value.iter().map(|c| c.value.as_str()).collect())
