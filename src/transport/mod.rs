@@ -19,9 +19,32 @@
 
 pub mod memory;
 pub mod rabbitmq;
+pub mod redis;
+
+use std::sync::Arc;
+
+use crate::config::{Config, TransportKind};
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
+
+/// A set of queues one kind of consumer reads: skald's intake or a participant service's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// skald's own intake.
+    Orchestrator,
+    /// The intake of the participant service of that name.
+    Service(String),
+}
+
+/// Connects to the transport `config` chooses (`SKALD_TRANSPORT`), for the queues of
+/// `home`. Must be called inside a tokio runtime.
+pub async fn connect(config: &Config, home: Endpoint) -> Result<Arc<dyn Transport>, TransportError> {
+    Ok(match config.transport {
+        TransportKind::Rabbitmq => rabbitmq::RabbitTransport::connect(config).await?,
+        TransportKind::Redis => redis::RedisTransport::connect(config, home).await?,
+    })
+}
 
 /// A transport failure. Once running, always treated as an infrastructure problem: the
 /// caller retries later, and an unacknowledged delivery is redelivered, so nothing is
