@@ -33,10 +33,10 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::config::Config;
+use crate::config::TransportKind;
 use crate::engine::Faults;
 use crate::envelope::{Envelope, Outgoing};
 use crate::handlers::Handlers;
-use crate::config::TransportKind;
 use crate::transport::rabbitmq::Topology;
 use crate::transport::{Endpoint, Transport};
 
@@ -461,8 +461,7 @@ async fn baseline(config: &Config, messages: usize, aggregates: usize) -> anyhow
 
 async fn cleanup(base: &PgConnectOptions, config: &Config, scratch: &str) {
     if config.transport == TransportKind::Redis
-        && let Err(e) =
-            crate::transport::redis::delete_namespace(&config.redis_url, scratch).await
+        && let Err(e) = crate::transport::redis::delete_namespace(&config.redis_url, scratch).await
     {
         eprintln!("bench: could not delete the scratch namespace from Redis: {e}");
     }

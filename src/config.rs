@@ -281,7 +281,10 @@ mod tests {
     #[test]
     fn the_transport_is_chosen_by_name() {
         let c = with(&[("SKALD_TRANSPORT", "redis"), ("REDIS_URL", "redis://r:1")]).unwrap();
-        assert_eq!((c.transport, c.redis_url.as_str()), (TransportKind::Redis, "redis://r:1"));
+        assert_eq!(
+            (c.transport, c.redis_url.as_str()),
+            (TransportKind::Redis, "redis://r:1")
+        );
         let err = with(&[("SKALD_TRANSPORT", "kafka")]).unwrap_err();
         assert!(err.to_string().contains("SKALD_TRANSPORT"), "{err}");
         let err = with(&[("SKALD_REDIS_LEASE_MS", "100")]).unwrap_err();

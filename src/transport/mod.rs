@@ -39,7 +39,10 @@ pub enum Endpoint {
 
 /// Connects to the transport `config` chooses (`SKALD_TRANSPORT`), for the queues of
 /// `home`. Must be called inside a tokio runtime.
-pub async fn connect(config: &Config, home: Endpoint) -> Result<Arc<dyn Transport>, TransportError> {
+pub async fn connect(
+    config: &Config,
+    home: Endpoint,
+) -> Result<Arc<dyn Transport>, TransportError> {
     Ok(match config.transport {
         TransportKind::Rabbitmq => rabbitmq::RabbitTransport::connect(config).await?,
         TransportKind::Redis => redis::RedisTransport::connect(config, home).await?,

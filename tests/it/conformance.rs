@@ -1,32 +1,121 @@
 //! One conformance suite for every transport: the promises written on
-//! `skald::transport::Transport`, checked against RabbitMQ (the real broker) and the
-//! in-memory transport alike. A new transport (issue #12) gets its harness here.
+//! `skald::transport::Transport`, checked against RabbitMQ (the real broker), Redis
+//! (a private server that keeps what it acknowledged) and the in-memory transport
+//! alike. A new transport (issue #12) gets its harness here.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
+use skald::config::Config;
 use skald::transport::memory::MemoryTransport;
 use skald::transport::rabbitmq::RabbitTransport;
-use skald::transport::{Delivery, Transport};
+use skald::transport::redis::RedisTransport;
+use skald::transport::redis::durability::Durability;
+use skald::transport::redis::keys::Keys;
+use skald::transport::{Delivery, Endpoint, Transport};
 
 use crate::helpers::{TestEnv, test_sagas};
+use crate::redis_server::RedisServer;
 
 /// A transport under test, and how to reach it again after its consumer died.
 enum Harness {
     Rabbit(Box<TestEnv>),
     Memory(MemoryTransport),
+    Redis(Box<RedisHarness>),
+}
+
+/// A private Redis, and every transport opened on it (to kill one).
+struct RedisHarness {
+    server: Mutex<RedisServer>,
+    config: Config,
+    opened: Mutex<Vec<Arc<RedisTransport>>>,
+}
+
+impl RedisHarness {
+    fn new() -> RedisHarness {
+        let server = RedisServer::start();
+        let vars = [
+            ("SKALD_TRANSPORT", "redis".to_string()),
+            ("REDIS_URL", server.url()),
+            ("SKALD_NAMESPACE", "conformance".into()),
+            ("SKALD_PARTITIONS", "4".into()),
+            ("SKALD_SUBSCRIBE_STAGGER_MS", "0".into()),
+            ("SKALD_PREFETCH", "64".into()),
+            // The failover delay: short, so the suite runs quickly.
+            ("SKALD_REDIS_LEASE_MS", "1000".into()),
+        ];
+        let config = Config::from_lookup(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        })
+        .expect("a valid configuration");
+        RedisHarness {
+            server: Mutex::new(server),
+            config,
+            opened: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn find(&self, t: &Arc<dyn Transport>) -> Arc<RedisTransport> {
+        let opened = self.opened.lock().unwrap();
+        opened
+            .iter()
+            .find(|o| std::ptr::addr_eq(Arc::as_ptr(o), Arc::as_ptr(t)))
+            .expect("a transport this harness opened")
+            .clone()
+    }
 }
 
 impl Harness {
-    /// A connection (a new one for RabbitMQ: the old one is what dies).
+    /// A connection (a new one for RabbitMQ and Redis: the old one is what dies).
     async fn open(&self) -> Arc<dyn Transport> {
         match self {
             Harness::Rabbit(env) => RabbitTransport::connect(&env.config)
                 .await
                 .expect("connect"),
             Harness::Memory(t) => Arc::new(t.clone()),
+            Harness::Redis(r) => {
+                let t = RedisTransport::connect(&r.config, Endpoint::Orchestrator)
+                    .await
+                    .expect("connect");
+                r.opened.lock().unwrap().push(t.clone());
+                t
+            }
+        }
+    }
+
+    /// The consumer of `t` dies without a word: RabbitMQ sees its connection close;
+    /// on Redis it stops renewing its leases and its connections are killed
+    /// (`CLIENT KILL`); the in-memory transport crashes.
+    async fn kill(&self, t: Arc<dyn Transport>) {
+        match self {
+            Harness::Rabbit(_) => t.close().await,
+            Harness::Memory(m) => m.crash(),
+            Harness::Redis(r) => {
+                let redis = r.find(&t);
+                let ids = redis.client_ids().await;
+                redis.abandon();
+                let server = r.server.lock().unwrap();
+                for id in ids {
+                    server.cli(&["CLIENT", "KILL", "ID", &id.to_string()]);
+                }
+            }
+        }
+    }
+
+    /// Kills the server (SIGKILL) and starts it again, when this harness can: the
+    /// shared RabbitMQ cannot be restarted under other tests, the in-memory transport
+    /// has nothing to restart.
+    fn restart_server(&self) -> bool {
+        match self {
+            Harness::Redis(r) => {
+                r.server.lock().unwrap().restart();
+                true
+            }
+            Harness::Rabbit(_) | Harness::Memory(_) => false,
         }
     }
 
@@ -35,6 +124,11 @@ impl Harness {
         match self {
             Harness::Rabbit(env) => env.queue_depth(&env.topology().dead_queue).await as usize,
             Harness::Memory(t) => t.dead_letters().len(),
+            Harness::Redis(r) => {
+                let dead = Keys::new(&r.config.namespace, &Endpoint::Orchestrator, 4).dead();
+                let server = r.server.lock().unwrap();
+                server.cli(&["XLEN", &dead]).parse().expect("a count")
+            }
         }
     }
 
@@ -196,12 +290,81 @@ async fn each_keys_messages_arrive_in_publish_order(h: &Harness) {
     t.close().await;
 }
 
+/// 2 and 5 across processes: two consumers, the active one killed mid-way (its
+/// connection dies, nothing is said): the other one gets the dead one's unacked
+/// deliveries first, in order, flagged redelivered, then the rest of the key, in order.
+async fn a_killed_consumers_key_fails_over_to_the_other_consumer_in_order(h: &Harness) {
+    let a = h.open().await;
+    for i in 0..10 {
+        a.publish("f", format!("f{i}").as_bytes(), 0)
+            .await
+            .expect("confirmed");
+    }
+    let mut from_a = a.consume().await.expect("consume");
+    let got = take(&mut from_a, 4, WAIT).await;
+    assert_eq!(bodies(&got), ["f0", "f1", "f2", "f3"]);
+    let mut got = got.into_iter();
+    ack_all(got.by_ref().take(2).collect()).await; // f2 and f3 stay unacked
+    let unacked: Vec<Delivery> = got.collect();
+
+    let b = h.open().await;
+    let mut from_b = b.consume().await.expect("consume"); // a standby while a lives
+    drop(from_a);
+    drop(unacked);
+    h.kill(a).await;
+
+    let again = take(&mut from_b, 8, WAIT).await;
+    assert_eq!(
+        bodies(&again),
+        ["f2", "f3", "f4", "f5", "f6", "f7", "f8", "f9"],
+        "the dead consumer's unacked first, then the rest, in order"
+    );
+    assert!(again[0].redelivered && again[1].redelivered);
+    ack_all(again).await;
+    b.publish("f", b"f10", 0).await.expect("confirmed");
+    let later = take(&mut from_b, 1, WAIT).await;
+    assert_eq!(bodies(&later), ["f10"]);
+    ack_all(later).await;
+    b.close().await;
+}
+
+/// 1 and 3 through a crash of the server (where the harness can restart it): a delayed
+/// message and an unacked delivery survive it; the delay is still never early.
+async fn a_delayed_message_and_an_unacked_delivery_survive_a_server_restart(h: &Harness) {
+    let t = h.open().await;
+    let sent = Instant::now();
+    t.publish("r", b"delayed", 1_500).await.expect("confirmed");
+    t.publish("r", b"unacked", 0).await.expect("confirmed");
+    let mut stream = t.consume().await.expect("consume");
+    let got = take(&mut stream, 1, WAIT).await;
+    assert_eq!(bodies(&got), ["unacked"]);
+    drop((got, stream));
+    h.kill(t).await;
+    if !h.restart_server() {
+        return;
+    }
+    let t = h.open().await;
+    let mut stream = t.consume().await.expect("consume");
+    let got = take(&mut stream, 2, WAIT).await;
+    assert_eq!(bodies(&got), ["unacked", "delayed"]);
+    assert!(got[0].redelivered);
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1_500),
+        "early: {:?}",
+        sent.elapsed()
+    );
+    ack_all(got).await;
+    t.close().await;
+}
+
 async fn keeps_every_promise(h: &Harness) {
     published_messages_are_delivered_and_acked_ones_are_gone(h).await;
     a_dead_consumers_unacked_deliveries_come_again_in_order(h).await;
     a_delayed_message_is_never_early(h).await;
     a_dead_letter_is_stored(h).await;
     each_keys_messages_arrive_in_publish_order(h).await;
+    a_killed_consumers_key_fails_over_to_the_other_consumer_in_order(h).await;
+    a_delayed_message_and_an_unacked_delivery_survive_a_server_restart(h).await;
 }
 
 #[actix_rt::test]
@@ -216,4 +379,63 @@ async fn the_in_memory_transport_keeps_every_transport_promise() {
     let h = Harness::Memory(MemoryTransport::new());
     keeps_every_promise(&h).await;
     h.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn redis_keeps_every_transport_promise() {
+    let h = Harness::Redis(Box::new(RedisHarness::new()));
+    keeps_every_promise(&h).await;
+    h.cleanup().await;
+}
+
+/// Fencing: once another consumer holds a partition's lease, the old owner's ack of a
+/// delivery from it is refused, and the entry stays with the new owner.
+#[actix_rt::test]
+async fn on_redis_a_stale_owner_cannot_ack_after_losing_its_lease() {
+    let h = Harness::Redis(Box::new(RedisHarness::new()));
+    let a = h.open().await;
+    a.publish("s", b"s0", 0).await.expect("confirmed");
+    let mut from_a = a.consume().await.expect("consume");
+    let stale = take(&mut from_a, 1, WAIT).await.pop().expect("s0");
+    let Harness::Redis(r) = &h else {
+        unreachable!()
+    };
+    r.find(&a).abandon(); // a pauses: its lease runs out, its connection lives on
+    let b = h.open().await;
+    let mut from_b = b.consume().await.expect("consume");
+    let again = take(&mut from_b, 1, WAIT).await;
+    assert_eq!(bodies(&again), ["s0"]);
+    let refused = stale
+        .ack()
+        .await
+        .expect_err("a stale owner's ack is fenced");
+    assert!(refused.to_string().contains("lease"), "{refused}");
+    ack_all(again).await;
+    b.close().await;
+    assert!(
+        take(&mut from_b, 1, Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "acked once, by the owner"
+    );
+}
+
+/// `skald run` warns when Redis cannot keep what it acknowledged: the machine's shared
+/// Redis (no append-only file) is judged at risk, the tests' private one is not.
+#[actix_rt::test]
+async fn redis_persistence_is_judged_from_the_servers_settings() {
+    let h = RedisHarness::new();
+    let private = RedisTransport::connect(&h.config, Endpoint::Orchestrator)
+        .await
+        .expect("connect");
+    assert_eq!(private.durability().await, Durability::Kept);
+    let server = h.server.lock().unwrap();
+    server.cli(&["CONFIG", "SET", "appendfsync", "everysec"]);
+    drop(server);
+    let judged = private.durability().await;
+    assert!(
+        matches!(&judged, Durability::AtRisk(why) if why.contains("appendfsync always")),
+        "{judged:?}"
+    );
+    private.close().await;
 }

@@ -49,7 +49,13 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    pub fn new(keys: Keys, token: String, lease: Duration, stagger: Duration, prefetch: u16) -> Self {
+    pub fn new(
+        keys: Keys,
+        token: String,
+        lease: Duration,
+        stagger: Duration,
+        prefetch: u16,
+    ) -> Self {
         Shared {
             keys,
             token,
@@ -238,7 +244,10 @@ impl Reader {
         let Some(mut permits) = self.permits(BATCH).await else {
             return Ok(());
         };
-        let streams: Vec<String> = readable.iter().map(|&i| self.shared.keys.stream(i)).collect();
+        let streams: Vec<String> = readable
+            .iter()
+            .map(|&i| self.shared.keys.stream(i))
+            .collect();
         let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)

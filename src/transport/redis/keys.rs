@@ -104,7 +104,10 @@ mod tests {
     fn a_key_always_goes_to_the_same_partition_and_keys_spread() {
         let keys = Keys::new("ns", &Endpoint::Orchestrator, 8);
         // Fixed values: every process, every build, must agree.
-        assert_eq!(keys.partition_of(""), (0xcbf2_9ce4_8422_2325_u64 % 8) as u16);
+        assert_eq!(
+            keys.partition_of(""),
+            (0xcbf2_9ce4_8422_2325_u64 % 8) as u16
+        );
         assert_eq!(keys.partition_of("order-1"), keys.partition_of("order-1"));
         let mut used = [0u32; 8];
         for i in 0..800 {

@@ -84,7 +84,10 @@ impl RedisTransport {
     /// Connects to `REDIS_URL`, creates `home`'s consumer groups if they do not exist,
     /// and warns when the server's settings cannot keep acknowledged messages across a
     /// restart. Must be called inside a tokio runtime.
-    pub async fn connect(config: &Config, home: Endpoint) -> Result<Arc<RedisTransport>, TransportError> {
+    pub async fn connect(
+        config: &Config,
+        home: Endpoint,
+    ) -> Result<Arc<RedisTransport>, TransportError> {
         let client = redis::Client::open(config.redis_url.as_str()).map_err(conn_err)?;
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -170,7 +173,10 @@ impl RedisTransport {
                 _ => {}
             }
         }
-        self.ready.lock().expect("ready lock").insert(endpoint.clone());
+        self.ready
+            .lock()
+            .expect("ready lock")
+            .insert(endpoint.clone());
         Ok(())
     }
 
