@@ -248,12 +248,15 @@ impl Reader {
             .iter()
             .map(|&i| self.shared.keys.stream(i))
             .collect();
+        // COUNT bounds each stream's entries, not the reply's: share the permits out;
+        // an entry beyond them waits for one below.
+        let count = (permits.len() / streams.len()).max(1);
         let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)
             .arg(&self.shared.token)
             .arg("COUNT")
-            .arg(permits.len())
+            .arg(count)
             .arg("BLOCK")
             .arg(POLL.as_millis() as u64)
             .arg("STREAMS")
@@ -266,7 +269,15 @@ impl Reader {
                 continue;
             };
             for entry in stream.ids {
-                let permit = permits.pop().expect("COUNT bounds the entries read");
+                let permit = match permits.pop() {
+                    Some(p) => p,
+                    // Read, so pending to this consumer: if the session ends first,
+                    // the next one claims it again.
+                    None => match self.one_permit().await {
+                        Some(p) => p,
+                        None => return Ok(()),
+                    },
+                };
                 self.deliver(readable[pos], entry, false, permit);
             }
         }
@@ -291,13 +302,8 @@ impl Reader {
                 .query_async(&mut self.conn)
                 .await?;
             for entry in reply.claimed {
-                let permit = loop {
-                    if !self.active() {
-                        return Ok(());
-                    }
-                    if let Some(mut p) = self.permits(1).await {
-                        break p.pop().expect("one permit");
-                    }
+                let Some(permit) = self.one_permit().await else {
+                    return Ok(());
                 };
                 self.deliver(i, entry, true, permit);
             }
@@ -308,6 +314,16 @@ impl Reader {
         }
         self.shared.mark_claimed(i);
         Ok(())
+    }
+
+    /// One delivery permit, waiting as long as the session lasts.
+    async fn one_permit(&self) -> Option<OwnedSemaphorePermit> {
+        while self.active() {
+            if let Some(mut p) = self.permits(1).await {
+                return p.pop();
+            }
+        }
+        None
     }
 
     /// Up to `n` delivery permits, waiting at most one poll for the first.
