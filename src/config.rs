@@ -210,6 +210,16 @@ impl Config {
                 reason: "must be rabbitmq or redis".into(),
             })?,
         };
+        let redis_url = text("REDIS_URL", DEFAULT_REDIS_URL);
+        if let Err(e) = redis::Client::open(redis_url.as_str()) {
+            return Err(ConfigError {
+                name: "REDIS_URL",
+                value: redis_url,
+                reason: format!(
+                    "not a Redis URL (redis://[[user]:password@]host[:port][/db]): {e}"
+                ),
+            });
+        }
         let redis_lease: u64 = number(&lookup, "SKALD_REDIS_LEASE_MS", 10_000)?;
         if redis_lease < 300 {
             return Err(ConfigError {
@@ -221,7 +231,7 @@ impl Config {
         Ok(Config {
             orphaned,
             transport,
-            redis_url: text("REDIS_URL", DEFAULT_REDIS_URL),
+            redis_url,
             redis_lease: Duration::from_millis(redis_lease),
             startup_timeout: Duration::from_millis(number(
                 &lookup,
@@ -287,6 +297,8 @@ mod tests {
         );
         let err = with(&[("SKALD_TRANSPORT", "kafka")]).unwrap_err();
         assert!(err.to_string().contains("SKALD_TRANSPORT"), "{err}");
+        let err = with(&[("REDIS_URL", "localhost:6379")]).unwrap_err();
+        assert!(err.to_string().contains("REDIS_URL"), "{err}");
         let err = with(&[("SKALD_REDIS_LEASE_MS", "100")]).unwrap_err();
         assert!(err.to_string().contains("at least 300"), "{err}");
     }

@@ -68,7 +68,10 @@ impl TestEnv {
             database_url: format!("{SERVER}/{name}"),
             amqp_url: AMQP.to_string(),
             transport,
-            redis_url: redis.as_ref().map_or_else(String::new, RedisServer::url),
+            redis_url: redis.as_ref().map_or_else(
+                || skald::config::DEFAULT_REDIS_URL.to_string(),
+                RedisServer::url,
+            ),
             redis_lease: Duration::from_secs(2),
             sagas_dir,
             namespace: name.clone(),

@@ -1,5 +1,5 @@
-//! Whether the Redis server keeps what it acknowledged across a restart, judged from
-//! its settings (`CONFIG GET appendonly appendfsync`). Pure: the caller reads them.
+//! Whether the Redis server keeps what it acknowledged, judged from its settings
+//! (`CONFIG GET appendonly appendfsync maxmemory-policy`). Pure: the caller reads them.
 
 /// What the server's settings promise about an acknowledged write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,8 +13,21 @@ pub enum Durability {
     Unknown(String),
 }
 
-/// Judges the values of `appendonly` and `appendfsync` (`None`: not reported).
-pub fn judge(appendonly: Option<&str>, appendfsync: Option<&str>) -> Durability {
+/// Judges the values of `appendonly`, `appendfsync` and `maxmemory-policy` (`None`:
+/// not reported).
+pub fn judge(
+    appendonly: Option<&str>,
+    appendfsync: Option<&str>,
+    maxmemory_policy: Option<&str>,
+) -> Durability {
+    if let Some(policy) = maxmemory_policy
+        && policy != "noeviction"
+    {
+        return Durability::AtRisk(format!(
+            "maxmemory-policy is {policy}, so Redis may evict skald's queues when memory \
+             runs short; set maxmemory-policy noeviction"
+        ));
+    }
     match (appendonly, appendfsync) {
         (Some("yes"), Some("always")) => Durability::Kept,
         (Some("yes"), Some(other)) => Durability::AtRisk(format!(
@@ -37,17 +50,27 @@ mod tests {
 
     #[test]
     fn only_an_aof_fsynced_always_keeps_acknowledged_messages() {
-        assert_eq!(judge(Some("yes"), Some("always")), Durability::Kept);
-        let everysec = judge(Some("yes"), Some("everysec"));
+        let judge2 = |aof, fsync| judge(aof, fsync, Some("noeviction"));
+        assert_eq!(judge2(Some("yes"), Some("always")), Durability::Kept);
+        let everysec = judge2(Some("yes"), Some("everysec"));
         assert!(
             matches!(&everysec, Durability::AtRisk(why) if why.contains("appendfsync always")),
             "{everysec:?}"
         );
-        let no_aof = judge(Some("no"), Some("always"));
+        let no_aof = judge2(Some("no"), Some("always"));
         assert!(
             matches!(&no_aof, Durability::AtRisk(why) if why.contains("appendonly yes")),
             "{no_aof:?}"
         );
-        assert!(matches!(judge(None, None), Durability::Unknown(_)));
+        assert!(matches!(judge2(None, None), Durability::Unknown(_)));
+    }
+
+    #[test]
+    fn a_server_that_may_evict_keys_can_lose_queues() {
+        let lru = judge(Some("yes"), Some("always"), Some("allkeys-lru"));
+        assert!(
+            matches!(&lru, Durability::AtRisk(why) if why.contains("maxmemory-policy noeviction")),
+            "{lru:?}"
+        );
     }
 }

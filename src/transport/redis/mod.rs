@@ -117,12 +117,12 @@ impl RedisTransport {
         match transport.durability().await {
             Durability::Kept => {}
             Durability::AtRisk(why) => tracing::warn!(
-                "Redis can lose messages it acknowledged if it restarts: {why} \
-                 (see README, Transports: Redis)"
+                "Redis can lose messages it acknowledged: {why} (see README, Transports)"
             ),
             Durability::Unknown(why) => tracing::warn!(
-                "could not check whether Redis keeps acknowledged messages across a restart \
-                 ({why}); it does only with appendonly yes and appendfsync always"
+                "could not check whether Redis keeps the messages it acknowledged ({why}); \
+                 it does only with appendonly yes, appendfsync always and maxmemory-policy \
+                 noeviction"
             ),
         }
         Ok(Arc::new(transport))
@@ -134,13 +134,16 @@ impl RedisTransport {
         let read: redis::RedisResult<std::collections::HashMap<String, String>> =
             redis::cmd("CONFIG")
                 .arg("GET")
-                .arg("append*")
+                .arg("appendonly")
+                .arg("appendfsync")
+                .arg("maxmemory-policy")
                 .query_async(&mut conn)
                 .await;
         match read {
             Ok(settings) => durability::judge(
                 settings.get("appendonly").map(String::as_str),
                 settings.get("appendfsync").map(String::as_str),
+                settings.get("maxmemory-policy").map(String::as_str),
             ),
             Err(e) => Durability::Unknown(format!("CONFIG GET failed: {e}")),
         }
