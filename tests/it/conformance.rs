@@ -439,3 +439,52 @@ async fn redis_persistence_is_judged_from_the_servers_settings() {
     );
     private.close().await;
 }
+
+/// The machine's shared Redis keeps no append-only file: `skald run` on it says, at
+/// start-up, that acknowledged messages can be lost, and what to set.
+#[actix_rt::test]
+async fn skald_run_warns_when_redis_cannot_keep_what_it_acknowledged() {
+    use std::io::BufRead;
+    let env = TestEnv::new(test_sagas()).await;
+    let mut child = env
+        .skald(&["run"])
+        .env("SKALD_TRANSPORT", "redis")
+        .env("REDIS_URL", skald::config::DEFAULT_REDIS_URL)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn skald run");
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    // The warning comes before `consuming`; either ends the wait.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let warning = std::iter::from_fn(|| {
+        lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .ok()
+    })
+    .find(|l| l.contains("Redis can lose messages it acknowledged") || l.contains("consuming"));
+    let _ = child.kill();
+    let _ = child.wait();
+    skald::transport::redis::delete_namespace(
+        skald::config::DEFAULT_REDIS_URL,
+        &env.config.namespace,
+    )
+    .await
+    .expect("remove the test's keys");
+    env.cleanup().await;
+    let warning = warning.expect("skald run logged something");
+    assert!(
+        warning.contains("Redis can lose messages it acknowledged")
+            && warning.contains("set appendonly yes and appendfsync always"),
+        "{warning}"
+    );
+}
