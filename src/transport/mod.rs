@@ -1,10 +1,10 @@
 //! The transport seam: how messages reach skald and leave it.
 //!
 //! The engine and the actors only see [`Transport`] and [`Delivery`]; the transport
-//! sees keys and bytes, never a saga type. RabbitMQ ([`rabbitmq::RabbitTransport`]) is
-//! the first implementation, [`memory::MemoryTransport`] the one for unit tests and
-//! `skald explore`. Another broker (Redis Streams, NATS JetStream, SQS, Kafka)
-//! implements the same promises:
+//! sees keys and bytes, never a saga type. RabbitMQ ([`rabbitmq::RabbitTransport`]) and
+//! Redis Streams ([`redis::RedisTransport`]) carry skald's messages, chosen by
+//! [`connect`]; [`memory::MemoryTransport`] is the one for unit tests and `skald
+//! explore`. Another broker (NATS JetStream, SQS, Kafka) implements the same promises:
 //!
 //! 1. [`Transport::publish`] returns only once the broker has taken responsibility
 //!    for the message (a publisher confirm, not a routing failure or a nack);
