@@ -429,9 +429,10 @@ async fn redis_persistence_is_judged_from_the_servers_settings() {
         .await
         .expect("connect");
     assert_eq!(private.durability().await, Durability::Kept);
-    let server = h.server.lock().unwrap();
-    server.cli(&["CONFIG", "SET", "appendfsync", "everysec"]);
-    drop(server);
+    h.server
+        .lock()
+        .unwrap()
+        .cli(&["CONFIG", "SET", "appendfsync", "everysec"]);
     let judged = private.durability().await;
     assert!(
         matches!(&judged, Durability::AtRisk(why) if why.contains("appendfsync always")),
