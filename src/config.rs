@@ -194,22 +194,34 @@ impl Config {
                 reason: e.to_string(),
                 value: http_addr,
             })?;
-        let orphaned = match lookup("SKALD_ORPHANED") {
-            None => Orphaned::default(),
-            Some(value) => Orphaned::parse(&value).ok_or_else(|| ConfigError {
-                name: "SKALD_ORPHANED",
-                value,
-                reason: "must be refuse or park".into(),
-            })?,
-        };
-        let transport = match lookup("SKALD_TRANSPORT") {
-            None => TransportKind::default(),
-            Some(value) => TransportKind::parse(&value).ok_or_else(|| ConfigError {
-                name: "SKALD_TRANSPORT",
-                value,
-                reason: "must be rabbitmq or redis".into(),
-            })?,
-        };
+        // One of a few names: the default when unset.
+        fn choice<T: Default>(
+            lookup: &impl Fn(&str) -> Option<String>,
+            name: &'static str,
+            parse: fn(&str) -> Option<T>,
+            reason: &str,
+        ) -> Result<T, ConfigError> {
+            match lookup(name) {
+                None => Ok(T::default()),
+                Some(value) => parse(&value).ok_or_else(|| ConfigError {
+                    name,
+                    value,
+                    reason: reason.into(),
+                }),
+            }
+        }
+        let orphaned = choice(
+            &lookup,
+            "SKALD_ORPHANED",
+            Orphaned::parse,
+            "must be refuse or park",
+        )?;
+        let transport = choice(
+            &lookup,
+            "SKALD_TRANSPORT",
+            TransportKind::parse,
+            "must be rabbitmq or redis",
+        )?;
         let redis_url = text("REDIS_URL", DEFAULT_REDIS_URL);
         if let Err(e) = redis::Client::open(redis_url.as_str()) {
             return Err(ConfigError {

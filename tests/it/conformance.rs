@@ -169,14 +169,28 @@ async fn ack_all(ds: Vec<Delivery>) {
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// 1 and 2: a confirmed publish is delivered; an acked delivery never comes again.
-async fn published_messages_are_delivered_and_acked_ones_are_gone(h: &Harness) {
-    let t = h.open().await;
-    for i in 0..3 {
-        t.publish("a", format!("a{i}").as_bytes(), 0)
+/// Fails if less than `delay_ms` passed since `sent`.
+fn assert_not_early(sent: Instant, delay_ms: u64) {
+    let waited = sent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(delay_ms),
+        "early: {waited:?}"
+    );
+}
+
+/// Publishes `<key>0` … `<key><n-1>` under `key`, each confirmed, in order.
+async fn publish_numbered(t: &Arc<dyn Transport>, key: &str, n: usize) {
+    for i in 0..n {
+        t.publish(key, format!("{key}{i}").as_bytes(), 0)
             .await
             .expect("confirmed");
     }
+}
+
+/// 1 and 2: a confirmed publish is delivered; an acked delivery never comes again.
+async fn published_messages_are_delivered_and_acked_ones_are_gone(h: &Harness) {
+    let t = h.open().await;
+    publish_numbered(&t, "a", 3).await;
     let mut stream = t.consume().await.expect("consume");
     let got = take(&mut stream, 3, WAIT).await;
     assert_eq!(bodies(&got), ["a0", "a1", "a2"]);
@@ -198,11 +212,7 @@ async fn published_messages_are_delivered_and_acked_ones_are_gone(h: &Harness) {
 /// anything newer of their key, flagged redelivered; the ack acks exactly one delivery.
 async fn a_dead_consumers_unacked_deliveries_come_again_in_order(h: &Harness) {
     let t = h.open().await;
-    for i in 0..3 {
-        t.publish("b", format!("b{i}").as_bytes(), 0)
-            .await
-            .expect("confirmed");
-    }
+    publish_numbered(&t, "b", 3).await;
     let mut stream = t.consume().await.expect("consume");
     let got = take(&mut stream, 3, WAIT).await;
     assert_eq!(bodies(&got), ["b0", "b1", "b2"]);
@@ -237,11 +247,7 @@ async fn a_delayed_message_is_never_early(h: &Harness) {
     t.publish("c", b"late", 300).await.expect("confirmed");
     let got = take(&mut stream, 1, WAIT).await;
     assert_eq!(bodies(&got), ["late"]);
-    assert!(
-        sent.elapsed() >= Duration::from_millis(300),
-        "early: {:?}",
-        sent.elapsed()
-    );
+    assert_not_early(sent, 300);
     ack_all(got).await;
     t.close().await;
 }
@@ -295,11 +301,7 @@ async fn each_keys_messages_arrive_in_publish_order(h: &Harness) {
 /// deliveries first, in order, flagged redelivered, then the rest of the key, in order.
 async fn a_killed_consumers_key_fails_over_to_the_other_consumer_in_order(h: &Harness) {
     let a = h.open().await;
-    for i in 0..10 {
-        a.publish("f", format!("f{i}").as_bytes(), 0)
-            .await
-            .expect("confirmed");
-    }
+    publish_numbered(&a, "f", 10).await;
     let mut from_a = a.consume().await.expect("consume");
     let got = take(&mut from_a, 4, WAIT).await;
     assert_eq!(bodies(&got), ["f0", "f1", "f2", "f3"]);
@@ -348,11 +350,7 @@ async fn a_delayed_message_and_an_unacked_delivery_survive_a_server_restart(h: &
     let got = take(&mut stream, 2, WAIT).await;
     assert_eq!(bodies(&got), ["unacked", "delayed"]);
     assert!(got[0].redelivered);
-    assert!(
-        sent.elapsed() >= Duration::from_millis(1_500),
-        "early: {:?}",
-        sent.elapsed()
-    );
+    assert_not_early(sent, 1_500);
     ack_all(got).await;
     t.close().await;
 }
