@@ -18,6 +18,8 @@ use crate::transport::{Acknowledge, Delivery, TransportError};
 
 /// How long one blocking read waits for new entries; also the delay mover's period.
 pub(super) const POLL: Duration = Duration::from_millis(100);
+/// Time allowed for a blocking read to reach the server, on top of its block.
+const READ_MARGIN: Duration = Duration::from_millis(50);
 /// Entries read or claimed at once, at most.
 const BATCH: usize = 64;
 
@@ -113,10 +115,12 @@ impl Shared {
     }
 
     fn readable(&self) -> Vec<u16> {
-        let now = Instant::now();
+        // A blocking read ends before the lease could expire: what it takes is never
+        // taken after another consumer claimed the partition's pending entries.
+        let until = Instant::now() + POLL + READ_MARGIN;
         self.held()
             .iter()
-            .filter(|(_, h)| h.claimed && h.valid_until > now)
+            .filter(|(_, h)| h.claimed && h.valid_until > until)
             .map(|(&i, _)| i)
             .collect()
     }

@@ -78,6 +78,8 @@ pub struct RedisTransport {
     ready: std::sync::Mutex<HashSet<Endpoint>>,
     /// `CLIENT ID`s of the reading connections, for [`RedisTransport::client_ids`].
     readers: std::sync::Mutex<Vec<i64>>,
+    /// The reader of the current consume session.
+    reader: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl RedisTransport {
@@ -112,6 +114,7 @@ impl RedisTransport {
             keeper: Default::default(),
             ready: Default::default(),
             readers: Default::default(),
+            reader: Default::default(),
         };
         transport.ensure_groups(&home).await?;
         match transport.durability().await {
@@ -234,6 +237,17 @@ impl RedisTransport {
             ids.push(id);
         }
         ids
+    }
+
+    /// Waits for a reader told to stop (its blocking read ends within a poll).
+    async fn stop_reader(&self, reader: Option<tokio::task::JoinHandle<()>>) {
+        if let Some(reader) = reader
+            && tokio::time::timeout(consumer::POLL + RESPONSE_TIMEOUT, reader)
+                .await
+                .is_err()
+        {
+            tracing::warn!("a Redis reader did not stop in time");
+        }
     }
 
     fn start_keeper(&self) {
@@ -362,11 +376,15 @@ impl Transport for RedisTransport {
                 self.readers.lock().expect("readers lock").push(id);
             }
             let session = self.shared.session.fetch_add(1, Ordering::SeqCst) + 1;
+            // Entries the previous reader takes in its last read are pending to this
+            // process: reclaimed below only once it has stopped.
+            let mut reader = self.reader.lock().await;
+            self.stop_reader(reader.take()).await;
             self.shared.reclaim_all();
             self.shared.consuming.store(true, Ordering::SeqCst);
             self.start_keeper();
             let (tx, mut rx) = mpsc::unbounded_channel();
-            tokio::spawn(
+            *reader = Some(tokio::spawn(
                 Reader {
                     shared: self.shared.clone(),
                     session,
@@ -375,7 +393,7 @@ impl Transport for RedisTransport {
                     tx,
                 }
                 .run(),
-            );
+            ));
             let deliveries = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
             Ok(Box::pin(deliveries) as BoxStream<'static, Delivery>)
         })
@@ -422,6 +440,10 @@ impl Transport for RedisTransport {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.shared.consuming.store(false, Ordering::SeqCst);
+            // Whatever its last read takes is pending before the leases go, so the
+            // next owner claims it.
+            let reader = self.reader.lock().await.take();
+            self.stop_reader(reader).await;
             if let Some(keeper) = self.keeper.lock().expect("keeper lock").take() {
                 keeper.abort();
             }
