@@ -1,7 +1,9 @@
 //! `skald bench`: skald's throughput against a hand-written baseline, in one run.
 //!
 //! Both run in a scratch database (created and dropped) and scratch queues on the
-//! configured PostgreSQL and RabbitMQ, with the same pool size and prefetch:
+//! configured PostgreSQL and RabbitMQ (skald itself on the transport `SKALD_TRANSPORT`
+//! names, its scratch namespace deleted afterwards), with the same pool size and
+//! prefetch:
 //!
 //! - **baseline**: a minimal lapin + sqlx worker. Per message: one transaction with an
 //!   inbox row and the sample saga's first effect (`reserve_stock`'s statement),
