@@ -1,7 +1,9 @@
 //! `skald bench`: skald's throughput against a hand-written baseline, in one run.
 //!
 //! Both run in a scratch database (created and dropped) and scratch queues on the
-//! configured PostgreSQL and RabbitMQ, with the same pool size and prefetch:
+//! configured PostgreSQL and RabbitMQ (skald itself on the transport `SKALD_TRANSPORT`
+//! names, its scratch namespace deleted afterwards), with the same pool size and
+//! prefetch:
 //!
 //! - **baseline**: a minimal lapin + sqlx worker. Per message: one transaction with an
 //!   inbox row and the sample saga's first effect (`reserve_stock`'s statement),
@@ -33,11 +35,12 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::config::Config;
+use crate::config::TransportKind;
 use crate::engine::Faults;
 use crate::envelope::{Envelope, Outgoing};
 use crate::handlers::Handlers;
-use crate::transport::Transport;
-use crate::transport::rabbitmq::{RabbitTransport, Topology};
+use crate::transport::rabbitmq::Topology;
+use crate::transport::{Endpoint, Transport};
 
 /// Arguments of `skald bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -63,6 +66,8 @@ pub struct BenchArgs {
 /// What one bench run measured.
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
+    /// The transport skald ran on (`SKALD_TRANSPORT`); the baseline is on RabbitMQ.
+    pub transport: &'static str,
     /// Sagas started.
     pub sagas: usize,
     /// Aggregates they were spread over.
@@ -159,8 +164,8 @@ async fn measure(
     let baseline = baseline(config, baseline_messages, aggregates).await?;
     eprintln!("bench: baseline {baseline:.1} msgs/s over {baseline_messages} messages");
 
-    let transport = RabbitTransport::connect(config).await?;
-    publish_all(&transport, args.sagas, aggregates).await?;
+    let transport = crate::transport::connect(config, Endpoint::Orchestrator).await?;
+    publish_all(transport.as_ref(), args.sagas, aggregates).await?;
     transport.close().await;
 
     let engine = app.engine().clone();
@@ -218,6 +223,7 @@ async fn measure(
 
     let steps_per_s = steps / seconds;
     Ok(BenchReport {
+        transport: config.transport.name(),
         sagas: args.sagas,
         aggregates,
         processes: args.processes.max(1),
@@ -246,6 +252,8 @@ fn spawn_children(config: &Config, n: usize) -> anyhow::Result<Vec<std::process:
                 .arg("run")
                 .env("DATABASE_URL", &config.database_url)
                 .env("AMQP_URL", &config.amqp_url)
+                .env("SKALD_TRANSPORT", config.transport.name())
+                .env("REDIS_URL", &config.redis_url)
                 .env("SKALD_NAMESPACE", &config.namespace)
                 .env("SKALD_SAGAS_DIR", &config.sagas_dir)
                 .env("SKALD_PARTITIONS", config.partitions.to_string())
@@ -302,7 +310,7 @@ async fn seed(pool: &sqlx::PgPool, aggregates: usize) -> anyhow::Result<()> {
 }
 
 async fn publish_all(
-    transport: &RabbitTransport,
+    transport: &dyn Transport,
     sagas: usize,
     aggregates: usize,
 ) -> anyhow::Result<()> {
@@ -454,6 +462,11 @@ async fn baseline(config: &Config, messages: usize, aggregates: usize) -> anyhow
 }
 
 async fn cleanup(base: &PgConnectOptions, config: &Config, scratch: &str) {
+    if config.transport == TransportKind::Redis
+        && let Err(e) = crate::transport::redis::delete_namespace(&config.redis_url, scratch).await
+    {
+        eprintln!("bench: could not delete the scratch namespace from Redis: {e}");
+    }
     if let Ok(conn) = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await
         && let Ok(ch) = conn.create_channel().await
     {

@@ -11,6 +11,14 @@ pub struct Config {
     pub database_url: String,
     /// `AMQP_URL`: the RabbitMQ broker.
     pub amqp_url: String,
+    /// `SKALD_TRANSPORT`: which queue carries skald's messages (default `rabbitmq`).
+    pub transport: TransportKind,
+    /// `REDIS_URL`: the Redis server, with `SKALD_TRANSPORT=redis`.
+    pub redis_url: String,
+    /// `SKALD_REDIS_LEASE_MS`: how long a Redis partition lease lasts without renewal
+    /// (default 10000, at least 300): the delay before another process takes over the
+    /// partitions of one that died.
+    pub redis_lease: Duration,
     /// `SKALD_SAGAS_DIR`: where the `*.yaml` saga definitions are (default `sagas`).
     pub sagas_dir: PathBuf,
     /// `SKALD_NAMESPACE`: prefix of every exchange and queue skald declares, so that
@@ -84,10 +92,49 @@ impl Orphaned {
     }
 }
 
+/// The queue that carries skald's messages (`SKALD_TRANSPORT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportKind {
+    /// RabbitMQ at `AMQP_URL`.
+    #[default]
+    Rabbitmq,
+    /// Redis Streams at `REDIS_URL`.
+    Redis,
+}
+
+impl TransportKind {
+    /// `rabbitmq` or `redis`, as `SKALD_TRANSPORT` spells it.
+    pub fn parse(s: &str) -> Option<TransportKind> {
+        match s {
+            "rabbitmq" => Some(TransportKind::Rabbitmq),
+            "redis" => Some(TransportKind::Redis),
+            _ => None,
+        }
+    }
+
+    /// The name `SKALD_TRANSPORT` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Rabbitmq => "rabbitmq",
+            TransportKind::Redis => "redis",
+        }
+    }
+
+    /// The server's name, for messages.
+    pub fn server(self) -> &'static str {
+        match self {
+            TransportKind::Rabbitmq => "RabbitMQ",
+            TransportKind::Redis => "Redis",
+        }
+    }
+}
+
 /// The database used when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/skald";
 /// The broker used when `AMQP_URL` is not set.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The Redis server used when `REDIS_URL` is not set.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 impl Config {
     /// Reads the configuration from the process environment.
@@ -147,16 +194,57 @@ impl Config {
                 reason: e.to_string(),
                 value: http_addr,
             })?;
-        let orphaned = match lookup("SKALD_ORPHANED") {
-            None => Orphaned::default(),
-            Some(value) => Orphaned::parse(&value).ok_or_else(|| ConfigError {
-                name: "SKALD_ORPHANED",
-                value,
-                reason: "must be refuse or park".into(),
-            })?,
-        };
+        // One of a few names: the default when unset.
+        fn choice<T: Default>(
+            lookup: &impl Fn(&str) -> Option<String>,
+            name: &'static str,
+            parse: fn(&str) -> Option<T>,
+            reason: &str,
+        ) -> Result<T, ConfigError> {
+            match lookup(name) {
+                None => Ok(T::default()),
+                Some(value) => parse(&value).ok_or_else(|| ConfigError {
+                    name,
+                    value,
+                    reason: reason.into(),
+                }),
+            }
+        }
+        let orphaned = choice(
+            &lookup,
+            "SKALD_ORPHANED",
+            Orphaned::parse,
+            "must be refuse or park",
+        )?;
+        let transport = choice(
+            &lookup,
+            "SKALD_TRANSPORT",
+            TransportKind::parse,
+            "must be rabbitmq or redis",
+        )?;
+        let redis_url = text("REDIS_URL", DEFAULT_REDIS_URL);
+        if let Err(e) = redis::Client::open(redis_url.as_str()) {
+            return Err(ConfigError {
+                name: "REDIS_URL",
+                value: redis_url,
+                reason: format!(
+                    "not a Redis URL (redis://[[user]:password@]host[:port][/db]): {e}"
+                ),
+            });
+        }
+        let redis_lease: u64 = number(&lookup, "SKALD_REDIS_LEASE_MS", 10_000)?;
+        if redis_lease < 300 {
+            return Err(ConfigError {
+                name: "SKALD_REDIS_LEASE_MS",
+                value: redis_lease.to_string(),
+                reason: "must be at least 300".into(),
+            });
+        }
         Ok(Config {
             orphaned,
+            transport,
+            redis_url,
+            redis_lease: Duration::from_millis(redis_lease),
             startup_timeout: Duration::from_millis(number(
                 &lookup,
                 "SKALD_STARTUP_TIMEOUT_MS",
@@ -207,6 +295,24 @@ mod tests {
         assert_eq!(c.amqp_url, DEFAULT_AMQP_URL);
         assert_eq!(c.namespace, "skald");
         assert_eq!(c.prefetch, 256);
+        assert_eq!(c.transport, TransportKind::Rabbitmq);
+        assert_eq!(c.redis_url, DEFAULT_REDIS_URL);
+        assert_eq!(c.redis_lease, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_transport_is_chosen_by_name() {
+        let c = with(&[("SKALD_TRANSPORT", "redis"), ("REDIS_URL", "redis://r:1")]).unwrap();
+        assert_eq!(
+            (c.transport, c.redis_url.as_str()),
+            (TransportKind::Redis, "redis://r:1")
+        );
+        let err = with(&[("SKALD_TRANSPORT", "kafka")]).unwrap_err();
+        assert!(err.to_string().contains("SKALD_TRANSPORT"), "{err}");
+        let err = with(&[("REDIS_URL", "localhost:6379")]).unwrap_err();
+        assert!(err.to_string().contains("REDIS_URL"), "{err}");
+        let err = with(&[("SKALD_REDIS_LEASE_MS", "100")]).unwrap_err();
+        assert!(err.to_string().contains("at least 300"), "{err}");
     }
 
     #[test]

@@ -32,8 +32,12 @@
 //! - [`handlers`]: steps written in Rust, registered by name. Depends on [`saga`] only;
 //!   [`store::effects`] runs them (and classifies their database errors).
 //! - [`transport`]: the [`transport::Transport`] seam (publish with confirm, consume
-//!   with manual ack, delay, dead-letter), its RabbitMQ implementation and an in-memory
-//!   one ([`transport::memory`], for unit tests and `explore`, with injectable faults).
+//!   with manual ack, delay, dead-letter) and [`transport::connect`], which picks the
+//!   implementation `SKALD_TRANSPORT` names: RabbitMQ ([`transport::rabbitmq`]), Redis
+//!   Streams ([`transport::redis`]: `keys.rs` names and the partition hash,
+//!   `scripts.rs` the Lua scripts, `consumer.rs` leases and the reader, `durability.rs`
+//!   the server's persistence settings judged), and an in-memory one
+//!   ([`transport::memory`], for unit tests and `explore`, with injectable faults).
 //! - [`faults`]: faults injected on purpose at the points of a message's handling
 //!   (`SKALD_CRASH_AT`, and `explore`'s plans).
 //! - [`explore`]: `skald explore`, a saga through every crash and fault point against

@@ -20,7 +20,6 @@ use super::faults::ParticipantFaults;
 use super::handler::{HandlerError, HandlerFuture, Incoming};
 use crate::config::Config;
 use crate::transport::Endpoint;
-use crate::transport::rabbitmq::RabbitTransport;
 
 /// One of the sample services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -147,7 +146,7 @@ impl Sample {
         let pool = connect_pool(database_url, 5).await?;
         self.setup(&pool).await?;
         let transport =
-            RabbitTransport::connect_as(config, Endpoint::Service(self.name().into())).await?;
+            crate::transport::connect(config, Endpoint::Service(self.name().into())).await?;
         let builder = Participant::builder(self.name())
             .pool(pool)
             .transport(transport)

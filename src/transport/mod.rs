@@ -1,10 +1,10 @@
 //! The transport seam: how messages reach skald and leave it.
 //!
 //! The engine and the actors only see [`Transport`] and [`Delivery`]; the transport
-//! sees keys and bytes, never a saga type. RabbitMQ ([`rabbitmq::RabbitTransport`]) is
-//! the first implementation, [`memory::MemoryTransport`] the one for unit tests and
-//! `skald explore`. Another broker (Redis Streams, NATS JetStream, SQS, Kafka)
-//! implements the same promises:
+//! sees keys and bytes, never a saga type. RabbitMQ ([`rabbitmq::RabbitTransport`]) and
+//! Redis Streams ([`redis::RedisTransport`]) carry skald's messages, chosen by
+//! [`connect`]; [`memory::MemoryTransport`] is the one for unit tests and `skald
+//! explore`. Another broker (NATS JetStream, SQS, Kafka) implements the same promises:
 //!
 //! 1. [`Transport::publish`] returns only once the broker has taken responsibility
 //!    for the message (a publisher confirm, not a routing failure or a nack);
@@ -25,6 +25,11 @@
 
 pub mod memory;
 pub mod rabbitmq;
+pub mod redis;
+
+use std::sync::Arc;
+
+use crate::config::{Config, TransportKind};
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
@@ -57,6 +62,18 @@ impl std::fmt::Display for Endpoint {
             Endpoint::Service(name) => write!(f, "service {name}"),
         }
     }
+}
+
+/// Connects to the transport `config` chooses (`SKALD_TRANSPORT`), for the queues of
+/// `home`. Must be called inside a tokio runtime.
+pub async fn connect(
+    config: &Config,
+    home: Endpoint,
+) -> Result<Arc<dyn Transport>, TransportError> {
+    Ok(match config.transport {
+        TransportKind::Rabbitmq => rabbitmq::RabbitTransport::connect_as(config, home).await?,
+        TransportKind::Redis => redis::RedisTransport::connect(config, home).await?,
+    })
 }
 
 /// A transport failure. Once running, always treated as an infrastructure problem: the

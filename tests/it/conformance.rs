@@ -1,32 +1,118 @@
 //! One conformance suite for every transport: the promises written on
-//! `skald::transport::Transport`, checked against RabbitMQ (the real broker) and the
-//! in-memory transport alike. A new transport (issue #12) gets its harness here.
+//! `skald::transport::Transport`, checked against RabbitMQ (the real broker), Redis
+//! (a private server that keeps what it acknowledged) and the in-memory transport
+//! alike. A new transport (issue #12) gets its harness here.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
+use skald::config::Config;
 use skald::transport::memory::MemoryTransport;
 use skald::transport::rabbitmq::RabbitTransport;
+use skald::transport::redis::RedisTransport;
+use skald::transport::redis::durability::Durability;
+use skald::transport::redis::keys::Keys;
 use skald::transport::{Delivery, Endpoint, Transport};
 
 use crate::helpers::{TestEnv, test_sagas};
+use crate::redis_server::RedisServer;
 
 /// A transport under test, and how to reach it again after its consumer died.
 enum Harness {
     Rabbit(Box<TestEnv>),
     Memory(MemoryTransport),
+    Redis(Box<RedisHarness>),
+}
+
+/// A private Redis, and every transport opened on it (to kill one).
+struct RedisHarness {
+    server: Mutex<RedisServer>,
+    config: Config,
+    opened: Mutex<Vec<Arc<RedisTransport>>>,
+}
+
+impl RedisHarness {
+    fn new() -> RedisHarness {
+        let server = RedisServer::start();
+        let vars = [
+            ("SKALD_TRANSPORT", "redis".to_string()),
+            ("REDIS_URL", server.url()),
+            ("SKALD_NAMESPACE", "conformance".into()),
+            ("SKALD_PARTITIONS", "4".into()),
+            ("SKALD_SUBSCRIBE_STAGGER_MS", "0".into()),
+            ("SKALD_PREFETCH", "64".into()),
+            // The failover delay: short, so the suite runs quickly.
+            ("SKALD_REDIS_LEASE_MS", "1000".into()),
+        ];
+        let config = Config::from_lookup(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        })
+        .expect("a valid configuration");
+        RedisHarness {
+            server: Mutex::new(server),
+            config,
+            opened: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn find(&self, t: &Arc<dyn Transport>) -> Arc<RedisTransport> {
+        let opened = self.opened.lock().unwrap();
+        opened
+            .iter()
+            .find(|o| std::ptr::addr_eq(Arc::as_ptr(o), Arc::as_ptr(t)))
+            .expect("a transport this harness opened")
+            .clone()
+    }
 }
 
 impl Harness {
-    /// A connection (a new one for RabbitMQ: the old one is what dies).
+    /// A connection (a new one for RabbitMQ and Redis: the old one is what dies).
     async fn open(&self) -> Arc<dyn Transport> {
         match self {
             Harness::Rabbit(env) => RabbitTransport::connect(&env.config)
                 .await
                 .expect("connect"),
             Harness::Memory(t) => Arc::new(t.clone()),
+            Harness::Redis(r) => {
+                let t = RedisTransport::connect(&r.config, Endpoint::Orchestrator)
+                    .await
+                    .expect("connect");
+                r.opened.lock().unwrap().push(t.clone());
+                t
+            }
+        }
+    }
+
+    /// The consumer of `t` dies without a word: RabbitMQ sees its connection close;
+    /// on Redis it stops renewing its leases and its connections are killed
+    /// (`CLIENT KILL`); the in-memory transport crashes.
+    async fn kill(&self, t: Arc<dyn Transport>) {
+        match self {
+            Harness::Rabbit(_) => t.close().await,
+            Harness::Memory(m) => m.crash(),
+            Harness::Redis(r) => {
+                let redis = r.find(&t);
+                let ids = redis.client_ids().await;
+                redis.abandon();
+                let server = r.server.lock().unwrap();
+                for id in ids {
+                    server.cli(&["CLIENT", "KILL", "ID", &id.to_string()]);
+                }
+            }
+        }
+    }
+
+    /// Kills the server (SIGKILL) and starts it again, when this harness can: the
+    /// shared RabbitMQ cannot be restarted under other tests, the in-memory transport
+    /// has nothing to restart.
+    fn restart_server(&self) {
+        match self {
+            Harness::Redis(r) => r.server.lock().unwrap().restart(),
+            Harness::Rabbit(_) | Harness::Memory(_) => {}
         }
     }
 
@@ -37,6 +123,13 @@ impl Harness {
                 .await
                 .expect("connect"),
             Harness::Memory(t) => Arc::new(t.endpoint(&Endpoint::Service(name.into()))),
+            Harness::Redis(r) => {
+                let t = RedisTransport::connect(&r.config, Endpoint::Service(name.into()))
+                    .await
+                    .expect("connect");
+                r.opened.lock().unwrap().push(t.clone());
+                t
+            }
         }
     }
 
@@ -45,6 +138,11 @@ impl Harness {
         match self {
             Harness::Rabbit(env) => env.queue_depth(&env.topology().dead_queue).await as usize,
             Harness::Memory(t) => t.dead_letters().len(),
+            Harness::Redis(r) => {
+                let dead = Keys::new(&r.config.namespace, &Endpoint::Orchestrator, 4).dead();
+                let server = r.server.lock().unwrap();
+                server.cli(&["XLEN", &dead]).parse().expect("a count")
+            }
         }
     }
 
@@ -85,14 +183,28 @@ async fn ack_all(ds: Vec<Delivery>) {
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// 1 and 2: a confirmed publish is delivered; an acked delivery never comes again.
-async fn published_messages_are_delivered_and_acked_ones_are_gone(h: &Harness) {
-    let t = h.open().await;
-    for i in 0..3 {
-        t.publish("a", format!("a{i}").as_bytes(), 0)
+/// Fails if less than `delay_ms` passed since `sent`.
+fn assert_not_early(sent: Instant, delay_ms: u64) {
+    let waited = sent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(delay_ms),
+        "early: {waited:?}"
+    );
+}
+
+/// Publishes `<key>0` … `<key><n-1>` under `key`, each confirmed, in order.
+async fn publish_numbered(t: &Arc<dyn Transport>, key: &str, n: usize) {
+    for i in 0..n {
+        t.publish(key, format!("{key}{i}").as_bytes(), 0)
             .await
             .expect("confirmed");
     }
+}
+
+/// 1 and 2: a confirmed publish is delivered; an acked delivery never comes again.
+async fn published_messages_are_delivered_and_acked_ones_are_gone(h: &Harness) {
+    let t = h.open().await;
+    publish_numbered(&t, "a", 3).await;
     let mut stream = t.consume().await.expect("consume");
     let got = take(&mut stream, 3, WAIT).await;
     assert_eq!(bodies(&got), ["a0", "a1", "a2"]);
@@ -114,11 +226,7 @@ async fn published_messages_are_delivered_and_acked_ones_are_gone(h: &Harness) {
 /// anything newer of their key, flagged redelivered; the ack acks exactly one delivery.
 async fn a_dead_consumers_unacked_deliveries_come_again_in_order(h: &Harness) {
     let t = h.open().await;
-    for i in 0..3 {
-        t.publish("b", format!("b{i}").as_bytes(), 0)
-            .await
-            .expect("confirmed");
-    }
+    publish_numbered(&t, "b", 3).await;
     let mut stream = t.consume().await.expect("consume");
     let got = take(&mut stream, 3, WAIT).await;
     assert_eq!(bodies(&got), ["b0", "b1", "b2"]);
@@ -153,11 +261,7 @@ async fn a_delayed_message_is_never_early(h: &Harness) {
     t.publish("c", b"late", 300).await.expect("confirmed");
     let got = take(&mut stream, 1, WAIT).await;
     assert_eq!(bodies(&got), ["late"]);
-    assert!(
-        sent.elapsed() >= Duration::from_millis(300),
-        "early: {:?}",
-        sent.elapsed()
-    );
+    assert_not_early(sent, 300);
     ack_all(got).await;
     t.close().await;
 }
@@ -231,6 +335,78 @@ async fn send_to_reaches_only_that_endpoint(h: &Harness) {
     skald.close().await;
 }
 
+/// 2 and 5 across processes: two consumers, the active one killed mid-way (its
+/// connection dies, nothing is said): the other one gets the dead one's unacked
+/// deliveries first, in order, flagged redelivered, then the rest of the key, in order.
+async fn a_killed_consumers_key_fails_over_to_the_other_consumer_in_order(h: &Harness) {
+    let a = h.open().await;
+    publish_numbered(&a, "f", 10).await;
+    let mut from_a = a.consume().await.expect("consume");
+    let got = take(&mut from_a, 4, WAIT).await;
+    assert_eq!(bodies(&got), ["f0", "f1", "f2", "f3"]);
+    let mut got = got.into_iter();
+    ack_all(got.by_ref().take(2).collect()).await; // f2 and f3 stay unacked
+    let unacked: Vec<Delivery> = got.collect();
+
+    let b = h.open().await;
+    let mut from_b = b.consume().await.expect("consume"); // a standby while a lives
+    drop(from_a);
+    drop(unacked);
+    h.kill(a).await;
+
+    let again = take(&mut from_b, 8, WAIT).await;
+    assert_eq!(
+        bodies(&again),
+        ["f2", "f3", "f4", "f5", "f6", "f7", "f8", "f9"],
+        "the dead consumer's unacked first, then the rest, in order"
+    );
+    assert!(again[0].redelivered && again[1].redelivered);
+    ack_all(again).await;
+    b.publish("f", b"f10", 0).await.expect("confirmed");
+    let later = take(&mut from_b, 1, WAIT).await;
+    assert_eq!(bodies(&later), ["f10"]);
+    ack_all(later).await;
+    b.close().await;
+}
+
+/// 1 and 3 through a crash of the server (where the harness can restart it): a delayed
+/// message and an unacked delivery survive it; the delay is still never early.
+async fn a_delayed_message_and_an_unacked_delivery_survive_a_server_restart(h: &Harness) {
+    let t = h.open().await;
+    let sent = Instant::now();
+    t.publish("r", b"delayed", 1_500).await.expect("confirmed");
+    t.publish("r", b"unacked", 0).await.expect("confirmed");
+    let mut stream = t.consume().await.expect("consume");
+    let got = take(&mut stream, 1, WAIT).await;
+    assert_eq!(bodies(&got), ["unacked"]);
+    drop((got, stream));
+    h.kill(t).await;
+    // Without a restart, the rest still holds: the same as a dead consumer.
+    h.restart_server();
+    let t = h.open().await;
+    let mut stream = t.consume().await.expect("consume");
+    let got = take(&mut stream, 2, WAIT).await;
+    assert_eq!(bodies(&got), ["unacked", "delayed"]);
+    assert!(got[0].redelivered);
+    assert_not_early(sent, 1_500);
+    ack_all(got).await;
+    t.close().await;
+}
+
+/// The dashboard's queue depths count what waits to be delivered.
+async fn queue_depths_count_waiting_messages(h: &Harness) {
+    let t = h.open().await;
+    let total = |depths: Vec<(String, u32)>| depths.iter().map(|(_, n)| n).sum::<u32>();
+    let before = total(t.queue_depths().await.expect("depths"));
+    publish_numbered(&t, "q", 2).await;
+    assert_eq!(total(t.queue_depths().await.expect("depths")), before + 2);
+    let mut stream = t.consume().await.expect("consume");
+    let got = take(&mut stream, 2, WAIT).await;
+    assert_eq!(bodies(&got), ["q0", "q1"]);
+    ack_all(got).await;
+    t.close().await;
+}
+
 async fn keeps_every_promise(h: &Harness) {
     published_messages_are_delivered_and_acked_ones_are_gone(h).await;
     a_dead_consumers_unacked_deliveries_come_again_in_order(h).await;
@@ -238,6 +414,9 @@ async fn keeps_every_promise(h: &Harness) {
     a_dead_letter_is_stored(h).await;
     each_keys_messages_arrive_in_publish_order(h).await;
     send_to_reaches_only_that_endpoint(h).await;
+    a_killed_consumers_key_fails_over_to_the_other_consumer_in_order(h).await;
+    a_delayed_message_and_an_unacked_delivery_survive_a_server_restart(h).await;
+    queue_depths_count_waiting_messages(h).await;
 }
 
 #[actix_rt::test]
@@ -252,4 +431,113 @@ async fn the_in_memory_transport_keeps_every_transport_promise() {
     let h = Harness::Memory(MemoryTransport::new());
     keeps_every_promise(&h).await;
     h.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn redis_keeps_every_transport_promise() {
+    let h = Harness::Redis(Box::new(RedisHarness::new()));
+    keeps_every_promise(&h).await;
+    h.cleanup().await;
+}
+
+/// Fencing: once another consumer holds a partition's lease, the old owner's ack of a
+/// delivery from it is refused, and the entry stays with the new owner.
+#[actix_rt::test]
+async fn on_redis_a_stale_owner_cannot_ack_after_losing_its_lease() {
+    let h = Harness::Redis(Box::new(RedisHarness::new()));
+    let a = h.open().await;
+    a.publish("s", b"s0", 0).await.expect("confirmed");
+    let mut from_a = a.consume().await.expect("consume");
+    let stale = take(&mut from_a, 1, WAIT).await.pop().expect("s0");
+    let Harness::Redis(r) = &h else {
+        unreachable!()
+    };
+    r.find(&a).abandon(); // a pauses: its lease runs out, its connection lives on
+    let b = h.open().await;
+    let mut from_b = b.consume().await.expect("consume");
+    let again = take(&mut from_b, 1, WAIT).await;
+    assert_eq!(bodies(&again), ["s0"]);
+    let refused = stale
+        .ack()
+        .await
+        .expect_err("a stale owner's ack is fenced");
+    assert!(refused.to_string().contains("lease"), "{refused}");
+    ack_all(again).await;
+    b.close().await;
+    assert!(
+        take(&mut from_b, 1, Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "acked once, by the owner"
+    );
+}
+
+/// `skald run` warns when Redis cannot keep what it acknowledged: the machine's shared
+/// Redis (no append-only file) is judged at risk, the tests' private one is not.
+#[actix_rt::test]
+async fn redis_persistence_is_judged_from_the_servers_settings() {
+    let h = RedisHarness::new();
+    let private = RedisTransport::connect(&h.config, Endpoint::Orchestrator)
+        .await
+        .expect("connect");
+    assert_eq!(private.durability().await, Durability::Kept);
+    h.server
+        .lock()
+        .unwrap()
+        .cli(&["CONFIG", "SET", "appendfsync", "everysec"]);
+    let judged = private.durability().await;
+    assert!(
+        matches!(&judged, Durability::AtRisk(why) if why.contains("appendfsync always")),
+        "{judged:?}"
+    );
+    private.close().await;
+}
+
+/// The machine's shared Redis keeps no append-only file: `skald run` on it says, at
+/// start-up, that acknowledged messages can be lost, and what to set.
+#[actix_rt::test]
+async fn skald_run_warns_when_redis_cannot_keep_what_it_acknowledged() {
+    use std::io::BufRead;
+    let env = TestEnv::new(test_sagas()).await;
+    let mut child = env
+        .skald(&["run"])
+        .env("SKALD_TRANSPORT", "redis")
+        .env("REDIS_URL", skald::config::DEFAULT_REDIS_URL)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn skald run");
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    // The warning comes before `consuming`; either ends the wait.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let warning = std::iter::from_fn(|| {
+        lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .ok()
+    })
+    .find(|l| l.contains("Redis can lose messages it acknowledged") || l.contains("consuming"));
+    let _ = child.kill();
+    let _ = child.wait();
+    skald::transport::redis::delete_namespace(
+        skald::config::DEFAULT_REDIS_URL,
+        &env.config.namespace,
+    )
+    .await
+    .expect("remove the test's keys");
+    env.cleanup().await;
+    let warning = warning.expect("skald run logged something");
+    assert!(
+        warning.contains("Redis can lose messages it acknowledged")
+            && warning.contains("set appendonly yes and appendfsync always"),
+        "{warning}"
+    );
 }

@@ -16,15 +16,17 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 use skald::app::{App, AppError};
-use skald::config::Config;
+use skald::config::{Config, TransportKind};
 use skald::engine::{Engine, Faults};
 use skald::envelope::{Envelope, Outgoing};
 use skald::handlers::Handlers;
-use skald::transport::rabbitmq::{RabbitTransport, Topology};
+use skald::transport::rabbitmq::Topology;
 use skald::transport::{Endpoint, Transport};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
 use uuid::Uuid;
+
+use crate::redis_server::RedisServer;
 
 pub const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -89,6 +91,8 @@ pub struct TestEnv {
     /// Databases of participant services ([`TestEnv::service_database`]): dropped with
     /// the environment's.
     databases: std::sync::Mutex<Vec<String>>,
+    /// The private Redis of a test on `SKALD_TRANSPORT=redis` (dropped with the test).
+    _redis: Option<RedisServer>,
     /// [`TestEnv::cleanup`] ran; otherwise dropping the value cleans up.
     cleaned: bool,
 }
@@ -97,10 +101,23 @@ impl TestEnv {
     /// A fresh database (created by skald itself on first build) and namespace, with
     /// sagas from `sagas_dir`.
     pub async fn new(sagas_dir: PathBuf) -> TestEnv {
+        Self::on(TransportKind::Rabbitmq, sagas_dir).await
+    }
+
+    /// [`TestEnv::new`] with skald on `transport`; on Redis, a private server that
+    /// keeps what it acknowledged (see [`RedisServer`]).
+    pub async fn on(transport: TransportKind, sagas_dir: PathBuf) -> TestEnv {
+        let redis = (transport == TransportKind::Redis).then(RedisServer::start);
         let name = format!("skald_it_{}", &Uuid::new_v4().simple().to_string()[..12]);
         let config = Config {
             database_url: format!("{SERVER}/{name}"),
             amqp_url: AMQP.to_string(),
+            transport,
+            redis_url: redis.as_ref().map_or_else(
+                || skald::config::DEFAULT_REDIS_URL.to_string(),
+                RedisServer::url,
+            ),
+            redis_lease: Duration::from_secs(2),
             sagas_dir,
             namespace: name.clone(),
             partitions: 4,
@@ -130,6 +147,7 @@ impl TestEnv {
             pool,
             services: Default::default(),
             databases: Default::default(),
+            _redis: redis,
             cleaned: false,
         }
     }
@@ -165,6 +183,12 @@ impl TestEnv {
         vec![
             ("DATABASE_URL", self.config.database_url.clone()),
             ("AMQP_URL", self.config.amqp_url.clone()),
+            ("SKALD_TRANSPORT", self.config.transport.name().into()),
+            ("REDIS_URL", self.config.redis_url.clone()),
+            (
+                "SKALD_REDIS_LEASE_MS",
+                self.config.redis_lease.as_millis().to_string(),
+            ),
             ("SKALD_NAMESPACE", self.config.namespace.clone()),
             (
                 "SKALD_SAGAS_DIR",
@@ -206,11 +230,11 @@ impl TestEnv {
             .expect("spawn skald run")
     }
 
-    /// A transport for publishing test messages.
-    pub async fn transport(&self) -> Arc<RabbitTransport> {
-        RabbitTransport::connect(&self.config)
+    /// A transport for publishing test messages (this test's transport).
+    pub async fn transport(&self) -> Arc<dyn Transport> {
+        skald::transport::connect(&self.config, Endpoint::Orchestrator)
             .await
-            .expect("connect to RabbitMQ")
+            .expect("connect to the transport")
     }
 
     /// Publishes start messages (confirmed, in order) and returns their message ids.
@@ -371,6 +395,16 @@ impl TestEnv {
 
     /// Messages ready in all partition queues together.
     pub async fn intake_depth(&self) -> u32 {
+        if self.config.transport == TransportKind::Redis {
+            let transport = self.transport().await;
+            let depths = transport.queue_depths().await.expect("queue depths");
+            transport.close().await;
+            return depths
+                .iter()
+                .filter(|(name, _)| name.contains(":p:"))
+                .map(|(_, n)| n)
+                .sum();
+        }
         let mut total = 0;
         for queue in self.topology().partitions {
             total += self.queue_depth(&queue).await;

@@ -2,6 +2,7 @@
 //! binary, so it links once; each scenario isolates itself through `helpers::TestEnv`.
 
 mod helpers;
+mod redis_server;
 
 mod api;
 mod api_fuzz;

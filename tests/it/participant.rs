@@ -200,7 +200,7 @@ async fn send_messages(env: &TestEnv, db: &ServiceDb, msgs: &[&ServiceMessage]) 
 
 /// Replies arriving at skald's intake, read as skald would.
 struct Replies {
-    transport: Arc<RabbitTransport>,
+    transport: Arc<dyn Transport>,
     stream: BoxStream<'static, Delivery>,
 }
 
