@@ -14,8 +14,8 @@ use crate::handlers::Handlers;
 use crate::saga::versions::{self, ChangedVersion, OrphanedVersion};
 use crate::saga::{Catalog, LoadError, load_dir};
 use crate::store::{Store, StoreError};
-use crate::transport::rabbitmq::{RECONNECT_DELAY, RabbitTransport};
-use crate::transport::{Transport, TransportError};
+use crate::transport::rabbitmq::RECONNECT_DELAY;
+use crate::transport::{Endpoint, Transport, TransportError};
 
 /// Why skald could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +50,7 @@ pub enum AppError {
     /// PostgreSQL failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// RabbitMQ failed.
+    /// The transport failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The API would be exposed without a token, or its address cannot be bound.
@@ -62,7 +62,7 @@ pub enum AppError {
 pub struct App {
     config: Config,
     store: Store,
-    transport: Arc<RabbitTransport>,
+    transport: Arc<dyn Transport>,
     engine: Arc<Engine>,
     /// Bound in `build`, so that a port-0 address is known before serving.
     http: std::net::TcpListener,
@@ -120,8 +120,8 @@ impl App {
             .run_setup(&all)
             .await
             .map_err(|e| setup_failed(&catalog, e))?;
-        let transport = until_reachable("RabbitMQ", config.startup_timeout, || {
-            RabbitTransport::connect(&config)
+        let transport = until_reachable(config.transport.as_str(), config.startup_timeout, || {
+            crate::transport::connect(&config, Endpoint::Orchestrator)
         })
         .await?;
         let engine = Arc::new(
@@ -190,8 +190,9 @@ impl App {
         let http = server.handle();
         actix::spawn(server);
         tracing::info!(%http_addr, auth = self.config.api_token.is_some(), "dashboard API listening");
-        tracing::info!(exchange = %self.transport.topology().exchange,
-            partitions = self.transport.topology().partitions.len(),
+        tracing::info!(transport = self.config.transport.as_str(),
+            namespace = %self.config.namespace,
+            partitions = self.config.partitions,
             prefetch = self.config.prefetch, "consuming");
         tokio::pin!(shutdown);
         loop {

@@ -36,8 +36,8 @@ use crate::config::Config;
 use crate::engine::Faults;
 use crate::envelope::{Envelope, Outgoing};
 use crate::handlers::Handlers;
-use crate::transport::Transport;
-use crate::transport::rabbitmq::{RabbitTransport, Topology};
+use crate::transport::rabbitmq::Topology;
+use crate::transport::{Endpoint, Transport};
 
 /// Arguments of `skald bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -63,6 +63,8 @@ pub struct BenchArgs {
 /// What one bench run measured.
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
+    /// The transport measured (`SKALD_TRANSPORT`).
+    pub transport: &'static str,
     /// Sagas started.
     pub sagas: usize,
     /// Aggregates they were spread over.
@@ -119,12 +121,13 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "sagas {} over {} aggregates, {} process(es): {} completed in {:.2}s\n\
+            "{}: sagas {} over {} aggregates, {} process(es): {} completed in {:.2}s\n\
              skald     {:>9.1} sagas/s  {:>9.1} steps/s  p50 {:?} ms  p99 {:?} ms\n\
              steps per process {:?}\n\
              baseline  {:>9.1} msgs/s\n\
              ratio     {:.3} (steps/s over baseline msgs/s)\n\
              peak RSS  {:.1} MiB (pool {}, prefetch {})",
+            report.transport,
             report.sagas,
             report.aggregates,
             report.processes,
@@ -159,8 +162,8 @@ async fn measure(
     let baseline = baseline(config, baseline_messages, aggregates).await?;
     eprintln!("bench: baseline {baseline:.1} msgs/s over {baseline_messages} messages");
 
-    let transport = RabbitTransport::connect(config).await?;
-    publish_all(&transport, args.sagas, aggregates).await?;
+    let transport = crate::transport::connect(config, Endpoint::Orchestrator).await?;
+    publish_all(transport.as_ref(), args.sagas, aggregates).await?;
     transport.close().await;
 
     let engine = app.engine().clone();
@@ -218,6 +221,7 @@ async fn measure(
 
     let steps_per_s = steps / seconds;
     Ok(BenchReport {
+        transport: config.transport.as_str(),
         sagas: args.sagas,
         aggregates,
         processes: args.processes.max(1),
@@ -246,6 +250,7 @@ fn spawn_children(config: &Config, n: usize) -> anyhow::Result<Vec<std::process:
                 .arg("run")
                 .env("DATABASE_URL", &config.database_url)
                 .env("AMQP_URL", &config.amqp_url)
+                .env("SKALD_TRANSPORT", config.transport.as_str())
                 .env("SKALD_NAMESPACE", &config.namespace)
                 .env("SKALD_SAGAS_DIR", &config.sagas_dir)
                 .env("SKALD_PARTITIONS", config.partitions.to_string())
@@ -302,7 +307,7 @@ async fn seed(pool: &sqlx::PgPool, aggregates: usize) -> anyhow::Result<()> {
 }
 
 async fn publish_all(
-    transport: &RabbitTransport,
+    transport: &dyn Transport,
     sagas: usize,
     aggregates: usize,
 ) -> anyhow::Result<()> {

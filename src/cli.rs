@@ -16,8 +16,7 @@ use crate::handlers::Handlers;
 use crate::saga::coordinator::InstanceStatus;
 use crate::saga::load_dir;
 use crate::store::Store;
-use crate::transport::Transport;
-use crate::transport::rabbitmq::RabbitTransport;
+use crate::transport::Endpoint;
 
 /// skald: a saga orchestrator on RabbitMQ and PostgreSQL.
 ///
@@ -237,9 +236,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             envelope.check().context("refusing to publish this start")?;
             tokio_runtime()?.block_on(async {
-                let transport = RabbitTransport::connect(&config)
+                let transport = crate::transport::connect(&config, Endpoint::Orchestrator)
                     .await
-                    .context("connecting to RabbitMQ")?;
+                    .with_context(|| format!("connecting to {}", config.transport.as_str()))?;
                 Outgoing::to_intake(envelope.clone(), 0)
                     .send(transport.as_ref())
                     .await
@@ -502,7 +501,7 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
             let data = data
                 .map(|d| serde_json::from_str::<Value>(&d).context("--data is not JSON"))
                 .transpose()?;
-            let transport = RabbitTransport::connect(&config).await?;
+            let transport = crate::transport::connect(&config, Endpoint::Orchestrator).await?;
             let outcome =
                 crate::dlq::replay(&store, transport.as_ref(), id, data, &operator(by)).await;
             transport.close().await;

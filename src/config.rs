@@ -9,6 +9,8 @@ use std::time::Duration;
 pub struct Config {
     /// `DATABASE_URL`: skald's PostgreSQL database; created if it does not exist.
     pub database_url: String,
+    /// `SKALD_TRANSPORT`: which queue skald's messages travel on (default `rabbitmq`).
+    pub transport: TransportKind,
     /// `AMQP_URL`: the RabbitMQ broker.
     pub amqp_url: String,
     /// `SKALD_SAGAS_DIR`: where the `*.yaml` saga definitions are (default `sagas`).
@@ -59,6 +61,34 @@ pub struct ConfigError {
     name: &'static str,
     value: String,
     reason: String,
+}
+
+/// The queue skald's messages travel on (`SKALD_TRANSPORT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportKind {
+    /// RabbitMQ at `AMQP_URL`.
+    #[default]
+    RabbitMq,
+    /// Tables in skald's own PostgreSQL database (`DATABASE_URL`): no broker.
+    Postgres,
+}
+
+impl TransportKind {
+    /// Every value `SKALD_TRANSPORT` accepts, as spelled there.
+    pub const ALL: &[TransportKind] = &[TransportKind::RabbitMq, TransportKind::Postgres];
+
+    /// The name `SKALD_TRANSPORT` (and `skald bench --json`) spells it with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::RabbitMq => "rabbitmq",
+            TransportKind::Postgres => "postgres",
+        }
+    }
+
+    /// The transport named `s`, if there is one.
+    pub fn parse(s: &str) -> Option<TransportKind> {
+        Self::ALL.iter().copied().find(|k| k.as_str() == s)
+    }
 }
 
 /// What `skald run` does with live instances of a saga version that is no longer
@@ -147,6 +177,17 @@ impl Config {
                 reason: e.to_string(),
                 value: http_addr,
             })?;
+        let transport = match lookup("SKALD_TRANSPORT") {
+            None => TransportKind::default(),
+            Some(value) => TransportKind::parse(&value).ok_or_else(|| ConfigError {
+                name: "SKALD_TRANSPORT",
+                value,
+                reason: format!(
+                    "must be one of {}",
+                    TransportKind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            })?,
+        };
         let orphaned = match lookup("SKALD_ORPHANED") {
             None => Orphaned::default(),
             Some(value) => Orphaned::parse(&value).ok_or_else(|| ConfigError {
@@ -157,6 +198,7 @@ impl Config {
         };
         Ok(Config {
             orphaned,
+            transport,
             startup_timeout: Duration::from_millis(number(
                 &lookup,
                 "SKALD_STARTUP_TIMEOUT_MS",
@@ -217,6 +259,24 @@ mod tests {
         assert!(with(&[("SKALD_NAMESPACE", "")]).is_err());
         let err = with(&[("SKALD_ORPHANED", "drop")]).unwrap_err();
         assert!(err.to_string().contains("SKALD_ORPHANED"), "{err}");
+    }
+
+    #[test]
+    fn the_transport_is_chosen_by_name_and_an_unknown_one_is_refused() {
+        assert_eq!(with(&[]).unwrap().transport, TransportKind::RabbitMq);
+        assert_eq!(
+            with(&[("SKALD_TRANSPORT", "postgres")]).unwrap().transport,
+            TransportKind::Postgres
+        );
+        assert_eq!(
+            with(&[("SKALD_TRANSPORT", "rabbitmq")]).unwrap().transport,
+            TransportKind::RabbitMq
+        );
+        let err = with(&[("SKALD_TRANSPORT", "kafka")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable SKALD_TRANSPORT=\"kafka\" is invalid: must be one of rabbitmq, postgres"
+        );
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The transport seam: how messages reach skald and leave it.
 //!
 //! The engine and the actors only see [`Transport`] and [`Delivery`]; the transport
-//! sees keys and bytes, never a saga type. RabbitMQ ([`rabbitmq::RabbitTransport`]) is
-//! the first implementation, [`memory::MemoryTransport`] the one for unit tests and
-//! `skald explore`. Another broker (Redis Streams, NATS JetStream, SQS, Kafka)
-//! implements the same promises:
+//! sees keys and bytes, never a saga type. RabbitMQ ([`rabbitmq::RabbitTransport`]) and
+//! PostgreSQL itself ([`postgres::PgTransport`]) are the implementations a deployment
+//! chooses between with `SKALD_TRANSPORT` ([`connect`]); [`memory::MemoryTransport`] is
+//! the one for unit tests and `skald explore`. Another broker (Redis Streams, NATS
+//! JetStream, SQS, Kafka) implements the same promises:
 //!
 //! 1. [`Transport::publish`] returns only once the broker has taken responsibility
 //!    for the message (a publisher confirm, not a routing failure or a nack);
@@ -18,10 +19,34 @@
 //!    unacked deliveries go, in order, to the next one before anything newer of the key.
 
 pub mod memory;
+pub mod postgres;
 pub mod rabbitmq;
+
+use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
+
+use crate::config::{Config, TransportKind};
+
+/// A set of queues one kind of consumer reads: skald's intake or a participant service's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// skald's own intake.
+    Orchestrator,
+    /// The intake of the participant service of this name.
+    Service(String),
+}
+
+/// Connects the transport `config` chooses (`SKALD_TRANSPORT`) for the queues of
+/// `home`. Must be called inside a tokio runtime.
+pub async fn connect(config: &Config, home: Endpoint) -> Result<Arc<dyn Transport>, TransportError> {
+    Ok(match config.transport {
+        TransportKind::RabbitMq => rabbitmq::RabbitTransport::connect(config).await?,
+        TransportKind::Postgres => postgres::PgTransport::connect(config, home).await?,
+        // TransportKind::Redis => redis::RedisTransport::connect(config, home).await?,
+    })
+}
 
 /// A transport failure. Once running, always treated as an infrastructure problem: the
 /// caller retries later, and an unacknowledged delivery is redelivered, so nothing is

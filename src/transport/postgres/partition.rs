@@ -1,0 +1,138 @@
+//! Partitions of the PostgreSQL transport, as pure functions: which partition a key
+//! hashes to, the advisory-lock keys that make one session the owner of a partition,
+//! and how many partitions a process should hold when several consume.
+
+/// The key's hash stored with every message (FNV-1a, 32 bits): stable across
+/// processes, versions and platforms, so every process puts a key in the same
+/// partition.
+pub fn key_hash(key: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// The partition of a message with hash `hash` among `partitions`.
+pub fn partition_of(hash: u32, partitions: u16) -> u16 {
+    (hash % u32::from(partitions.max(1))) as u16
+}
+
+/// The first key of the endpoint's advisory locks (`pg_try_advisory_lock(class,
+/// partition)`): positive, so that it reads the same as the `oid` in `pg_locks`.
+pub fn lock_class(endpoint: &str) -> i32 {
+    (key_hash(&format!("skald.queue:{endpoint}")) & 0x7fff_ffff) as i32
+}
+
+/// The second key of the shared advisory lock every consumer of an endpoint holds
+/// while it runs, so that consumers can count each other. Above every partition
+/// number (at most 1024).
+pub const MEMBER_LOCK: i32 = 100_000;
+
+/// What a consumer does with its partitions at a rebalance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebalance {
+    /// Partitions to try to lock, in this order, until `want` are owned.
+    pub try_acquire: Vec<u16>,
+    /// How many partitions to own after acquiring.
+    pub want: usize,
+    /// Partitions to unlock (none of them has a delivery in flight).
+    pub release: Vec<u16>,
+}
+
+/// The fair share of `partitions` for one of `members` consumers (rounded up, so that
+/// together they cover every partition), and what to do to reach it from `owned`:
+/// acquire free ones starting at `start` (random, so that processes spread), or
+/// release the surplus among the partitions that have nothing in flight (`busy` says
+/// which do: releasing those would let another consumer deliver their messages again
+/// while this one still handles them).
+pub fn rebalance(
+    partitions: u16,
+    members: usize,
+    owned: &[u16],
+    busy: impl Fn(u16) -> bool,
+    start: u16,
+) -> Rebalance {
+    let n = partitions.max(1) as usize;
+    let fair = n.div_ceil(members.max(1));
+    let mut plan = Rebalance {
+        try_acquire: Vec::new(),
+        want: fair,
+        release: Vec::new(),
+    };
+    if owned.len() < fair {
+        plan.try_acquire = (0..n)
+            .map(|i| ((start as usize + i) % n) as u16)
+            .filter(|p| !owned.contains(p))
+            .collect();
+    } else if owned.len() > fair {
+        plan.release = owned
+            .iter()
+            .copied()
+            .filter(|&p| !busy(p))
+            .take(owned.len() - fair)
+            .collect();
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_always_hashes_to_the_same_partition() {
+        // FNV-1a reference values: the hash may never change, or messages already
+        // queued would move to another partition's owner.
+        assert_eq!(key_hash(""), 0x811c_9dc5);
+        assert_eq!(key_hash("a"), 0xe40c_292c);
+        assert_eq!(key_hash("foobar"), 0xbf9c_f968);
+        assert_eq!(partition_of(key_hash("a"), 8), (0xe40c_292c_u32 % 8) as u16);
+        assert_eq!(partition_of(12345, 1), 0);
+        assert_eq!(partition_of(12345, 0), 0, "0 partitions is read as 1");
+    }
+
+    #[test]
+    fn keys_spread_over_the_partitions() {
+        let mut seen = [0u32; 8];
+        for i in 0..800 {
+            seen[partition_of(key_hash(&format!("order-{i}")), 8) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn lock_classes_are_positive_and_differ_per_endpoint() {
+        assert!(lock_class("skald") >= 0);
+        assert_ne!(lock_class("skald"), lock_class("payments"));
+    }
+
+    #[test]
+    fn a_lone_consumer_takes_every_partition() {
+        let plan = rebalance(4, 1, &[], |_| false, 2);
+        assert_eq!(plan.try_acquire, [2, 3, 0, 1]);
+        assert_eq!(plan.want, 4);
+        assert!(plan.release.is_empty());
+    }
+
+    #[test]
+    fn consumers_share_the_partitions_rounding_up() {
+        let plan = rebalance(8, 3, &[0], |_| false, 0);
+        assert_eq!(plan.want, 3);
+        assert_eq!(plan.try_acquire, [1, 2, 3, 4, 5, 6, 7]);
+        let plan = rebalance(8, 2, &[0, 1, 2, 3], |_| false, 0);
+        assert_eq!(plan, Rebalance { try_acquire: vec![], want: 4, release: vec![] });
+    }
+
+    #[test]
+    fn a_surplus_is_released_only_where_nothing_is_in_flight() {
+        // A second consumer joined: half of the eight are released, but never one
+        // whose deliveries are still being handled.
+        let owned: Vec<u16> = (0..8).collect();
+        let plan = rebalance(8, 2, &owned, |p| p < 3, 0);
+        assert_eq!(plan.release, [3, 4, 5, 6]);
+        let plan = rebalance(8, 2, &owned, |p| p != 7, 0);
+        assert_eq!(plan.release, [7], "the rest waits for a later rebalance");
+    }
+}
