@@ -184,7 +184,11 @@ impl Config {
                 value,
                 reason: format!(
                     "must be one of {}",
-                    TransportKind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                    TransportKind::ALL
+                        .iter()
+                        .map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             })?,
         };

@@ -40,7 +40,10 @@ pub enum Endpoint {
 
 /// Connects the transport `config` chooses (`SKALD_TRANSPORT`) for the queues of
 /// `home`. Must be called inside a tokio runtime.
-pub async fn connect(config: &Config, home: Endpoint) -> Result<Arc<dyn Transport>, TransportError> {
+pub async fn connect(
+    config: &Config,
+    home: Endpoint,
+) -> Result<Arc<dyn Transport>, TransportError> {
     Ok(match config.transport {
         TransportKind::RabbitMq => rabbitmq::RabbitTransport::connect(config).await?,
         TransportKind::Postgres => postgres::PgTransport::connect(config, home).await?,

@@ -1,45 +1,79 @@
 //! One conformance suite for every transport: the promises written on
-//! `skald::transport::Transport`, checked against RabbitMQ (the real broker) and the
-//! in-memory transport alike. A new transport (issue #12) gets its harness here.
+//! `skald::transport::Transport`, written once and checked against RabbitMQ and
+//! PostgreSQL (the real servers) and the in-memory transport alike. A new transport
+//! (issue #12) gets its harness here and one test at the bottom.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
+use skald::config::TransportKind;
 use skald::transport::memory::MemoryTransport;
-use skald::transport::rabbitmq::RabbitTransport;
-use skald::transport::{Delivery, Transport};
+use skald::transport::{Delivery, Endpoint, Transport};
 
 use crate::helpers::{TestEnv, test_sagas};
 
 /// A transport under test, and how to reach it again after its consumer died.
 enum Harness {
-    Rabbit(Box<TestEnv>),
+    /// A real server, through the transport `SKALD_TRANSPORT` would choose.
+    Server(Box<TestEnv>),
     Memory(MemoryTransport),
 }
 
+/// A consumer's connections, as [`Harness::connections`] lists them.
+struct Connections(Vec<String>);
+
 impl Harness {
-    /// A connection (a new one for RabbitMQ: the old one is what dies).
+    async fn server(transport: TransportKind) -> Harness {
+        Harness::Server(Box::new(TestEnv::on(transport, test_sagas()).await))
+    }
+
+    /// A connection (a new one for a server: the old one is what dies).
     async fn open(&self) -> Arc<dyn Transport> {
         match self {
-            Harness::Rabbit(env) => RabbitTransport::connect(&env.config)
+            Harness::Server(env) => skald::transport::connect(&env.config, Endpoint::Orchestrator)
                 .await
                 .expect("connect"),
             Harness::Memory(t) => Arc::new(t.clone()),
         }
     }
 
+    /// The transport connections open now (to kill later).
+    async fn connections(&self) -> Connections {
+        match self {
+            Harness::Server(env) => Connections(env.transport_connections().await),
+            Harness::Memory(_) => Connections(Vec::new()),
+        }
+    }
+
+    /// Kills `connections` on the server's side: their consumer dies as in a crash.
+    async fn kill(&self, connections: Connections) {
+        match self {
+            Harness::Server(env) => {
+                assert!(!connections.0.is_empty(), "a consumer's connection to kill");
+                env.kill_transport_connections(&connections.0).await;
+            }
+            Harness::Memory(t) => t.crash(),
+        }
+    }
+
+    /// Whether a second consumer may subscribe while the first one lives (and wait,
+    /// receiving nothing of its keys). The in-memory transport has one consumer.
+    fn has_standbys(&self) -> bool {
+        matches!(self, Harness::Server(_))
+    }
+
     /// Dead letters stored so far.
     async fn dead_letters(&self) -> usize {
         match self {
-            Harness::Rabbit(env) => env.queue_depth(&env.topology().dead_queue).await as usize,
+            Harness::Server(env) => env.dead_letter_depth().await as usize,
             Harness::Memory(t) => t.dead_letters().len(),
         }
     }
 
     async fn cleanup(self) {
-        if let Harness::Rabbit(env) = self {
+        if let Harness::Server(env) = self {
             (*env).cleanup().await;
         }
     }
@@ -75,6 +109,20 @@ async fn ack_all(ds: Vec<Delivery>) {
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// 1: a confirmed publish is kept, though its publisher goes away before anybody
+/// consumes it.
+async fn a_confirmed_publish_outlives_its_publisher(h: &Harness) {
+    let publisher = h.open().await;
+    publisher.publish("z", b"kept", 0).await.expect("confirmed");
+    publisher.close().await;
+    let t = h.open().await;
+    let mut stream = t.consume().await.expect("consume");
+    let got = take(&mut stream, 1, WAIT).await;
+    assert_eq!(bodies(&got), ["kept"]);
+    ack_all(got).await;
+    t.close().await;
+}
+
 /// 1 and 2: a confirmed publish is delivered; an acked delivery never comes again.
 async fn published_messages_are_delivered_and_acked_ones_are_gone(h: &Harness) {
     let t = h.open().await;
@@ -100,8 +148,9 @@ async fn published_messages_are_delivered_and_acked_ones_are_gone(h: &Harness) {
     t.close().await;
 }
 
-/// 2 and 5: unacked deliveries of a consumer that dies come again, in order, before
-/// anything newer of their key, flagged redelivered; the ack acks exactly one delivery.
+/// 2 and 5: unacked deliveries of a consumer whose connection is killed come again,
+/// in order, before anything newer of their key, flagged redelivered; the ack acks
+/// exactly one delivery.
 async fn a_dead_consumers_unacked_deliveries_come_again_in_order(h: &Harness) {
     let t = h.open().await;
     for i in 0..3 {
@@ -119,8 +168,9 @@ async fn a_dead_consumers_unacked_deliveries_come_again_in_order(h: &Harness) {
         got.next().unwrap(),
     );
     b1.ack().await.expect("ack exactly b1");
-    drop((b0, b2));
-    t.close().await; // the consumer dies with b0 and b2 unacked
+    let victim = h.connections().await;
+    h.kill(victim).await; // the consumer dies with b0 and b2 unacked
+    drop((b0, b2, stream, t));
     let t = h.open().await;
     t.publish("b", b"b3", 0).await.expect("confirmed");
     let mut stream = t.consume().await.expect("consume");
@@ -145,6 +195,28 @@ async fn a_delayed_message_is_never_early(h: &Harness) {
     assert_eq!(bodies(&got), ["late"]);
     assert!(
         sent.elapsed() >= Duration::from_millis(300),
+        "early: {:?}",
+        sent.elapsed()
+    );
+    ack_all(got).await;
+    t.close().await;
+}
+
+/// 3: a delayed message waits durably: its publisher and the consumer go away, and
+/// a new consumer still gets it, not before its delay.
+async fn a_delayed_message_survives_a_restart_and_is_never_early(h: &Harness) {
+    let t = h.open().await;
+    let sent = Instant::now();
+    t.publish("d", b"after restart", 1_500)
+        .await
+        .expect("confirmed");
+    t.close().await;
+    let t = h.open().await;
+    let mut stream = t.consume().await.expect("consume");
+    let got = take(&mut stream, 1, WAIT).await;
+    assert_eq!(bodies(&got), ["after restart"]);
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1_500),
         "early: {:?}",
         sent.elapsed()
     );
@@ -196,17 +268,105 @@ async fn each_keys_messages_arrive_in_publish_order(h: &Harness) {
     t.close().await;
 }
 
+/// 5: two consumers and a failover in the middle: while the first lives, the second
+/// gets nothing of its keys; when the first is killed, the second gets what it had not
+/// acked first, then the rest, each key in publish order.
+async fn a_standby_takes_over_a_killed_consumers_keys_in_order(h: &Harness) {
+    let t = h.open().await;
+    for i in 0..10 {
+        let key = format!("f{}", i % 2);
+        t.publish(&key, format!("{key}:{i}").as_bytes(), 0)
+            .await
+            .expect("confirmed");
+    }
+    let mut first = t.consume().await.expect("consume");
+    // Of what the first consumer got, each key's first message is acked; the rest is
+    // held, never acked (at least one: four messages of two keys).
+    let mut acked: Vec<String> = Vec::new();
+    let mut held: Vec<Delivery> = Vec::new();
+    for d in take(&mut first, 4, WAIT).await {
+        let body = String::from_utf8_lossy(&d.body).to_string();
+        if acked.iter().any(|a| a[..2] == body[..2]) {
+            held.push(d);
+        } else {
+            acked.push(body);
+            d.ack().await.expect("ack");
+        }
+    }
+    assert_eq!(acked.len() + held.len(), 4);
+    let held_keys: Vec<String> = held
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.body[..2]).to_string())
+        .collect();
+    let victim = h.connections().await;
+
+    let standby = h.open().await;
+    let mut second = None;
+    if h.has_standbys() {
+        let mut stream = standby.consume().await.expect("consume");
+        assert!(
+            take(&mut stream, 1, Duration::from_millis(2_500))
+                .await
+                .is_empty(),
+            "a standby gets nothing of keys another consumer holds"
+        );
+        second = Some(stream);
+    }
+    h.kill(victim).await;
+    drop((held, first, t));
+    let mut second = match second {
+        Some(stream) => stream,
+        None => standby.consume().await.expect("consume"),
+    };
+    let mut rest = Vec::new();
+    for _ in 0..10 - acked.len() {
+        let one = take(&mut second, 1, WAIT).await;
+        rest.extend(
+            one.iter()
+                .map(|d| (String::from_utf8_lossy(&d.body).to_string(), d.redelivered)),
+        );
+        ack_all(one).await;
+    }
+    for key in ["f0", "f1"] {
+        let of_key: Vec<&(String, bool)> =
+            rest.iter().filter(|(b, _)| b.starts_with(key)).collect();
+        let expected: Vec<String> = (0..10)
+            .map(|i| format!("f{}:{i}", i % 2))
+            .filter(|b| b.starts_with(key) && !acked.contains(b))
+            .collect();
+        assert_eq!(
+            of_key.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(),
+            expected,
+            "{key}: the unacked ones first, then the rest, in publish order"
+        );
+        if held_keys.iter().any(|k| k == key) {
+            assert!(of_key[0].1, "{key}: an unacked one is flagged redelivered");
+        }
+    }
+    standby.close().await;
+}
+
 async fn keeps_every_promise(h: &Harness) {
+    a_confirmed_publish_outlives_its_publisher(h).await;
     published_messages_are_delivered_and_acked_ones_are_gone(h).await;
     a_dead_consumers_unacked_deliveries_come_again_in_order(h).await;
     a_delayed_message_is_never_early(h).await;
+    a_delayed_message_survives_a_restart_and_is_never_early(h).await;
     a_dead_letter_is_stored(h).await;
     each_keys_messages_arrive_in_publish_order(h).await;
+    a_standby_takes_over_a_killed_consumers_keys_in_order(h).await;
 }
 
 #[actix_rt::test]
 async fn rabbitmq_keeps_every_transport_promise() {
-    let h = Harness::Rabbit(Box::new(TestEnv::new(test_sagas()).await));
+    let h = Harness::server(TransportKind::RabbitMq).await;
+    keeps_every_promise(&h).await;
+    h.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn postgres_keeps_every_transport_promise() {
+    let h = Harness::server(TransportKind::Postgres).await;
     keeps_every_promise(&h).await;
     h.cleanup().await;
 }

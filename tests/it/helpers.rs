@@ -1,5 +1,8 @@
 //! Shared setup: every test gets its own PostgreSQL database and its own RabbitMQ
 //! namespace (exchanges and queues), so tests run in parallel and rerun cleanly.
+//!
+//! The transport a test runs on is `SKALD_TRANSPORT` of the test run (default
+//! `rabbitmq`), or the one a scenario names ([`TestEnv::on`], [`on_every_transport`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,12 +19,12 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 use skald::app::{App, AppError};
-use skald::config::Config;
+use skald::config::{Config, TransportKind};
 use skald::engine::{Engine, Faults};
 use skald::envelope::{Envelope, Outgoing};
 use skald::handlers::Handlers;
-use skald::transport::Transport;
-use skald::transport::rabbitmq::{RabbitTransport, Topology};
+use skald::transport::rabbitmq::Topology;
+use skald::transport::{Endpoint, Transport};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
 use uuid::Uuid;
@@ -50,11 +53,23 @@ pub struct TestEnv {
 
 impl TestEnv {
     /// A fresh database (created by skald itself on first build) and namespace, with
-    /// sagas from `sagas_dir`.
+    /// sagas from `sagas_dir`, on the transport `SKALD_TRANSPORT` of the test run names
+    /// (default `rabbitmq`).
     pub async fn new(sagas_dir: PathBuf) -> TestEnv {
+        let transport = match std::env::var("SKALD_TRANSPORT") {
+            Ok(name) => TransportKind::parse(&name)
+                .unwrap_or_else(|| panic!("SKALD_TRANSPORT={name:?} is not a transport")),
+            Err(_) => TransportKind::RabbitMq,
+        };
+        Self::on(transport, sagas_dir).await
+    }
+
+    /// [`TestEnv::new`] on `transport`.
+    pub async fn on(transport: TransportKind, sagas_dir: PathBuf) -> TestEnv {
         let name = format!("skald_it_{}", &Uuid::new_v4().simple().to_string()[..12]);
         let config = Config {
             database_url: format!("{SERVER}/{name}"),
+            transport,
             amqp_url: AMQP.to_string(),
             sagas_dir,
             namespace: name.clone(),
@@ -118,6 +133,7 @@ impl TestEnv {
         vec![
             ("DATABASE_URL", self.config.database_url.clone()),
             ("AMQP_URL", self.config.amqp_url.clone()),
+            ("SKALD_TRANSPORT", self.config.transport.as_str().into()),
             ("SKALD_NAMESPACE", self.config.namespace.clone()),
             (
                 "SKALD_SAGAS_DIR",
@@ -159,11 +175,11 @@ impl TestEnv {
             .expect("spawn skald run")
     }
 
-    /// A transport for publishing test messages.
-    pub async fn transport(&self) -> Arc<RabbitTransport> {
-        RabbitTransport::connect(&self.config)
+    /// A transport (this test's) for publishing test messages to skald's intake.
+    pub async fn transport(&self) -> Arc<dyn Transport> {
+        skald::transport::connect(&self.config, Endpoint::Orchestrator)
             .await
-            .expect("connect to RabbitMQ")
+            .expect("connect to the transport")
     }
 
     /// Publishes start messages (confirmed, in order) and returns their message ids.
@@ -189,6 +205,13 @@ impl TestEnv {
     /// publisher would.
     pub async fn publish_raw(&self, bodies: &[Vec<u8>]) {
         let transport = self.transport().await; // declares the topology
+        if self.config.transport != TransportKind::RabbitMq {
+            for body in bodies {
+                transport.publish("intake", body, 0).await.expect("publish");
+            }
+            transport.close().await;
+            return;
+        }
         transport.close().await;
         let conn = Connection::connect(AMQP, ConnectionProperties::default())
             .await
@@ -294,34 +317,91 @@ impl TestEnv {
             .expect("read statuses")
     }
 
-    /// Messages ready in one of this test's queues.
-    pub async fn queue_depth(&self, queue: &str) -> u32 {
-        let conn = Connection::connect(AMQP, ConnectionProperties::default())
-            .await
-            .expect("connect");
-        let ch = conn.create_channel().await.expect("channel");
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue exists");
-        let _ = conn.close(200, "".into()).await;
-        q.message_count()
+    /// Messages ready in all partition queues together (as the transport reports them
+    /// to the dashboard).
+    pub async fn intake_depth(&self) -> u32 {
+        self.depths(|queue| queue.contains(".p.")).await
     }
 
-    /// Messages ready in all partition queues together.
-    pub async fn intake_depth(&self) -> u32 {
-        let mut total = 0;
-        for queue in self.topology().partitions {
-            total += self.queue_depth(&queue).await;
+    /// Dead letters in the transport's dead-letter store.
+    pub async fn dead_letter_depth(&self) -> u32 {
+        self.depths(|queue| queue.ends_with(".dead")).await
+    }
+
+    async fn depths(&self, counted: impl Fn(&str) -> bool) -> u32 {
+        let transport = self.transport().await;
+        let depths = transport.queue_depths().await.expect("queue depths");
+        transport.close().await;
+        depths
+            .iter()
+            .filter(|(queue, _)| counted(queue))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// skald's transport connections of this test open now: RabbitMQ connection pids
+    /// (named after the namespace), or PostgreSQL consumer sessions.
+    pub async fn transport_connections(&self) -> Vec<String> {
+        match self.config.transport {
+            TransportKind::RabbitMq => {
+                let name = format!("skald:{}", self.config.namespace);
+                tokio::task::spawn_blocking(move || {
+                    let out = Command::new("rabbitmqctl")
+                        .args([
+                            "list_connections",
+                            "-q",
+                            "--no-table-headers",
+                            "pid",
+                            "client_properties",
+                        ])
+                        .output()
+                        .expect("rabbitmqctl");
+                    String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .filter(|l| l.contains(&name))
+                        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+                        .collect()
+                })
+                .await
+                .expect("rabbitmqctl thread")
+            }
+            TransportKind::Postgres => sqlx::query_scalar(
+                "SELECT pid::text FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = $1",
+            )
+            .bind(skald::transport::postgres::consumer::SESSION_NAME)
+            .fetch_all(&self.pool)
+            .await
+            .expect("list consumer sessions"),
         }
-        total
+    }
+
+    /// Kills `connections` (from [`TestEnv::transport_connections`]) on the server's
+    /// side, as a crash or a network failure would end them.
+    pub async fn kill_transport_connections(&self, connections: &[String]) {
+        match self.config.transport {
+            TransportKind::RabbitMq => {
+                let pids = connections.to_vec();
+                tokio::task::spawn_blocking(move || {
+                    for pid in &pids {
+                        let _ = Command::new("rabbitmqctl")
+                            .args(["close_connection", pid, "killed by a test"])
+                            .output();
+                    }
+                })
+                .await
+                .expect("rabbitmqctl thread");
+            }
+            TransportKind::Postgres => {
+                for pid in connections {
+                    sqlx::query("SELECT pg_terminate_backend($1::text::int)")
+                        .bind(pid)
+                        .execute(&self.pool)
+                        .await
+                        .expect("terminate a session");
+                }
+            }
+        }
     }
 
     /// The topology names of this test's namespace.
@@ -460,3 +540,21 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::ExitSta
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Runs `scenario` (an `async fn(TransportKind)`) as one test per transport, named
+/// `<scenario>::<transport>`.
+macro_rules! on_every_transport {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[actix_rt::test]
+            async fn rabbitmq() {
+                super::$scenario(skald::config::TransportKind::RabbitMq).await
+            }
+            #[actix_rt::test]
+            async fn postgres() {
+                super::$scenario(skald::config::TransportKind::Postgres).await
+            }
+        }
+    };
+}
+pub(crate) use on_every_transport;

@@ -6,13 +6,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::{TestEnv, ordered_starts, start, test_sagas, wait_child};
+use skald::config::TransportKind;
 
-#[actix_rt::test]
-async fn three_processes_one_killed_mid_run_complete_everything_in_order() {
+use crate::helpers::{TestEnv, on_every_transport, ordered_starts, start, test_sagas, wait_child};
+
+on_every_transport!(three_processes_one_killed_mid_run_complete_everything_in_order);
+async fn three_processes_one_killed_mid_run_complete_everything_in_order(transport: TransportKind) {
     const SAGAS: u64 = 5_000;
     const AGGREGATES: u64 = 100;
-    let env = TestEnv::new(test_sagas()).await;
+    let env = TestEnv::on(transport, test_sagas()).await;
     env.publish_starts(ordered_starts(SAGAS, AGGREGATES)).await;
 
     let mut processes: Vec<_> = (0..3).map(|_| env.spawn_process(&[])).collect();

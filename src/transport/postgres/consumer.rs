@@ -106,6 +106,7 @@ pub(super) async fn start(
         class,
         owned: BTreeMap::new(),
         in_flight: HashMap::new(),
+        draining: Default::default(),
         tx: Some(tx),
         acks_tx,
         next_due: None,
@@ -122,6 +123,9 @@ struct Session {
     owned: BTreeMap<u16, i64>,
     /// Deliveries handed out and not acked yet, with their partition.
     in_flight: HashMap<i64, u16>,
+    /// Owned partitions being handed over: nothing more is fetched from them, and each
+    /// is unlocked once nothing of it is in flight.
+    draining: std::collections::BTreeSet<u16>,
     /// `None` once told to stop: no more fetching.
     tx: Option<mpsc::Sender<Delivery>>,
     acks_tx: mpsc::UnboundedSender<AckRequest>,
@@ -175,7 +179,9 @@ impl Session {
             }
             let wait = self
                 .next_due
-                .map_or(POLL_INTERVAL, |d| d.saturating_duration_since(Instant::now()))
+                .map_or(POLL_INTERVAL, |d| {
+                    d.saturating_duration_since(Instant::now())
+                })
                 .min(POLL_INTERVAL);
             tokio::select! {
                 req = acks.recv() => match req {
@@ -263,7 +269,19 @@ impl Session {
                 self.owned.insert(p, mark.unwrap_or(0));
             }
         }
-        for p in plan.release {
+        self.draining = plan.release.into_iter().collect();
+        self.unlock_drained().await
+    }
+
+    /// Unlocks the partitions being handed over that have nothing in flight.
+    async fn unlock_drained(&mut self) -> Result<(), sqlx::Error> {
+        let drained: Vec<u16> = self
+            .draining
+            .iter()
+            .copied()
+            .filter(|p| !self.in_flight.values().any(|q| q == p))
+            .collect();
+        for p in drained {
             sqlx::query("SELECT pg_advisory_unlock($1, $2)")
                 .bind(self.class)
                 .bind(i32::from(p))
@@ -271,6 +289,7 @@ impl Session {
                 .await?;
             tracing::debug!(partition = p, "queue partition handed over");
             self.owned.remove(&p);
+            self.draining.remove(&p);
         }
         Ok(())
     }
@@ -319,7 +338,15 @@ impl Session {
         if room == 0 || self.owned.is_empty() {
             return Ok(false);
         }
-        let owned: Vec<i32> = self.owned.keys().map(|&p| i32::from(p)).collect();
+        let owned: Vec<i32> = self
+            .owned
+            .keys()
+            .filter(|p| !self.draining.contains(p))
+            .map(|&p| i32::from(p))
+            .collect();
+        if owned.is_empty() {
+            return Ok(false);
+        }
         let in_flight: Vec<i64> = self.in_flight.keys().copied().collect();
         let rows: Vec<(i64, i32, Vec<u8>)> = sqlx::query_as(
             "WITH picked AS MATERIALIZED (

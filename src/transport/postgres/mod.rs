@@ -76,7 +76,10 @@ pub struct PgTransport {
 impl PgTransport {
     /// Connects to skald's database of `config` (creating it and applying the
     /// migrations if needed) for the queues of `home`.
-    pub async fn connect(config: &Config, home: Endpoint) -> Result<Arc<PgTransport>, TransportError> {
+    pub async fn connect(
+        config: &Config,
+        home: Endpoint,
+    ) -> Result<Arc<PgTransport>, TransportError> {
         let store = Store::connect(&config.database_url, POOL_SIZE)
             .await
             .map_err(db_err)?;
@@ -275,7 +278,10 @@ impl Transport for PgTransport {
             let count = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
             let mut depths: Vec<(String, u32)> = (0..self.partitions)
                 .map(|p| {
-                    let n = ready.iter().find(|(q, _)| *q == i32::from(p)).map_or(0, |r| r.1);
+                    let n = ready
+                        .iter()
+                        .find(|(q, _)| *q == i32::from(p))
+                        .map_or(0, |r| r.1);
                     (format!("{}.p.{p}", self.endpoint), count(n))
                 })
                 .collect();
@@ -286,9 +292,7 @@ impl Transport for PgTransport {
     }
 
     fn healthy(&self) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
-        })
+        Box::pin(async move { sqlx::query("SELECT 1").execute(&self.pool).await.is_ok() })
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

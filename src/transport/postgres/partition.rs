@@ -37,16 +37,17 @@ pub struct Rebalance {
     pub try_acquire: Vec<u16>,
     /// How many partitions to own after acquiring.
     pub want: usize,
-    /// Partitions to unlock (none of them has a delivery in flight).
+    /// Partitions to hand over: fetch nothing more from them, and unlock each once
+    /// nothing of it is in flight (idle ones come first, so they go at once).
     pub release: Vec<u16>,
 }
 
 /// The fair share of `partitions` for one of `members` consumers (rounded up, so that
 /// together they cover every partition), and what to do to reach it from `owned`:
 /// acquire free ones starting at `start` (random, so that processes spread), or
-/// release the surplus among the partitions that have nothing in flight (`busy` says
-/// which do: releasing those would let another consumer deliver their messages again
-/// while this one still handles them).
+/// release the surplus, idle partitions first (`busy` says which have deliveries in
+/// flight: those are unlocked only once drained, or another consumer would deliver
+/// their messages again while this one still handles them).
 pub fn rebalance(
     partitions: u16,
     members: usize,
@@ -67,10 +68,10 @@ pub fn rebalance(
             .filter(|p| !owned.contains(p))
             .collect();
     } else if owned.len() > fair {
-        plan.release = owned
-            .iter()
-            .copied()
-            .filter(|&p| !busy(p))
+        let (idle, busy): (Vec<u16>, Vec<u16>) = owned.iter().partition(|&&p| !busy(p));
+        plan.release = idle
+            .into_iter()
+            .chain(busy)
             .take(owned.len() - fair)
             .collect();
     }
@@ -122,17 +123,24 @@ mod tests {
         assert_eq!(plan.want, 3);
         assert_eq!(plan.try_acquire, [1, 2, 3, 4, 5, 6, 7]);
         let plan = rebalance(8, 2, &[0, 1, 2, 3], |_| false, 0);
-        assert_eq!(plan, Rebalance { try_acquire: vec![], want: 4, release: vec![] });
+        assert_eq!(
+            plan,
+            Rebalance {
+                try_acquire: vec![],
+                want: 4,
+                release: vec![]
+            }
+        );
     }
 
     #[test]
-    fn a_surplus_is_released_only_where_nothing_is_in_flight() {
-        // A second consumer joined: half of the eight are released, but never one
-        // whose deliveries are still being handled.
+    fn a_surplus_is_released_idle_partitions_first() {
+        // A second consumer joined: half of the eight are handed over, idle ones first
+        // (busy ones drain before they are unlocked).
         let owned: Vec<u16> = (0..8).collect();
         let plan = rebalance(8, 2, &owned, |p| p < 3, 0);
         assert_eq!(plan.release, [3, 4, 5, 6]);
         let plan = rebalance(8, 2, &owned, |p| p != 7, 0);
-        assert_eq!(plan.release, [7], "the rest waits for a later rebalance");
+        assert_eq!(plan.release, [7, 0, 1, 2]);
     }
 }
