@@ -4,13 +4,16 @@
 
 -- Messages ready to be delivered, oldest (lowest id) first. A row is deleted by the ack
 -- of its delivery; until then it belongs to the consumer that holds its partition
--- (key_hash % SKALD_PARTITIONS) under a session advisory lock.
+-- (key_hash % SKALD_PARTITIONS) under a session advisory lock. Anyone may publish with
+-- a plain INSERT (endpoint, key, body): the hash is computed here.
 CREATE TABLE skald.queue_messages (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     endpoint   text        NOT NULL,
     key        text        NOT NULL,
-    -- FNV-1a of the key (0 .. 2^32-1): the partition is key_hash % partitions.
-    key_hash   bigint      NOT NULL,
+    -- PostgreSQL's own text hash (the one hash partitioning uses, stable across
+    -- versions), made non-negative: the partition is key_hash % partitions.
+    key_hash   bigint      NOT NULL
+        GENERATED ALWAYS AS (hashtextextended(key, 0) & 9223372036854775807) STORED,
     body       bytea       NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
@@ -31,11 +34,27 @@ CREATE TABLE skald.queue_delayed (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     endpoint   text        NOT NULL,
     key        text        NOT NULL,
-    key_hash   bigint      NOT NULL,
     body       bytea       NOT NULL,
     due_at     timestamptz NOT NULL
 );
 CREATE INDEX queue_delayed_due ON skald.queue_delayed (endpoint, due_at);
+
+-- Every insert (a publish, a batch of them, delayed messages coming due) wakes the
+-- endpoint's idle consumers: one notification per statement and endpoint, payload
+-- 'r:<endpoint>' for ready messages, 'd:<endpoint>' for delayed ones.
+CREATE FUNCTION skald.queue_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('skald_queue', TG_ARGV[0] || ':' || endpoint)
+       FROM (SELECT DISTINCT endpoint FROM arrived) e;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER queue_messages_notify AFTER INSERT ON skald.queue_messages
+    REFERENCING NEW TABLE AS arrived
+    FOR EACH STATEMENT EXECUTE FUNCTION skald.queue_notify('r');
+CREATE TRIGGER queue_delayed_notify AFTER INSERT ON skald.queue_delayed
+    REFERENCING NEW TABLE AS arrived
+    FOR EACH STATEMENT EXECUTE FUNCTION skald.queue_notify('d');
 
 -- Per partition, the highest message id ever handed out: a new owner flags deliveries
 -- up to it as redelivered (a hint, as a broker's redelivered flag is).

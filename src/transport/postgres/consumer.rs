@@ -18,8 +18,8 @@ use futures_util::future::BoxFuture;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::db_err;
 use super::partition::{self, MEMBER_LOCK};
-use super::{db_err, pg_notify_payload};
 use crate::transport::{Acknowledge, Delivery, TransportError};
 
 /// How often a consumer looks for partitions to take or give up, and for due delayed
@@ -297,28 +297,20 @@ impl Session {
     /// Moves the endpoint's due delayed messages to the queue (behind what is there),
     /// and learns when the next one is due.
     async fn move_due(&mut self) -> Result<(), sqlx::Error> {
-        let moved = sqlx::query(
+        // The insert trigger wakes the owners of what was moved.
+        sqlx::query(
             "WITH due AS (
                 DELETE FROM skald.queue_delayed WHERE id IN (
                     SELECT id FROM skald.queue_delayed
                      WHERE endpoint = $1 AND due_at <= clock_timestamp()
                      ORDER BY due_at, id LIMIT 1000 FOR UPDATE SKIP LOCKED)
-                RETURNING id, due_at, endpoint, key, key_hash, body)
-             INSERT INTO skald.queue_messages (endpoint, key, key_hash, body)
-             SELECT endpoint, key, key_hash, body FROM due ORDER BY due_at, id",
+                RETURNING id, due_at, endpoint, key, body)
+             INSERT INTO skald.queue_messages (endpoint, key, body)
+             SELECT endpoint, key, body FROM due ORDER BY due_at, id",
         )
         .bind(&self.setup.endpoint)
         .execute(&mut self.conn)
-        .await?
-        .rows_affected();
-        if moved > 0 {
-            // Other processes may own the partitions of what was moved.
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(super::CHANNEL)
-                .bind(pg_notify_payload(&self.setup.endpoint, false))
-                .execute(&mut self.conn)
-                .await?;
-        }
+        .await?;
         let next_ms: Option<f64> = sqlx::query_scalar(
             "SELECT (extract(epoch FROM min(due_at) - clock_timestamp()) * 1000)::float8
                FROM skald.queue_delayed WHERE endpoint = $1",

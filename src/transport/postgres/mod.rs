@@ -2,9 +2,10 @@
 //! in skald's own database (migration `20261128000010_queue.sql`), so skald needs no
 //! broker. The design, its costs and its limits are in `docs/design.md`.
 //!
-//! - **Publish** is one committed `INSERT` (so "confirmed" means committed) and a
-//!   `NOTIFY` in the same transaction, which wakes idle consumers; a delayed publish
-//!   is a row in `queue_delayed` with its due time.
+//! - **Publish** is a committed `INSERT` (so "confirmed" means committed): the
+//!   publishes waiting at a moment go in one statement, in call order
+//!   ([`publisher`]); the table's insert trigger `NOTIFY`s idle consumers. A delayed
+//!   publish is a row in `queue_delayed` with its due time.
 //! - **Partitions**: a message's partition is its key's hash modulo
 //!   `SKALD_PARTITIONS`. A consumer owns a partition by holding a session advisory lock
 //!   on it ([`consumer`]); it fetches only owned partitions, oldest first, in batches,
@@ -17,6 +18,7 @@
 
 pub mod consumer;
 pub mod partition;
+pub mod publisher;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,14 +34,15 @@ use super::{Delivery, Endpoint, Transport, TransportError};
 use crate::config::Config;
 use crate::store::Store;
 use consumer::{ConsumerHandle, ConsumerSetup, Control};
+use publisher::Publisher;
 
-/// The `LISTEN/NOTIFY` channel every publish notifies (payload: see
+/// The `LISTEN/NOTIFY` channel the queue tables' insert triggers notify (payload: see
 /// [`pg_notify_payload`]).
 pub const CHANNEL: &str = "skald_queue";
 
-/// Connections the transport's publishing pool opens at most (the consumer's session
-/// and the listener are two more).
-pub const POOL_SIZE: u32 = 4;
+/// Connections the transport's pool opens at most (the publisher uses one at a time;
+/// the consumer's session and the listener are two more of their own).
+pub const POOL_SIZE: u32 = 3;
 
 /// The notification payload for a publish to `endpoint`: `r:` a ready message, `d:` a
 /// delayed one.
@@ -63,6 +66,7 @@ pub fn endpoint_name(endpoint: &Endpoint) -> &str {
 /// skald's PostgreSQL transport for one home endpoint.
 pub struct PgTransport {
     pool: PgPool,
+    publisher: Publisher,
     database_url: String,
     endpoint: String,
     partitions: u16,
@@ -86,6 +90,7 @@ impl PgTransport {
         store.migrate().await.map_err(db_err)?;
         Ok(Arc::new(PgTransport {
             pool: store.pool().clone(),
+            publisher: Publisher::start(store.pool().clone()),
             database_url: config.database_url.clone(),
             endpoint: endpoint_name(&home).to_string(),
             partitions: config.partitions.max(1),
@@ -111,41 +116,7 @@ impl PgTransport {
         key: &'a str,
         body: &'a [u8],
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(self.insert(endpoint_name(to), key, body, 0))
-    }
-
-    async fn insert(
-        &self,
-        endpoint: &str,
-        key: &str,
-        body: &[u8],
-        delay_ms: u64,
-    ) -> Result<(), TransportError> {
-        let hash = i64::from(partition::key_hash(key));
-        let sql = if delay_ms == 0 {
-            "WITH m AS (INSERT INTO skald.queue_messages (endpoint, key, key_hash, body)
-                        VALUES ($1, $2, $3, $4) RETURNING 1)
-             SELECT pg_notify($6, $7) FROM m WHERE $5::bigint = 0"
-        } else {
-            // now() is when the transaction began, after the caller asked: never early.
-            "WITH m AS (INSERT INTO skald.queue_delayed (endpoint, key, key_hash, body, due_at)
-                        VALUES ($1, $2, $3, $4, now() + $5::bigint * interval '1 millisecond')
-                        RETURNING 1)
-             SELECT pg_notify($6, $7) FROM m"
-        };
-        let delay = i64::try_from(delay_ms).unwrap_or(i64::MAX);
-        sqlx::query(sql)
-            .bind(endpoint)
-            .bind(key)
-            .bind(hash)
-            .bind(body)
-            .bind(delay)
-            .bind(CHANNEL)
-            .bind(pg_notify_payload(endpoint, delay_ms > 0))
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(())
+        self.publisher.publish(endpoint_name(to), key, body, 0)
     }
 
     /// Listens for publishes to the home endpoint (once per transport), waking the
@@ -209,7 +180,7 @@ impl Transport for PgTransport {
         body: &'a [u8],
         delay_ms: u64,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(self.insert(&self.endpoint, key, body, delay_ms))
+        self.publisher.publish(&self.endpoint, key, body, delay_ms)
     }
 
     fn dead_letter<'a>(

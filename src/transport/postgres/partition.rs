@@ -1,11 +1,11 @@
-//! Partitions of the PostgreSQL transport, as pure functions: which partition a key
-//! hashes to, the advisory-lock keys that make one session the owner of a partition,
-//! and how many partitions a process should hold when several consume.
+//! Partitions of the PostgreSQL transport, as pure functions: the advisory-lock keys
+//! that make one session the owner of a partition, and how many partitions a process
+//! should hold when several consume. (A message's partition is computed in the
+//! database: `key_hash % partitions`, `key_hash` being PostgreSQL's
+//! `hashtextextended(key, 0)`, so that any publisher's plain `INSERT` lands right.)
 
-/// The key's hash stored with every message (FNV-1a, 32 bits): stable across
-/// processes, versions and platforms, so every process puts a key in the same
-/// partition.
-pub fn key_hash(key: &str) -> u32 {
+/// FNV-1a, 32 bits: stable across processes, versions and platforms.
+fn fnv1a(key: &str) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in key.bytes() {
         h ^= u32::from(b);
@@ -14,15 +14,10 @@ pub fn key_hash(key: &str) -> u32 {
     h
 }
 
-/// The partition of a message with hash `hash` among `partitions`.
-pub fn partition_of(hash: u32, partitions: u16) -> u16 {
-    (hash % u32::from(partitions.max(1))) as u16
-}
-
 /// The first key of the endpoint's advisory locks (`pg_try_advisory_lock(class,
 /// partition)`): positive, so that it reads the same as the `oid` in `pg_locks`.
 pub fn lock_class(endpoint: &str) -> i32 {
-    (key_hash(&format!("skald.queue:{endpoint}")) & 0x7fff_ffff) as i32
+    (fnv1a(&format!("skald.queue:{endpoint}")) & 0x7fff_ffff) as i32
 }
 
 /// The second key of the shared advisory lock every consumer of an endpoint holds
@@ -83,28 +78,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_key_always_hashes_to_the_same_partition() {
-        // FNV-1a reference values: the hash may never change, or messages already
-        // queued would move to another partition's owner.
-        assert_eq!(key_hash(""), 0x811c_9dc5);
-        assert_eq!(key_hash("a"), 0xe40c_292c);
-        assert_eq!(key_hash("foobar"), 0xbf9c_f968);
-        assert_eq!(partition_of(key_hash("a"), 8), (0xe40c_292c_u32 % 8) as u16);
-        assert_eq!(partition_of(12345, 1), 0);
-        assert_eq!(partition_of(12345, 0), 0, "0 partitions is read as 1");
-    }
-
-    #[test]
-    fn keys_spread_over_the_partitions() {
-        let mut seen = [0u32; 8];
-        for i in 0..800 {
-            seen[partition_of(key_hash(&format!("order-{i}")), 8) as usize] += 1;
-        }
-        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
-    }
-
-    #[test]
-    fn lock_classes_are_positive_and_differ_per_endpoint() {
+    fn lock_classes_are_stable_positive_and_differ_per_endpoint() {
+        // FNV-1a reference values: the lock keys may never change, or two versions of
+        // skald running side by side would not exclude each other.
+        assert_eq!(fnv1a(""), 0x811c_9dc5);
+        assert_eq!(fnv1a("a"), 0xe40c_292c);
+        assert_eq!(fnv1a("foobar"), 0xbf9c_f968);
         assert!(lock_class("skald") >= 0);
         assert_ne!(lock_class("skald"), lock_class("payments"));
     }
