@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use skald::config::TransportKind;
 use skald::transport::memory::MemoryTransport;
+use skald::transport::postgres::PgTransport;
 use skald::transport::{Delivery, Endpoint, Transport};
 
 use crate::helpers::{TestEnv, test_sagas};
@@ -376,4 +377,45 @@ async fn the_in_memory_transport_keeps_every_transport_promise() {
     let h = Harness::Memory(MemoryTransport::new());
     keeps_every_promise(&h).await;
     h.cleanup().await;
+}
+
+/// Endpoints (PostgreSQL): a command sent to a service before it first starts is kept
+/// for it, and only that service's consumer gets it.
+#[actix_rt::test]
+async fn postgres_keeps_a_command_sent_to_a_service_before_it_starts() {
+    let env = TestEnv::on(TransportKind::Postgres, test_sagas()).await;
+    let payments = Endpoint::Service("payments".into());
+    let skald_side = PgTransport::connect(&env.config, Endpoint::Orchestrator)
+        .await
+        .expect("connect");
+    skald_side
+        .send_to(&payments, "order-1", b"charge")
+        .await
+        .expect("committed");
+    let mut intake = skald_side.consume().await.expect("consume");
+    assert!(
+        take(&mut intake, 1, Duration::from_millis(700))
+            .await
+            .is_empty(),
+        "skald's intake does not get a service's command"
+    );
+    let service = PgTransport::connect(&env.config, payments)
+        .await
+        .expect("connect");
+    let waiting: u32 = service
+        .queue_depths()
+        .await
+        .expect("depths")
+        .iter()
+        .filter(|(q, _)| q.starts_with("payments.p."))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(waiting, 1, "kept for the service");
+    let mut stream = service.consume().await.expect("consume");
+    let got = take(&mut stream, 1, WAIT).await;
+    assert_eq!(bodies(&got), ["charge"]);
+    ack_all(got).await;
+    service.close().await;
+    skald_side.close().await;
+    env.cleanup().await;
 }
