@@ -173,6 +173,16 @@ impl PgTransport {
     }
 }
 
+impl Drop for PgTransport {
+    /// A transport dropped without `close` stops listening (its consumer's session
+    /// ends by itself when its handle goes).
+    fn drop(&mut self) {
+        if let Some(task) = self.listener.lock().expect("listener lock").take() {
+            task.abort();
+        }
+    }
+}
+
 impl Transport for PgTransport {
     fn publish<'a>(
         &'a self,
