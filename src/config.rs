@@ -9,7 +9,8 @@ use std::time::Duration;
 pub struct Config {
     /// `DATABASE_URL`: skald's PostgreSQL database; created if it does not exist.
     pub database_url: String,
-    /// `SKALD_TRANSPORT`: which queue skald's messages travel on (default `rabbitmq`).
+    /// `SKALD_TRANSPORT`: which queue skald's messages travel on (default `postgres`:
+    /// skald's own database, so that a newcomer needs one service, not two).
     pub transport: TransportKind,
     /// `AMQP_URL`: the RabbitMQ broker.
     pub amqp_url: String,
@@ -67,9 +68,9 @@ pub struct ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TransportKind {
     /// RabbitMQ at `AMQP_URL`.
-    #[default]
     RabbitMq,
     /// Tables in skald's own PostgreSQL database (`DATABASE_URL`): no broker.
+    #[default]
     Postgres,
 }
 
@@ -267,7 +268,7 @@ mod tests {
 
     #[test]
     fn the_transport_is_chosen_by_name_and_an_unknown_one_is_refused() {
-        assert_eq!(with(&[]).unwrap().transport, TransportKind::RabbitMq);
+        assert_eq!(with(&[]).unwrap().transport, TransportKind::Postgres);
         assert_eq!(
             with(&[("SKALD_TRANSPORT", "postgres")]).unwrap().transport,
             TransportKind::Postgres

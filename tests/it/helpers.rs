@@ -1,8 +1,11 @@
 //! Shared setup: every test gets its own PostgreSQL database and its own RabbitMQ
 //! namespace (exchanges and queues), so tests run in parallel and rerun cleanly.
 //!
-//! The transport a test runs on is `SKALD_TRANSPORT` of the test run (default
-//! `rabbitmq`), or the one a scenario names ([`TestEnv::on`], [`on_every_transport`]).
+//! The transport a test runs on is `SKALD_TRANSPORT` of the test run, or the one a
+//! scenario names ([`TestEnv::on`], [`on_every_transport`]). Unset, it is `rabbitmq`
+//! (not skald's default, `postgres`): the key scenarios run on both anyway, and the
+//! rest of the suite keeps covering the broker; `SKALD_TRANSPORT=postgres cargo test
+//! --test it` runs all of it on PostgreSQL.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
