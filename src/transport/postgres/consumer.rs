@@ -91,6 +91,14 @@ pub(super) async fn start(
         .map_err(db_err)?
         .application_name(SESSION_NAME);
     let mut conn = PgConnection::connect_with(&options).await.map_err(db_err)?;
+    // What the session writes needs no flush to disk before it goes on: a lost ack
+    // (the server crashed right after it) redelivers a message the inbox recognises,
+    // a lost mark only drops a hint, a lost move of due messages is done again. The
+    // publishes, which must be durable, go through the pool.
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut conn)
+        .await
+        .map_err(db_err)?;
     let class = partition::lock_class(&setup.endpoint);
     sqlx::query("SELECT pg_advisory_lock_shared($1, $2)")
         .bind(class)
@@ -161,7 +169,14 @@ impl Session {
                     if tick || due {
                         self.move_due().await?;
                     }
-                    self.fetch().await
+                    // Between ticks, fetch only once a quarter of the prefetch is free:
+                    // fewer, larger batches (each scans the head of the queue).
+                    let min_room = if tick {
+                        1
+                    } else {
+                        (self.setup.prefetch as usize / 4).max(1)
+                    };
+                    self.fetch(min_room).await
                 };
                 match step.await {
                     Ok(full) => full_batch = full,
@@ -324,10 +339,11 @@ impl Session {
     }
 
     /// Hands out the oldest messages of the owned partitions that are not in flight,
-    /// up to the prefetch; whether the batch was full (more may be waiting).
-    async fn fetch(&mut self) -> Result<bool, sqlx::Error> {
+    /// up to the prefetch, when at least `min_room` are free; whether the batch was full
+    /// (more may be waiting).
+    async fn fetch(&mut self, min_room: usize) -> Result<bool, sqlx::Error> {
         let room = (self.setup.prefetch as usize).saturating_sub(self.in_flight.len());
-        if room == 0 || self.owned.is_empty() {
+        if room == 0 || room < min_room || self.owned.is_empty() {
             return Ok(false);
         }
         let owned: Vec<i32> = self
