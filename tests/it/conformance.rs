@@ -192,15 +192,22 @@ async fn a_delayed_message_is_never_early(h: &Harness) {
     let mut stream = t.consume().await.expect("consume");
     let sent = Instant::now();
     t.publish("c", b"late", 300).await.expect("confirmed");
-    let got = take(&mut stream, 1, WAIT).await;
-    assert_eq!(bodies(&got), ["late"]);
-    assert!(
-        sent.elapsed() >= Duration::from_millis(300),
-        "early: {:?}",
-        sent.elapsed()
-    );
-    ack_all(got).await;
+    expect_delayed(&mut stream, "late", sent, Duration::from_millis(300)).await;
     t.close().await;
+}
+
+/// Takes the next delivery, which must be `body` and come no earlier than `delay`
+/// after `sent`, and acks it.
+async fn expect_delayed(
+    stream: &mut BoxStream<'static, Delivery>,
+    body: &str,
+    sent: Instant,
+    delay: Duration,
+) {
+    let got = take(stream, 1, WAIT).await;
+    assert_eq!(bodies(&got), [body]);
+    assert!(sent.elapsed() >= delay, "early: {:?}", sent.elapsed());
+    ack_all(got).await;
 }
 
 /// 3: a delayed message waits durably: its publisher and the consumer go away, and
@@ -214,14 +221,13 @@ async fn a_delayed_message_survives_a_restart_and_is_never_early(h: &Harness) {
     t.close().await;
     let t = h.open().await;
     let mut stream = t.consume().await.expect("consume");
-    let got = take(&mut stream, 1, WAIT).await;
-    assert_eq!(bodies(&got), ["after restart"]);
-    assert!(
-        sent.elapsed() >= Duration::from_millis(1_500),
-        "early: {:?}",
-        sent.elapsed()
-    );
-    ack_all(got).await;
+    expect_delayed(
+        &mut stream,
+        "after restart",
+        sent,
+        Duration::from_millis(1_500),
+    )
+    .await;
     t.close().await;
 }
 
