@@ -108,6 +108,32 @@ async fn ack_all(ds: Vec<Delivery>) {
     }
 }
 
+/// Publishes (confirmed, in order) `n` messages `<prefix><i % keys>:<i>` under the
+/// keys `<prefix><i % keys>`.
+async fn publish_round_robin(t: &dyn Transport, prefix: &str, keys: usize, n: usize) {
+    for i in 0..n {
+        let key = format!("{prefix}{}", i % keys);
+        t.publish(&key, format!("{key}:{i}").as_bytes(), 0)
+            .await
+            .expect("confirmed");
+    }
+}
+
+/// Up to `n` deliveries, each acked as it comes (a consumer holds at most its
+/// prefetch unacked): their bodies and redelivered flags.
+async fn take_acking(stream: &mut BoxStream<'static, Delivery>, n: usize) -> Vec<(String, bool)> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let one = take(stream, 1, WAIT).await;
+        got.extend(
+            one.iter()
+                .map(|d| (String::from_utf8_lossy(&d.body).to_string(), d.redelivered)),
+        );
+        ack_all(one).await;
+    }
+    got
+}
+
 const WAIT: Duration = Duration::from_secs(10);
 
 /// 1: a confirmed publish is kept, though its publisher goes away before anybody
@@ -245,20 +271,13 @@ async fn a_dead_letter_is_stored(h: &Harness) {
 /// 5: per-key FIFO with several keys interleaved.
 async fn each_keys_messages_arrive_in_publish_order(h: &Harness) {
     let t = h.open().await;
-    for i in 0..30 {
-        let key = format!("k{}", i % 3);
-        t.publish(&key, format!("{key}:{i}").as_bytes(), 0)
-            .await
-            .expect("confirmed");
-    }
+    publish_round_robin(t.as_ref(), "k", 3, 30).await;
     let mut stream = t.consume().await.expect("consume");
-    // Acked as they come: a consumer holds at most its prefetch unacked.
-    let mut got = Vec::new();
-    for _ in 0..30 {
-        let one = take(&mut stream, 1, WAIT).await;
-        got.extend(bodies(&one));
-        ack_all(one).await;
-    }
+    let got: Vec<String> = take_acking(&mut stream, 30)
+        .await
+        .into_iter()
+        .map(|(body, _)| body)
+        .collect();
     assert_eq!(got.len(), 30);
     for key in ["k0", "k1", "k2"] {
         let seq: Vec<u32> = got
@@ -280,12 +299,7 @@ async fn each_keys_messages_arrive_in_publish_order(h: &Harness) {
 /// acked first, then the rest, each key in publish order.
 async fn a_standby_takes_over_a_killed_consumers_keys_in_order(h: &Harness) {
     let t = h.open().await;
-    for i in 0..10 {
-        let key = format!("f{}", i % 2);
-        t.publish(&key, format!("{key}:{i}").as_bytes(), 0)
-            .await
-            .expect("confirmed");
-    }
+    publish_round_robin(t.as_ref(), "f", 2, 10).await;
     let mut first = t.consume().await.expect("consume");
     // Of what the first consumer got, each key's first message is acked; the rest is
     // held, never acked (at least one: four messages of two keys).
@@ -325,15 +339,7 @@ async fn a_standby_takes_over_a_killed_consumers_keys_in_order(h: &Harness) {
         Some(stream) => stream,
         None => standby.consume().await.expect("consume"),
     };
-    let mut rest = Vec::new();
-    for _ in 0..10 - acked.len() {
-        let one = take(&mut second, 1, WAIT).await;
-        rest.extend(
-            one.iter()
-                .map(|d| (String::from_utf8_lossy(&d.body).to_string(), d.redelivered)),
-        );
-        ack_all(one).await;
-    }
+    let rest = take_acking(&mut second, 10 - acked.len()).await;
     for key in ["f0", "f1"] {
         let of_key: Vec<&(String, bool)> =
             rest.iter().filter(|(b, _)| b.starts_with(key)).collect();
