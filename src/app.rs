@@ -50,7 +50,7 @@ pub enum AppError {
     /// PostgreSQL failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// RabbitMQ failed.
+    /// The transport failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The API would be exposed without a token, or its address cannot be bound.
@@ -190,8 +190,9 @@ impl App {
         let http = server.handle();
         actix::spawn(server);
         tracing::info!(%http_addr, auth = self.config.api_token.is_some(), "dashboard API listening");
-        tracing::info!(transport = self.config.transport.name(),
-            namespace = %self.config.namespace, partitions = self.config.partitions,
+        tracing::info!(transport = self.config.transport.as_str(),
+            namespace = %self.config.namespace,
+            partitions = self.config.partitions,
             prefetch = self.config.prefetch, "consuming");
         tokio::pin!(shutdown);
         loop {

@@ -124,12 +124,13 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "sagas {} over {} aggregates, {} process(es): {} completed in {:.2}s\n\
+            "{}: sagas {} over {} aggregates, {} process(es): {} completed in {:.2}s\n\
              skald     {:>9.1} sagas/s  {:>9.1} steps/s  p50 {:?} ms  p99 {:?} ms\n\
              steps per process {:?}\n\
              baseline  {:>9.1} msgs/s\n\
              ratio     {:.3} (steps/s over baseline msgs/s)\n\
              peak RSS  {:.1} MiB (pool {}, prefetch {})",
+            report.transport,
             report.sagas,
             report.aggregates,
             report.processes,
@@ -223,7 +224,7 @@ async fn measure(
 
     let steps_per_s = steps / seconds;
     Ok(BenchReport {
-        transport: config.transport.name(),
+        transport: config.transport.as_str(),
         sagas: args.sagas,
         aggregates,
         processes: args.processes.max(1),
@@ -252,7 +253,7 @@ fn spawn_children(config: &Config, n: usize) -> anyhow::Result<Vec<std::process:
                 .arg("run")
                 .env("DATABASE_URL", &config.database_url)
                 .env("AMQP_URL", &config.amqp_url)
-                .env("SKALD_TRANSPORT", config.transport.name())
+                .env("SKALD_TRANSPORT", config.transport.as_str())
                 .env("REDIS_URL", &config.redis_url)
                 .env("SKALD_NAMESPACE", &config.namespace)
                 .env("SKALD_SAGAS_DIR", &config.sagas_dir)

@@ -9,10 +9,11 @@ use std::time::Duration;
 pub struct Config {
     /// `DATABASE_URL`: skald's PostgreSQL database; created if it does not exist.
     pub database_url: String,
+    /// `SKALD_TRANSPORT`: which queue skald's messages travel on (default `postgres`:
+    /// skald's own database, so that a newcomer needs one service, not two).
+    pub transport: TransportKind,
     /// `AMQP_URL`: the RabbitMQ broker.
     pub amqp_url: String,
-    /// `SKALD_TRANSPORT`: which queue carries skald's messages (default `rabbitmq`).
-    pub transport: TransportKind,
     /// `REDIS_URL`: the Redis server, with `SKALD_TRANSPORT=redis`.
     pub redis_url: String,
     /// `SKALD_REDIS_LEASE_MS`: how long a Redis partition lease lasts without renewal
@@ -69,6 +70,50 @@ pub struct ConfigError {
     reason: String,
 }
 
+/// The queue skald's messages travel on (`SKALD_TRANSPORT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportKind {
+    /// RabbitMQ at `AMQP_URL`.
+    RabbitMq,
+    /// Tables in skald's own PostgreSQL database (`DATABASE_URL`): no broker.
+    #[default]
+    Postgres,
+    /// Redis Streams at `REDIS_URL`.
+    Redis,
+}
+
+impl TransportKind {
+    /// Every value `SKALD_TRANSPORT` accepts, as spelled there.
+    pub const ALL: &[TransportKind] = &[
+        TransportKind::RabbitMq,
+        TransportKind::Postgres,
+        TransportKind::Redis,
+    ];
+
+    /// The name `SKALD_TRANSPORT` (and `skald bench --json`) spells it with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::RabbitMq => "rabbitmq",
+            TransportKind::Postgres => "postgres",
+            TransportKind::Redis => "redis",
+        }
+    }
+
+    /// The server's name, for messages.
+    pub fn server(self) -> &'static str {
+        match self {
+            TransportKind::RabbitMq => "RabbitMQ",
+            TransportKind::Postgres => "PostgreSQL",
+            TransportKind::Redis => "Redis",
+        }
+    }
+
+    /// The transport named `s`, if there is one.
+    pub fn parse(s: &str) -> Option<TransportKind> {
+        Self::ALL.iter().copied().find(|k| k.as_str() == s)
+    }
+}
+
 /// What `skald run` does with live instances of a saga version that is no longer
 /// loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -88,43 +133,6 @@ impl Orphaned {
             "refuse" => Some(Orphaned::Refuse),
             "park" => Some(Orphaned::Park),
             _ => None,
-        }
-    }
-}
-
-/// The queue that carries skald's messages (`SKALD_TRANSPORT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TransportKind {
-    /// RabbitMQ at `AMQP_URL`.
-    #[default]
-    Rabbitmq,
-    /// Redis Streams at `REDIS_URL`.
-    Redis,
-}
-
-impl TransportKind {
-    /// `rabbitmq` or `redis`, as `SKALD_TRANSPORT` spells it.
-    pub fn parse(s: &str) -> Option<TransportKind> {
-        match s {
-            "rabbitmq" => Some(TransportKind::Rabbitmq),
-            "redis" => Some(TransportKind::Redis),
-            _ => None,
-        }
-    }
-
-    /// The name `SKALD_TRANSPORT` gives it.
-    pub fn name(self) -> &'static str {
-        match self {
-            TransportKind::Rabbitmq => "rabbitmq",
-            TransportKind::Redis => "redis",
-        }
-    }
-
-    /// The server's name, for messages.
-    pub fn server(self) -> &'static str {
-        match self {
-            TransportKind::Rabbitmq => "RabbitMQ",
-            TransportKind::Redis => "Redis",
         }
     }
 }
@@ -216,11 +224,16 @@ impl Config {
             Orphaned::parse,
             "must be refuse or park",
         )?;
+        let transport_names = TransportKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         let transport = choice(
             &lookup,
             "SKALD_TRANSPORT",
             TransportKind::parse,
-            "must be rabbitmq or redis",
+            &format!("must be one of {transport_names}"),
         )?;
         let redis_url = text("REDIS_URL", DEFAULT_REDIS_URL);
         if let Err(e) = redis::Client::open(redis_url.as_str()) {
@@ -295,7 +308,7 @@ mod tests {
         assert_eq!(c.amqp_url, DEFAULT_AMQP_URL);
         assert_eq!(c.namespace, "skald");
         assert_eq!(c.prefetch, 256);
-        assert_eq!(c.transport, TransportKind::Rabbitmq);
+        assert_eq!(c.transport, TransportKind::Postgres);
         assert_eq!(c.redis_url, DEFAULT_REDIS_URL);
         assert_eq!(c.redis_lease, Duration::from_secs(10));
     }
@@ -323,6 +336,24 @@ mod tests {
         assert!(with(&[("SKALD_NAMESPACE", "")]).is_err());
         let err = with(&[("SKALD_ORPHANED", "drop")]).unwrap_err();
         assert!(err.to_string().contains("SKALD_ORPHANED"), "{err}");
+    }
+
+    #[test]
+    fn the_transport_is_chosen_by_name_and_an_unknown_one_is_refused() {
+        assert_eq!(with(&[]).unwrap().transport, TransportKind::Postgres);
+        assert_eq!(
+            with(&[("SKALD_TRANSPORT", "postgres")]).unwrap().transport,
+            TransportKind::Postgres
+        );
+        assert_eq!(
+            with(&[("SKALD_TRANSPORT", "rabbitmq")]).unwrap().transport,
+            TransportKind::RabbitMq
+        );
+        let err = with(&[("SKALD_TRANSPORT", "kafka")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable SKALD_TRANSPORT=\"kafka\" is invalid: must be one of rabbitmq, postgres"
+        );
     }
 
     #[test]

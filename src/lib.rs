@@ -1,9 +1,9 @@
-//! # skald — a saga orchestrator on RabbitMQ and PostgreSQL
+//! # skald — a saga orchestrator on PostgreSQL (and, if you like, RabbitMQ)
 //!
 //! skald runs business flows that used to be one database transaction as *sagas*:
 //! ordered steps defined in YAML, each committing in PostgreSQL, compensated in
-//! reverse when a later step fails. Messages travel over RabbitMQ with at-least-once
-//! delivery; PostgreSQL is the only source of truth.
+//! reverse when a later step fails. Messages travel with at-least-once delivery on a
+//! queue in PostgreSQL itself or over RabbitMQ; PostgreSQL is the only source of truth.
 //!
 //! ## Where things are
 //!
@@ -32,11 +32,14 @@
 //! - [`handlers`]: steps written in Rust, registered by name. Depends on [`saga`] only;
 //!   [`store::effects`] runs them (and classifies their database errors).
 //! - [`transport`]: the [`transport::Transport`] seam (publish with confirm, consume
-//!   with manual ack, delay, dead-letter) and [`transport::connect`], which picks the
-//!   implementation `SKALD_TRANSPORT` names: RabbitMQ ([`transport::rabbitmq`]), Redis
+//!   with manual ack, delay, dead-letter) and [`transport::connect`], which builds the
+//!   one `SKALD_TRANSPORT` names: [`transport::postgres`] (the default: queue tables in
+//!   skald's own database — `publisher.rs` group-commits publishes, `consumer.rs` is the
+//!   session that owns partitions by advisory lock, fetches and acks, `partition.rs`
+//!   the lock keys and fair share as pure functions), [`transport::rabbitmq`], or Redis
 //!   Streams ([`transport::redis`]: `keys.rs` names and the partition hash,
 //!   `scripts.rs` the Lua scripts, `consumer.rs` leases and the reader, `durability.rs`
-//!   the server's persistence settings judged), and an in-memory one
+//!   the server's persistence settings judged); and an in-memory one
 //!   ([`transport::memory`], for unit tests and `explore`, with injectable faults).
 //! - [`faults`]: faults injected on purpose at the points of a message's handling
 //!   (`SKALD_CRASH_AT`, and `explore`'s plans).

@@ -1,10 +1,12 @@
 //! The transport seam: how messages reach skald and leave it.
 //!
 //! The engine and the actors only see [`Transport`] and [`Delivery`]; the transport
-//! sees keys and bytes, never a saga type. RabbitMQ ([`rabbitmq::RabbitTransport`]) and
-//! Redis Streams ([`redis::RedisTransport`]) carry skald's messages, chosen by
-//! [`connect`]; [`memory::MemoryTransport`] is the one for unit tests and `skald
-//! explore`. Another broker (NATS JetStream, SQS, Kafka) implements the same promises:
+//! sees keys and bytes, never a saga type. RabbitMQ ([`rabbitmq::RabbitTransport`]),
+//! Redis Streams ([`redis::RedisTransport`]) and PostgreSQL itself
+//! ([`postgres::PgTransport`]) are the implementations a deployment chooses between
+//! with `SKALD_TRANSPORT` ([`connect`]); [`memory::MemoryTransport`] is the one for
+//! unit tests and `skald explore`. Another broker (NATS JetStream, SQS, Kafka)
+//! implements the same promises:
 //!
 //! 1. [`Transport::publish`] returns only once the broker has taken responsibility
 //!    for the message (a publisher confirm, not a routing failure or a nack);
@@ -24,6 +26,7 @@
 //! a service, a service replying to skald), with the same promises 1 and 5.
 
 pub mod memory;
+pub mod postgres;
 pub mod rabbitmq;
 pub mod redis;
 
@@ -71,7 +74,8 @@ pub async fn connect(
     home: Endpoint,
 ) -> Result<Arc<dyn Transport>, TransportError> {
     Ok(match config.transport {
-        TransportKind::Rabbitmq => rabbitmq::RabbitTransport::connect_as(config, home).await?,
+        TransportKind::RabbitMq => rabbitmq::RabbitTransport::connect_as(config, home).await?,
+        TransportKind::Postgres => postgres::PgTransport::connect(config, home).await?,
         TransportKind::Redis => redis::RedisTransport::connect(config, home).await?,
     })
 }

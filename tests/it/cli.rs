@@ -7,6 +7,8 @@ use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 
+use skald::config::TransportKind;
+
 use crate::helpers::{AMQP, TestEnv, sample_sagas, wait_child};
 
 #[test]
@@ -199,8 +201,26 @@ fn said_once<'s>(status: std::process::ExitStatus, stderr: &'s str, needle: &str
 }
 
 #[actix_rt::test]
-async fn run_stops_at_once_when_the_broker_refuses_its_topology() {
+async fn an_unknown_transport_is_refused_naming_the_choices() {
     let env = TestEnv::new(sample_sagas()).await;
+    let (status, stderr) = run_expecting_exit(
+        &env,
+        &[("SKALD_TRANSPORT", "kafka")],
+        Duration::from_secs(20),
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "error: configuration: environment variable SKALD_TRANSPORT=\"kafka\" is invalid: \
+         must be one of rabbitmq, postgres"
+    );
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn run_stops_at_once_when_the_broker_refuses_its_topology() {
+    // RabbitMQ's refusals: on RabbitMQ whatever the test run's transport.
+    let env = TestEnv::on(TransportKind::RabbitMq, sample_sagas()).await;
     // Someone declared our intake exchange with another type: RabbitMQ answers
     // skald's declaration with 406 PRECONDITION_FAILED, which no wait can fix (the
     // same path as 503 COMMAND_INVALID when the consistent-hash plugin is off).
@@ -232,7 +252,8 @@ async fn run_stops_at_once_when_the_broker_refuses_its_topology() {
 
 #[actix_rt::test]
 async fn run_stops_at_once_when_the_broker_refuses_its_login() {
-    let env = TestEnv::new(sample_sagas()).await;
+    // RabbitMQ's refusals: on RabbitMQ whatever the test run's transport.
+    let env = TestEnv::on(TransportKind::RabbitMq, sample_sagas()).await;
     let (status, stderr) = run_expecting_exit(
         &env,
         &[("AMQP_URL", "amqp://guest:wrong-password@127.0.0.1:5672/%2f")],

@@ -1,16 +1,16 @@
 //! One conformance suite for every transport: the promises written on
-//! `skald::transport::Transport`, checked against RabbitMQ (the real broker), Redis
-//! (a private server that keeps what it acknowledged) and the in-memory transport
-//! alike. A new transport (issue #12) gets its harness here.
+//! `skald::transport::Transport`, written once and checked against RabbitMQ and
+//! PostgreSQL and Redis (the real servers) and the in-memory transport alike. A new transport
+//! (issue #12) gets its harness here and one test at the bottom.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use skald::config::Config;
+use skald::config::{Config, TransportKind};
 use skald::transport::memory::MemoryTransport;
-use skald::transport::rabbitmq::RabbitTransport;
+use skald::transport::postgres::PgTransport;
 use skald::transport::redis::RedisTransport;
 use skald::transport::redis::durability::Durability;
 use skald::transport::redis::keys::Keys;
@@ -21,10 +21,16 @@ use crate::redis_server::RedisServer;
 
 /// A transport under test, and how to reach it again after its consumer died.
 enum Harness {
-    Rabbit(Box<TestEnv>),
+    /// A real server, through the transport `SKALD_TRANSPORT` would choose.
+    Server(Box<TestEnv>),
     Memory(MemoryTransport),
+    /// A private Redis this harness can kill and restart.
     Redis(Box<RedisHarness>),
 }
+
+/// A consumer's connections, as [`Harness::connections`] lists them: the server's
+/// connection ids, or (Redis) the transport whose leases and connections to end.
+struct Connections(Vec<String>, Option<Arc<RedisTransport>>);
 
 /// A private Redis, and every transport opened on it (to kill one).
 struct RedisHarness {
@@ -59,6 +65,15 @@ impl RedisHarness {
         }
     }
 
+    /// A new transport on this server for `home`, remembered (to kill it later).
+    async fn open(&self, home: Endpoint) -> Arc<dyn Transport> {
+        let t = RedisTransport::connect(&self.config, home)
+            .await
+            .expect("connect");
+        self.opened.lock().unwrap().push(t.clone());
+        t
+    }
+
     fn find(&self, t: &Arc<dyn Transport>) -> Arc<RedisTransport> {
         let opened = self.opened.lock().unwrap();
         opened
@@ -70,32 +85,54 @@ impl RedisHarness {
 }
 
 impl Harness {
-    /// A connection (a new one for RabbitMQ and Redis: the old one is what dies).
+    async fn server(transport: TransportKind) -> Harness {
+        Harness::Server(Box::new(TestEnv::on(transport, test_sagas()).await))
+    }
+
+    /// A connection (a new one for a server: the old one is what dies).
     async fn open(&self) -> Arc<dyn Transport> {
         match self {
-            Harness::Rabbit(env) => RabbitTransport::connect(&env.config)
+            Harness::Server(env) => skald::transport::connect(&env.config, Endpoint::Orchestrator)
                 .await
                 .expect("connect"),
             Harness::Memory(t) => Arc::new(t.clone()),
-            Harness::Redis(r) => {
-                let t = RedisTransport::connect(&r.config, Endpoint::Orchestrator)
-                    .await
-                    .expect("connect");
-                r.opened.lock().unwrap().push(t.clone());
-                t
-            }
+            Harness::Redis(r) => r.open(Endpoint::Orchestrator).await,
         }
     }
 
-    /// The consumer of `t` dies without a word: RabbitMQ sees its connection close;
-    /// on Redis it stops renewing its leases and its connections are killed
-    /// (`CLIENT KILL`); the in-memory transport crashes.
-    async fn kill(&self, t: Arc<dyn Transport>) {
+    /// A connection whose home is participant service `name`'s endpoint.
+    async fn open_service(&self, name: &str) -> Arc<dyn Transport> {
         match self {
-            Harness::Rabbit(_) => t.close().await,
-            Harness::Memory(m) => m.crash(),
+            Harness::Server(env) => skald::transport::connect(&env.config, env.service(name))
+                .await
+                .expect("connect"),
+            Harness::Memory(t) => Arc::new(t.endpoint(&Endpoint::Service(name.into()))),
+            Harness::Redis(r) => r.open(Endpoint::Service(name.into())).await,
+        }
+    }
+
+    /// The transport connections open now (to kill later): on Redis, those of the
+    /// transport opened last.
+    async fn connections(&self) -> Connections {
+        match self {
+            Harness::Server(env) => Connections(env.transport_connections().await, None),
+            Harness::Memory(_) => Connections(Vec::new(), None),
+            Harness::Redis(r) => Connections(Vec::new(), r.opened.lock().unwrap().last().cloned()),
+        }
+    }
+
+    /// Kills `connections` on the server's side: their consumer dies as in a crash.
+    async fn kill(&self, connections: Connections) {
+        match self {
+            Harness::Server(env) => {
+                assert!(!connections.0.is_empty(), "a consumer's connection to kill");
+                env.kill_transport_connections(&connections.0).await;
+            }
+            Harness::Memory(t) => t.crash(),
             Harness::Redis(r) => {
-                let redis = r.find(&t);
+                // It stops renewing its leases and its connections are cut
+                // (`CLIENT KILL`), as when its process dies.
+                let redis = connections.1.expect("a consumer to kill");
                 let ids = redis.client_ids().await;
                 redis.abandon();
                 let server = r.server.lock().unwrap();
@@ -107,36 +144,24 @@ impl Harness {
     }
 
     /// Kills the server (SIGKILL) and starts it again, when this harness can: the
-    /// shared RabbitMQ cannot be restarted under other tests, the in-memory transport
-    /// has nothing to restart.
+    /// shared RabbitMQ and PostgreSQL cannot be restarted under other tests, the
+    /// in-memory transport has nothing to restart.
     fn restart_server(&self) {
-        match self {
-            Harness::Redis(r) => r.server.lock().unwrap().restart(),
-            Harness::Rabbit(_) | Harness::Memory(_) => {}
+        if let Harness::Redis(r) = self {
+            r.server.lock().unwrap().restart();
         }
     }
 
-    /// A connection whose home is participant service `name`'s endpoint.
-    async fn open_service(&self, name: &str) -> Arc<dyn Transport> {
-        match self {
-            Harness::Rabbit(env) => RabbitTransport::connect_as(&env.config, env.service(name))
-                .await
-                .expect("connect"),
-            Harness::Memory(t) => Arc::new(t.endpoint(&Endpoint::Service(name.into()))),
-            Harness::Redis(r) => {
-                let t = RedisTransport::connect(&r.config, Endpoint::Service(name.into()))
-                    .await
-                    .expect("connect");
-                r.opened.lock().unwrap().push(t.clone());
-                t
-            }
-        }
+    /// Whether a second consumer may subscribe while the first one lives (and wait,
+    /// receiving nothing of its keys). The in-memory transport has one consumer.
+    fn has_standbys(&self) -> bool {
+        !matches!(self, Harness::Memory(_))
     }
 
     /// Dead letters stored so far.
     async fn dead_letters(&self) -> usize {
         match self {
-            Harness::Rabbit(env) => env.queue_depth(&env.topology().dead_queue).await as usize,
+            Harness::Server(env) => env.dead_letter_depth().await as usize,
             Harness::Memory(t) => t.dead_letters().len(),
             Harness::Redis(r) => {
                 let dead = Keys::new(&r.config.namespace, &Endpoint::Orchestrator, 4).dead();
@@ -147,7 +172,7 @@ impl Harness {
     }
 
     async fn cleanup(self) {
-        if let Harness::Rabbit(env) = self {
+        if let Harness::Server(env) = self {
             (*env).cleanup().await;
         }
     }
@@ -181,6 +206,32 @@ async fn ack_all(ds: Vec<Delivery>) {
     }
 }
 
+/// Publishes (confirmed, in order) `n` messages `<prefix><i % keys>:<i>` under the
+/// keys `<prefix><i % keys>`.
+async fn publish_round_robin(t: &dyn Transport, prefix: &str, keys: usize, n: usize) {
+    for i in 0..n {
+        let key = format!("{prefix}{}", i % keys);
+        t.publish(&key, format!("{key}:{i}").as_bytes(), 0)
+            .await
+            .expect("confirmed");
+    }
+}
+
+/// Up to `n` deliveries, each acked as it comes (a consumer holds at most its
+/// prefetch unacked): their bodies and redelivered flags.
+async fn take_acking(stream: &mut BoxStream<'static, Delivery>, n: usize) -> Vec<(String, bool)> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let one = take(stream, 1, WAIT).await;
+        got.extend(
+            one.iter()
+                .map(|d| (String::from_utf8_lossy(&d.body).to_string(), d.redelivered)),
+        );
+        ack_all(one).await;
+    }
+    got
+}
+
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Fails if less than `delay_ms` passed since `sent`.
@@ -201,10 +252,28 @@ async fn publish_numbered(t: &Arc<dyn Transport>, key: &str, n: usize) {
     }
 }
 
+/// 1: a confirmed publish is kept, though its publisher goes away before anybody
+/// consumes it.
+async fn a_confirmed_publish_outlives_its_publisher(h: &Harness) {
+    let publisher = h.open().await;
+    publisher.publish("z", b"kept", 0).await.expect("confirmed");
+    publisher.close().await;
+    let t = h.open().await;
+    let mut stream = t.consume().await.expect("consume");
+    let got = take(&mut stream, 1, WAIT).await;
+    assert_eq!(bodies(&got), ["kept"]);
+    ack_all(got).await;
+    t.close().await;
+}
+
 /// 1 and 2: a confirmed publish is delivered; an acked delivery never comes again.
 async fn published_messages_are_delivered_and_acked_ones_are_gone(h: &Harness) {
     let t = h.open().await;
-    publish_numbered(&t, "a", 3).await;
+    for i in 0..3 {
+        t.publish("a", format!("a{i}").as_bytes(), 0)
+            .await
+            .expect("confirmed");
+    }
     let mut stream = t.consume().await.expect("consume");
     let got = take(&mut stream, 3, WAIT).await;
     assert_eq!(bodies(&got), ["a0", "a1", "a2"]);
@@ -222,11 +291,16 @@ async fn published_messages_are_delivered_and_acked_ones_are_gone(h: &Harness) {
     t.close().await;
 }
 
-/// 2 and 5: unacked deliveries of a consumer that dies come again, in order, before
-/// anything newer of their key, flagged redelivered; the ack acks exactly one delivery.
+/// 2 and 5: unacked deliveries of a consumer whose connection is killed come again,
+/// in order, before anything newer of their key, flagged redelivered; the ack acks
+/// exactly one delivery.
 async fn a_dead_consumers_unacked_deliveries_come_again_in_order(h: &Harness) {
     let t = h.open().await;
-    publish_numbered(&t, "b", 3).await;
+    for i in 0..3 {
+        t.publish("b", format!("b{i}").as_bytes(), 0)
+            .await
+            .expect("confirmed");
+    }
     let mut stream = t.consume().await.expect("consume");
     let got = take(&mut stream, 3, WAIT).await;
     assert_eq!(bodies(&got), ["b0", "b1", "b2"]);
@@ -237,8 +311,9 @@ async fn a_dead_consumers_unacked_deliveries_come_again_in_order(h: &Harness) {
         got.next().unwrap(),
     );
     b1.ack().await.expect("ack exactly b1");
-    drop((b0, b2));
-    t.close().await; // the consumer dies with b0 and b2 unacked
+    let victim = h.connections().await;
+    h.kill(victim).await; // the consumer dies with b0 and b2 unacked
+    drop((b0, b2, stream, t));
     let t = h.open().await;
     t.publish("b", b"b3", 0).await.expect("confirmed");
     let mut stream = t.consume().await.expect("consume");
@@ -259,10 +334,42 @@ async fn a_delayed_message_is_never_early(h: &Harness) {
     let mut stream = t.consume().await.expect("consume");
     let sent = Instant::now();
     t.publish("c", b"late", 300).await.expect("confirmed");
-    let got = take(&mut stream, 1, WAIT).await;
-    assert_eq!(bodies(&got), ["late"]);
-    assert_not_early(sent, 300);
+    expect_delayed(&mut stream, "late", sent, Duration::from_millis(300)).await;
+    t.close().await;
+}
+
+/// Takes the next delivery, which must be `body` and come no earlier than `delay`
+/// after `sent`, and acks it.
+async fn expect_delayed(
+    stream: &mut BoxStream<'static, Delivery>,
+    body: &str,
+    sent: Instant,
+    delay: Duration,
+) {
+    let got = take(stream, 1, WAIT).await;
+    assert_eq!(bodies(&got), [body]);
+    assert!(sent.elapsed() >= delay, "early: {:?}", sent.elapsed());
     ack_all(got).await;
+}
+
+/// 3: a delayed message waits durably: its publisher and the consumer go away, and
+/// a new consumer still gets it, not before its delay.
+async fn a_delayed_message_survives_a_restart_and_is_never_early(h: &Harness) {
+    let t = h.open().await;
+    let sent = Instant::now();
+    t.publish("d", b"after restart", 1_500)
+        .await
+        .expect("confirmed");
+    t.close().await;
+    let t = h.open().await;
+    let mut stream = t.consume().await.expect("consume");
+    expect_delayed(
+        &mut stream,
+        "after restart",
+        sent,
+        Duration::from_millis(1_500),
+    )
+    .await;
     t.close().await;
 }
 
@@ -280,20 +387,13 @@ async fn a_dead_letter_is_stored(h: &Harness) {
 /// 5: per-key FIFO with several keys interleaved.
 async fn each_keys_messages_arrive_in_publish_order(h: &Harness) {
     let t = h.open().await;
-    for i in 0..30 {
-        let key = format!("k{}", i % 3);
-        t.publish(&key, format!("{key}:{i}").as_bytes(), 0)
-            .await
-            .expect("confirmed");
-    }
+    publish_round_robin(t.as_ref(), "k", 3, 30).await;
     let mut stream = t.consume().await.expect("consume");
-    // Acked as they come: a consumer holds at most its prefetch unacked.
-    let mut got = Vec::new();
-    for _ in 0..30 {
-        let one = take(&mut stream, 1, WAIT).await;
-        got.extend(bodies(&one));
-        ack_all(one).await;
-    }
+    let got: Vec<String> = take_acking(&mut stream, 30)
+        .await
+        .into_iter()
+        .map(|(body, _)| body)
+        .collect();
     assert_eq!(got.len(), 30);
     for key in ["k0", "k1", "k2"] {
         let seq: Vec<u32> = got
@@ -308,6 +408,71 @@ async fn each_keys_messages_arrive_in_publish_order(h: &Harness) {
         assert_eq!(seq, sorted, "{key} in publish order");
     }
     t.close().await;
+}
+
+/// 5: two consumers and a failover in the middle: while the first lives, the second
+/// gets nothing of its keys; when the first is killed, the second gets what it had not
+/// acked first, then the rest, each key in publish order.
+async fn a_standby_takes_over_a_killed_consumers_keys_in_order(h: &Harness) {
+    let t = h.open().await;
+    publish_round_robin(t.as_ref(), "f", 2, 10).await;
+    let mut first = t.consume().await.expect("consume");
+    // Of what the first consumer got, each key's first message is acked; the rest is
+    // held, never acked (at least one: four messages of two keys).
+    let mut acked: Vec<String> = Vec::new();
+    let mut held: Vec<Delivery> = Vec::new();
+    for d in take(&mut first, 4, WAIT).await {
+        let body = String::from_utf8_lossy(&d.body).to_string();
+        if acked.iter().any(|a| a[..2] == body[..2]) {
+            held.push(d);
+        } else {
+            acked.push(body);
+            d.ack().await.expect("ack");
+        }
+    }
+    assert_eq!(acked.len() + held.len(), 4);
+    let held_keys: Vec<String> = held
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.body[..2]).to_string())
+        .collect();
+    let victim = h.connections().await;
+
+    let standby = h.open().await;
+    let mut second = None;
+    if h.has_standbys() {
+        let mut stream = standby.consume().await.expect("consume");
+        assert!(
+            take(&mut stream, 1, Duration::from_millis(2_500))
+                .await
+                .is_empty(),
+            "a standby gets nothing of keys another consumer holds"
+        );
+        second = Some(stream);
+    }
+    h.kill(victim).await;
+    drop((held, first, t));
+    let mut second = match second {
+        Some(stream) => stream,
+        None => standby.consume().await.expect("consume"),
+    };
+    let rest = take_acking(&mut second, 10 - acked.len()).await;
+    for key in ["f0", "f1"] {
+        let of_key: Vec<&(String, bool)> =
+            rest.iter().filter(|(b, _)| b.starts_with(key)).collect();
+        let expected: Vec<String> = (0..10)
+            .map(|i| format!("f{}:{i}", i % 2))
+            .filter(|b| b.starts_with(key) && !acked.contains(b))
+            .collect();
+        assert_eq!(
+            of_key.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(),
+            expected,
+            "{key}: the unacked ones first, then the rest, in publish order"
+        );
+        if held_keys.iter().any(|k| k == key) {
+            assert!(of_key[0].1, "{key}: an unacked one is flagged redelivered");
+        }
+    }
+    standby.close().await;
 }
 
 /// Endpoints: a message sent to a service before that service ever ran is kept for it,
@@ -335,40 +500,6 @@ async fn send_to_reaches_only_that_endpoint(h: &Harness) {
     skald.close().await;
 }
 
-/// 2 and 5 across processes: two consumers, the active one killed mid-way (its
-/// connection dies, nothing is said): the other one gets the dead one's unacked
-/// deliveries first, in order, flagged redelivered, then the rest of the key, in order.
-async fn a_killed_consumers_key_fails_over_to_the_other_consumer_in_order(h: &Harness) {
-    let a = h.open().await;
-    publish_numbered(&a, "f", 10).await;
-    let mut from_a = a.consume().await.expect("consume");
-    let got = take(&mut from_a, 4, WAIT).await;
-    assert_eq!(bodies(&got), ["f0", "f1", "f2", "f3"]);
-    let mut got = got.into_iter();
-    ack_all(got.by_ref().take(2).collect()).await; // f2 and f3 stay unacked
-    let unacked: Vec<Delivery> = got.collect();
-
-    let b = h.open().await;
-    let mut from_b = b.consume().await.expect("consume"); // a standby while a lives
-    drop(from_a);
-    drop(unacked);
-    h.kill(a).await;
-
-    let again = take(&mut from_b, 8, WAIT).await;
-    assert_eq!(
-        bodies(&again),
-        ["f2", "f3", "f4", "f5", "f6", "f7", "f8", "f9"],
-        "the dead consumer's unacked first, then the rest, in order"
-    );
-    assert!(again[0].redelivered && again[1].redelivered);
-    ack_all(again).await;
-    b.publish("f", b"f10", 0).await.expect("confirmed");
-    let later = take(&mut from_b, 1, WAIT).await;
-    assert_eq!(bodies(&later), ["f10"]);
-    ack_all(later).await;
-    b.close().await;
-}
-
 /// 1 and 3 through a crash of the server (where the harness can restart it): a delayed
 /// message and an unacked delivery survive it; the delay is still never early.
 async fn a_delayed_message_and_an_unacked_delivery_survive_a_server_restart(h: &Harness) {
@@ -379,8 +510,10 @@ async fn a_delayed_message_and_an_unacked_delivery_survive_a_server_restart(h: &
     let mut stream = t.consume().await.expect("consume");
     let got = take(&mut stream, 1, WAIT).await;
     assert_eq!(bodies(&got), ["unacked"]);
+    let victim = h.connections().await;
     drop((got, stream));
-    h.kill(t).await;
+    h.kill(victim).await;
+    drop(t);
     // Without a restart, the rest still holds: the same as a dead consumer.
     h.restart_server();
     let t = h.open().await;
@@ -408,20 +541,29 @@ async fn queue_depths_count_waiting_messages(h: &Harness) {
 }
 
 async fn keeps_every_promise(h: &Harness) {
+    a_confirmed_publish_outlives_its_publisher(h).await;
     published_messages_are_delivered_and_acked_ones_are_gone(h).await;
     a_dead_consumers_unacked_deliveries_come_again_in_order(h).await;
     a_delayed_message_is_never_early(h).await;
+    a_delayed_message_survives_a_restart_and_is_never_early(h).await;
     a_dead_letter_is_stored(h).await;
     each_keys_messages_arrive_in_publish_order(h).await;
+    a_standby_takes_over_a_killed_consumers_keys_in_order(h).await;
     send_to_reaches_only_that_endpoint(h).await;
-    a_killed_consumers_key_fails_over_to_the_other_consumer_in_order(h).await;
     a_delayed_message_and_an_unacked_delivery_survive_a_server_restart(h).await;
     queue_depths_count_waiting_messages(h).await;
 }
 
 #[actix_rt::test]
 async fn rabbitmq_keeps_every_transport_promise() {
-    let h = Harness::Rabbit(Box::new(TestEnv::new(test_sagas()).await));
+    let h = Harness::server(TransportKind::RabbitMq).await;
+    keeps_every_promise(&h).await;
+    h.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn postgres_keeps_every_transport_promise() {
+    let h = Harness::server(TransportKind::Postgres).await;
     keeps_every_promise(&h).await;
     h.cleanup().await;
 }
@@ -431,6 +573,47 @@ async fn the_in_memory_transport_keeps_every_transport_promise() {
     let h = Harness::Memory(MemoryTransport::new());
     keeps_every_promise(&h).await;
     h.cleanup().await;
+}
+
+/// Endpoints (PostgreSQL): a command sent to a service before it first starts is kept
+/// for it, and only that service's consumer gets it.
+#[actix_rt::test]
+async fn postgres_keeps_a_command_sent_to_a_service_before_it_starts() {
+    let env = TestEnv::on(TransportKind::Postgres, test_sagas()).await;
+    let payments = Endpoint::Service("payments".into());
+    let skald_side = PgTransport::connect(&env.config, Endpoint::Orchestrator)
+        .await
+        .expect("connect");
+    skald_side
+        .send_to(&payments, "order-1", b"charge")
+        .await
+        .expect("committed");
+    let mut intake = skald_side.consume().await.expect("consume");
+    assert!(
+        take(&mut intake, 1, Duration::from_millis(700))
+            .await
+            .is_empty(),
+        "skald's intake does not get a service's command"
+    );
+    let service = PgTransport::connect(&env.config, payments)
+        .await
+        .expect("connect");
+    let waiting: u32 = service
+        .queue_depths()
+        .await
+        .expect("depths")
+        .iter()
+        .filter(|(q, _)| q.starts_with("payments.p."))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(waiting, 1, "kept for the service");
+    let mut stream = service.consume().await.expect("consume");
+    let got = take(&mut stream, 1, WAIT).await;
+    assert_eq!(bodies(&got), ["charge"]);
+    ack_all(got).await;
+    service.close().await;
+    skald_side.close().await;
+    env.cleanup().await;
 }
 
 #[actix_rt::test]

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{TestEnv, start, test_sagas, wait_child};
+use skald::config::TransportKind;
+
+use crate::helpers::{TestEnv, on_every_transport, start, test_sagas, wait_child};
 
 async fn effects_per_step(env: &TestEnv) -> Vec<(String, i64)> {
     sqlx::query_as("SELECT step, count(*) FROM it.effects GROUP BY step ORDER BY step")
@@ -16,8 +18,8 @@ async fn effects_per_step(env: &TestEnv) -> Vec<(String, i64)> {
 
 /// Runs `skald run` with `SKALD_CRASH_AT=<crash_at>`, lets it abort, then restarts
 /// skald and checks that the saga completes with one effect per step.
-async fn crash_then_recover(crash_at: &str) {
-    let env = TestEnv::new(test_sagas()).await;
+async fn crash_then_recover(transport: TransportKind, crash_at: &str) {
+    let env = TestEnv::on(transport, test_sagas()).await;
     env.publish_starts(vec![start(
         "ordered",
         "acct-1",
@@ -62,16 +64,18 @@ async fn crash_then_recover(crash_at: &str) {
     env.cleanup().await;
 }
 
-#[actix_rt::test]
-async fn a_crash_after_commit_before_publish_is_recovered_by_redelivery() {
+on_every_transport!(a_crash_after_commit_before_publish_is_recovered_by_redelivery);
+async fn a_crash_after_commit_before_publish_is_recovered_by_redelivery(transport: TransportKind) {
     // The message for `third` was never published: only the redelivered `second`
     // message (recognised by the inbox) can send it again.
-    crash_then_recover("after_commit:second").await;
+    crash_then_recover(transport, "after_commit:second").await;
 }
 
-#[actix_rt::test]
-async fn a_crash_after_publish_before_ack_is_recovered_without_a_second_effect() {
-    crash_then_recover("after_publish:second").await;
+on_every_transport!(a_crash_after_publish_before_ack_is_recovered_without_a_second_effect);
+async fn a_crash_after_publish_before_ack_is_recovered_without_a_second_effect(
+    transport: TransportKind,
+) {
+    crash_then_recover(transport, "after_publish:second").await;
 }
 
 #[actix_rt::test]

@@ -184,7 +184,7 @@ async fn a_compensation_failing_for_good_parks_the_saga_and_a_replay_finishes_it
         ["two forward 1", "one compensate 1", "one compensate 2"],
         "the whole error history"
     );
-    assert_eq!(env.queue_depth(&env.topology().dead_queue).await, 1);
+    assert_eq!(env.dead_letter_depth().await, 1);
 
     // Fix the cause, then replay through the CLI, twice.
     open_gate(&env).await;

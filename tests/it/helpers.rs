@@ -1,5 +1,11 @@
 //! Shared setup: every test gets its own PostgreSQL database and its own RabbitMQ
 //! namespace (exchanges and queues), so tests run in parallel and rerun cleanly.
+//!
+//! The transport a test runs on is `SKALD_TRANSPORT` of the test run, or the one a
+//! scenario names ([`TestEnv::on`], [`on_every_transport`]). Unset, it is `rabbitmq`
+//! (not skald's default, `postgres`): the key scenarios run on both anyway, and the
+//! rest of the suite keeps covering the broker; `SKALD_TRANSPORT=postgres cargo test
+//! --test it` runs all of it on PostgreSQL.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -99,9 +105,15 @@ pub struct TestEnv {
 
 impl TestEnv {
     /// A fresh database (created by skald itself on first build) and namespace, with
-    /// sagas from `sagas_dir`.
+    /// sagas from `sagas_dir`, on the transport `SKALD_TRANSPORT` of the test run names
+    /// (default `rabbitmq`).
     pub async fn new(sagas_dir: PathBuf) -> TestEnv {
-        Self::on(TransportKind::Rabbitmq, sagas_dir).await
+        let transport = match std::env::var("SKALD_TRANSPORT") {
+            Ok(name) => TransportKind::parse(&name)
+                .unwrap_or_else(|| panic!("SKALD_TRANSPORT={name:?} is not a transport")),
+            Err(_) => TransportKind::RabbitMq,
+        };
+        Self::on(transport, sagas_dir).await
     }
 
     /// [`TestEnv::new`] with skald on `transport`; on Redis, a private server that
@@ -111,8 +123,8 @@ impl TestEnv {
         let name = format!("skald_it_{}", &Uuid::new_v4().simple().to_string()[..12]);
         let config = Config {
             database_url: format!("{SERVER}/{name}"),
-            amqp_url: AMQP.to_string(),
             transport,
+            amqp_url: AMQP.to_string(),
             redis_url: redis.as_ref().map_or_else(
                 || skald::config::DEFAULT_REDIS_URL.to_string(),
                 RedisServer::url,
@@ -183,7 +195,7 @@ impl TestEnv {
         vec![
             ("DATABASE_URL", self.config.database_url.clone()),
             ("AMQP_URL", self.config.amqp_url.clone()),
-            ("SKALD_TRANSPORT", self.config.transport.name().into()),
+            ("SKALD_TRANSPORT", self.config.transport.as_str().into()),
             ("REDIS_URL", self.config.redis_url.clone()),
             (
                 "SKALD_REDIS_LEASE_MS",
@@ -230,7 +242,7 @@ impl TestEnv {
             .expect("spawn skald run")
     }
 
-    /// A transport for publishing test messages (this test's transport).
+    /// A transport (this test's) for publishing test messages to skald's intake.
     pub async fn transport(&self) -> Arc<dyn Transport> {
         skald::transport::connect(&self.config, Endpoint::Orchestrator)
             .await
@@ -260,6 +272,13 @@ impl TestEnv {
     /// publisher would.
     pub async fn publish_raw(&self, bodies: &[Vec<u8>]) {
         let transport = self.transport().await; // declares the topology
+        if self.config.transport != TransportKind::RabbitMq {
+            for body in bodies {
+                transport.publish("intake", body, 0).await.expect("publish");
+            }
+            transport.close().await;
+            return;
+        }
         transport.close().await;
         self.publish_raw_to(&self.config.namespace, "intake", bodies)
             .await;
@@ -372,7 +391,8 @@ impl TestEnv {
             .expect("read statuses")
     }
 
-    /// Messages ready in one of this test's queues.
+    /// Messages ready in one RabbitMQ queue of this test (a participant service's
+    /// dead-letter queue, say).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let conn = Connection::connect(AMQP, ConnectionProperties::default())
             .await
@@ -393,23 +413,99 @@ impl TestEnv {
         q.message_count()
     }
 
-    /// Messages ready in all partition queues together.
+    /// Messages ready in all partition queues together (as the transport reports them
+    /// to the dashboard).
     pub async fn intake_depth(&self) -> u32 {
-        if self.config.transport == TransportKind::Redis {
-            let transport = self.transport().await;
-            let depths = transport.queue_depths().await.expect("queue depths");
-            transport.close().await;
-            return depths
-                .iter()
-                .filter(|(name, _)| name.contains(":p:"))
-                .map(|(_, n)| n)
-                .sum();
+        // RabbitMQ and PostgreSQL name partitions `NS.p.<i>`, Redis `{NS}:skald:p:<i>`.
+        self.depths(|queue| queue.contains(".p.") || queue.contains(":p:"))
+            .await
+    }
+
+    /// Dead letters in the transport's dead-letter store.
+    pub async fn dead_letter_depth(&self) -> u32 {
+        self.depths(|queue| queue.ends_with(".dead") || queue.ends_with(":dead"))
+            .await
+    }
+
+    async fn depths(&self, counted: impl Fn(&str) -> bool) -> u32 {
+        let transport = self.transport().await;
+        let depths = transport.queue_depths().await.expect("queue depths");
+        transport.close().await;
+        depths
+            .iter()
+            .filter(|(queue, _)| counted(queue))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// skald's transport connections of this test open now: RabbitMQ connection pids
+    /// (named after the namespace), or PostgreSQL consumer sessions.
+    pub async fn transport_connections(&self) -> Vec<String> {
+        match self.config.transport {
+            TransportKind::RabbitMq => {
+                let name = format!("skald:{}", self.config.namespace);
+                tokio::task::spawn_blocking(move || {
+                    let out = Command::new("rabbitmqctl")
+                        .args([
+                            "list_connections",
+                            "-q",
+                            "--no-table-headers",
+                            "pid",
+                            "client_properties",
+                        ])
+                        .output()
+                        .expect("rabbitmqctl");
+                    String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .filter(|l| l.contains(&name))
+                        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+                        .collect()
+                })
+                .await
+                .expect("rabbitmqctl thread")
+            }
+            TransportKind::Redis => panic!(
+                "kill a Redis consumer through the conformance harness (CLIENT KILL and an \
+                 abandoned lease), not by listing connections"
+            ),
+            TransportKind::Postgres => sqlx::query_scalar(
+                "SELECT pid::text FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = $1",
+            )
+            .bind(skald::transport::postgres::consumer::SESSION_NAME)
+            .fetch_all(&self.pool)
+            .await
+            .expect("list consumer sessions"),
         }
-        let mut total = 0;
-        for queue in self.topology().partitions {
-            total += self.queue_depth(&queue).await;
+    }
+
+    /// Kills `connections` (from [`TestEnv::transport_connections`]) on the server's
+    /// side, as a crash or a network failure would end them.
+    pub async fn kill_transport_connections(&self, connections: &[String]) {
+        match self.config.transport {
+            TransportKind::RabbitMq => {
+                let pids = connections.to_vec();
+                tokio::task::spawn_blocking(move || {
+                    for pid in &pids {
+                        let _ = Command::new("rabbitmqctl")
+                            .args(["close_connection", pid, "killed by a test"])
+                            .output();
+                    }
+                })
+                .await
+                .expect("rabbitmqctl thread");
+            }
+            TransportKind::Redis => unreachable!("no Redis connections are listed"),
+            TransportKind::Postgres => {
+                for pid in connections {
+                    sqlx::query("SELECT pg_terminate_backend($1::text::int)")
+                        .bind(pid)
+                        .execute(&self.pool)
+                        .await
+                        .expect("terminate a session");
+                }
+            }
         }
-        total
     }
 
     /// The topology names of this test's namespace.
@@ -594,3 +690,25 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::ExitSta
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Runs `scenario` (an `async fn(TransportKind)`) as one test per transport, named
+/// `<scenario>::<transport>`.
+macro_rules! on_every_transport {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[actix_rt::test]
+            async fn rabbitmq() {
+                super::$scenario(skald::config::TransportKind::RabbitMq).await
+            }
+            #[actix_rt::test]
+            async fn postgres() {
+                super::$scenario(skald::config::TransportKind::Postgres).await
+            }
+            #[actix_rt::test]
+            async fn redis() {
+                super::$scenario(skald::config::TransportKind::Redis).await
+            }
+        }
+    };
+}
+pub(crate) use on_every_transport;

@@ -269,7 +269,7 @@ async fn data_postgresql_refuses_to_record_is_dead_lettered_at_once_and_the_aggr
         stats.data_errors.load(std::sync::atomic::Ordering::Relaxed),
         1
     );
-    assert_eq!(env.queue_depth(&env.topology().dead_queue).await, 1);
+    assert_eq!(env.dead_letter_depth().await, 1);
     app.stop().await;
     env.cleanup().await;
 }

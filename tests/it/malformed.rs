@@ -131,11 +131,7 @@ async fn malformed_messages_go_to_the_dead_letter_queue_and_good_ones_complete()
     let completed = env.count_status("completed").await;
     assert_eq!(completed, good, "every good message completed");
     // Count in = count out: each malformed message is in the dead-letter queue once.
-    let topology = env.topology();
-    assert_eq!(
-        env.queue_depth(&topology.dead_queue).await as usize,
-        corpus.len()
-    );
+    assert_eq!(env.dead_letter_depth().await as usize, corpus.len());
     assert_eq!(env.intake_depth().await, 0);
     // ...and recorded in PostgreSQL with its reason and raw body.
     let recorded: Vec<(String, String, Vec<u8>)> = sqlx::query_as(

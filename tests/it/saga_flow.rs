@@ -4,26 +4,20 @@
 use std::time::Duration;
 
 use serde_json::json;
-use skald::config::TransportKind;
 use skald::envelope::instance_id_for;
 
-use crate::helpers::{TestEnv, ordered_starts, sample_sagas, start, test_sagas};
+use skald::config::TransportKind;
+
+use crate::helpers::{
+    TestEnv, on_every_transport, ordered_starts, sample_sagas, start, test_sagas,
+};
 
 fn order(order_id: &str, sku: &str, qty: i64, account: &str, amount: f64) -> serde_json::Value {
     json!({"order_id": order_id, "sku": sku, "qty": qty, "account": account, "amount": amount})
 }
 
-#[actix_rt::test]
-async fn a_checkout_completes_with_its_effects_and_drains_the_queue() {
-    a_checkout_completes_on(TransportKind::Rabbitmq).await;
-}
-
-#[actix_rt::test]
-async fn on_redis_a_checkout_completes_with_its_effects_and_drains_the_queue() {
-    a_checkout_completes_on(TransportKind::Redis).await;
-}
-
-async fn a_checkout_completes_on(transport: TransportKind) {
+on_every_transport!(a_checkout_completes_with_its_effects_and_drains_the_queue);
+async fn a_checkout_completes_with_its_effects_and_drains_the_queue(transport: TransportKind) {
     let env = TestEnv::on(transport, sample_sagas()).await;
     let app = env.start_app().await;
     env.publish_starts(vec![start(
@@ -174,18 +168,12 @@ async fn the_same_start_message_twice_makes_one_instance_with_one_effect_per_ste
     env.cleanup().await;
 }
 
-#[actix_rt::test]
-async fn two_thousand_sagas_over_fifty_aggregates_complete_in_publish_order_per_aggregate() {
-    two_thousand_sagas_in_order_on(TransportKind::Rabbitmq).await;
-}
-
-#[actix_rt::test]
-async fn on_redis_two_thousand_sagas_over_fifty_aggregates_complete_in_publish_order_per_aggregate()
-{
-    two_thousand_sagas_in_order_on(TransportKind::Redis).await;
-}
-
-async fn two_thousand_sagas_in_order_on(transport: TransportKind) {
+on_every_transport!(
+    two_thousand_sagas_over_fifty_aggregates_complete_in_publish_order_per_aggregate
+);
+async fn two_thousand_sagas_over_fifty_aggregates_complete_in_publish_order_per_aggregate(
+    transport: TransportKind,
+) {
     const SAGAS: u64 = 2_000;
     const AGGREGATES: u64 = 50;
     let env = TestEnv::on(transport, test_sagas()).await;

@@ -5,21 +5,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+
 use skald::config::TransportKind;
 
-use crate::helpers::{TestEnv, ordered_starts, start, test_sagas, wait_child};
+use crate::helpers::{TestEnv, on_every_transport, ordered_starts, start, test_sagas, wait_child};
 
-#[actix_rt::test]
-async fn three_processes_one_killed_mid_run_complete_everything_in_order() {
-    three_processes_one_killed_on(TransportKind::Rabbitmq).await;
-}
-
-#[actix_rt::test]
-async fn on_redis_three_processes_one_killed_mid_run_complete_everything_in_order() {
-    three_processes_one_killed_on(TransportKind::Redis).await;
-}
-
-async fn three_processes_one_killed_on(transport: TransportKind) {
+on_every_transport!(three_processes_one_killed_mid_run_complete_everything_in_order);
+async fn three_processes_one_killed_mid_run_complete_everything_in_order(transport: TransportKind) {
     const SAGAS: u64 = 5_000;
     const AGGREGATES: u64 = 100;
     let env = TestEnv::on(transport, test_sagas()).await;
