@@ -1,4 +1,7 @@
 //! The `skald` command line. The only place (with `main`) that uses `anyhow`.
+//! `instances.rs`: the dashboard's instance views and actions.
+
+mod instances;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +80,12 @@ enum Cmd {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// List instances with the API's filters.
+    #[command(subcommand)]
+    Instances(instances::InstancesCmd),
+    /// Show one instance, or retry, cancel or resume it as the dashboard does.
+    #[command(subcommand)]
+    Instance(instances::InstanceCmd),
     /// Inspect, replay or discard dead letters.
     #[command(subcommand)]
     Dlq(DlqCmd),
@@ -441,6 +450,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Instances(cmd) => {
+            let config = config()?;
+            tokio_runtime()?.block_on(instances::run_instances(config, cmd))
+        }
+        Cmd::Instance(cmd) => {
+            let config = config()?;
+            tokio_runtime()?.block_on(instances::run_instance(config, cmd))
         }
         Cmd::Dlq(cmd) => {
             let config = config()?;

@@ -5,25 +5,21 @@
 use std::sync::atomic::Ordering;
 
 use actix_web::{HttpRequest, HttpResponse, get, post, web};
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::input::{Input, JsonBody, QueryParams, check_range, check_time};
+use super::input::{Input, JsonBody, QueryParams, check_range};
 use super::openapi::{
-    ErrorBody, dead_letter_kind_schema, dead_letter_status_schema, instance_status_schema,
-    nullable_dead_letter_kind_schema,
+    ErrorBody, dead_letter_kind_schema, dead_letter_status_schema, nullable_dead_letter_kind_schema,
 };
+use super::views::{self, ActionDone, CommandExchanges, InstancePage, InstancesQuery};
 use super::{ApiError, ApiState};
 use crate::envelope::{Envelope, Malformed, Outgoing, instance_id_for};
-use crate::operator::ActionOutcome;
-use crate::saga::coordinator::InstanceStatus;
 use crate::saga::{SagaDef, StepRole};
-use crate::store::commands::{self, CommandView, ReplyView};
-use crate::store::dead_letters::{self, DeadLetter, DeadLetterKind, DeadLetterStatus};
-use crate::store::queries::InstanceFilter;
+use crate::store::commands::{self, ReplyView};
+use crate::store::dead_letters::{self, DeadLetterKind, DeadLetterStatus};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -178,58 +174,6 @@ pub async fn saga_detail(
     })))
 }
 
-/// Query of `GET /api/v1/instances`.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct InstancesQuery {
-    /// Only this saga.
-    saga: Option<String>,
-    /// Only this status.
-    #[param(schema_with = instance_status_schema)]
-    status: Option<String>,
-    /// Only this aggregate.
-    aggregate_id: Option<String>,
-    /// Created at or after this time (RFC 3339, years 1 to 9999).
-    since: Option<DateTime<Utc>>,
-    /// Created before this time (RFC 3339, years 1 to 9999).
-    until: Option<DateTime<Utc>>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<String>,
-    /// Page size, 1 to 500 (default 50).
-    #[param(minimum = 1, maximum = 500)]
-    limit: Option<i64>,
-}
-
-impl Input for InstancesQuery {
-    fn validate(&self) -> Result<()> {
-        check_range("limit", self.limit, 1..=500)?;
-        check_time("since", self.since.as_ref())?;
-        check_time("until", self.until.as_ref())
-    }
-}
-
-/// Pages are cut at (created_at, id): the cursor is `<micros>_<uuid>` of the last
-/// item of the previous page.
-fn parse_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid)> {
-    let bad = || ApiError::BadRequest(format!("invalid cursor {cursor:?}"));
-    let (micros, id) = cursor.split_once('_').ok_or_else(bad)?;
-    let micros: i64 = micros.parse().map_err(|_| bad())?;
-    let at = DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
-    check_time("cursor", Some(&at))?;
-    Ok((at, id.parse().map_err(|_| bad())?))
-}
-
-/// A page of instances.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct InstancePage {
-    /// Instances, newest first.
-    #[schema(value_type = Vec<Object>)]
-    items: Vec<crate::store::queries::InstanceSummary>,
-    /// Pass as `cursor` for the next page; `null` on the last.
-    next_cursor: Option<String>,
-}
-
 /// Instances, newest first, filtered, cursor-paginated.
 #[utoipa::path(
     tag = "instances",
@@ -244,30 +188,7 @@ pub async fn list_instances(
     state: web::Data<ApiState>,
     query: QueryParams<InstancesQuery>,
 ) -> Result<HttpResponse> {
-    let q = query.0;
-    let limit = q.limit.unwrap_or(50);
-    let status = q
-        .status
-        .map(|s| {
-            InstanceStatus::parse(&s)
-                .ok_or_else(|| ApiError::BadRequest(format!("unknown status {s:?}")))
-        })
-        .transpose()?;
-    let filter = InstanceFilter {
-        saga: q.saga,
-        status,
-        aggregate_id: q.aggregate_id,
-        since: q.since,
-        until: q.until,
-        after: q.cursor.as_deref().map(parse_cursor).transpose()?,
-        limit,
-    };
-    let items = state.store.instances(&filter).await?;
-    let next_cursor = (items.len() as i64 == limit)
-        .then(|| items.last())
-        .flatten()
-        .map(|last| format!("{}_{}", last.created_at.timestamp_micros(), last.id));
-    Ok(HttpResponse::Ok().json(InstancePage { items, next_cursor }))
+    Ok(HttpResponse::Ok().json(views::instance_page(&state.store, query.0).await?))
 }
 
 /// One instance: payload, outputs, timeline (every attempt with its error,
@@ -285,39 +206,7 @@ pub async fn instance_detail(
     state: web::Data<ApiState>,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse> {
-    let detail = state
-        .store
-        .instance(*id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no instance {id}")))?;
-    let letters: Vec<Value> = dead_letters::for_instance(state.store.pool(), *id)
-        .await?
-        .iter()
-        .map(dead_letter_json)
-        .collect();
-    let mut body = serde_json::to_value(&detail).expect("instance serialises");
-    body["dead_letters"] = Value::Array(letters);
-    let exchanges = instance_exchanges(&state, *id).await?;
-    body["commands"] = serde_json::to_value(exchanges.commands).expect("commands serialise");
-    body["replies"] = serde_json::to_value(exchanges.replies).expect("replies serialise");
-    Ok(HttpResponse::Ok().json(body))
-}
-
-/// An instance's command steps: every command sent (service, type, sends, when sent
-/// and answered, error or outputs) and every reply received, applied or not.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CommandExchanges {
-    /// Oldest first.
-    commands: Vec<CommandView>,
-    /// Newest first.
-    replies: Vec<ReplyView>,
-}
-
-async fn instance_exchanges(state: &ApiState, id: Uuid) -> Result<CommandExchanges> {
-    Ok(CommandExchanges {
-        commands: commands::of_instance(state.store.pool(), id).await?,
-        replies: commands::replies(state.store.pool(), Some(id), 1000).await?,
-    })
+    Ok(HttpResponse::Ok().json(views::instance_document(&state.store, *id).await?))
 }
 
 /// The commands an instance's command steps sent, and the replies received for it.
@@ -339,7 +228,7 @@ pub async fn instance_commands(
         .instance(*id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no instance {id}")))?;
-    Ok(HttpResponse::Ok().json(instance_exchanges(&state, *id).await?))
+    Ok(HttpResponse::Ok().json(views::exchanges(&state.store, *id).await?))
 }
 
 /// Query of `GET /api/v1/replies`.
@@ -499,15 +388,6 @@ fn parse_kind(kind: Option<&str>) -> Result<Option<DeadLetterKind>> {
     .transpose()
 }
 
-fn dead_letter_json(d: &DeadLetter) -> Value {
-    let mut v = serde_json::to_value(d).expect("dead letter serialises");
-    v["body"] = match d.body_text() {
-        Some(text) => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.into())),
-        None => Value::String(format!("<{} bytes, not UTF-8>", d.body.len())),
-    };
-    v
-}
-
 /// Dead letters, newest first, by kind and status.
 #[utoipa::path(
     tag = "dead letters",
@@ -534,7 +414,7 @@ pub async fn list_dead_letters(
     let items = dead_letters::list(state.store.pool(), kind, status, q.limit.unwrap_or(100))
         .await?
         .iter()
-        .map(dead_letter_json)
+        .map(views::dead_letter_json)
         .collect();
     Ok(HttpResponse::Ok().json(Items { items }))
 }
@@ -556,7 +436,7 @@ pub async fn dead_letter_detail(
     let letter = dead_letters::get(state.store.pool(), *id, false)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no dead letter {id}")))?;
-    Ok(HttpResponse::Ok().json(dead_letter_json(&letter)))
+    Ok(HttpResponse::Ok().json(views::dead_letter_json(&letter)))
 }
 
 /// Who acts: `by` from the body, else the `X-Skald-Operator` header, else `api`.
@@ -697,26 +577,6 @@ impl Input for InstanceActionRequest {
     }
 }
 
-/// What an instance action did.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ActionDone {
-    /// The instance.
-    id: Uuid,
-    /// `retry`, `cancel` or `resume`.
-    action: &'static str,
-    /// `done` now, or `already_done` before (its message was sent again).
-    #[schema(value_type = String)]
-    outcome: ActionOutcome,
-}
-
-fn action_json(id: Uuid, action: &'static str, outcome: ActionOutcome) -> HttpResponse {
-    HttpResponse::Ok().json(ActionDone {
-        id,
-        action,
-        outcome,
-    })
-}
-
 /// Run a pending retry now instead of after its delay (recorded, idempotent).
 #[utoipa::path(
     tag = "instances",
@@ -739,7 +599,7 @@ pub async fn retry_now(
     let by = operator(&req, body.0.by);
     let outcome =
         crate::operator::retry_now(&state.store, state.transport.as_ref(), *id, &by).await?;
-    Ok(action_json(*id, "retry", outcome))
+    Ok(HttpResponse::Ok().json(ActionDone::new(*id, "retry", outcome)))
 }
 
 /// Stop going forward and compensate the completed steps (recorded, idempotent;
@@ -771,7 +631,7 @@ pub async fn cancel(
         &by,
     )
     .await?;
-    Ok(action_json(*id, "cancel", outcome))
+    Ok(HttpResponse::Ok().json(ActionDone::new(*id, "cancel", outcome)))
 }
 
 /// Resume a parked (failed) instance by replaying its dead letter (recorded,
@@ -796,7 +656,7 @@ pub async fn resume(
 ) -> Result<HttpResponse> {
     let by = operator(&req, body.0.by);
     let outcome = crate::operator::resume(&state.store, state.transport.as_ref(), *id, &by).await?;
-    Ok(action_json(*id, "resume", outcome))
+    Ok(HttpResponse::Ok().json(ActionDone::new(*id, "resume", outcome)))
 }
 
 /// Body of `POST /api/v1/dead-letters/replay` (optional).

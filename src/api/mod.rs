@@ -13,6 +13,7 @@ mod input;
 mod metrics;
 pub mod openapi;
 mod page;
+pub mod views;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
