@@ -55,7 +55,10 @@
 //! - [`seen`]: the message ids this process recorded lately, so a copy is looked up
 //!   in the inbox before its step runs again.
 //! - [`dlq`]: operator actions on dead letters (replay, discard); [`operator`]:
-//!   on instances (retry now, cancel, resume).
+//!   on instances (retry now, cancel, resume); [`failures`]: failure groups —
+//!   failed attempts and dead letters grouped by saga, step and error signature
+//!   ([`failures::signature`], pure), and retry or discard of a whole group
+//!   (SQL in [`store::failures`]).
 //! - [`participant`]: the library a *participant service* (its own PostgreSQL
 //!   database, its own endpoint on the broker) uses to handle saga commands and plain
 //!   events with skald's guarantees: [`participant::wire`] (the service message and the
@@ -86,6 +89,7 @@ pub mod dlq;
 pub mod engine;
 pub mod envelope;
 pub mod explore;
+pub mod failures;
 pub mod faults;
 pub mod handlers;
 pub mod metrics;
