@@ -1,6 +1,8 @@
 //! The `skald` command line. The only place (with `main`) that uses `anyhow`.
-//! `instances.rs`: the dashboard's instance views and actions.
+//! `instances.rs`: the dashboard's instance views and actions; `failures.rs`: its
+//! failure groups.
 
+mod failures;
 mod instances;
 
 use std::path::PathBuf;
@@ -86,6 +88,9 @@ enum Cmd {
     /// Show one instance, or retry, cancel or resume it as the dashboard does.
     #[command(subcommand)]
     Instance(instances::InstanceCmd),
+    /// Failure groups: list them, retry or discard a whole group.
+    #[command(subcommand)]
+    Failures(failures::FailuresCmd),
     /// Inspect, replay or discard dead letters.
     #[command(subcommand)]
     Dlq(DlqCmd),
@@ -458,6 +463,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Instance(cmd) => {
             let config = config()?;
             tokio_runtime()?.block_on(instances::run_instance(config, cmd))
+        }
+        Cmd::Failures(cmd) => {
+            let config = config()?;
+            tokio_runtime()?.block_on(failures::run(config, cmd))
         }
         Cmd::Dlq(cmd) => {
             let config = config()?;

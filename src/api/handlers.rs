@@ -729,6 +729,148 @@ pub async fn bulk_replay(
     Ok(HttpResponse::Ok().json(BulkReplayed { replayed }))
 }
 
+/// Query of `GET /api/v1/failure-groups`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct FailureGroupsQuery {
+    /// Only this saga.
+    saga: Option<String>,
+}
+
+impl Input for FailureGroupsQuery {}
+
+/// Failure groups, most failed attempts first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FailureGroups {
+    /// `{"id", "saga", "step", "phase", "code", "message", "example", "attempts",
+    /// "instances", "dead_letters", "first_seen", "last_seen"}` each.
+    #[schema(value_type = Vec<Object>)]
+    items: Vec<crate::failures::FailureGroup>,
+}
+
+/// Failed attempts and dead letters across all instances, grouped by saga, step,
+/// phase and error (SQLSTATE or handler code, normalised message).
+#[utoipa::path(
+    tag = "failure groups",
+    params(FailureGroupsQuery),
+    responses(
+        (status = 200, body = FailureGroups),
+        (status = 400, description = "A query parameter is invalid", body = ErrorBody),
+    )
+)]
+#[get("/failure-groups")]
+pub async fn list_failure_groups(
+    state: web::Data<ApiState>,
+    query: QueryParams<FailureGroupsQuery>,
+) -> Result<HttpResponse> {
+    let items = crate::failures::groups(&state.store, query.0.saga.as_deref()).await?;
+    Ok(HttpResponse::Ok().json(FailureGroups { items }))
+}
+
+/// Body of `POST /api/v1/failure-groups/{id}/retry` (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct RetryGroupRequest {
+    /// The oldest this many members, 1 to 1000 (default 100).
+    #[schema(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// Members per second at most, 1 to 1000 (default 10).
+    #[schema(minimum = 1, maximum = 1000)]
+    per_second: Option<u32>,
+    /// Who retries (default: the `X-Skald-Operator` header, else `api`).
+    by: Option<String>,
+}
+
+impl Input for RetryGroupRequest {
+    fn when_empty() -> Option<Self> {
+        Some(Self::default())
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_range("limit", self.limit, crate::failures::LIMIT)?;
+        check_range("per_second", self.per_second, crate::failures::PER_SECOND)
+    }
+}
+
+/// What a group action did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GroupDone {
+    /// The group.
+    id: Uuid,
+    /// The members acted on, in order (oldest first).
+    done: Vec<Uuid>,
+    /// The members the action did not apply to.
+    skipped: Vec<Uuid>,
+}
+
+impl GroupDone {
+    fn new(id: Uuid, outcome: crate::failures::GroupOutcome) -> Self {
+        Self {
+            id,
+            done: outcome.done,
+            skipped: outcome.skipped,
+        }
+    }
+}
+
+/// Retry a group's members, oldest first, at most `per_second` a second: a parked
+/// member is resumed, a live one has its pending retry run now (recorded).
+#[utoipa::path(
+    tag = "failure groups",
+    params(("id" = Uuid, Path, description = "The group's id")),
+    request_body(content = Option<RetryGroupRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, body = GroupDone),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 404, description = "No such failure group", body = ErrorBody),
+    )
+)]
+#[post("/failure-groups/{id}/retry")]
+pub async fn retry_failure_group(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+    body: JsonBody<RetryGroupRequest>,
+) -> Result<HttpResponse> {
+    let body = body.0;
+    let by = operator(&req, body.by);
+    let how = crate::failures::RetryGroup {
+        limit: body.limit.unwrap_or(crate::failures::DEFAULT_LIMIT) as usize,
+        per_second: body
+            .per_second
+            .unwrap_or(crate::failures::DEFAULT_PER_SECOND),
+    };
+    let outcome =
+        crate::failures::retry_group(&state.store, state.transport.as_ref(), *id, how, &by).await?;
+    Ok(HttpResponse::Ok().json(GroupDone::new(*id, outcome)))
+}
+
+/// Discard the pending dead letters of a group's members (recorded, never erased).
+#[utoipa::path(
+    tag = "failure groups",
+    params(("id" = Uuid, Path, description = "The group's id")),
+    request_body(content = Option<DiscardRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, body = GroupDone),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 404, description = "No such failure group", body = ErrorBody),
+    )
+)]
+#[post("/failure-groups/{id}/discard")]
+pub async fn discard_failure_group(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+    body: JsonBody<DiscardRequest>,
+) -> Result<HttpResponse> {
+    let body = body.0;
+    let by = operator(&req, body.by);
+    let outcome =
+        crate::failures::discard_group(&state.store, *id, &by, body.note.as_deref()).await?;
+    Ok(HttpResponse::Ok().json(GroupDone::new(*id, outcome)))
+}
+
 /// This document: every operation, parameter, body and status.
 #[utoipa::path(tag = "health", responses((status = 200, description = "OpenAPI 3.1", body = Object)))]
 #[get("/openapi.json")]

@@ -199,6 +199,9 @@ api_routes! {
     dead_letter_detail,
     replay,
     discard,
+    list_failure_groups,
+    retry_failure_group,
+    discard_failure_group,
     stats,
 }
 

@@ -101,12 +101,12 @@ pub fn exit_code(e: &ApiError) -> ExitCode {
 }
 
 /// Prints `error: <message>` and returns its exit code.
-fn refused(e: ApiError) -> ExitCode {
+pub(super) fn refused(e: ApiError) -> ExitCode {
     eprintln!("error: {e}");
     exit_code(&e)
 }
 
-async fn store(config: &Config) -> anyhow::Result<Store> {
+pub(super) async fn store(config: &Config) -> anyhow::Result<Store> {
     let store = Store::connect(&config.database_url, 2).await?;
     store.migrate().await?;
     Ok(store)

@@ -185,6 +185,15 @@ async fn find(store: &Store, id: Uuid) -> Result<FailureGroup, FailureError> {
         .ok_or(FailureError::NotFound(id))
 }
 
+/// How many members a group retry takes: 1 to 1000.
+pub const LIMIT: std::ops::RangeInclusive<i64> = 1..=1000;
+/// The members a group retry takes by default.
+pub const DEFAULT_LIMIT: i64 = 100;
+/// How fast a group retry goes, in members a second: 1 to 1000.
+pub const PER_SECOND: std::ops::RangeInclusive<u32> = 1..=1000;
+/// A group retry's pace by default.
+pub const DEFAULT_PER_SECOND: u32 = 10;
+
 /// How a group retry goes.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryGroup {
