@@ -91,7 +91,7 @@ pub fn normalise(message: &str) -> String {
 /// The id of the failure group of `saga`, `step`, `phase` and `signature`: the same
 /// key always gives the same id (a UUID v5).
 pub fn group_id(saga: &str, step: Option<&str>, phase: Option<&str>, sig: &Signature) -> Uuid {
-    const NAMESPACE: Uuid = Uuid::from_u128(0x5a1d_f417_0000_4000_8000_6f7570730000);
+    const NAMESPACE: Uuid = Uuid::from_u128(0x5a1d_f417_0000_4000_8000_6f75_7073_0000);
     let key = format!(
         "{saga}\n{}\n{}\n{}\n{}",
         step.unwrap_or(""),
