@@ -743,17 +743,21 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
 /// The definition of saga `saga` in the configured sagas directory; an unknown saga
 /// is refused with the API's message.
 fn saga_to_start(config: &Config, saga: &str) -> anyhow::Result<crate::saga::SagaDef> {
-    let sagas = load_dir(&config.sagas_dir).map_err(|errors| {
+    load_sagas(config)?
+        .into_iter()
+        .find(|s| s.name == saga)
+        .ok_or_else(|| Malformed::UnknownSaga(saga.to_string()).into())
+}
+
+/// The sagas of the configured sagas directory, which must load.
+fn load_sagas(config: &Config) -> anyhow::Result<Vec<crate::saga::SagaDef>> {
+    load_dir(&config.sagas_dir).map_err(|errors| {
         anyhow::anyhow!(
             "the sagas in {} do not load ({} error(s)); see skald validate",
             config.sagas_dir.display(),
             errors.len()
         )
-    })?;
-    sagas
-        .into_iter()
-        .find(|s| s.name == saga)
-        .ok_or_else(|| Malformed::UnknownSaga(saga.to_string()).into())
+    })
 }
 
 /// A saga name as saga files allow it (checked again by `skald validate`).

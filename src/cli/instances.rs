@@ -17,7 +17,7 @@ use crate::api::ApiError;
 use crate::api::views::{self, ActionDone, InstancesQuery};
 use crate::config::Config;
 use crate::operator::ActionOutcome;
-use crate::saga::{Catalog, load_dir};
+use crate::saga::Catalog;
 use crate::store::Store;
 use crate::transport::Transport;
 use crate::transport::rabbitmq::RabbitTransport;
@@ -188,14 +188,7 @@ async fn act(
     let by = super::operator(args.by);
     // Cancel compensates with the instance's own saga version: the loaded files say how.
     let catalog = if action == "cancel" {
-        let sagas = load_dir(&config.sagas_dir).map_err(|errors| {
-            anyhow::anyhow!(
-                "the sagas in {} do not load ({} error(s)); see skald validate",
-                config.sagas_dir.display(),
-                errors.len()
-            )
-        })?;
-        Some(Catalog::new(sagas))
+        Some(Catalog::new(super::load_sagas(config)?))
     } else {
         None
     };

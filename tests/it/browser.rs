@@ -135,20 +135,7 @@ async fn a_person_retries_a_failure_group_from_the_dashboard() {
     .map(|(n, (key, kind))| start("grouped", key, 0, json!({"key": key, "kind": kind, "n": n})))
     .collect();
     env.publish_starts(starts).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let failing: i64 = sqlx::query_scalar(
-            "SELECT count(DISTINCT instance_id) FROM skald.inbox WHERE outcome = 'failed'",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-        if failing == 4 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{failing} failing");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    env.wait_failing(4).await;
     sqlx::query("UPDATE fg.gate SET open = true")
         .execute(&env.pool)
         .await

@@ -14,24 +14,6 @@ fn group_sagas() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/groups")
 }
 
-/// Waits until `n` instances have a failed attempt.
-async fn wait_failing(env: &TestEnv, n: i64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let failing: i64 = sqlx::query_scalar(
-            "SELECT count(DISTINCT instance_id) FROM skald.inbox WHERE outcome = 'failed'",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-        if failing == n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{failing} failing, not {n}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn the_group<'g>(groups: &'g Value, code: &str) -> &'g Value {
     groups["items"]
         .as_array()
@@ -60,7 +42,7 @@ async fn fifty_and_five_failures_make_two_groups_and_one_is_retried_alone_oldest
         })
         .collect();
     env.publish_starts(starts).await;
-    wait_failing(&env, 55).await;
+    env.wait_failing(55).await;
 
     // …there are two groups, with exact counts, over the API and the CLI alike.
     let (status, groups) = get(&svc, "/api/v1/failure-groups").await;
