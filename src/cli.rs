@@ -62,6 +62,9 @@ enum Cmd {
         /// The publisher's per-aggregate sequence number, 0 to 2^63 - 1.
         #[arg(long, value_parser = clap::value_parser!(u64).range(0..=i64::MAX as u64))]
         sequence: Option<u64>,
+        /// Print the API's answer, `{"message_id", "instance_id"}`, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Count instances per saga and status.
     Status {
@@ -230,6 +233,9 @@ enum DlqCmd {
         /// Who is replaying (recorded; default: $USER).
         #[arg(long)]
         by: Option<String>,
+        /// Print the API's answer, `{"id", "replayed", "already_replayed"}`, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Set a dead letter aside (recorded, never erased).
     Discard {
@@ -241,6 +247,9 @@ enum DlqCmd {
         /// Why (recorded).
         #[arg(long)]
         note: Option<String>,
+        /// Print the API's answer, `{"id", "status"}`, as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -324,6 +333,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data,
             message_id,
             sequence,
+            json,
         } => {
             let config = config()?;
             let payload: Value = serde_json::from_str(&data).context("--data is not JSON")?;
@@ -358,11 +368,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 transport.close().await;
                 anyhow::Ok(())
             })?;
-            println!(
-                "message_id={} instance_id={}",
-                envelope.message_id,
-                instance_id_for(envelope.message_id)
-            );
+            let instance_id = instance_id_for(envelope.message_id);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "message_id": envelope.message_id, "instance_id": instance_id })
+                );
+            } else {
+                println!(
+                    "message_id={} instance_id={instance_id}",
+                    envelope.message_id
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { json } => {
@@ -709,7 +726,7 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
             };
             println!("{}", serde_json::to_string_pretty(&json)?);
         }
-        DlqCmd::Replay { id, data, by } => {
+        DlqCmd::Replay { id, data, by, json } => {
             let data = data
                 .map(|d| serde_json::from_str::<Value>(&d).context("--data is not JSON"))
                 .transpose()?;
@@ -717,7 +734,13 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
             let outcome =
                 crate::dlq::replay(&store, transport.as_ref(), id, data, &operator(by)).await;
             transport.close().await;
-            match outcome? {
+            let outcome = outcome?;
+            let already = matches!(outcome, crate::dlq::ReplayOutcome::AlreadyReplayed { .. });
+            match outcome {
+                _ if json => println!(
+                    "{}",
+                    serde_json::json!({ "id": id, "replayed": true, "already_replayed": already })
+                ),
                 crate::dlq::ReplayOutcome::Replayed => println!("replayed {id}"),
                 crate::dlq::ReplayOutcome::AlreadyReplayed { by, at } => println!(
                     "{id} was already replayed by {} at {}; its message was sent again \
@@ -727,8 +750,14 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
                 ),
             }
         }
-        DlqCmd::Discard { id, by, note } => {
+        DlqCmd::Discard { id, by, note, json } => {
             match crate::dlq::discard(&store, id, &operator(by), note.as_deref()).await? {
+                outcome if json => {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "id": id, "status": outcome.status() })
+                    );
+                }
                 crate::dlq::DiscardOutcome::Discarded => println!("discarded {id}"),
                 crate::dlq::DiscardOutcome::AlreadyResolved(status) => {
                     println!("{id} is already {}; nothing changed", status.as_str())

@@ -267,6 +267,16 @@ pub enum DiscardOutcome {
     AlreadyResolved(DeadLetterStatus),
 }
 
+impl DiscardOutcome {
+    /// The letter's status after the discard: `discarded`, or what it already was.
+    pub fn status(&self) -> &'static str {
+        match self {
+            DiscardOutcome::Discarded => "discarded",
+            DiscardOutcome::AlreadyResolved(s) => s.as_str(),
+        }
+    }
+}
+
 /// Sets dead letter `id` aside, recording who and why. A parked instance stays
 /// `failed`.
 pub async fn discard(

@@ -556,11 +556,10 @@ pub async fn discard(
     let body = body.0;
     let by = operator(&req, body.by);
     let outcome = crate::dlq::discard(&state.store, *id, &by, body.note.as_deref()).await?;
-    let status = match outcome {
-        crate::dlq::DiscardOutcome::Discarded => "discarded",
-        crate::dlq::DiscardOutcome::AlreadyResolved(s) => s.as_str(),
-    };
-    Ok(HttpResponse::Ok().json(Discarded { id: *id, status }))
+    Ok(HttpResponse::Ok().json(Discarded {
+        id: *id,
+        status: outcome.status(),
+    }))
 }
 
 /// Body of the instance actions (optional).

@@ -143,6 +143,11 @@ async fn dlq_commands_list_show_and_discard_dead_letters() {
     };
     assert!(discard("ops").starts_with("discarded"));
     assert!(discard("ops").contains("already discarded"));
+    let as_json = env.skald_ok(&["dlq", "discard", id, "--json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&as_json).unwrap(),
+        serde_json::json!({"id": id, "status": "discarded"})
+    );
     let pending = env
         .skald(&["dlq", "list", "--status", "pending"])
         .output()
@@ -421,12 +426,13 @@ fn skald_exit(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// `skald start <saga> --data <data>`: the instance id it printed.
+/// `skald start <saga> --data <data> --json`: the instance id it printed.
 fn start_instance(env: &TestEnv, saga: &str, data: &str) -> String {
-    let out = env.skald_ok(&["start", saga, "--data", data]);
-    out.trim()
-        .split("instance_id=")
-        .nth(1)
+    let out = env.skald_ok(&["start", saga, "--data", data, "--json"]);
+    let ids: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ids["message_id"].is_string(), "{ids}");
+    ids["instance_id"]
+        .as_str()
         .expect("an instance id")
         .to_string()
 }
