@@ -1,5 +1,5 @@
 //! Failure groups: across all instances, failed attempts and the dead letters they
-//! led to, grouped by saga, step, phase and error [`signature`] (SQLSTATE or handler
+//! led to, grouped by saga, step, phase and error [`signature`](mod@signature) (SQLSTATE or handler
 //! code, normalised message), with counts, first and last seen; and the operator
 //! actions on a whole group — retry its members, discard their dead letters — paced
 //! and recorded.
