@@ -1,4 +1,9 @@
 //! The `skald` command line. The only place (with `main`) that uses `anyhow`.
+//! `instances.rs`: the dashboard's instance views and actions; `failures.rs`: its
+//! failure groups.
+
+mod failures;
+mod instances;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +61,9 @@ enum Cmd {
         /// The publisher's per-aggregate sequence number, 0 to 2^63 - 1.
         #[arg(long, value_parser = clap::value_parser!(u64).range(0..=i64::MAX as u64))]
         sequence: Option<u64>,
+        /// Print the API's answer, `{"message_id", "instance_id"}`, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Count instances per saga and status.
     Status {
@@ -76,6 +84,15 @@ enum Cmd {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// List instances with the API's filters.
+    #[command(subcommand)]
+    Instances(instances::InstancesCmd),
+    /// Show one instance, or retry, cancel or resume it as the dashboard does.
+    #[command(subcommand)]
+    Instance(instances::InstanceCmd),
+    /// Failure groups: list them, retry or discard a whole group.
+    #[command(subcommand)]
+    Failures(failures::FailuresCmd),
     /// Inspect, replay or discard dead letters.
     #[command(subcommand)]
     Dlq(DlqCmd),
@@ -215,6 +232,9 @@ enum DlqCmd {
         /// Who is replaying (recorded; default: $USER).
         #[arg(long)]
         by: Option<String>,
+        /// Print the API's answer, `{"id", "replayed", "already_replayed"}`, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Set a dead letter aside (recorded, never erased).
     Discard {
@@ -226,6 +246,9 @@ enum DlqCmd {
         /// Why (recorded).
         #[arg(long)]
         note: Option<String>,
+        /// Print the API's answer, `{"id", "status"}`, as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -309,6 +332,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data,
             message_id,
             sequence,
+            json,
         } => {
             let config = config()?;
             let payload: Value = serde_json::from_str(&data).context("--data is not JSON")?;
@@ -343,11 +367,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 transport.close().await;
                 anyhow::Ok(())
             })?;
-            println!(
-                "message_id={} instance_id={}",
-                envelope.message_id,
-                instance_id_for(envelope.message_id)
-            );
+            let instance_id = instance_id_for(envelope.message_id);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "message_id": envelope.message_id, "instance_id": instance_id })
+                );
+            } else {
+                println!(
+                    "message_id={} instance_id={instance_id}",
+                    envelope.message_id
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { json } => {
@@ -440,6 +471,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Instances(cmd) => {
+            let config = config()?;
+            tokio_runtime()?.block_on(instances::run_instances(config, cmd))
+        }
+        Cmd::Instance(cmd) => {
+            let config = config()?;
+            tokio_runtime()?.block_on(instances::run_instance(config, cmd))
+        }
+        Cmd::Failures(cmd) => {
+            let config = config()?;
+            tokio_runtime()?.block_on(failures::run(config, cmd))
         }
         Cmd::Dlq(cmd) => {
             let config = config()?;
@@ -682,7 +725,7 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
             };
             println!("{}", serde_json::to_string_pretty(&json)?);
         }
-        DlqCmd::Replay { id, data, by } => {
+        DlqCmd::Replay { id, data, by, json } => {
             let data = data
                 .map(|d| serde_json::from_str::<Value>(&d).context("--data is not JSON"))
                 .transpose()?;
@@ -690,7 +733,13 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
             let outcome =
                 crate::dlq::replay(&store, transport.as_ref(), id, data, &operator(by)).await;
             transport.close().await;
-            match outcome? {
+            let outcome = outcome?;
+            let already = matches!(outcome, crate::dlq::ReplayOutcome::AlreadyReplayed { .. });
+            match outcome {
+                _ if json => println!(
+                    "{}",
+                    serde_json::json!({ "id": id, "replayed": true, "already_replayed": already })
+                ),
                 crate::dlq::ReplayOutcome::Replayed => println!("replayed {id}"),
                 crate::dlq::ReplayOutcome::AlreadyReplayed { by, at } => println!(
                     "{id} was already replayed by {} at {}; its message was sent again \
@@ -700,8 +749,14 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
                 ),
             }
         }
-        DlqCmd::Discard { id, by, note } => {
+        DlqCmd::Discard { id, by, note, json } => {
             match crate::dlq::discard(&store, id, &operator(by), note.as_deref()).await? {
+                outcome if json => {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "id": id, "status": outcome.status() })
+                    );
+                }
                 crate::dlq::DiscardOutcome::Discarded => println!("discarded {id}"),
                 crate::dlq::DiscardOutcome::AlreadyResolved(status) => {
                     println!("{id} is already {}; nothing changed", status.as_str())
@@ -716,17 +771,21 @@ async fn run_dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
 /// The definition of saga `saga` in the configured sagas directory; an unknown saga
 /// is refused with the API's message.
 fn saga_to_start(config: &Config, saga: &str) -> anyhow::Result<crate::saga::SagaDef> {
-    let sagas = load_dir(&config.sagas_dir).map_err(|errors| {
+    load_sagas(config)?
+        .into_iter()
+        .find(|s| s.name == saga)
+        .ok_or_else(|| Malformed::UnknownSaga(saga.to_string()).into())
+}
+
+/// The sagas of the configured sagas directory, which must load.
+fn load_sagas(config: &Config) -> anyhow::Result<Vec<crate::saga::SagaDef>> {
+    load_dir(&config.sagas_dir).map_err(|errors| {
         anyhow::anyhow!(
             "the sagas in {} do not load ({} error(s)); see skald validate",
             config.sagas_dir.display(),
             errors.len()
         )
-    })?;
-    sagas
-        .into_iter()
-        .find(|s| s.name == saga)
-        .ok_or_else(|| Malformed::UnknownSaga(saga.to_string()).into())
+    })
 }
 
 /// A saga name as saga files allow it (checked again by `skald validate`).

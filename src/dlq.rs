@@ -96,7 +96,7 @@ pub async fn bulk_replay(
     let letters =
         dead_letters::oldest_pending(store.pool(), what.kind, what.saga.as_deref(), what.limit)
             .await?;
-    let pause = std::time::Duration::from_secs_f64(1.0 / f64::from(what.per_second.max(1)));
+    let pause = pace(what.per_second);
     let mut replayed = Vec::with_capacity(letters.len());
     for letter in &letters {
         if !replayed.is_empty() {
@@ -106,6 +106,12 @@ pub async fn bulk_replay(
         replayed.push(letter.id);
     }
     Ok(replayed)
+}
+
+/// The pause between two paced operator actions, at most `per_second` a second (at
+/// least 1).
+pub fn pace(per_second: u32) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(1.0 / f64::from(per_second.max(1)))
 }
 
 /// Replays dead letter `id`, with `data` replacing the payload when given.
@@ -259,6 +265,16 @@ pub enum DiscardOutcome {
     Discarded,
     /// It was already resolved this way.
     AlreadyResolved(DeadLetterStatus),
+}
+
+impl DiscardOutcome {
+    /// The letter's status after the discard: `discarded`, or what it already was.
+    pub fn status(&self) -> &'static str {
+        match self {
+            DiscardOutcome::Discarded => "discarded",
+            DiscardOutcome::AlreadyResolved(s) => s.as_str(),
+        }
+    }
 }
 
 /// Sets dead letter `id` aside, recording who and why. A parked instance stays

@@ -58,11 +58,15 @@
 //!   one aggregate, and the router that creates and evicts them.
 //! - [`app`]: wiring: build everything from a [`config::Config`], consume until
 //!   shutdown, drain in-flight work.
-//! - [`api`]: the dashboard's HTTP API (actix-web) and `/metrics`.
+//! - [`api`]: the dashboard's HTTP API (actix-web) and `/metrics`; [`api::views`]: the
+//!   instances page and instance document it and the CLI both show.
 //! - [`seen`]: the message ids this process recorded lately, so a copy is looked up
 //!   in the inbox before its step runs again.
 //! - [`dlq`]: operator actions on dead letters (replay, discard); [`operator`]:
-//!   on instances (retry now, cancel, resume).
+//!   on instances (retry now, cancel, resume); [`failures`]: failure groups —
+//!   failed attempts and dead letters grouped by saga, step and error signature
+//!   ([`failures::signature`](mod@failures::signature), pure), and retry or discard of a whole group
+//!   (SQL in [`store::failures`]).
 //! - [`participant`]: the library a *participant service* (its own PostgreSQL
 //!   database, its own endpoint on the broker) uses to handle saga commands and plain
 //!   events with skald's guarantees: [`participant::wire`] (the service message and the
@@ -71,7 +75,9 @@
 //!   [`participant::policy`]), per-aggregate lanes, its own schema `skald_participant`
 //!   (migrations in `src/participant/migrations/`), dead-letter tooling, crash faults,
 //!   and the three sample services ([`participant::sample`], run by `examples/`).
-//! - [`cli`]: the `skald` command line.
+//! - [`cli`]: the `skald` command line (`cli/instances.rs`: `skald instances` and
+//!   `skald instance`, the dashboard's views and actions; `cli/failures.rs`: `skald
+//!   failures`).
 //!
 //! ## The path of one message
 //!
@@ -93,6 +99,7 @@ pub mod dlq;
 pub mod engine;
 pub mod envelope;
 pub mod explore;
+pub mod failures;
 pub mod faults;
 pub mod handlers;
 pub mod metrics;

@@ -144,8 +144,27 @@ async function deadAction(id, act, letter) {
   } catch (e) { alert(act + " failed: " + e.message); }
 }
 
+async function loadGroups() {
+  const groups = await api("/api/v1/failure-groups");
+  $("groups").tBodies[0].innerHTML = groups.items.map((g) =>
+    `<tr data-id="${g.id}"><td>${esc(g.saga)}</td><td>${esc(g.step || "")} <span class="muted">${esc(g.phase || "")}</span></td>
+     <td>${esc(g.code || "")}</td><td class="wrap" title="${esc(g.example)}">${esc(g.message)}</td>
+     <td>${g.attempts}</td><td>${g.instances}</td><td>${g.dead_letters}</td><td>${time(g.first_seen)}</td><td>${time(g.last_seen)}</td>
+     <td><button class="primary" data-act="retry">retry group</button>
+     ${g.dead_letters ? `<button class="danger" data-act="discard">discard dead letters</button>` : ""}</td></tr>`).join("");
+  for (const tr of $("groups").tBodies[0].rows) for (const b of tr.querySelectorAll("button")) b.onclick = () => groupAction(tr.dataset.id, b.dataset.act);
+}
+
+async function groupAction(id, act) {
+  try {
+    const r = await api(`/api/v1/failure-groups/${id}/${act}`, { method: "POST", body: JSON.stringify({ by: "dashboard" }) });
+    $("group-result").textContent = `${act}: ${r.done.length} done, ${r.skipped.length} skipped`;
+    await refresh();
+  } catch (e) { alert(act + " failed: " + e.message); }
+}
+
 async function refresh() {
-  try { await Promise.all([loadHealth(), loadStats(), loadInstances(), loadDead(), loadDetail()]); }
+  try { await Promise.all([loadHealth(), loadStats(), loadInstances(), loadGroups(), loadDead(), loadDetail()]); }
   catch (e) { $("counts").textContent = "error: " + e.message; }
 }
 for (const id of ["f-saga", "f-status", "f-aggregate"]) $(id).addEventListener("change", loadInstances);

@@ -5,6 +5,7 @@ use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
 use crate::dlq::DlqError;
+use crate::failures::FailureError;
 use crate::operator::OperatorError;
 use crate::store::StoreError;
 use crate::transport::TransportError;
@@ -138,6 +139,17 @@ impl From<OperatorError> for ApiError {
             OperatorError::Store(s) => s.into(),
             OperatorError::Transport(t) => t.into(),
             OperatorError::Dlq(d) => d.into(),
+        }
+    }
+}
+
+impl From<FailureError> for ApiError {
+    fn from(e: FailureError) -> Self {
+        match e {
+            FailureError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            FailureError::Store(s) => s.into(),
+            FailureError::Operator(o) => o.into(),
+            FailureError::Dlq(d) => d.into(),
         }
     }
 }

@@ -5,25 +5,21 @@
 use std::sync::atomic::Ordering;
 
 use actix_web::{HttpRequest, HttpResponse, get, post, web};
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::input::{Input, JsonBody, QueryParams, check_range, check_time};
+use super::input::{Input, JsonBody, QueryParams, check_range};
 use super::openapi::{
-    ErrorBody, dead_letter_kind_schema, dead_letter_status_schema, instance_status_schema,
-    nullable_dead_letter_kind_schema,
+    ErrorBody, dead_letter_kind_schema, dead_letter_status_schema, nullable_dead_letter_kind_schema,
 };
+use super::views::{self, ActionDone, CommandExchanges, InstancePage, InstancesQuery};
 use super::{ApiError, ApiState};
 use crate::envelope::{Envelope, Malformed, Outgoing, instance_id_for};
-use crate::operator::ActionOutcome;
-use crate::saga::coordinator::InstanceStatus;
 use crate::saga::{SagaDef, StepRole};
-use crate::store::commands::{self, CommandView, ReplyView};
-use crate::store::dead_letters::{self, DeadLetter, DeadLetterKind, DeadLetterStatus};
-use crate::store::queries::InstanceFilter;
+use crate::store::commands::{self, ReplyView};
+use crate::store::dead_letters::{self, DeadLetterKind, DeadLetterStatus};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -178,58 +174,6 @@ pub async fn saga_detail(
     })))
 }
 
-/// Query of `GET /api/v1/instances`.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct InstancesQuery {
-    /// Only this saga.
-    saga: Option<String>,
-    /// Only this status.
-    #[param(schema_with = instance_status_schema)]
-    status: Option<String>,
-    /// Only this aggregate.
-    aggregate_id: Option<String>,
-    /// Created at or after this time (RFC 3339, years 1 to 9999).
-    since: Option<DateTime<Utc>>,
-    /// Created before this time (RFC 3339, years 1 to 9999).
-    until: Option<DateTime<Utc>>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<String>,
-    /// Page size, 1 to 500 (default 50).
-    #[param(minimum = 1, maximum = 500)]
-    limit: Option<i64>,
-}
-
-impl Input for InstancesQuery {
-    fn validate(&self) -> Result<()> {
-        check_range("limit", self.limit, 1..=500)?;
-        check_time("since", self.since.as_ref())?;
-        check_time("until", self.until.as_ref())
-    }
-}
-
-/// Pages are cut at (created_at, id): the cursor is `<micros>_<uuid>` of the last
-/// item of the previous page.
-fn parse_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid)> {
-    let bad = || ApiError::BadRequest(format!("invalid cursor {cursor:?}"));
-    let (micros, id) = cursor.split_once('_').ok_or_else(bad)?;
-    let micros: i64 = micros.parse().map_err(|_| bad())?;
-    let at = DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
-    check_time("cursor", Some(&at))?;
-    Ok((at, id.parse().map_err(|_| bad())?))
-}
-
-/// A page of instances.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct InstancePage {
-    /// Instances, newest first.
-    #[schema(value_type = Vec<Object>)]
-    items: Vec<crate::store::queries::InstanceSummary>,
-    /// Pass as `cursor` for the next page; `null` on the last.
-    next_cursor: Option<String>,
-}
-
 /// Instances, newest first, filtered, cursor-paginated.
 #[utoipa::path(
     tag = "instances",
@@ -244,30 +188,7 @@ pub async fn list_instances(
     state: web::Data<ApiState>,
     query: QueryParams<InstancesQuery>,
 ) -> Result<HttpResponse> {
-    let q = query.0;
-    let limit = q.limit.unwrap_or(50);
-    let status = q
-        .status
-        .map(|s| {
-            InstanceStatus::parse(&s)
-                .ok_or_else(|| ApiError::BadRequest(format!("unknown status {s:?}")))
-        })
-        .transpose()?;
-    let filter = InstanceFilter {
-        saga: q.saga,
-        status,
-        aggregate_id: q.aggregate_id,
-        since: q.since,
-        until: q.until,
-        after: q.cursor.as_deref().map(parse_cursor).transpose()?,
-        limit,
-    };
-    let items = state.store.instances(&filter).await?;
-    let next_cursor = (items.len() as i64 == limit)
-        .then(|| items.last())
-        .flatten()
-        .map(|last| format!("{}_{}", last.created_at.timestamp_micros(), last.id));
-    Ok(HttpResponse::Ok().json(InstancePage { items, next_cursor }))
+    Ok(HttpResponse::Ok().json(views::instance_page(&state.store, query.0).await?))
 }
 
 /// One instance: payload, outputs, timeline (every attempt with its error,
@@ -285,39 +206,7 @@ pub async fn instance_detail(
     state: web::Data<ApiState>,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse> {
-    let detail = state
-        .store
-        .instance(*id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no instance {id}")))?;
-    let letters: Vec<Value> = dead_letters::for_instance(state.store.pool(), *id)
-        .await?
-        .iter()
-        .map(dead_letter_json)
-        .collect();
-    let mut body = serde_json::to_value(&detail).expect("instance serialises");
-    body["dead_letters"] = Value::Array(letters);
-    let exchanges = instance_exchanges(&state, *id).await?;
-    body["commands"] = serde_json::to_value(exchanges.commands).expect("commands serialise");
-    body["replies"] = serde_json::to_value(exchanges.replies).expect("replies serialise");
-    Ok(HttpResponse::Ok().json(body))
-}
-
-/// An instance's command steps: every command sent (service, type, sends, when sent
-/// and answered, error or outputs) and every reply received, applied or not.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CommandExchanges {
-    /// Oldest first.
-    commands: Vec<CommandView>,
-    /// Newest first.
-    replies: Vec<ReplyView>,
-}
-
-async fn instance_exchanges(state: &ApiState, id: Uuid) -> Result<CommandExchanges> {
-    Ok(CommandExchanges {
-        commands: commands::of_instance(state.store.pool(), id).await?,
-        replies: commands::replies(state.store.pool(), Some(id), 1000).await?,
-    })
+    Ok(HttpResponse::Ok().json(views::instance_document(&state.store, *id).await?))
 }
 
 /// The commands an instance's command steps sent, and the replies received for it.
@@ -339,7 +228,7 @@ pub async fn instance_commands(
         .instance(*id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no instance {id}")))?;
-    Ok(HttpResponse::Ok().json(instance_exchanges(&state, *id).await?))
+    Ok(HttpResponse::Ok().json(views::exchanges(&state.store, *id).await?))
 }
 
 /// Query of `GET /api/v1/replies`.
@@ -499,15 +388,6 @@ fn parse_kind(kind: Option<&str>) -> Result<Option<DeadLetterKind>> {
     .transpose()
 }
 
-fn dead_letter_json(d: &DeadLetter) -> Value {
-    let mut v = serde_json::to_value(d).expect("dead letter serialises");
-    v["body"] = match d.body_text() {
-        Some(text) => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.into())),
-        None => Value::String(format!("<{} bytes, not UTF-8>", d.body.len())),
-    };
-    v
-}
-
 /// Dead letters, newest first, by kind and status.
 #[utoipa::path(
     tag = "dead letters",
@@ -534,7 +414,7 @@ pub async fn list_dead_letters(
     let items = dead_letters::list(state.store.pool(), kind, status, q.limit.unwrap_or(100))
         .await?
         .iter()
-        .map(dead_letter_json)
+        .map(views::dead_letter_json)
         .collect();
     Ok(HttpResponse::Ok().json(Items { items }))
 }
@@ -556,7 +436,7 @@ pub async fn dead_letter_detail(
     let letter = dead_letters::get(state.store.pool(), *id, false)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no dead letter {id}")))?;
-    Ok(HttpResponse::Ok().json(dead_letter_json(&letter)))
+    Ok(HttpResponse::Ok().json(views::dead_letter_json(&letter)))
 }
 
 /// Who acts: `by` from the body, else the `X-Skald-Operator` header, else `api`.
@@ -676,11 +556,10 @@ pub async fn discard(
     let body = body.0;
     let by = operator(&req, body.by);
     let outcome = crate::dlq::discard(&state.store, *id, &by, body.note.as_deref()).await?;
-    let status = match outcome {
-        crate::dlq::DiscardOutcome::Discarded => "discarded",
-        crate::dlq::DiscardOutcome::AlreadyResolved(s) => s.as_str(),
-    };
-    Ok(HttpResponse::Ok().json(Discarded { id: *id, status }))
+    Ok(HttpResponse::Ok().json(Discarded {
+        id: *id,
+        status: outcome.status(),
+    }))
 }
 
 /// Body of the instance actions (optional).
@@ -695,26 +574,6 @@ impl Input for InstanceActionRequest {
     fn when_empty() -> Option<Self> {
         Some(Self::default())
     }
-}
-
-/// What an instance action did.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ActionDone {
-    /// The instance.
-    id: Uuid,
-    /// `retry`, `cancel` or `resume`.
-    action: &'static str,
-    /// `done` now, or `already_done` before (its message was sent again).
-    #[schema(value_type = String)]
-    outcome: ActionOutcome,
-}
-
-fn action_json(id: Uuid, action: &'static str, outcome: ActionOutcome) -> HttpResponse {
-    HttpResponse::Ok().json(ActionDone {
-        id,
-        action,
-        outcome,
-    })
 }
 
 /// Run a pending retry now instead of after its delay (recorded, idempotent).
@@ -739,7 +598,7 @@ pub async fn retry_now(
     let by = operator(&req, body.0.by);
     let outcome =
         crate::operator::retry_now(&state.store, state.transport.as_ref(), *id, &by).await?;
-    Ok(action_json(*id, "retry", outcome))
+    Ok(HttpResponse::Ok().json(ActionDone::new(*id, "retry", outcome)))
 }
 
 /// Stop going forward and compensate the completed steps (recorded, idempotent;
@@ -771,7 +630,7 @@ pub async fn cancel(
         &by,
     )
     .await?;
-    Ok(action_json(*id, "cancel", outcome))
+    Ok(HttpResponse::Ok().json(ActionDone::new(*id, "cancel", outcome)))
 }
 
 /// Resume a parked (failed) instance by replaying its dead letter (recorded,
@@ -796,7 +655,7 @@ pub async fn resume(
 ) -> Result<HttpResponse> {
     let by = operator(&req, body.0.by);
     let outcome = crate::operator::resume(&state.store, state.transport.as_ref(), *id, &by).await?;
-    Ok(action_json(*id, "resume", outcome))
+    Ok(HttpResponse::Ok().json(ActionDone::new(*id, "resume", outcome)))
 }
 
 /// Body of `POST /api/v1/dead-letters/replay` (optional).
@@ -867,6 +726,148 @@ pub async fn bulk_replay(
     let replayed =
         crate::dlq::bulk_replay(&state.store, state.transport.as_ref(), &what, &by).await?;
     Ok(HttpResponse::Ok().json(BulkReplayed { replayed }))
+}
+
+/// Query of `GET /api/v1/failure-groups`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct FailureGroupsQuery {
+    /// Only this saga.
+    saga: Option<String>,
+}
+
+impl Input for FailureGroupsQuery {}
+
+/// Failure groups, most failed attempts first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FailureGroups {
+    /// `{"id", "saga", "step", "phase", "code", "message", "example", "attempts",
+    /// "instances", "dead_letters", "first_seen", "last_seen"}` each.
+    #[schema(value_type = Vec<Object>)]
+    items: Vec<crate::failures::FailureGroup>,
+}
+
+/// Failed attempts and dead letters across all instances, grouped by saga, step,
+/// phase and error (SQLSTATE or handler code, normalised message).
+#[utoipa::path(
+    tag = "failure groups",
+    params(FailureGroupsQuery),
+    responses(
+        (status = 200, body = FailureGroups),
+        (status = 400, description = "A query parameter is invalid", body = ErrorBody),
+    )
+)]
+#[get("/failure-groups")]
+pub async fn list_failure_groups(
+    state: web::Data<ApiState>,
+    query: QueryParams<FailureGroupsQuery>,
+) -> Result<HttpResponse> {
+    let items = crate::failures::groups(&state.store, query.0.saga.as_deref()).await?;
+    Ok(HttpResponse::Ok().json(FailureGroups { items }))
+}
+
+/// Body of `POST /api/v1/failure-groups/{id}/retry` (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct RetryGroupRequest {
+    /// The oldest this many members, 1 to 1000 (default 100).
+    #[schema(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// Members per second at most, 1 to 1000 (default 10).
+    #[schema(minimum = 1, maximum = 1000)]
+    per_second: Option<u32>,
+    /// Who retries (default: the `X-Skald-Operator` header, else `api`).
+    by: Option<String>,
+}
+
+impl Input for RetryGroupRequest {
+    fn when_empty() -> Option<Self> {
+        Some(Self::default())
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_range("limit", self.limit, crate::failures::LIMIT)?;
+        check_range("per_second", self.per_second, crate::failures::PER_SECOND)
+    }
+}
+
+/// What a group action did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GroupDone {
+    /// The group.
+    id: Uuid,
+    /// The members acted on, in order (oldest first).
+    done: Vec<Uuid>,
+    /// The members the action did not apply to.
+    skipped: Vec<Uuid>,
+}
+
+impl GroupDone {
+    fn new(id: Uuid, outcome: crate::failures::GroupOutcome) -> Self {
+        Self {
+            id,
+            done: outcome.done,
+            skipped: outcome.skipped,
+        }
+    }
+}
+
+/// Retry a group's members, oldest first, at most `per_second` a second: a parked
+/// member is resumed, a live one has its pending retry run now (recorded).
+#[utoipa::path(
+    tag = "failure groups",
+    params(("id" = Uuid, Path, description = "The group's id")),
+    request_body(content = Option<RetryGroupRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, body = GroupDone),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 404, description = "No such failure group", body = ErrorBody),
+    )
+)]
+#[post("/failure-groups/{id}/retry")]
+pub async fn retry_failure_group(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+    body: JsonBody<RetryGroupRequest>,
+) -> Result<HttpResponse> {
+    let body = body.0;
+    let by = operator(&req, body.by);
+    let how = crate::failures::RetryGroup {
+        limit: body.limit.unwrap_or(crate::failures::DEFAULT_LIMIT) as usize,
+        per_second: body
+            .per_second
+            .unwrap_or(crate::failures::DEFAULT_PER_SECOND),
+    };
+    let outcome =
+        crate::failures::retry_group(&state.store, state.transport.as_ref(), *id, how, &by).await?;
+    Ok(HttpResponse::Ok().json(GroupDone::new(*id, outcome)))
+}
+
+/// Discard the pending dead letters of a group's members (recorded, never erased).
+#[utoipa::path(
+    tag = "failure groups",
+    params(("id" = Uuid, Path, description = "The group's id")),
+    request_body(content = Option<DiscardRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, body = GroupDone),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 404, description = "No such failure group", body = ErrorBody),
+    )
+)]
+#[post("/failure-groups/{id}/discard")]
+pub async fn discard_failure_group(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+    id: web::Path<Uuid>,
+    body: JsonBody<DiscardRequest>,
+) -> Result<HttpResponse> {
+    let body = body.0;
+    let by = operator(&req, body.by);
+    let outcome =
+        crate::failures::discard_group(&state.store, *id, &by, body.note.as_deref()).await?;
+    Ok(HttpResponse::Ok().json(GroupDone::new(*id, outcome)))
 }
 
 /// This document: every operation, parameter, body and status.

@@ -13,6 +13,7 @@ mod input;
 mod metrics;
 pub mod openapi;
 mod page;
+pub mod views;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -198,6 +199,9 @@ api_routes! {
     dead_letter_detail,
     replay,
     discard,
+    list_failure_groups,
+    retry_failure_group,
+    discard_failure_group,
     stats,
 }
 

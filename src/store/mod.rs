@@ -9,6 +9,7 @@
 pub mod commands;
 pub mod dead_letters;
 pub mod effects;
+pub mod failures;
 pub mod params;
 pub mod queries;
 pub mod steps;

@@ -1,20 +1,13 @@
 // The dashboard as a person uses it, in headless Chromium. Run by tests/it/browser.rs,
 // which starts skald with one completed and one parked (failed) saga and fixes the
 // failed one's cause first. BASE_URL: the dashboard; SCREENSHOT: where to save it.
-import { chromium } from "playwright-core";
+import { launch, openPage } from "./launch.mjs";
 
-const base = process.env.BASE_URL;
 const screenshot = process.env.SCREENSHOT;
 const failedId = process.env.FAILED_ID;
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 try {
-  const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
-  page.on("pageerror", (e) => { console.error("page error:", e.message); process.exitCode = 1; });
-  await page.goto(base);
+  const page = await openPage(browser);
 
   // Both instances are listed, with their states.
   const rows = page.locator("#instances tbody tr");

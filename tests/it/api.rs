@@ -505,11 +505,11 @@ async fn the_openapi_document_lists_exactly_the_served_routes() {
     env.cleanup().await;
 }
 
-fn failing_sagas() -> std::path::PathBuf {
+pub(crate) fn failing_sagas() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/failing")
 }
 
-async fn wait_status(env: &TestEnv, id: Uuid, want: &str) {
+pub(crate) async fn wait_status(env: &TestEnv, id: Uuid, want: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let status: Option<String> =
@@ -529,7 +529,7 @@ async fn wait_status(env: &TestEnv, id: Uuid, want: &str) {
     }
 }
 
-async fn wait_failed_attempt(env: &TestEnv, id: Uuid) {
+pub(crate) async fn wait_failed_attempt(env: &TestEnv, id: Uuid) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let n: i64 = sqlx::query_scalar(

@@ -1,7 +1,8 @@
 //! The dashboard page end to end in headless Chromium (Debian's `chromium`, driven
 //! by playwright-core from `tests/browser/`; `.ci/run` installs both). Given one saga
 //! that completed and one parked as failed, a person sees both, opens the failed
-//! one's timeline, replays its dead letter with the button and sees it complete.
+//! one's timeline, replays its dead letter with the button and sees it complete; and
+//! given instances failing in two groups, a person retries one group with its button.
 
 use std::path::Path;
 use std::process::Command;
@@ -12,23 +13,56 @@ use skald::envelope::instance_id_for;
 
 use crate::helpers::{TestEnv, start};
 
-#[actix_rt::test]
-async fn a_person_replays_a_failed_saga_from_the_dashboard() {
+/// Whether chromium and the driver are installed; CI must have them, elsewhere the
+/// test says how to get them and is skipped.
+fn browser_installed() -> bool {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let driver = root.join("tests/browser/node_modules/playwright-core");
-    let chromium = Path::new("/usr/bin/chromium");
-    if !driver.exists() || !chromium.exists() {
-        // CI installs both (.ci/run); elsewhere the test says how to get them.
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have chromium and tests/browser/node_modules"
-        );
-        eprintln!(
-            "SKIPPED browser test: needs /usr/bin/chromium (apt-get install chromium) \
-             and `npm ci --prefix tests/browser`"
-        );
+    if driver.exists() && Path::new("/usr/bin/chromium").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must have chromium and tests/browser/node_modules"
+    );
+    eprintln!(
+        "SKIPPED browser test: needs /usr/bin/chromium (apt-get install chromium) \
+         and `npm ci --prefix tests/browser`"
+    );
+    false
+}
+
+/// Runs `tests/browser/<script>` with node and `envs`; its output.
+async fn run_script(script: &str, envs: Vec<(&'static str, String)>) -> std::process::Output {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/browser")
+        .join(script);
+    tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(path)
+            .envs(envs)
+            .output()
+            .expect("run node")
+    })
+    .await
+    .unwrap()
+}
+
+fn assert_script_passed(run: &std::process::Output) {
+    assert!(
+        run.status.success(),
+        "browser test failed:\n{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[actix_rt::test]
+async fn a_person_replays_a_failed_saga_from_the_dashboard() {
+    if !browser_installed() {
         return;
     }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
 
     let env = TestEnv::new(root.join("tests/fixtures/failing")).await;
     let app = env.start_app().await;
@@ -60,29 +94,73 @@ async fn a_person_replays_a_failed_saga_from_the_dashboard() {
     } else {
         std::env::temp_dir().join(format!("skald-dashboard-{}.png", env.name))
     };
-    let run = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(root.join("tests/browser/e2e.mjs"))
-            .env("BASE_URL", base)
-            .env("FAILED_ID", failed.to_string())
-            .env("SCREENSHOT", screenshot)
-            .output()
-            .expect("run node")
-    })
-    .await
-    .unwrap();
+    let run = run_script(
+        "e2e.mjs",
+        vec![
+            ("BASE_URL", base),
+            ("FAILED_ID", failed.to_string()),
+            ("SCREENSHOT", screenshot.display().to_string()),
+        ],
+    )
+    .await;
     let status: String = sqlx::query_scalar("SELECT status FROM skald.instances WHERE id = $1")
         .bind(failed)
         .fetch_one(&env.pool)
         .await
         .unwrap();
     app.stop().await;
-    assert!(
-        run.status.success(),
-        "browser test failed:\n{}\n{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_script_passed(&run);
     assert_eq!(status, "completed", "the replay completed the saga");
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_person_retries_a_failure_group_from_the_dashboard() {
+    if !browser_installed() {
+        return;
+    }
+    // Given three instances out of stock and one with a declined card, all waiting a
+    // minute for their retry, and the cause fixed…
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let env = TestEnv::new(root.join("tests/fixtures/groups")).await;
+    let app = env.start_app().await;
+    let starts = [
+        ("a", "stock"),
+        ("b", "stock"),
+        ("c", "card"),
+        ("d", "stock"),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(n, (key, kind))| start("grouped", key, 0, json!({"key": key, "kind": kind, "n": n})))
+    .collect();
+    env.publish_starts(starts).await;
+    env.wait_failing(4).await;
+    sqlx::query("UPDATE fg.gate SET open = true")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+
+    // …pressing the out-of-stock group's retry button completes its three only.
+    let run = run_script(
+        "groups.mjs",
+        vec![
+            ("BASE_URL", format!("http://{}/", app.http_addr)),
+            ("CODE", "55000".into()),
+            ("RETRIED", "3".into()),
+        ],
+    )
+    .await;
+    let completed = env.count_status("completed").await;
+    let running = env.count_status("running").await;
+    let by: Vec<String> =
+        sqlx::query_scalar("SELECT actor FROM skald.operator_actions WHERE action = 'retry_group'")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    app.stop().await;
+    assert_script_passed(&run);
+    assert_eq!((completed, running), (3, 1));
+    assert_eq!(by, vec!["dashboard".to_string()]);
     env.cleanup().await;
 }

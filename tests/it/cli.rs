@@ -145,6 +145,11 @@ async fn dlq_commands_list_show_and_discard_dead_letters() {
     };
     assert!(discard("ops").starts_with("discarded"));
     assert!(discard("ops").contains("already discarded"));
+    let as_json = env.skald_ok(&["dlq", "discard", id, "--json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&as_json).unwrap(),
+        serde_json::json!({"id": id, "status": "discarded"})
+    );
     let pending = env
         .skald(&["dlq", "list", "--status", "pending"])
         .output()
@@ -427,5 +432,132 @@ async fn json_logs_are_one_object_per_line_carrying_the_instance() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("SKALD_LOG_FORMAT=\"yaml\" is invalid"));
+    env.cleanup().await;
+}
+
+/// `skald <args>`: its exit code, stdout and the last line of its stderr (the error,
+/// after the test's info logs).
+fn skald_exit(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
+    let out = env.skald(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        stderr.lines().last().unwrap_or_default().to_string(),
+    )
+}
+
+/// `skald start <saga> --data <data> --json`: the instance id it printed.
+fn start_instance(env: &TestEnv, saga: &str, data: &str) -> String {
+    let out = env.skald_ok(&["start", saga, "--data", data, "--json"]);
+    let ids: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ids["message_id"].is_string(), "{ids}");
+    ids["instance_id"]
+        .as_str()
+        .expect("an instance id")
+        .to_string()
+}
+
+#[actix_rt::test]
+async fn instance_commands_list_show_and_act_as_the_api_does() {
+    use crate::api::{failing_sagas, wait_failed_attempt, wait_status};
+    let env = TestEnv::new(failing_sagas()).await;
+    let app = env.start_app().await;
+
+    // Given an instance waiting to retry its closed gate…
+    let id = start_instance(&env, "gated", r#"{"key":"a"}"#);
+    let uuid: uuid::Uuid = id.parse().unwrap();
+    wait_failed_attempt(&env, uuid).await;
+
+    // …it is listed with the API's filters and shown with its failed attempt.
+    let page: serde_json::Value = serde_json::from_str(&env.skald_ok(&[
+        "instances",
+        "list",
+        "--saga",
+        "gated",
+        "--status",
+        "running",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(page["items"][0]["id"], id.as_str(), "{page}");
+    assert!(page["next_cursor"].is_null());
+    let none: serde_json::Value = serde_json::from_str(&env.skald_ok(&[
+        "instances",
+        "list",
+        "--aggregate",
+        "nobody",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(none["items"], serde_json::json!([]));
+    let doc: serde_json::Value =
+        serde_json::from_str(&env.skald_ok(&["instance", "show", &id, "--json"])).unwrap();
+    let timeline = doc["timeline"].as_array().unwrap();
+    assert!(timeline.iter().any(|e| e["outcome"] == "failed"), "{doc}");
+    assert!(doc["commands"].is_array() && doc["dead_letters"].is_array());
+    let text = env.skald_ok(&["instance", "show", &id]);
+    assert!(text.starts_with(&format!("instance {id}\n")), "{text}");
+
+    // Cancel is recorded with who did it; a second cancel is already done (exit 0).
+    let done: serde_json::Value =
+        serde_json::from_str(&env.skald_ok(&["instance", "cancel", &id, "--by", "ops", "--json"]))
+            .unwrap();
+    assert_eq!(
+        done,
+        serde_json::json!({"id": id, "action": "cancel", "outcome": "done"})
+    );
+    wait_status(&env, uuid, "compensated").await;
+    let again = env.skald_ok(&["instance", "cancel", &id]);
+    assert!(
+        again.starts_with(&format!("cancel {id}: already done")),
+        "{again}"
+    );
+    let actor: String = sqlx::query_scalar(
+        "SELECT actor FROM skald.operator_actions WHERE instance_id = $1 AND action = 'cancel' \
+         ORDER BY at LIMIT 1",
+    )
+    .bind(uuid)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(actor, "ops");
+
+    // Refusals: exit 4 when the action does not apply, 3 for no such instance, 2 for
+    // invalid filters, each with the API's message.
+    let (code, _, err) = skald_exit(&env, &["instance", "retry", &id]);
+    assert_eq!(code, 4, "{err}");
+    assert_eq!(
+        err.trim(),
+        format!("error: instance {id} has no retry pending (it is compensated)")
+    );
+    let unknown = uuid::Uuid::new_v4().to_string();
+    for args in [
+        vec!["instance", "show", unknown.as_str()],
+        vec!["instance", "resume", unknown.as_str()],
+    ] {
+        let (code, _, err) = skald_exit(&env, &args);
+        assert_eq!(code, 3, "{args:?}: {err}");
+        assert_eq!(err.trim(), format!("error: no instance {unknown}"));
+    }
+    let (code, _, err) = skald_exit(&env, &["instances", "list", "--limit", "0"]);
+    assert_eq!(code, 2);
+    assert_eq!(err.trim(), "error: `limit` must be from 1 to 500, not 0");
+    let (code, _, err) = skald_exit(&env, &["instances", "list", "--status", "weird"]);
+    assert_eq!(code, 2);
+    assert_eq!(err.trim(), r#"error: unknown status "weird""#);
+
+    // Resume a parked instance once its cause is fixed.
+    let parked = start_instance(&env, "bad_compensation", r#"{"key":"c"}"#);
+    let parked_id: uuid::Uuid = parked.parse().unwrap();
+    wait_status(&env, parked_id, "failed").await;
+    sqlx::query("UPDATE ft.gate SET open = true")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let resumed = env.skald_ok(&["instance", "resume", &parked, "--json"]);
+    assert!(resumed.contains(r#""outcome":"done""#), "{resumed}");
+    wait_status(&env, parked_id, "compensated").await;
+    app.stop().await;
     env.cleanup().await;
 }

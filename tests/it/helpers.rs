@@ -350,6 +350,27 @@ impl TestEnv {
         .expect("read attempts")
     }
 
+    /// Waits (up to a minute) until exactly `n` instances have a failed attempt.
+    pub async fn wait_failing(&self, n: i64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let failing: i64 = sqlx::query_scalar(
+                "SELECT count(DISTINCT instance_id) FROM skald.inbox WHERE outcome = 'failed'",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .expect("count failing instances");
+            if failing == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{failing} instances failing, not {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// How many instances are in `status`.
     pub async fn count_status(&self, status: &str) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM skald.instances WHERE status = $1")

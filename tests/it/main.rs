@@ -14,6 +14,7 @@ mod command_steps;
 mod conformance;
 mod crash;
 mod explore;
+mod failure_groups;
 mod failures;
 mod handlers;
 mod integrity;
