@@ -352,7 +352,7 @@ mod tests {
         let err = with(&[("SKALD_TRANSPORT", "kafka")]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "environment variable SKALD_TRANSPORT=\"kafka\" is invalid: must be one of rabbitmq, postgres"
+            "environment variable SKALD_TRANSPORT=\"kafka\" is invalid: must be one of rabbitmq, postgres, redis"
         );
     }
 

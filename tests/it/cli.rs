@@ -217,7 +217,7 @@ async fn an_unknown_transport_is_refused_naming_the_choices() {
     assert_eq!(
         stderr.trim(),
         "error: configuration: environment variable SKALD_TRANSPORT=\"kafka\" is invalid: \
-         must be one of rabbitmq, postgres"
+         must be one of rabbitmq, postgres, redis"
     );
     env.cleanup().await;
 }
