@@ -604,6 +604,10 @@ impl Services {
         for sample in SAMPLES {
             let (url, pool) = env.service_database(sample.name()).await;
             sample.setup(&pool).await.expect("the sample's tables");
+            // Its bookkeeping tables exist before it first runs: tests may read them.
+            skald::participant::store::migrate(&pool)
+                .await
+                .expect("the participant's tables");
             env.service(sample.name());
             databases.push((sample, url, pool));
         }
@@ -712,6 +716,22 @@ impl Services {
             }
         }
         total
+    }
+}
+
+/// [`wait_child`] that lets the test's runtime run meanwhile (skald and in-process
+/// services share it).
+pub async fn child_exited(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("child process did not exit within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::helpers::{
-    SAMPLES, Services, TestEnv, order_services_with, scalar, start, until, wait_child,
+    SAMPLES, Services, TestEnv, child_exited, order_services_with, scalar, start, until,
 };
 
 /// The sample's seed: items of each SKU, balance of each account.
@@ -166,7 +166,7 @@ async fn a_service_killed_after_its_commit_before_its_reply_answers_on_redeliver
     // Given payments dies like kill -9 once it committed the charge, before replying.
     let mut crashing = services.spawn(&env, Sample::Payments, Some("after_commit:charge_card"));
     env.publish_starts(vec![order("order-k")]).await;
-    let status = wait_child(&mut crashing, Duration::from_secs(60));
+    let status = child_exited(&mut crashing, Duration::from_secs(60)).await;
     assert!(!status.success(), "it crashed: {status:?}");
     assert_eq!(
         alice_balance(&services).await,
