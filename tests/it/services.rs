@@ -431,8 +431,14 @@ async fn a_compensation_exhausted_at_a_service_parks_the_saga_and_a_replay_after
     })
     .await;
     let copies = "SELECT count(*) FROM skald.replies WHERE disposition <> 'applied'";
-    until(Duration::from_secs(10), || async { scalar(&env.pool, copies).await >= 1 }).await;
-    assert!(scalar(&env.pool, copies).await >= 1, "its reply recorded, not applied");
+    until(Duration::from_secs(10), || async {
+        scalar(&env.pool, copies).await >= 1
+    })
+    .await;
+    assert!(
+        scalar(&env.pool, copies).await >= 1,
+        "its reply recorded, not applied"
+    );
     assert_eq!(
         stock_available(&services).await,
         SEED,
