@@ -66,31 +66,33 @@ pub async fn run(
     baseline_msgs_per_s: f64,
 ) -> anyhow::Result<CommandReport> {
     let name = format!("{scratch}_cmd");
+    let source_dir = config.sagas_dir.clone();
     let sagas_dir = std::env::temp_dir().join(&name);
-    let config = Config {
+    let config = &Config {
         database_url: base.clone().database(&name).to_url_lossy().to_string(),
         namespace: name.clone(),
         sagas_dir: sagas_dir.clone(),
         ..config.clone()
     };
     let result = async {
-        write_saga(&config, &sagas_dir)?;
-        measure(&config, base, &name, sagas, aggregates, baseline_msgs_per_s).await
+        write_saga(&source_dir, &sagas_dir)?;
+        measure(config, base, &name, sagas, aggregates, baseline_msgs_per_s).await
     }
     .await;
     let _ = std::fs::remove_dir_all(&sagas_dir);
     for sample in SAMPLES {
         let endpoint = Endpoint::Service(sample.name().into()).prefix(&name);
-        delete_queues(&config, &Topology::new(&endpoint, config.partitions)).await;
-        super::cleanup(base, &config, &format!("{name}_{}", sample.name())).await;
+        delete_queues(config, &Topology::new(&endpoint, config.partitions)).await;
+        super::cleanup(base, config, &format!("{name}_{}", sample.name())).await;
     }
-    super::cleanup(base, &config, &name).await;
+    super::cleanup(base, config, &name).await;
     result
 }
 
-/// The sample saga from the configured sagas directory, with [`REPLY_TIMEOUT_MS`].
-fn write_saga(config: &Config, dir: &std::path::Path) -> anyhow::Result<()> {
-    let source = config.sagas_dir.join("order_services.yaml");
+/// The sample saga from the configured sagas directory `from`, with
+/// [`REPLY_TIMEOUT_MS`], into `dir`.
+fn write_saga(from: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<()> {
+    let source = from.join("order_services.yaml");
     let saga = std::fs::read_to_string(&source)
         .with_context(|| format!("the command-step mode runs {}", source.display()))?;
     std::fs::create_dir_all(dir)?;
