@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::helpers::{
-    SAMPLES, Services, TestEnv, child_exited, order_services_with, scalar, start, until,
+    SAMPLES, SERVER, Services, TestEnv, child_exited, order_services_with, scalar, start, until,
 };
 
 /// The sample's seed: items of each SKU, balance of each account.
@@ -671,4 +671,36 @@ async fn two_thousand_orders_over_fifty_aggregates_through_the_three_services_co
     }
 
     stop(env, app, services).await;
+}
+
+#[actix_rt::test]
+async fn bench_in_command_step_mode_reports_the_three_services_run_beside_the_sql_run() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
+        .args(["bench", "--sagas", "30", "--aggregates", "5"])
+        .args(["--steps", "command", "--json"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATABASE_URL", format!("{SERVER}/postgres"))
+        .env("SKALD_LOG", "warn")
+        .output()
+        .expect("run skald bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(report["completed"], 30, "the SQL-step run: {report}");
+    let command = &report["command"];
+    assert_eq!(command["completed"], 30, "{report}");
+    let (p50, p99) = (
+        command["p50_ms"].as_f64().unwrap(),
+        command["p99_ms"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p99, "{report}");
+    let ratio =
+        command["steps_per_s"].as_f64().unwrap() / report["baseline_msgs_per_s"].as_f64().unwrap();
+    assert!(
+        (command["ratio"].as_f64().unwrap() - ratio).abs() < 1e-9,
+        "{report}"
+    );
 }
