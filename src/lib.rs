@@ -64,7 +64,7 @@
 //!   [`participant::policy`]), per-aggregate lanes, its own schema `skald_participant`
 //!   (migrations in `src/participant/migrations/`), dead-letter tooling, crash faults,
 //!   and the three sample services ([`participant::sample`], run by `examples/`).
-//! - [`bench`]: `skald bench`, skald against a hand-written baseline in one run;
+//! - [`bench`](mod@bench): `skald bench`, skald against a hand-written baseline in one run;
 //!   `bench/command.rs` its command-step mode (the three sample services in-process).
 //! - [`cli`]: the `skald` command line.
 //!
