@@ -12,6 +12,10 @@
 //!   commits and 3 published messages per saga), started by pre-published messages,
 //!   timed from the first consume until every instance is terminal.
 //!
+//! - **command** (with `--steps command`, after the two above): the sample
+//!   `order_services` saga, its three steps run by the three sample participant
+//!   services ([`command`]).
+//!
 //! The ratio is skald's steps/s over the baseline's messages/s.
 
 use std::sync::Arc;
@@ -42,6 +46,18 @@ use crate::handlers::Handlers;
 use crate::transport::rabbitmq::Topology;
 use crate::transport::{Endpoint, Transport};
 
+pub mod command;
+
+/// Which kinds of steps `skald bench` runs besides the baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StepsMode {
+    /// The SQL-step sample `order_checkout` only.
+    Sql,
+    /// The SQL-step sample, then the command-step sample `order_services` with the
+    /// three sample services in this process.
+    Command,
+}
+
 /// Arguments of `skald bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -61,6 +77,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// `command`: also run the command-step sample through the three sample services.
+    #[arg(long, value_enum, default_value = "sql")]
+    pub steps: StepsMode,
 }
 
 /// What one bench run measured.
@@ -99,6 +118,10 @@ pub struct BenchReport {
     pub db_pool: u32,
     /// Prefetch used by each side.
     pub prefetch: u16,
+    /// The command-step run (`--steps command`), on the same number of sagas and
+    /// aggregates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<command::CommandReport>,
 }
 
 /// Runs the benchmark and prints its report. Must run inside an actix system.
@@ -119,7 +142,12 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
 
     let result = measure(&config, &args, aggregates).await;
     cleanup(&base, &config, &scratch).await;
-    let report = result?;
+    let mut report = result?;
+    if args.steps == StepsMode::Command {
+        let baseline = report.baseline_msgs_per_s;
+        report.command =
+            Some(command::run(&config, &base, &scratch, args.sagas, aggregates, baseline).await?);
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -147,6 +175,13 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
             report.db_pool,
             report.prefetch,
         );
+        if let Some(c) = &report.command {
+            println!(
+                "command   {:>9.1} sagas/s  {:>9.1} steps/s  p50 {:.1} ms  p99 {:.1} ms  \
+                 ratio {:.3} ({} completed in {:.2}s)",
+                c.sagas_per_s, c.steps_per_s, c.p50_ms, c.p99_ms, c.ratio, c.completed, c.seconds
+            );
+        }
     }
     Ok(())
 }
@@ -182,22 +217,7 @@ async fn measure(
             let _ = stop_rx.await;
         }))
     });
-    let target = args.sagas as i64;
-    let completed = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (terminal, completed): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE status IN ('completed','compensated','failed')), \
-                    count(*) FILTER (WHERE status = 'completed') FROM skald.instances",
-        )
-        .fetch_one(&pool)
-        .await?;
-        if terminal >= target {
-            break completed;
-        }
-        if started.elapsed() > Duration::from_secs(1800) {
-            anyhow::bail!("bench: only {terminal} of {target} sagas finished in 30 minutes");
-        }
-    };
+    let completed = wait_terminal(&pool, args.sagas as i64, started).await?;
     let seconds = started.elapsed().as_secs_f64();
     let steps: i64 =
         sqlx::query_scalar("SELECT count(*) FROM skald.inbox WHERE disposition = 'applied'")
@@ -240,7 +260,28 @@ async fn measure(
         peak_rss_mb: peak_rss_mb(),
         db_pool: config.db_pool,
         prefetch: config.prefetch,
+        command: None,
     })
+}
+
+/// Waits until `target` instances are terminal (at most 30 minutes after `started`);
+/// how many completed.
+async fn wait_terminal(pool: &sqlx::PgPool, target: i64, started: Instant) -> anyhow::Result<i64> {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (terminal, completed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status IN ('completed','compensated','failed')), \
+                    count(*) FILTER (WHERE status = 'completed') FROM skald.instances",
+        )
+        .fetch_one(pool)
+        .await?;
+        if terminal >= target {
+            return Ok(completed);
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            anyhow::bail!("bench: only {terminal} of {target} sagas finished in 30 minutes");
+        }
+    }
 }
 
 /// Starts `n` `skald run` processes on the bench's scratch database and namespace

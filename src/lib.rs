@@ -75,6 +75,8 @@
 //!   [`participant::policy`]), per-aggregate lanes, its own schema `skald_participant`
 //!   (migrations in `src/participant/migrations/`), dead-letter tooling, crash faults,
 //!   and the three sample services ([`participant::sample`], run by `examples/`).
+//! - [`bench`](mod@bench): `skald bench`, skald against a hand-written baseline in one run;
+//!   `bench/command.rs` its command-step mode (the three sample services in-process).
 //! - [`cli`]: the `skald` command line (`cli/instances.rs`: `skald instances` and
 //!   `skald instance`, the dashboard's views and actions; `cli/failures.rs`: `skald
 //!   failures`).

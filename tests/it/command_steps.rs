@@ -16,21 +16,12 @@ use skald::transport::rabbitmq::RabbitTransport;
 use skald::transport::{Delivery, Endpoint, Transport};
 use uuid::Uuid;
 
-use crate::helpers::{TestEnv, sample_sagas, wait_child};
+use crate::helpers::{TestEnv, order_services_with, until, wait_child};
 
 /// A directory holding the sample `order_services` saga with every reply timeout set
 /// to `timeout_ms`.
 fn fast_sagas(timeout_ms: u64) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("skald_it_cmd_{}", Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let sample = std::fs::read_to_string(sample_sagas().join("order_services.yaml")).unwrap();
-    assert!(
-        sample.contains("timeout_ms: 5000"),
-        "the sample sets its reply timeouts"
-    );
-    let fast = sample.replace("timeout_ms: 5000", &format!("timeout_ms: {timeout_ms}"));
-    std::fs::write(dir.join("order_services.yaml"), fast).unwrap();
-    dir
+    order_services_with(&[("timeout_ms: 5000", format!("timeout_ms: {timeout_ms}"))])
 }
 
 fn order(id: &str) -> Envelope {
@@ -154,21 +145,6 @@ async fn instance_of(env: &TestEnv) -> (Uuid, String, Value) {
     .expect("one instance")
 }
 
-/// Polls `ready` every 100 ms until it holds, for at most 10 s (the assertions that
-/// follow say what was wrong if it never does).
-async fn until<F, Fut>(mut ready: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..100 {
-        if ready().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// How many reply deliveries were recorded with each disposition.
 async fn replies_by_disposition(env: &TestEnv) -> Vec<(String, i64)> {
     sqlx::query_as(
@@ -230,7 +206,10 @@ async fn three_command_steps_complete_and_a_duplicated_reply_is_applied_once() {
     for copy in payments.drain(Duration::from_millis(500)).await {
         assert_eq!(copy["message_id"], charge["message_id"], "{copy}");
     }
-    until(|| async { replies_by_disposition(&env).await.len() == 2 }).await;
+    until(Duration::from_secs(10), || async {
+        replies_by_disposition(&env).await.len() == 2
+    })
+    .await;
     assert_eq!(
         replies_by_disposition(&env).await,
         vec![("applied".into(), 3), ("duplicate".into(), 1)]
@@ -388,7 +367,10 @@ async fn without_a_reply_the_same_command_is_resent_then_compensated_and_late_re
     payments
         .publish(&payments.reply(&stranger, succeeded(json!({"payment_id": 2}))))
         .await;
-    until(|| async { replies_by_disposition(&env).await.len() == 3 }).await;
+    until(Duration::from_secs(10), || async {
+        replies_by_disposition(&env).await.len() == 3
+    })
+    .await;
     // …then both are recorded, and neither changes the instance.
     assert_eq!(
         replies_by_disposition(&env).await,
@@ -460,7 +442,10 @@ async fn a_crash_between_the_command_steps_commit_and_its_publish_still_sends_it
     stock
         .publish(&stock.reply(&command, succeeded(json!({"reservation_id": "r-4"}))))
         .await;
-    until(|| async { instance_of(&env).await.2.get("reserve_stock").is_some() }).await;
+    until(Duration::from_secs(10), || async {
+        instance_of(&env).await.2.get("reserve_stock").is_some()
+    })
+    .await;
     let (_, _, outputs) = instance_of(&env).await;
     assert_eq!(outputs["reserve_stock"], json!({"reservation_id": "r-4"}));
     stock.quiet_for(Duration::from_millis(300)).await;
@@ -529,7 +514,7 @@ async fn operators_see_commands_retry_resends_the_awaited_command_and_cancel_com
     payments
         .publish(&payments.reply(&charge, succeeded(json!({"payment_id": 5}))))
         .await;
-    until(|| async {
+    until(Duration::from_secs(10), || async {
         let (_, replies) = get(&svc, "/api/v1/replies").await;
         replies["items"].as_array().is_some_and(|r| !r.is_empty())
     })
@@ -604,7 +589,10 @@ async fn a_compensation_command_failing_for_good_parks_and_a_resume_finishes_it(
     stock
         .publish(&stock.reply(&again, succeeded(json!({}))))
         .await;
-    until(|| async { instance_of(&env).await.1 == "compensated" }).await;
+    until(Duration::from_secs(10), || async {
+        instance_of(&env).await.1 == "compensated"
+    })
+    .await;
     assert_eq!(instance_of(&env).await.1, "compensated");
 
     app.stop().await;

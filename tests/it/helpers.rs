@@ -26,6 +26,9 @@ use skald::config::{Config, TransportKind};
 use skald::engine::{Engine, Faults};
 use skald::envelope::{Envelope, Outgoing};
 use skald::handlers::Handlers;
+use skald::participant::ParticipantError;
+use skald::participant::faults::ParticipantFaults;
+use skald::participant::sample::Sample;
 use skald::transport::rabbitmq::Topology;
 use skald::transport::{Endpoint, Transport};
 use sqlx::postgres::PgPoolOptions;
@@ -66,6 +69,21 @@ pub fn flow_data(flow: &str) -> &'static str {
         .find(|(name, _)| *name == flow)
         .map(|(_, data)| *data)
         .expect("a shipped flow")
+}
+
+/// A directory holding only the sample `order_services` saga, edited by `edits`
+/// (each `(from, to)` must occur in the sample: a test that no longer edits what it
+/// means to fails here).
+pub fn order_services_with(edits: &[(&str, String)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("skald_it_cmd_{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut saga = std::fs::read_to_string(sample_sagas().join("order_services.yaml")).unwrap();
+    for (from, to) in edits {
+        assert!(saga.contains(from), "the sample holds {from:?}");
+        saga = saga.replace(from, to);
+    }
+    std::fs::write(dir.join("order_services.yaml"), saga).unwrap();
+    dir
 }
 
 /// Sagas written for the tests, in `tests/fixtures/sagas/`.
@@ -733,3 +751,183 @@ macro_rules! on_every_transport {
     };
 }
 pub(crate) use on_every_transport;
+
+/// The three sample participant services (stock, payments, shipping) of a test: each
+/// in a database of its own ([`TestEnv::service_database`], its sample tables set up)
+/// and on its own endpoint of the test's namespace, run in-process exactly as
+/// `skald participant sample <service>` runs them, or as that child process where a
+/// test must kill one.
+pub struct Services {
+    databases: Vec<(Sample, String, PgPool)>,
+    running: Vec<(Sample, InProcessService)>,
+}
+
+type InProcessService = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), ParticipantError>>,
+);
+
+/// The sample services, in saga order.
+pub const SAMPLES: [Sample; 3] = [Sample::Stock, Sample::Payments, Sample::Shipping];
+
+impl Services {
+    /// Their databases, set up and seeded; none of them running yet.
+    pub async fn new(env: &TestEnv) -> Services {
+        let mut databases = Vec::new();
+        for sample in SAMPLES {
+            let (url, pool) = env.service_database(sample.name()).await;
+            sample.setup(&pool).await.expect("the sample's tables");
+            // Its bookkeeping tables exist before it first runs: tests may read them.
+            skald::participant::store::migrate(&pool)
+                .await
+                .expect("the participant's tables");
+            env.service(sample.name());
+            databases.push((sample, url, pool));
+        }
+        Services {
+            databases,
+            running: Vec::new(),
+        }
+    }
+
+    /// All three, running in-process.
+    pub async fn running(env: &TestEnv) -> Services {
+        let mut services = Services::new(env).await;
+        for sample in SAMPLES {
+            services.start(env, sample);
+        }
+        services
+    }
+
+    /// Runs `sample` in-process until [`Services::stop`].
+    pub fn start(&mut self, env: &TestEnv, sample: Sample) {
+        let url = self.url(sample).to_string();
+        let config = env.config.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            sample
+                .run(&url, &config, ParticipantFaults::none(), shutdown)
+                .await
+        });
+        self.running.push((sample, (stop, handle)));
+    }
+
+    /// `skald participant sample <sample>` as a child process on its database, with
+    /// `SKALD_PARTICIPANT_CRASH_AT=<crash_at>` when given.
+    pub fn spawn(&self, env: &TestEnv, sample: Sample, crash_at: Option<&str>) -> Child {
+        let url = self.url(sample);
+        let mut cmd = env.skald(&[
+            "participant",
+            "sample",
+            sample.name(),
+            "--database-url",
+            url,
+        ]);
+        if let Some(point) = crash_at {
+            cmd.env(skald::participant::faults::CRASH_AT_VAR, point);
+        }
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the sample service")
+    }
+
+    /// Stops the in-process `sample` gracefully; panics if it fails.
+    pub async fn stop(&mut self, sample: Sample) {
+        let at = self
+            .running
+            .iter()
+            .position(|(s, _)| *s == sample)
+            .expect("the service runs in-process");
+        let (_, (stop, handle)) = self.running.remove(at);
+        let _ = stop.send(());
+        handle
+            .await
+            .expect("service task")
+            .expect("graceful shutdown");
+    }
+
+    /// Stops every in-process service and closes the pools.
+    pub async fn stop_all(mut self) {
+        for sample in SAMPLES {
+            if self.running.iter().any(|(s, _)| *s == sample) {
+                self.stop(sample).await;
+            }
+        }
+        for (_, _, pool) in self.databases {
+            pool.close().await;
+        }
+    }
+
+    /// A pool on `sample`'s own database.
+    pub fn pool(&self, sample: Sample) -> &PgPool {
+        &self.database(sample).2
+    }
+
+    /// The URL of `sample`'s own database.
+    pub fn url(&self, sample: Sample) -> &str {
+        &self.database(sample).1
+    }
+
+    fn database(&self, sample: Sample) -> &(Sample, String, PgPool) {
+        self.databases
+            .iter()
+            .find(|(s, _, _)| *s == sample)
+            .expect("a sample service")
+    }
+
+    /// Messages ready in the partition queues of every service's endpoint.
+    pub async fn queued(&self, env: &TestEnv) -> u32 {
+        let mut total = 0;
+        for sample in SAMPLES {
+            let prefix = Endpoint::Service(sample.name().into()).prefix(&env.config.namespace);
+            for queue in Topology::new(&prefix, env.config.partitions).partitions {
+                total += env.queue_depth(&queue).await;
+            }
+        }
+        total
+    }
+}
+
+/// [`wait_child`] that lets the test's runtime run meanwhile (skald and in-process
+/// services share it).
+pub async fn child_exited(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("child process did not exit within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `ready` every 100 ms until it holds, for at most `timeout` (the assertions
+/// that follow say what was wrong if it never does).
+pub async fn until<F, Fut>(timeout: Duration, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if ready().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The single number `sql` selects from `pool`.
+pub async fn scalar(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.to_string()))
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}

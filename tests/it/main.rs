@@ -27,4 +27,5 @@ mod resilience;
 mod saga_flow;
 mod scaffold;
 mod scale;
+mod services;
 mod versions;
