@@ -532,8 +532,14 @@ pub(crate) fn reject_duplicate_keys(text: &str) -> Result<(), Malformed> {
 /// Deterministic, so that re-sending after a crash produces the same id and the
 /// receiver's inbox recognises the copy.
 pub fn run_message_id(instance_id: Uuid, cursor: Cursor) -> Uuid {
+    cursor_id(instance_id, "run", cursor)
+}
+
+/// A deterministic id of `kind` (`run`, `command`) for `cursor` of `instance_id`: a
+/// UUID v5 under the instance of `<kind>/<step>/<phase>/<attempt>`.
+pub fn cursor_id(instance_id: Uuid, kind: &str, cursor: Cursor) -> Uuid {
     let name = format!(
-        "run/{}/{}/{}",
+        "{kind}/{}/{}/{}",
         cursor.step,
         cursor.phase.as_str(),
         cursor.attempt

@@ -21,13 +21,13 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgPool};
 
 use crate::app::App;
-use crate::config::Config;
+use crate::config::{Config, TransportKind};
 use crate::engine::Faults;
 use crate::envelope::{Envelope, Outgoing};
 use crate::handlers::Handlers;
 use crate::participant::sample::Sample;
 use crate::participant::{Participant, ParticipantError, connect_pool};
-use crate::transport::rabbitmq::{RabbitTransport, Topology};
+use crate::transport::rabbitmq::Topology;
 use crate::transport::{Endpoint, Transport};
 
 const SAMPLES: [Sample; 3] = [Sample::Stock, Sample::Payments, Sample::Shipping];
@@ -82,7 +82,9 @@ pub async fn run(
     let _ = std::fs::remove_dir_all(&sagas_dir);
     for sample in SAMPLES {
         let endpoint = Endpoint::Service(sample.name().into()).prefix(&name);
-        delete_queues(config, &Topology::new(&endpoint, config.partitions)).await;
+        if config.transport == TransportKind::RabbitMq {
+            delete_queues(config, &Topology::new(&endpoint, config.partitions)).await;
+        }
         super::cleanup(base, config, &format!("{name}_{}", sample.name())).await;
     }
     super::cleanup(base, config, &name).await;
@@ -123,8 +125,9 @@ async fn measure(
             .to_string();
         services.push((sample, prepare(config, sample, &url, aggregates).await?));
     }
-    let transport = RabbitTransport::connect(config).await?;
-    publish_all(&transport, sagas, aggregates).await?;
+    // The configured transport, as skald's own (`App::build`) and the services' are.
+    let transport = crate::transport::connect(config, Endpoint::Orchestrator).await?;
+    publish_all(transport.as_ref(), sagas, aggregates).await?;
     transport.close().await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -182,7 +185,7 @@ async fn prepare(
     sample.setup(&pool).await?;
     seed(&pool, sample, aggregates).await?;
     let transport =
-        RabbitTransport::connect_as(config, Endpoint::Service(sample.name().into())).await?;
+        crate::transport::connect(config, Endpoint::Service(sample.name().into())).await?;
     let builder = Participant::builder(sample.name())
         .pool(pool)
         .transport(transport)
@@ -211,7 +214,7 @@ async fn seed(pool: &PgPool, sample: Sample, aggregates: usize) -> Result<(), sq
 
 /// Every start, confirmed a window at a time, in order within each aggregate.
 async fn publish_all(
-    transport: &RabbitTransport,
+    transport: &dyn Transport,
     sagas: usize,
     aggregates: usize,
 ) -> anyhow::Result<()> {

@@ -151,13 +151,7 @@ impl From<ReplyFailure> for FailureKind {
 /// deterministic, so a re-sent command (after a reply timeout, or a crash before the
 /// ack) is recognised by the service as a copy.
 pub fn command_id(instance_id: Uuid, cursor: Cursor) -> Uuid {
-    let name = format!(
-        "command/{}/{}/{}",
-        cursor.step,
-        cursor.phase.as_str(),
-        cursor.attempt
-    );
-    Uuid::new_v5(&instance_id, name.as_bytes())
+    crate::envelope::cursor_id(instance_id, "command", cursor)
 }
 
 /// The id of the reply to the message `in_reply_to`: every copy of one answer has it.
