@@ -255,10 +255,14 @@ enum DlqCmd {
 /// Parses the arguments, runs the command, and maps failure to a non-zero exit.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_tracing() {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
-    }
+    // Dropped after the command: flushes the spans not yet exported.
+    let _telemetry = match init_tracing() {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -269,34 +273,11 @@ pub fn main() -> ExitCode {
 }
 
 /// Logs to stderr, filtered by `SKALD_LOG`, as text or (`SKALD_LOG_FORMAT=json`) one
-/// JSON object per line carrying the fields of the spans it happened in.
-pub fn init_tracing() -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SKALD_LOG")
-        // lapin logs every broker error itself, besides the error skald reports with
-        // what it was doing: off by default, so that each problem is said once.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=off"));
-    let format = std::env::var("SKALD_LOG_FORMAT").unwrap_or_default();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format.as_str() {
-        "" | "text" => {
-            // Colours only on a terminal: logs piped to files stay plain text.
-            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            builder.with_ansi(ansi).init();
-        }
-        "json" => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-        other => {
-            return Err(format!(
-                "SKALD_LOG_FORMAT={other:?} is invalid: expected text or json"
-            ));
-        }
-    }
-    Ok(())
+/// JSON object per line carrying the fields of the spans it happened in; exports traces
+/// when the `OTEL_*` variables name an endpoint ([`crate::telemetry::init`], service
+/// name `skald` unless `OTEL_SERVICE_NAME` says otherwise). Keep the guard until exit.
+pub fn init_tracing() -> Result<crate::telemetry::Telemetry, String> {
+    crate::telemetry::init("skald").map_err(|e| e.to_string())
 }
 
 /// An actix system on a multi-threaded tokio runtime: actors run on the system's

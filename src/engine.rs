@@ -380,15 +380,13 @@ impl Engine {
     pub async fn process(&self, job: Job, delivery: Delivery) {
         let env = &job.envelope;
         let (instance, cursor) = target_of(env);
-        let span = tracing::info_span!(
-            "message",
-            saga = %job.saga.name,
-            instance = %instance,
-            aggregate = %job.aggregate_id,
-            step = cursor.step,
-            phase = cursor.phase.as_str(),
-            attempt = cursor.attempt,
-            message_id = %env.message_id,
+        let span = crate::telemetry::message_span(
+            &job.saga,
+            &job.aggregate_id,
+            instance,
+            cursor,
+            env.message_id,
+            env.traceparent.as_deref(),
         );
         tracing::Instrument::instrument(self.process_in_span(job, delivery), span).await
     }
@@ -768,6 +766,7 @@ impl Engine {
                 ));
             }
         }
+        crate::telemetry::propagate(&mut plan.outgoing, instance_id, env.traceparent.as_deref());
         let record = StepRecord {
             message_id: env.message_id,
             instance_id,
@@ -812,6 +811,7 @@ impl Engine {
             .await?;
         }
         self.commit(tx, &step.name, requested.phase).await?;
+        crate::telemetry::record_attempt(plan.outcome, plan.error.as_deref());
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
         if let Some(error) = &plan.error {
             // Logged only now that it is recorded: a copy's failed re-run is not an attempt.

@@ -73,6 +73,16 @@ pub struct Envelope {
     /// goes no further forward and compensates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DateTime<Utc>>,
+    /// The W3C trace context of the span that sent it
+    /// (`00-<trace-id>-<parent-id>-<flags>`): the attempt it starts joins that trace. A
+    /// value that is not a valid traceparent (of any JSON type) is ignored with a
+    /// warning when the message is read; it never makes the message malformed.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "any_as_text"
+    )]
+    pub traceparent: Option<String>,
 }
 
 /// One failed attempt, as carried in a message's error history.
@@ -323,6 +333,7 @@ impl Envelope {
             outputs: Value::Null,
             errors: Vec::new(),
             deadline: None,
+            traceparent: None,
         }
     }
 
@@ -353,6 +364,7 @@ impl Envelope {
             outputs: Value::Object(Default::default()),
             errors: Vec::new(),
             deadline: None,
+            traceparent: None,
         }
     }
 
@@ -366,9 +378,10 @@ impl Envelope {
         }
         let text = std::str::from_utf8(body).map_err(|e| Malformed::NotUtf8(e.to_string()))?;
         reject_duplicate_keys(text)?;
-        let env: Envelope =
+        let mut env: Envelope =
             serde_json::from_str(text).map_err(|e| Malformed::Invalid(e.to_string()))?;
         env.check()?;
+        env.traceparent = crate::telemetry::checked_traceparent(env.traceparent, env.message_id);
         Ok(env)
     }
 
@@ -417,6 +430,19 @@ impl Envelope {
     pub fn to_body(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("an envelope always serialises")
     }
+}
+
+/// Reads any JSON value as text: a string as it is, `null` as absent, anything else as
+/// its JSON text — so that a field checked later (a `traceparent`) cannot make the whole
+/// message unreadable by its type.
+pub(crate) fn any_as_text<'de, D: serde::Deserializer<'de>>(
+    de: D,
+) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(de)? {
+        Value::Null => None,
+        Value::String(s) => Some(s),
+        other => Some(other.to_string()),
+    })
 }
 
 /// An aggregate id is 1 to [`MAX_AGGREGATE_ID_BYTES`] bytes without NUL.
@@ -568,6 +594,7 @@ mod tests {
     use super::*;
 
     const ID: &str = "6f1c2a4e-0000-4000-8000-000000000001";
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
     fn start(extra: &str) -> String {
         format!(r#"{{"message_id":"{ID}","saga":"s","payload":{{"a":1}}{extra}}}"#)
@@ -609,6 +636,7 @@ mod tests {
                 message: "boom".into(),
             }],
             deadline: Some(Utc::now()),
+            traceparent: Some(TP.into()),
         };
         assert_eq!(Envelope::parse(&env.to_body()).unwrap(), env);
     }
@@ -661,6 +689,38 @@ mod tests {
             let err = Envelope::parse(&body).unwrap_err();
             assert_eq!(err.code(), code, "{err}");
         }
+    }
+
+    #[test]
+    fn a_valid_traceparent_is_kept_and_a_malformed_one_ignored() {
+        let env = Envelope::parse(start(&format!(r#","traceparent":"{TP}""#)).as_bytes()).unwrap();
+        assert_eq!(env.traceparent.as_deref(), Some(TP));
+        assert!(String::from_utf8(env.to_body()).unwrap().contains(TP));
+        for bad in [
+            r#""garbage""#,
+            r#""00-00000000000000000000000000000000-00f067aa0ba902b7-01""#,
+            r#""a\u0000b""#,
+            "42",
+            "[1]",
+            r#"{"a":1}"#,
+            "true",
+            "null",
+        ] {
+            let env = Envelope::parse(start(&format!(r#","traceparent":{bad}"#)).as_bytes())
+                .unwrap_or_else(|e| panic!("{bad}: {e}"));
+            assert_eq!(env.traceparent, None, "{bad}");
+            assert!(
+                !String::from_utf8(env.to_body())
+                    .unwrap()
+                    .contains("traceparent")
+            );
+        }
+        // Still one key: a repeated traceparent is a repeated key like any other.
+        let twice = start(&format!(r#","traceparent":"{TP}","traceparent":"{TP}""#));
+        assert_eq!(
+            Envelope::parse(twice.as_bytes()).unwrap_err().code(),
+            "duplicate_key"
+        );
     }
 
     #[test]
@@ -727,6 +787,7 @@ mod tests {
             payload: Default::default(),
             reply_to: None,
             errors: Vec::new(),
+            traceparent: Some(TP.into()),
         };
         let out = Outgoing::to_service("stock", message.clone(), context);
         // As stored in the inbox's `outgoing` and read back for a copy.

@@ -77,6 +77,10 @@
 //!   and the three sample services ([`participant::sample`], run by `examples/`).
 //! - [`bench`](mod@bench): `skald bench`, skald against a hand-written baseline in one run;
 //!   `bench/command.rs` its command-step mode (the three sample services in-process).
+//! - [`telemetry`]: the process's logs (text or JSON) and, with the standard
+//!   `OTEL_*` variables, one OpenTelemetry trace per saga instance: the `message` span
+//!   per attempt, the W3C `traceparent` carried in envelopes, commands and replies
+//!   (`traceparent.rs`, pure), OTLP/HTTP export (`setup.rs`).
 //! - [`cli`]: the `skald` command line (`cli/instances.rs`: `skald instances` and
 //!   `skald instance`, the dashboard's views and actions; `cli/failures.rs`: `skald
 //!   failures`).
@@ -111,4 +115,5 @@ pub mod saga;
 pub mod scaffold;
 pub mod seen;
 pub mod store;
+pub mod telemetry;
 pub mod transport;

@@ -52,6 +52,7 @@ impl Engine {
         let to = &reply.reply_to;
         let envelope = Envelope {
             message_id: reply.message_id,
+            traceparent: reply.traceparent.clone(),
             ..Envelope::run(
                 &to.saga,
                 to.saga_version,
@@ -81,11 +82,14 @@ impl Engine {
         at: &Attempt<'_>,
         step: &StepDef,
         action: &CommandAction,
-        sent: Sent,
+        mut sent: Sent,
         started_at: chrono::DateTime<Utc>,
         new: Option<&NewInstance<'_>>,
     ) -> Result<Handled, EngineError> {
         let env = &job.envelope;
+        let incoming = env.traceparent.as_deref();
+        crate::telemetry::propagate(&mut sent.outgoing, at.instance_id, incoming);
+        sent.message.traceparent = crate::telemetry::outgoing_traceparent(incoming);
         let context = &sent.outgoing[0].envelope;
         let record = StepRecord {
             message_id: env.message_id,
@@ -133,6 +137,7 @@ impl Engine {
             return Ok(Handled::Send(Vec::new()));
         }
         self.commit(tx, &step.name, at.cursor.phase).await?;
+        crate::telemetry::record_sent();
         tracing::debug!(service = %action.service, command = %action.kind,
             command_id = %sent.message.message_id, "command sent; waiting for its reply");
         Ok(Handled::Send(sent.outgoing))

@@ -84,6 +84,7 @@ impl Services {
                     aggregate_id: command.aggregate_id.clone(),
                     reply_to: to,
                     outcome: ReplyOutcome::Succeeded { outputs },
+                    traceparent: None,
                 };
                 if silent {
                     self.held

@@ -213,9 +213,12 @@ impl Participant {
             }
             Ok(msg) => {
                 let mut turn = inner.lanes.enter(&msg.aggregate_id);
+                // The handling joins the trace of the saga step that sent the command.
+                let span = crate::telemetry::command_span(&inner.parts.service, &msg);
                 tokio::spawn(async move {
                     turn.wait().await;
-                    inner.handle_delivery(&msg, delivery).await;
+                    let handled = inner.handle_delivery(&msg, delivery);
+                    tracing::Instrument::instrument(handled, span).await;
                     inner.lanes.leave(turn);
                     inner.in_flight.leave();
                 });
@@ -322,7 +325,7 @@ impl Inner {
                     .send_to(
                         &Endpoint::Orchestrator,
                         &reply.aggregate_id,
-                        &reply.to_body(),
+                        &crate::telemetry::reply_body(reply),
                     )
                     .await
             }

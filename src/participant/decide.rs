@@ -118,6 +118,8 @@ pub fn reply(service: &str, msg: &ServiceMessage, outcome: &Outcome) -> Option<R
         aggregate_id: msg.aggregate_id.clone(),
         reply_to,
         outcome: outcome.reply_outcome(),
+        // Passed on as received; the consumer stamps its own span's when it exports.
+        traceparent: msg.traceparent.clone(),
     })
 }
 
@@ -138,6 +140,7 @@ mod tests {
             payload: Map::new(),
             reply_to: None,
             errors: vec![],
+            traceparent: None,
         }
     }
 

@@ -160,10 +160,14 @@ impl Sample {
 /// `AMQP_URL`, `SKALD_NAMESPACE`, `SKALD_PARTITIONS` (and the other `SKALD_*` broker
 /// settings), `SKALD_PARTICIPANT_CRASH_AT`; runs until Ctrl-C or SIGTERM.
 pub fn main(sample: Sample) -> ExitCode {
-    if let Err(e) = crate::cli::init_tracing() {
-        eprintln!("error: {e}");
-        return ExitCode::FAILURE;
-    }
+    // Kept to the end of `main`: dropping it flushes the spans not yet exported.
+    let _telemetry = match crate::telemetry::init(sample.name()) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let run = async {
         let config = Config::from_env().map_err(|e| ParticipantError::Config(e.to_string()))?;
         let faults = ParticipantFaults::from_env().map_err(ParticipantError::Config)?;

@@ -60,6 +60,15 @@ pub struct ServiceMessage {
     /// participant before each delayed retry (never by the publisher).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<ServiceError>,
+    /// The W3C trace context of the saga step's attempt that sent it: the service's
+    /// handling joins that trace. Optional; a value that is not a valid traceparent is
+    /// ignored with a warning, never making the message malformed.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::envelope::any_as_text"
+    )]
+    pub traceparent: Option<String>,
 }
 
 /// Which saga step a command belongs to; opaque to the service, copied into the reply.
@@ -106,6 +115,14 @@ pub struct Reply {
     pub reply_to: ReplyTo,
     /// How the command ended.
     pub outcome: ReplyOutcome,
+    /// The W3C trace context of the service's handling of the command: skald's
+    /// handling of the reply joins that trace. Optional, checked like the command's.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::envelope::any_as_text"
+    )]
+    pub traceparent: Option<String>,
 }
 
 /// How a command ended at the service.
@@ -201,7 +218,8 @@ impl ServiceMessage {
     /// Reads a raw body, or says why it is malformed (the service dead-letters it at
     /// once, never retrying).
     pub fn parse(body: &[u8]) -> Result<ServiceMessage, Malformed> {
-        let msg: ServiceMessage = read(body)?;
+        let mut msg: ServiceMessage = read(body)?;
+        msg.traceparent = crate::telemetry::checked_traceparent(msg.traceparent, msg.message_id);
         check_kind(&msg.kind)?;
         check_aggregate_id(&msg.aggregate_id)?;
         if let Some(seq) = msg.sequence
@@ -230,7 +248,9 @@ impl ServiceMessage {
 impl Reply {
     /// Reads a raw body from skald's intake as a reply, or says why it is malformed.
     pub fn parse(body: &[u8]) -> Result<Reply, Malformed> {
-        let reply: Reply = read(body)?;
+        let mut reply: Reply = read(body)?;
+        reply.traceparent =
+            crate::telemetry::checked_traceparent(reply.traceparent, reply.message_id);
         check_aggregate_id(&reply.aggregate_id)?;
         if let ReplyOutcome::Succeeded { outputs } = &reply.outcome
             && let Some(path) = nul_path(&Value::Object(outputs.clone()), "outputs")
@@ -299,6 +319,7 @@ mod tests {
                 kind: ReplyFailure::Fatal,
                 error: "out of stock".into(),
             },
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         };
         let body = reply.to_body();
         assert!(Reply::looks_like(&body));

@@ -171,6 +171,8 @@ pub fn send(
             cursor: at.cursor,
         }),
         errors: Vec::new(),
+        // The engine stamps its attempt's span over it when it exports traces.
+        traceparent: at.envelope.traceparent.clone(),
     };
     let outgoing = vec![
         Outgoing::to_service(&action.service, message.clone(), context.clone()),
@@ -438,6 +440,7 @@ steps:
                 cursor,
             },
             outcome,
+            traceparent: None,
         }
     }
 

@@ -28,4 +28,5 @@ mod saga_flow;
 mod scaffold;
 mod scale;
 mod services;
+mod traces;
 mod versions;

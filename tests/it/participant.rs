@@ -169,6 +169,7 @@ fn event(kind: &str, aggregate: &str, payload: Value) -> ServiceMessage {
         payload,
         reply_to: None,
         errors: vec![],
+        traceparent: None,
     }
 }
 

@@ -553,6 +553,7 @@ async fn an_out_of_order_command_at_a_sample_service_is_discarded_and_recorded()
             cursor: Cursor::START,
         }),
         errors: vec![],
+        traceparent: None,
     };
     let (newer, older) = (reserve("order-new", 2), reserve("order-old", 1));
     let transport = env.transport().await;
