@@ -255,8 +255,13 @@ enum DlqCmd {
 /// Parses the arguments, runs the command, and maps failure to a non-zero exit.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A sample service exports under its own name, as its `examples/` binary does.
+    let service = match &cli.command {
+        Cmd::Participant(ParticipantCmd::Sample { service, .. }) => service.name(),
+        _ => "skald",
+    };
     // Dropped after the command: flushes the spans not yet exported.
-    let _telemetry = match init_tracing() {
+    let _telemetry = match crate::telemetry::init(service).map_err(|e| e.to_string()) {
         Ok(telemetry) => telemetry,
         Err(e) => {
             eprintln!("error: {e}");

@@ -21,7 +21,7 @@ use prost::Message;
 use serde_json::{Value, json};
 use skald::envelope::{Envelope, instance_id_for};
 
-use crate::helpers::{TestEnv, wait_child};
+use crate::helpers::{SAMPLES, Services, TestEnv, order_services_with, wait_child};
 
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
@@ -193,7 +193,7 @@ impl Skald {
     }
 
     /// Stops it as an operator would (SIGTERM), and returns every log line.
-    fn stop(mut self) -> Vec<String> {
+    fn stop(&mut self) -> Vec<String> {
         let pid = self.child.id().to_string();
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &pid])
@@ -202,6 +202,26 @@ impl Skald {
         // The reader thread ends with the pipe; give it a moment to catch up.
         std::thread::sleep(Duration::from_millis(200));
         self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Skald {
+    fn drop(&mut self) {
+        // A failed test leaves no process behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Child processes killed when dropped (a failed test leaves none behind).
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -234,7 +254,7 @@ async fn a_saga_started_with_a_traceparent_is_one_trace_across_its_retry_and_com
     // Given skald exporting to an OTLP receiver, with JSON logs.
     let receiver = Receiver::start();
     let env = TestEnv::new(traced_sagas()).await;
-    let skald = Skald::spawn(
+    let mut skald = Skald::spawn(
         &env,
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.as_str()),
@@ -351,7 +371,7 @@ async fn a_saga_started_with_a_traceparent_is_one_trace_across_its_retry_and_com
 async fn a_malformed_traceparent_is_ignored_and_the_saga_still_runs() {
     // Given skald without any OpenTelemetry endpoint (nothing exported), JSON logs.
     let env = TestEnv::new(traced_sagas()).await;
-    let skald = Skald::spawn(&env, &[("SKALD_LOG_FORMAT", "json")]);
+    let mut skald = Skald::spawn(&env, &[("SKALD_LOG_FORMAT", "json")]);
 
     // When three orders that cannot ship start (their failures are logged inside their
     // spans): one with a valid traceparent, one with a string that is not one, one with
@@ -417,5 +437,101 @@ async fn a_malformed_traceparent_is_ignored_and_the_saga_still_runs() {
             "{other:#?}"
         );
     }
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_participant_services_handling_joins_the_sagas_trace() {
+    // Given skald and the three sample services as processes, all exporting to one
+    // receiver.
+    let receiver = Receiver::start();
+    let env = TestEnv::new(order_services_with(&[])).await;
+    let services = Services::new(&env).await;
+    // No OTEL_SERVICE_NAME: each process names itself (`skald`, or the sample's name).
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let children = Children(
+        SAMPLES
+            .iter()
+            .map(|sample| {
+                env.skald(&[
+                    "participant",
+                    "sample",
+                    sample.name(),
+                    "--database-url",
+                    services.url(*sample),
+                ])
+                .envs(otel)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn the sample service")
+            })
+            .collect(),
+    );
+    let mut skald = Skald::spawn(&env, &otel);
+
+    // When a caller starts an order in its trace.
+    let start = Envelope {
+        traceparent: Some(caller_traceparent()),
+        ..Envelope::start(
+            "order_services",
+            None,
+            json!({"order_id": "o-1", "sku": "SKU-1", "qty": 2, "account": "alice", "amount": 25.5}),
+        )
+    };
+    env.publish_starts(vec![start]).await;
+    env.wait_for_terminal(1, Duration::from_secs(60)).await;
+    let named = |s: &Span, name: &str| s.name == name;
+    let spans = receiver.wait_for(Duration::from_secs(20), |spans| {
+        [
+            "stock/reserve_stock",
+            "payments/charge_card",
+            "shipping/create_shipment",
+        ]
+        .iter()
+        .all(|n| spans.iter().any(|s| named(s, n)))
+            && spans
+                .iter()
+                .filter(|s| s.attr("outcome") == "succeeded")
+                .count()
+                >= 3
+    });
+    skald.stop();
+    drop(children);
+
+    // Then every span is in the caller's trace, and each service's handling is the
+    // child of the attempt that sent its command, and the parent of skald's handling
+    // of its reply.
+    for s in &spans {
+        assert_eq!(s.trace_id, CALLER_TRACE, "{s:#?}");
+    }
+    for (service, step) in [
+        ("stock", "reserve_stock"),
+        ("payments", "charge_card"),
+        ("shipping", "create_shipment"),
+    ] {
+        let attempt = format!("order_services/{step}/forward");
+        let find = |outcome: &str| {
+            spans
+                .iter()
+                .find(|s| s.name == attempt && s.attr("outcome") == outcome)
+                .unwrap_or_else(|| panic!("no {attempt} span with outcome {outcome}: {spans:#?}"))
+        };
+        let (sent, replied) = (find("sent"), find("succeeded"));
+        let handled = spans
+            .iter()
+            .find(|s| s.name == format!("{service}/{step}"))
+            .unwrap();
+        assert_eq!(sent.service, "skald");
+        assert_eq!(handled.service, service);
+        assert_eq!(handled.attr("type"), step);
+        assert_eq!(handled.attr("aggregate"), "o-1");
+        assert_eq!(handled.parent_span_id, sent.span_id, "{handled:#?}");
+        assert_eq!(replied.parent_span_id, handled.span_id, "{replied:#?}");
+    }
+    services.stop_all().await;
     env.cleanup().await;
 }
