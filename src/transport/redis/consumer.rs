@@ -14,6 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::keys::{GROUP, Keys};
 use super::scripts::{ACK, LEASE, MOVE_DUE};
+use super::writer::Writer;
 use crate::transport::{Acknowledge, Delivery, TransportError};
 
 /// How long one blocking read waits for new entries; also the delay mover's period.
@@ -206,8 +207,10 @@ pub(super) struct Reader {
     pub session: u64,
     /// Blocking reads only: a blocked connection would hold up other commands.
     pub reading: MultiplexedConnection,
-    /// Acks, delay moves.
+    /// Claims, delay moves.
     pub conn: ConnectionManager,
+    /// Acks (which wait for replicas when configured).
+    pub writer: Writer,
     pub tx: mpsc::UnboundedSender<Delivery>,
 }
 
@@ -351,7 +354,7 @@ impl Reader {
         // dead-lettered as malformed rather than left pending.
         let body: Vec<u8> = entry.get("b").unwrap_or_default();
         let acker = RedisAcker {
-            conn: self.conn.clone(),
+            writer: self.writer.clone(),
             lease: self.shared.keys.lease(i),
             stream: self.shared.keys.stream(i),
             token: self.shared.token.clone(),
@@ -367,7 +370,7 @@ impl Reader {
 /// Acks one stream entry, fenced by its partition's lease (see [`ACK`]). Holds a
 /// prefetch permit until acked or dropped.
 struct RedisAcker {
-    conn: ConnectionManager,
+    writer: Writer,
     lease: String,
     stream: String,
     token: String,
@@ -378,24 +381,22 @@ struct RedisAcker {
 impl Acknowledge for RedisAcker {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
-            let acked: redis::RedisResult<i64> = ACK
+            let mut invocation = ACK.prepare_invoke();
+            invocation
                 .key(&self.lease)
                 .key(&self.stream)
                 .arg(&self.token)
                 .arg(GROUP)
-                .arg(&self.id)
-                .invoke_async(&mut conn)
-                .await;
-            match acked {
-                Ok(_) => Ok(()),
-                Err(e) if e.code() == Some("LEASE") => Err(TransportError::NotAccepted(format!(
-                    "{} is no longer this process's: another consumer holds its lease and \
-                     redelivers entry {}",
-                    self.stream, self.id
-                ))),
-                Err(e) => Err(TransportError::Connection(e.to_string())),
+                .arg(&self.id);
+            let acked: i64 = self.writer.script(&ACK, &invocation).await?;
+            if acked == 1 {
+                return Ok(());
             }
+            Err(TransportError::NotAccepted(format!(
+                "{} is no longer this process's: its lease is not held by this process, \
+                 so entry {} stays pending and is delivered again",
+                self.stream, self.id
+            )))
         })
     }
 }
