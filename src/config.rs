@@ -383,7 +383,10 @@ mod tests {
         let err = with(&[("SKALD_REDIS_WAIT_MS", "0")]).unwrap_err();
         assert!(err.to_string().contains("at least 1"), "{err}");
         let err = with(&[("SKALD_REDIS_WAIT_REPLICAS", "-1")]).unwrap_err();
-        assert!(err.to_string().contains("SKALD_REDIS_WAIT_REPLICAS"), "{err}");
+        assert!(
+            err.to_string().contains("SKALD_REDIS_WAIT_REPLICAS"),
+            "{err}"
+        );
     }
 
     #[test]

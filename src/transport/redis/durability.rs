@@ -135,7 +135,10 @@ mod tests {
             maxmemory_policy: Some("allkeys-lru"),
             ..no_aof
         };
-        assert!(matches!(judge(&evicting, 1, Some(1)), Durability::AtRisk(_)));
+        assert!(matches!(
+            judge(&evicting, 1, Some(1)),
+            Durability::AtRisk(_)
+        ));
     }
 
     #[test]

@@ -37,6 +37,7 @@
 mod consumer;
 pub mod durability;
 pub mod keys;
+mod leases;
 mod scripts;
 mod writer;
 
@@ -203,7 +204,8 @@ impl RedisTransport {
                 .arg("replication")
                 .query_async(&mut conn)
                 .await;
-            info.ok().and_then(|text| durability::connected_replicas(&text))
+            info.ok()
+                .and_then(|text| durability::connected_replicas(&text))
         } else {
             None
         };
@@ -390,10 +392,7 @@ impl Transport for RedisTransport {
                 .arg(key)
                 .arg(body)
                 .arg(uuid::Uuid::new_v4().simple().to_string());
-            let _due: i64 = self
-                .writer
-                .script(&scripts::SCHEDULE, &schedule)
-                .await?;
+            let _due: i64 = self.writer.script(&scripts::SCHEDULE, &schedule).await?;
             Ok(())
         })
     }

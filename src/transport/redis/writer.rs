@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation, ServerErrorKind};
+use redis::{
+    Cmd, ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation, ServerErrorKind,
+};
 
 use crate::config::RedisWait;
 use crate::transport::TransportError;
@@ -97,7 +99,9 @@ impl Writer {
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, WriteError> {
         match self.write(Cmd::invoke_script(invocation)).await {
-            Err(WriteError::Redis(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            Err(WriteError::Redis(e))
+                if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
+            {
                 let mut conn = self.conn.clone();
                 script
                     .load_async(&mut conn)
