@@ -13,7 +13,13 @@
 //! **Publish.** `XADD`, confirmed by its reply. Redis replies before the write is on
 //! disk unless the server runs with `appendonly yes` and `appendfsync always`: with
 //! other settings an acknowledged message can be lost when Redis restarts, and
-//! [`RedisTransport::connect`] logs a warning saying so.
+//! [`RedisTransport::connect`] logs a warning saying so — unless every write waits
+//! for replicas (`SKALD_REDIS_WAIT_REPLICAS`: `WAIT` after each publish, delayed
+//! publish, dead letter and ack, on a connection of its own; too few replicas in
+//! `SKALD_REDIS_WAIT_MS` and the write fails as not accepted, see `writer`).
+//!
+//! **Start-up.** A refused password, a missing one or a missing ACL permission is
+//! [`TransportError::Refused`] at once, naming the server and what to change.
 //!
 //! **Partitions, leases, failover.** A process reads a partition only while it holds
 //! the partition's lease (`SET NX PX` with a random token, renewed every third of
@@ -24,7 +30,9 @@
 //! gone), hands those out in order, flagged redelivered, and only then reads new
 //! entries (`>`). Acks are fenced: a Lua script acks (`XACK`, then `XDEL`, so
 //! acknowledged entries do not pile up) only if the acking process still holds the
-//! lease, so a stale owner cannot ack what the new owner now handles. A graceful
+//! lease, so a stale owner cannot ack what the new owner now handles. An entry handed
+//! out and not acked (refused in a lease blip, failed, dropped) is still pending: its
+//! partition is claimed again, so it is delivered again (see `leases`). A graceful
 //! `close` releases the leases so that another process takes over at once.
 //!
 //! **Delays.** A delayed message is added to `P:delayed`, scored by the server's clock
