@@ -20,6 +20,10 @@ pub struct Config {
     /// (default 10000, at least 300): the delay before another process takes over the
     /// partitions of one that died.
     pub redis_lease: Duration,
+    /// `SKALD_REDIS_WAIT_REPLICAS` and `SKALD_REDIS_WAIT_MS`: on Redis, whether every
+    /// write skald counts on (publish, delayed publish, dead letter, ack) waits for
+    /// replicas to have it (`WAIT`) before it counts as done (default: no).
+    pub redis_wait: RedisWait,
     /// `SKALD_SAGAS_DIR`: where the `*.yaml` saga definitions are (default `sagas`).
     pub sagas_dir: PathBuf,
     /// `SKALD_NAMESPACE`: prefix of every exchange and queue skald declares, so that
@@ -59,6 +63,24 @@ pub struct Config {
     /// `SKALD_ORPHANED` (or `skald run --orphaned`): what start-up does with live
     /// instances of a saga version no longer loaded (default: refuse to start).
     pub orphaned: Orphaned,
+}
+
+/// How many Redis replicas must have a write before skald counts it as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RedisWait {
+    /// `SKALD_REDIS_WAIT_REPLICAS` (default 0: no `WAIT`, the primary's reply is
+    /// enough).
+    pub replicas: u16,
+    /// `SKALD_REDIS_WAIT_MS` (default 1000, at least 1): how long one write waits for
+    /// them; fewer replicas by then make the write fail (never counted as done).
+    pub timeout: Duration,
+}
+
+impl RedisWait {
+    /// Whether writes wait for replicas at all.
+    pub fn enabled(&self) -> bool {
+        self.replicas > 0
+    }
 }
 
 /// A configuration variable that is set but unusable.
@@ -253,8 +275,21 @@ impl Config {
                 reason: "must be at least 300".into(),
             });
         }
+        let wait_ms: u64 = number(&lookup, "SKALD_REDIS_WAIT_MS", 1_000)?;
+        if wait_ms == 0 {
+            return Err(ConfigError {
+                name: "SKALD_REDIS_WAIT_MS",
+                value: "0".into(),
+                reason: "must be at least 1 (0 would wait without end)".into(),
+            });
+        }
+        let redis_wait = RedisWait {
+            replicas: number(&lookup, "SKALD_REDIS_WAIT_REPLICAS", 0)?,
+            timeout: Duration::from_millis(wait_ms),
+        };
         Ok(Config {
             orphaned,
+            redis_wait,
             transport,
             redis_url,
             redis_lease: Duration::from_millis(redis_lease),
@@ -311,6 +346,8 @@ mod tests {
         assert_eq!(c.transport, TransportKind::Postgres);
         assert_eq!(c.redis_url, DEFAULT_REDIS_URL);
         assert_eq!(c.redis_lease, Duration::from_secs(10));
+        assert!(!c.redis_wait.enabled());
+        assert_eq!(c.redis_wait.timeout, Duration::from_secs(1));
     }
 
     #[test]
@@ -326,6 +363,30 @@ mod tests {
         assert!(err.to_string().contains("REDIS_URL"), "{err}");
         let err = with(&[("SKALD_REDIS_LEASE_MS", "100")]).unwrap_err();
         assert!(err.to_string().contains("at least 300"), "{err}");
+    }
+
+    #[test]
+    fn redis_writes_wait_for_replicas_only_when_asked() {
+        let c = with(&[
+            ("SKALD_REDIS_WAIT_REPLICAS", "2"),
+            ("SKALD_REDIS_WAIT_MS", "250"),
+        ])
+        .unwrap();
+        assert!(c.redis_wait.enabled());
+        assert_eq!(
+            c.redis_wait,
+            RedisWait {
+                replicas: 2,
+                timeout: Duration::from_millis(250)
+            }
+        );
+        let err = with(&[("SKALD_REDIS_WAIT_MS", "0")]).unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
+        let err = with(&[("SKALD_REDIS_WAIT_REPLICAS", "-1")]).unwrap_err();
+        assert!(
+            err.to_string().contains("SKALD_REDIS_WAIT_REPLICAS"),
+            "{err}"
+        );
     }
 
     #[test]

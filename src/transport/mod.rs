@@ -91,11 +91,11 @@ pub enum TransportError {
     /// The broker refused the message (a nack) or could not route it.
     #[error("broker did not accept the message: {0}")]
     NotAccepted(String),
-    /// The broker answered but refuses skald's connection or topology (wrong
+    /// The server answered but refuses skald's connection or topology (wrong
     /// credentials, unknown vhost, a missing plugin, an exchange or queue that exists
     /// with other settings): a configuration error, which waiting does not fix. The
-    /// message says what to change.
-    #[error("RabbitMQ refuses skald's configuration: {0}")]
+    /// message names the server and says what to change.
+    #[error("the transport refuses skald's configuration: {0}")]
     Refused(String),
 }
 

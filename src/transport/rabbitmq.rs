@@ -161,7 +161,7 @@ fn setup_err(e: lapin::Error) -> TransportError {
         && let Some(fix) = refusal_fix(amqp.get_id(), amqp.get_message().as_str())
     {
         let said = amqp.get_message().as_str().trim_end_matches('.');
-        return TransportError::Refused(format!("{said}; {fix}"));
+        return TransportError::Refused(format!("RabbitMQ answered {said}; {fix}"));
     }
     conn_err(e)
 }

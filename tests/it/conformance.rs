@@ -39,25 +39,33 @@ struct RedisHarness {
     opened: Mutex<Vec<Arc<RedisTransport>>>,
 }
 
+/// The suite's Redis configuration for the server at `url`, with `more` variables set
+/// (or overridden).
+fn redis_config(url: String, more: &[(&str, &str)]) -> Config {
+    let mut vars = vec![
+        ("SKALD_TRANSPORT", "redis".to_string()),
+        ("REDIS_URL", url),
+        ("SKALD_NAMESPACE", "conformance".into()),
+        ("SKALD_PARTITIONS", "4".into()),
+        ("SKALD_SUBSCRIBE_STAGGER_MS", "0".into()),
+        ("SKALD_PREFETCH", "64".into()),
+        // The failover delay: short, so the suite runs quickly.
+        ("SKALD_REDIS_LEASE_MS", "1000".into()),
+    ];
+    vars.extend(more.iter().map(|(k, v)| (*k, v.to_string())));
+    Config::from_lookup(|name| {
+        vars.iter()
+            .rev()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+    })
+    .expect("a valid configuration")
+}
+
 impl RedisHarness {
     fn new() -> RedisHarness {
         let server = RedisServer::start();
-        let vars = [
-            ("SKALD_TRANSPORT", "redis".to_string()),
-            ("REDIS_URL", server.url()),
-            ("SKALD_NAMESPACE", "conformance".into()),
-            ("SKALD_PARTITIONS", "4".into()),
-            ("SKALD_SUBSCRIBE_STAGGER_MS", "0".into()),
-            ("SKALD_PREFETCH", "64".into()),
-            // The failover delay: short, so the suite runs quickly.
-            ("SKALD_REDIS_LEASE_MS", "1000".into()),
-        ];
-        let config = Config::from_lookup(|name| {
-            vars.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.clone())
-        })
-        .expect("a valid configuration");
+        let config = redis_config(server.url(), &[]);
         RedisHarness {
             server: Mutex::new(server),
             config,
@@ -723,4 +731,207 @@ async fn skald_run_warns_when_redis_cannot_keep_what_it_acknowledged() {
             && warning.contains("set appendonly yes and appendfsync always"),
         "{warning}"
     );
+}
+
+/// A lease blip: partition `key`'s lease is held by another consumer for a moment,
+/// so this process's ack of a delivery from it is refused; then the lease is this
+/// process's again — without the keeper seeing it lapse, as when it was re-taken while
+/// the partition's pending entries were being claimed. The entry, still pending, is
+/// delivered again (flagged redelivered) and acked once.
+#[actix_rt::test]
+async fn on_redis_an_ack_refused_after_a_lease_blip_is_delivered_again() {
+    let h = Harness::Redis(Box::new(RedisHarness::new()));
+    let Harness::Redis(r) = &h else {
+        unreachable!()
+    };
+    let t = h.open().await;
+    t.publish("blip", b"blip0", 0).await.expect("confirmed");
+    let mut stream = t.consume().await.expect("consume");
+    let first = take(&mut stream, 1, WAIT).await.pop().expect("blip0");
+    let keys = Keys::new(&r.config.namespace, &Endpoint::Orchestrator, 4);
+    let lease = keys.lease(keys.partition_of("blip"));
+    let ours = r.server.lock().unwrap().cli(&["GET", &lease]);
+    assert!(!ours.is_empty(), "this process holds the lease");
+
+    // Given another consumer holds the lease for a moment
+    r.server
+        .lock()
+        .unwrap()
+        .cli(&["SET", &lease, "another-consumer", "PX", "5000"]);
+    // when this process acks, its ack is refused
+    let refused = first.ack().await.expect_err("fenced");
+    assert!(refused.to_string().contains("lease"), "{refused}");
+    // and the lease is this process's again.
+    r.server
+        .lock()
+        .unwrap()
+        .cli(&["SET", &lease, &ours, "PX", "5000"]);
+
+    // Then the entry comes again, and once acked it is gone.
+    let again = take(&mut stream, 1, WAIT).await;
+    assert_eq!(
+        bodies(&again),
+        ["blip0"],
+        "the refused entry is delivered again"
+    );
+    assert!(again[0].redelivered);
+    ack_all(again).await;
+    assert!(
+        take(&mut stream, 1, Duration::from_millis(700))
+            .await
+            .is_empty(),
+        "acked once"
+    );
+    t.close().await;
+}
+
+/// `WAIT`: with `SKALD_REDIS_WAIT_REPLICAS=1` a publish and an ack return once the
+/// replica has them, on a primary that keeps nothing on disk (which skald then judges
+/// able to keep its promise); with the replica gone, a publish fails as not accepted
+/// after `SKALD_REDIS_WAIT_MS`, and the durability check says why.
+#[actix_rt::test]
+async fn on_redis_writes_wait_for_replicas_and_fail_without_them() {
+    let primary = RedisServer::start_with(&["--appendonly", "no"]);
+    let replica = primary.replica();
+    let config = redis_config(
+        primary.url(),
+        &[
+            ("SKALD_REDIS_WAIT_REPLICAS", "1"),
+            ("SKALD_REDIS_WAIT_MS", "400"),
+        ],
+    );
+    let t = RedisTransport::connect(&config, Endpoint::Orchestrator)
+        .await
+        .expect("connect");
+    assert_eq!(t.durability().await, Durability::Kept);
+    let keys = Keys::new(&config.namespace, &Endpoint::Orchestrator, 4);
+    let stream_of_w = keys.stream(keys.partition_of("w"));
+
+    // A publish returns once the replica has it (read there at once, no waiting).
+    t.publish("w", b"w0", 0).await.expect("replicated");
+    assert_eq!(replica.cli(&["XLEN", &stream_of_w]), "1");
+    // So does an ack: the replica no longer has the entry.
+    let mut stream = t.consume().await.expect("consume");
+    let got = take(&mut stream, 1, WAIT).await;
+    assert_eq!(bodies(&got), ["w0"]);
+    ack_all(got).await;
+    assert_eq!(replica.cli(&["XLEN", &stream_of_w]), "0");
+    // A delayed publish and a dead letter wait too.
+    t.publish("w", b"later", 60_000).await.expect("replicated");
+    assert_eq!(replica.cli(&["ZCARD", &keys.delayed()]), "1");
+    t.dead_letter(b"poison", "malformed", "test")
+        .await
+        .expect("replicated");
+    assert_eq!(replica.cli(&["XLEN", &keys.dead()]), "1");
+
+    // Without the replica, a publish is not accepted, after the wait.
+    drop(replica);
+    let sent = Instant::now();
+    let refused = t
+        .publish("w", b"w1", 0)
+        .await
+        .expect_err("no replica acknowledged it");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(
+        matches!(&refused, skald::transport::TransportError::NotAccepted(why)
+            if why.contains("only 0 of the 1 replicas")),
+        "{refused}"
+    );
+    let judged = t.durability().await;
+    assert!(
+        matches!(&judged, Durability::AtRisk(why) if why.contains("1 but 0 replicas")),
+        "{judged:?}"
+    );
+    t.close().await;
+}
+
+/// A wrong password is a configuration error, not an outage: connecting fails at once
+/// with `Refused`, naming the server and what to change; so does a missing one.
+#[actix_rt::test]
+async fn on_redis_a_wrong_or_missing_password_is_refused_at_once() {
+    let server = RedisServer::start_with(&["--requirepass", "right"]);
+    let url = |auth: &str| format!("redis://{auth}127.0.0.1:{}", server.port());
+    for (auth, fix) in [
+        (":wrong@", "check the user name and password in REDIS_URL"),
+        (
+            "nobody:right@",
+            "check the user name and password in REDIS_URL",
+        ),
+        ("", "the server requires a password"),
+    ] {
+        let config = redis_config(url(auth), &[]);
+        let started = Instant::now();
+        let refused = RedisTransport::connect(&config, Endpoint::Orchestrator)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{auth:?} is refused"));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not waited for: {:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(&refused, skald::transport::TransportError::Refused(_)),
+            "{auth:?}: {refused:?}"
+        );
+        let said = refused.to_string();
+        let server_named = format!("Redis at 127.0.0.1:{}", server.port());
+        assert!(
+            said.starts_with("the transport refuses skald's configuration: ")
+                && said.contains(&server_named)
+                && said.contains(fix),
+            "{auth:?}: {said}"
+        );
+        assert!(!said.contains("right"), "the password is not shown: {said}");
+    }
+    let config = redis_config(url(":right@"), &[]);
+    let t = RedisTransport::connect(&config, Endpoint::Orchestrator)
+        .await
+        .expect("the right password connects");
+    t.close().await;
+}
+
+/// `skald run` with a wrong Redis password exits at once with status 1 and one line
+/// saying what to change, instead of waiting out `SKALD_STARTUP_TIMEOUT_MS`.
+#[actix_rt::test]
+async fn skald_run_stops_at_once_when_redis_refuses_its_password() {
+    let server = RedisServer::start_with(&["--requirepass", "right"]);
+    let env = TestEnv::new(test_sagas()).await;
+    let started = Instant::now();
+    let mut child = env
+        .skald(&["run"])
+        .env("SKALD_TRANSPORT", "redis")
+        .env(
+            "REDIS_URL",
+            format!("redis://:wrong@127.0.0.1:{}", server.port()),
+        )
+        .env("SKALD_STARTUP_TIMEOUT_MS", "60000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn skald run");
+    let status = crate::helpers::wait_child(&mut child, Duration::from_secs(30));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        !stderr.contains("not reachable yet"),
+        "not waited on: {stderr}"
+    );
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("the transport refuses skald's configuration"))
+        .unwrap_or_else(|| panic!("the refusal is said: {stderr}"));
+    assert!(line.contains("password in REDIS_URL"), "{line}");
+    env.cleanup().await;
 }

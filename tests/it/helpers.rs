@@ -148,6 +148,7 @@ impl TestEnv {
                 RedisServer::url,
             ),
             redis_lease: Duration::from_secs(2),
+            redis_wait: Default::default(),
             sagas_dir,
             namespace: name.clone(),
             partitions: 4,

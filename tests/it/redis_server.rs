@@ -13,21 +13,63 @@ pub struct RedisServer {
     child: Child,
     port: u16,
     dir: PathBuf,
+    /// Settings on top of the durable defaults (`--requirepass`, `--replicaof`…).
+    extra: Vec<String>,
+    /// The password `redis-cli` gives (`--requirepass`).
+    password: Option<String>,
 }
 
 impl RedisServer {
     /// Starts one and waits until it answers.
     pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// [`RedisServer::start`] with more `redis-server` settings, e.g.
+    /// `["--requirepass", "secret"]` (which `cli` then gives).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let dir = std::env::temp_dir().join(format!("skald-it-redis-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("redis data directory");
-        let child = spawn(port, &dir);
-        let server = RedisServer { child, port, dir };
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let password = extra
+            .iter()
+            .position(|a| a == "--requirepass")
+            .and_then(|i| extra.get(i + 1).cloned());
+        let child = spawn(port, &dir, &extra);
+        let server = RedisServer {
+            child,
+            port,
+            dir,
+            extra,
+            password,
+        };
         server.wait_ready();
         server
+    }
+
+    /// A replica of this server (`--replicaof`), started once it has caught up with
+    /// it (`master_link_status:up`).
+    pub fn replica(&self) -> RedisServer {
+        let port = self.port.to_string();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !replica
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+        {
+            assert!(Instant::now() < deadline, "the replica did not catch up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        replica
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Its URL, for `REDIS_URL`.
@@ -40,17 +82,18 @@ impl RedisServer {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn(self.port, &self.dir);
+        self.child = spawn(self.port, &self.dir, &self.extra);
         self.wait_ready();
     }
 
     /// Runs `redis-cli` against it with `args`; its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
+        let mut cli = Command::new("redis-cli");
+        cli.args(["-p", &self.port.to_string()]);
+        if let Some(password) = &self.password {
+            cli.args(["-a", password, "--no-auth-warning"]);
+        }
+        let out = cli.args(args).output().expect("redis-cli runs");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -67,7 +110,7 @@ impl RedisServer {
     }
 }
 
-fn spawn(port: u16, dir: &std::path::Path) -> Child {
+fn spawn(port: u16, dir: &std::path::Path, extra: &[String]) -> Child {
     Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args([
@@ -80,6 +123,7 @@ fn spawn(port: u16, dir: &std::path::Path) -> Child {
         ])
         .arg("--dir")
         .arg(dir)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

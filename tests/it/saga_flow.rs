@@ -191,7 +191,6 @@ mod two_thousand_sagas_over_fifty_aggregates_complete_in_publish_order_per_aggre
     }
 
     #[actix_rt::test]
-    #[ignore = "known issue on Redis: 1 of 2,000 instances once stayed unfinished (issue #12 note)"]
     async fn redis() {
         super::two_thousand_sagas_over_fifty_aggregates_complete_in_publish_order_per_aggregate(
             TransportKind::Redis,

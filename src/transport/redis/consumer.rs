@@ -2,7 +2,6 @@
 //! holds (renewed by a keeper task), the reader that turns their streams into
 //! deliveries (a dead owner's pending entries first), and the fenced ack.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +12,9 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::keys::{GROUP, Keys};
+use super::leases::Leases;
 use super::scripts::{ACK, LEASE, MOVE_DUE};
+use super::writer::Writer;
 use crate::transport::{Acknowledge, Delivery, TransportError};
 
 /// How long one blocking read waits for new entries; also the delay mover's period.
@@ -23,17 +24,6 @@ const READ_MARGIN: Duration = Duration::from_millis(50);
 /// Entries read or claimed at once, at most.
 const BATCH: usize = 64;
 
-/// A lease this process holds.
-#[derive(Debug, Clone, Copy)]
-struct Held {
-    /// Past this instant (local clock) the lease may have expired on the server: the
-    /// partition is not read until a renewal succeeds.
-    valid_until: Instant,
-    /// The pending entries of the previous owner (or of this process's previous
-    /// session) were claimed and handed out: new entries may be read.
-    claimed: bool,
-}
-
 /// What the keeper, the reader and the transport share.
 pub(super) struct Shared {
     pub keys: Keys,
@@ -41,7 +31,7 @@ pub(super) struct Shared {
     pub token: String,
     pub lease: Duration,
     pub stagger: Duration,
-    held: std::sync::Mutex<BTreeMap<u16, Held>>,
+    leases: std::sync::Mutex<Leases>,
     /// A consume session runs: take free partitions and read.
     pub consuming: AtomicBool,
     /// Bumped by every `consume`, so that an older reader stops.
@@ -63,72 +53,42 @@ impl Shared {
             token,
             lease,
             stagger,
-            held: Default::default(),
+            leases: Default::default(),
             consuming: AtomicBool::new(false),
             session: AtomicU64::new(0),
             permits: Arc::new(Semaphore::new(usize::from(prefetch.max(1)))),
         }
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, Held>> {
-        self.held.lock().expect("leases lock")
+    fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
+        self.leases.lock().expect("leases lock")
     }
 
     /// The partitions whose lease this process holds.
     pub fn held_partitions(&self) -> Vec<u16> {
-        self.held().keys().copied().collect()
+        self.leases().held()
     }
 
     /// Forgets every lease (after releasing them, or when abandoning them).
     pub fn forget_all(&self) {
-        self.held().clear();
+        self.leases().forget_all();
     }
 
     /// A new session re-claims what the previous one left pending.
     pub fn reclaim_all(&self) {
-        for h in self.held().values_mut() {
-            h.claimed = false;
-        }
+        self.leases().claim_all_again();
     }
 
     fn renewed(&self, i: u16, at: Instant, acquired: bool) {
         // Measured from before the request: the server's expiry is later than this.
         let valid_until = at + self.lease - self.lease / 10;
-        let mut held = self.held();
-        let h = held.entry(i).or_insert(Held {
-            valid_until,
-            claimed: false,
-        });
-        h.valid_until = valid_until;
-        if acquired {
-            h.claimed = false;
-        }
-    }
-
-    fn unclaimed(&self) -> Vec<u16> {
-        let now = Instant::now();
-        self.held()
-            .iter()
-            .filter(|(_, h)| !h.claimed && h.valid_until > now)
-            .map(|(&i, _)| i)
-            .collect()
+        self.leases().renewed(i, valid_until, acquired);
     }
 
     fn readable(&self) -> Vec<u16> {
         // A blocking read ends before the lease could expire: what it takes is never
         // taken after another consumer claimed the partition's pending entries.
-        let until = Instant::now() + POLL + READ_MARGIN;
-        self.held()
-            .iter()
-            .filter(|(_, h)| h.claimed && h.valid_until > until)
-            .map(|(&i, _)| i)
-            .collect()
-    }
-
-    fn mark_claimed(&self, i: u16) {
-        if let Some(h) = self.held().get_mut(&i) {
-            h.claimed = true;
-        }
+        self.leases().readable(Instant::now() + POLL + READ_MARGIN)
     }
 }
 
@@ -154,7 +114,7 @@ pub(super) async fn keep_leases(shared: Arc<Shared>, mut conn: ConnectionManager
         let first = fastrand::u16(..n);
         for j in 0..n {
             let i = (first + j) % n;
-            let held = shared.held().contains_key(&i);
+            let held = shared.leases().holds(i);
             let may_acquire = shared.consuming.load(Ordering::SeqCst)
                 && (shared.stagger.is_zero() || last_acquired.is_none_or(|t| t.elapsed() >= gap));
             if !held && !may_acquire {
@@ -178,7 +138,7 @@ pub(super) async fn keep_leases(shared: Arc<Shared>, mut conn: ConnectionManager
                 }
                 Ok(_) => {
                     if held {
-                        shared.held().remove(&i);
+                        shared.leases().lost(i);
                         tracing::warn!(
                             partition = i,
                             "lost the lease of a Redis partition to another consumer"
@@ -206,8 +166,10 @@ pub(super) struct Reader {
     pub session: u64,
     /// Blocking reads only: a blocked connection would hold up other commands.
     pub reading: MultiplexedConnection,
-    /// Acks, delay moves.
+    /// Claims, delay moves.
     pub conn: ConnectionManager,
+    /// Acks (which wait for replicas when configured).
+    pub writer: Writer,
     pub tx: mpsc::UnboundedSender<Delivery>,
 }
 
@@ -228,8 +190,9 @@ impl Reader {
     }
 
     async fn step(&mut self) -> redis::RedisResult<()> {
-        for i in self.shared.unclaimed() {
-            self.claim(i).await?;
+        let to_claim = self.shared.leases().to_claim(Instant::now());
+        for (i, ticket) in to_claim {
+            self.claim(i, ticket).await?;
         }
         let moved: i64 = MOVE_DUE
             .key(self.shared.keys.delayed())
@@ -290,8 +253,9 @@ impl Reader {
 
     /// Takes over every entry pending in partition `i`'s group — whoever it was
     /// delivered to: holding the lease proves that consumer is gone or fenced — and
-    /// hands them out in stream order, flagged redelivered.
-    async fn claim(&mut self, i: u16) -> redis::RedisResult<()> {
+    /// hands out, in stream order and flagged redelivered, those not in hand here
+    /// already. `ticket` is the claim's, from [`Leases::to_claim`].
+    async fn claim(&mut self, i: u16, ticket: u64) -> redis::RedisResult<()> {
         let stream = self.shared.keys.stream(i);
         let mut cursor = "0-0".to_string();
         loop {
@@ -306,6 +270,10 @@ impl Reader {
                 .query_async(&mut self.conn)
                 .await?;
             for entry in reply.claimed {
+                if self.shared.leases().in_hand(i, &entry.id) {
+                    // Its delivery lives here and settles it: acked, or claimed again.
+                    continue;
+                }
                 let Some(permit) = self.one_permit().await else {
                     return Ok(());
                 };
@@ -316,7 +284,7 @@ impl Reader {
             }
             cursor = reply.next_stream_id;
         }
-        self.shared.mark_claimed(i);
+        self.shared.leases().claimed(i, ticket);
         Ok(())
     }
 
@@ -350,13 +318,19 @@ impl Reader {
         // An entry skald did not write has no body field: delivered empty, it is
         // dead-lettered as malformed rather than left pending.
         let body: Vec<u8> = entry.get("b").unwrap_or_default();
+        self.shared.leases().handed_out(i, &entry.id);
         let acker = RedisAcker {
-            conn: self.conn.clone(),
+            writer: self.writer.clone(),
             lease: self.shared.keys.lease(i),
             stream: self.shared.keys.stream(i),
             token: self.shared.token.clone(),
-            id: entry.id,
-            _permit: permit,
+            in_hand: InHand {
+                shared: self.shared.clone(),
+                partition: i,
+                id: entry.id,
+                acked: false,
+                _permit: permit,
+            },
         };
         let _ = self
             .tx
@@ -364,38 +338,55 @@ impl Reader {
     }
 }
 
-/// Acks one stream entry, fenced by its partition's lease (see [`ACK`]). Holds a
-/// prefetch permit until acked or dropped.
+/// An entry handed out: holds a prefetch permit until settled, and settles it when
+/// dropped — acked, or not, and then its partition is claimed again so that the entry,
+/// still pending, is delivered again.
+struct InHand {
+    shared: Arc<Shared>,
+    partition: u16,
+    id: String,
+    acked: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for InHand {
+    fn drop(&mut self) {
+        self.shared
+            .leases()
+            .settled(self.partition, &self.id, self.acked);
+    }
+}
+
+/// Acks one stream entry, fenced by its partition's lease (see [`ACK`]).
 struct RedisAcker {
-    conn: ConnectionManager,
+    writer: Writer,
     lease: String,
     stream: String,
     token: String,
-    id: String,
-    _permit: OwnedSemaphorePermit,
+    in_hand: InHand,
 }
 
 impl Acknowledge for RedisAcker {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
-            let acked: redis::RedisResult<i64> = ACK
-                .key(&self.lease)
-                .key(&self.stream)
-                .arg(&self.token)
+            let mut this = *self;
+            let mut invocation = ACK.prepare_invoke();
+            invocation
+                .key(&this.lease)
+                .key(&this.stream)
+                .arg(&this.token)
                 .arg(GROUP)
-                .arg(&self.id)
-                .invoke_async(&mut conn)
-                .await;
-            match acked {
-                Ok(_) => Ok(()),
-                Err(e) if e.code() == Some("LEASE") => Err(TransportError::NotAccepted(format!(
-                    "{} is no longer this process's: another consumer holds its lease and \
-                     redelivers entry {}",
-                    self.stream, self.id
-                ))),
-                Err(e) => Err(TransportError::Connection(e.to_string())),
+                .arg(&this.in_hand.id);
+            let acked: i64 = this.writer.script(&ACK, &invocation).await?;
+            if acked == 1 {
+                this.in_hand.acked = true;
+                return Ok(());
             }
+            Err(TransportError::NotAccepted(format!(
+                "{} is not this process's now: its lease is held by another consumer or \
+                 lapsed, so entry {} stays pending and is delivered again",
+                this.stream, this.in_hand.id
+            )))
         })
     }
 }

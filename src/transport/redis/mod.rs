@@ -13,7 +13,13 @@
 //! **Publish.** `XADD`, confirmed by its reply. Redis replies before the write is on
 //! disk unless the server runs with `appendonly yes` and `appendfsync always`: with
 //! other settings an acknowledged message can be lost when Redis restarts, and
-//! [`RedisTransport::connect`] logs a warning saying so.
+//! [`RedisTransport::connect`] logs a warning saying so — unless every write waits
+//! for replicas (`SKALD_REDIS_WAIT_REPLICAS`: `WAIT` after each publish, delayed
+//! publish, dead letter and ack, on a connection of its own; too few replicas in
+//! `SKALD_REDIS_WAIT_MS` and the write fails as not accepted, see `writer`).
+//!
+//! **Start-up.** A refused password, a missing one or a missing ACL permission is
+//! [`TransportError::Refused`] at once, naming the server and what to change.
 //!
 //! **Partitions, leases, failover.** A process reads a partition only while it holds
 //! the partition's lease (`SET NX PX` with a random token, renewed every third of
@@ -24,7 +30,9 @@
 //! gone), hands those out in order, flagged redelivered, and only then reads new
 //! entries (`>`). Acks are fenced: a Lua script acks (`XACK`, then `XDEL`, so
 //! acknowledged entries do not pile up) only if the acking process still holds the
-//! lease, so a stale owner cannot ack what the new owner now handles. A graceful
+//! lease, so a stale owner cannot ack what the new owner now handles. An entry handed
+//! out and not acked (refused in a lease blip, failed, dropped) is still pending: its
+//! partition is claimed again, so it is delivered again (see `leases`). A graceful
 //! `close` releases the leases so that another process takes over at once.
 //!
 //! **Delays.** A delayed message is added to `P:delayed`, scored by the server's clock
@@ -37,7 +45,9 @@
 mod consumer;
 pub mod durability;
 pub mod keys;
+mod leases;
 mod scripts;
+mod writer;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -53,8 +63,9 @@ use tokio::sync::mpsc;
 use self::consumer::{Reader, Shared};
 use self::durability::Durability;
 use self::keys::{GROUP, Keys};
+use self::writer::Writer;
 use super::{Delivery, Endpoint, Transport, TransportError};
-use crate::config::Config;
+use crate::config::{Config, RedisWait};
 
 /// How long one Redis command may take before it counts as failed (a script or an
 /// `XADD` fsynced with `appendfsync always` on a busy disk can take a while).
@@ -64,12 +75,51 @@ fn conn_err(e: redis::RedisError) -> TransportError {
     TransportError::Connection(e.to_string())
 }
 
+/// An error while connecting and creating the consumer groups: a refusal of skald's
+/// credentials or permissions is [`TransportError::Refused`] (waiting does not fix
+/// it), anything else a connection error. `server` names the server, without the
+/// password.
+fn setup_err(server: &str, e: redis::RedisError) -> TransportError {
+    match refusal_fix(e.kind(), e.code()) {
+        Some(fix) => TransportError::Refused(format!("Redis at {server} answered {e}; {fix}")),
+        None => conn_err(e),
+    }
+}
+
+/// What to change when Redis refuses skald's login or commands (`kind`, and `code`:
+/// the server error's first word); `None` for errors that waiting may fix.
+fn refusal_fix(kind: redis::ErrorKind, code: Option<&str>) -> Option<&'static str> {
+    if kind == redis::ErrorKind::AuthenticationFailed || code == Some("WRONGPASS") {
+        return Some(
+            "check the user name and password in REDIS_URL \
+             (redis://[user]:password@host[:port][/db]; without a user name Redis checks \
+             the password of its `default` user)",
+        );
+    }
+    match code {
+        Some("NOAUTH") => Some(
+            "the server requires a password: put it in REDIS_URL \
+             (redis://[user]:password@host[:port][/db])",
+        ),
+        Some("NOPERM") => Some(
+            "REDIS_URL's user lacks an ACL permission skald needs: allow it the stream, \
+             sorted-set, string, scripting and CONFIG/INFO commands on the namespace's keys \
+             (ACL SETUSER … ~{NS}:* +@stream +@sortedset +@string +@scripting +config|get \
+             +info +wait +ping +client|id), or use another user",
+        ),
+        _ => None,
+    }
+}
+
 /// skald's Redis transport for one home endpoint: a multiplexed connection (renewed
 /// when lost) for every short command, and a connection of its own per consume
 /// session for blocking reads.
 pub struct RedisTransport {
     client: redis::Client,
     conn: ConnectionManager,
+    /// Publishes, dead letters and acks: `conn`, or with `WAIT` a connection of its own.
+    writer: Writer,
+    wait: RedisWait,
     namespace: String,
     partitions: u16,
     shared: Arc<Shared>,
@@ -91,17 +141,28 @@ impl RedisTransport {
         home: Endpoint,
     ) -> Result<Arc<RedisTransport>, TransportError> {
         let client = redis::Client::open(config.redis_url.as_str()).map_err(conn_err)?;
+        let server = client.get_connection_info().addr().to_string();
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(3);
-        let conn = ConnectionManager::new_with_config(client.clone(), manager)
+        let conn = ConnectionManager::new_with_config(client.clone(), manager.clone())
             .await
-            .map_err(conn_err)?;
+            .map_err(|e| setup_err(&server, e))?;
+        // `WAIT` blocks its connection: the leases are renewed on another one.
+        let writes = if config.redis_wait.enabled() {
+            ConnectionManager::new_with_config(client.clone(), manager)
+                .await
+                .map_err(|e| setup_err(&server, e))?
+        } else {
+            conn.clone()
+        };
         let keys = Keys::new(&config.namespace, &home, config.partitions);
         let token = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
         let transport = RedisTransport {
             client,
             conn,
+            writer: Writer::new(writes, config.redis_wait),
+            wait: config.redis_wait,
             namespace: config.namespace.clone(),
             partitions: config.partitions,
             shared: Arc::new(Shared::new(
@@ -116,7 +177,10 @@ impl RedisTransport {
             readers: Default::default(),
             reader: Default::default(),
         };
-        transport.ensure_groups(&home).await?;
+        transport
+            .ensure_groups(&home)
+            .await
+            .map_err(|e| setup_err(&server, e))?;
         match transport.durability().await {
             Durability::Kept => {}
             Durability::AtRisk(why) => tracing::warn!(
@@ -124,14 +188,15 @@ impl RedisTransport {
             ),
             Durability::Unknown(why) => tracing::warn!(
                 "could not check whether Redis keeps the messages it acknowledged ({why}); \
-                 it does only with appendonly yes, appendfsync always and maxmemory-policy \
-                 noeviction"
+                 it does only with appendonly yes and appendfsync always (or replicas and \
+                 SKALD_REDIS_WAIT_REPLICAS), and maxmemory-policy noeviction"
             ),
         }
         Ok(Arc::new(transport))
     }
 
-    /// What the server's persistence settings promise (`CONFIG GET`).
+    /// What the server's persistence settings (`CONFIG GET`) and, with `WAIT`, its
+    /// connected replicas (`INFO replication`) promise.
     pub async fn durability(&self) -> Durability {
         let mut conn = self.conn.clone();
         let read: redis::RedisResult<std::collections::HashMap<String, String>> =
@@ -142,11 +207,25 @@ impl RedisTransport {
                 .arg("maxmemory-policy")
                 .query_async(&mut conn)
                 .await;
+        let replicas = if self.wait.enabled() {
+            let info: redis::RedisResult<String> = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut conn)
+                .await;
+            info.ok()
+                .and_then(|text| durability::connected_replicas(&text))
+        } else {
+            None
+        };
         match read {
             Ok(settings) => durability::judge(
-                settings.get("appendonly").map(String::as_str),
-                settings.get("appendfsync").map(String::as_str),
-                settings.get("maxmemory-policy").map(String::as_str),
+                &durability::Settings {
+                    appendonly: settings.get("appendonly").map(String::as_str),
+                    appendfsync: settings.get("appendfsync").map(String::as_str),
+                    maxmemory_policy: settings.get("maxmemory-policy").map(String::as_str),
+                },
+                self.wait.replicas,
+                replicas,
             ),
             Err(e) => Durability::Unknown(format!("CONFIG GET failed: {e}")),
         }
@@ -159,7 +238,7 @@ impl RedisTransport {
 
     /// Creates `endpoint`'s partition streams and their consumer group, reading from
     /// the start, so that entries added before the first consumer are kept for it.
-    async fn ensure_groups(&self, endpoint: &Endpoint) -> Result<(), TransportError> {
+    async fn ensure_groups(&self, endpoint: &Endpoint) -> Result<(), redis::RedisError> {
         if self.ready.lock().expect("ready lock").contains(endpoint) {
             return Ok(());
         }
@@ -175,7 +254,7 @@ impl RedisTransport {
                 .query_async(&mut conn)
                 .await;
             match created {
-                Err(e) if e.code() != Some("BUSYGROUP") => return Err(conn_err(e)),
+                Err(e) if e.code() != Some("BUSYGROUP") => return Err(e),
                 _ => {}
             }
         }
@@ -187,17 +266,14 @@ impl RedisTransport {
     }
 
     async fn add(&self, keys: &Keys, key: &str, body: &[u8]) -> Result<(), TransportError> {
-        let mut conn = self.conn.clone();
-        let _id: String = redis::cmd("XADD")
-            .arg(keys.stream(keys.partition_of(key)))
+        let mut add = redis::cmd("XADD");
+        add.arg(keys.stream(keys.partition_of(key)))
             .arg("*")
             .arg("k")
             .arg(key)
             .arg("b")
-            .arg(body)
-            .query_async(&mut conn)
-            .await
-            .map_err(conn_err)?;
+            .arg(body);
+        let _id: String = self.writer.write(add).await?;
         Ok(())
     }
 
@@ -300,7 +376,7 @@ impl Transport for RedisTransport {
         body: &'a [u8],
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
-            self.ensure_groups(to).await?;
+            self.ensure_groups(to).await.map_err(conn_err)?;
             self.add(&self.keys(to), key, body).await
         })
     }
@@ -316,17 +392,15 @@ impl Transport for RedisTransport {
             if delay_ms == 0 {
                 return self.add(keys, key, body).await;
             }
-            let mut conn = self.conn.clone();
-            let _due: i64 = scripts::SCHEDULE
+            let mut schedule = scripts::SCHEDULE.prepare_invoke();
+            schedule
                 .key(keys.delayed())
                 .arg(delay_ms)
                 .arg(keys.partition_of(key))
                 .arg(key)
                 .arg(body)
-                .arg(uuid::Uuid::new_v4().simple().to_string())
-                .invoke_async(&mut conn)
-                .await
-                .map_err(conn_err)?;
+                .arg(uuid::Uuid::new_v4().simple().to_string());
+            let _due: i64 = self.writer.script(&scripts::SCHEDULE, &schedule).await?;
             Ok(())
         })
     }
@@ -338,9 +412,8 @@ impl Transport for RedisTransport {
         reason: &'a str,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
-            let _id: String = redis::cmd("XADD")
-                .arg(self.shared.keys.dead())
+            let mut add = redis::cmd("XADD");
+            add.arg(self.shared.keys.dead())
                 .arg("*")
                 .arg("b")
                 .arg(body)
@@ -349,10 +422,8 @@ impl Transport for RedisTransport {
                 .arg("reason")
                 .arg(reason)
                 .arg("at")
-                .arg(chrono::Utc::now().to_rfc3339())
-                .query_async(&mut conn)
-                .await
-                .map_err(conn_err)?;
+                .arg(chrono::Utc::now().to_rfc3339());
+            let _id: String = self.writer.write(add).await?;
             Ok(())
         })
     }
@@ -390,6 +461,7 @@ impl Transport for RedisTransport {
                     session,
                     reading,
                     conn: self.conn.clone(),
+                    writer: self.writer.clone(),
                     tx,
                 }
                 .run(),

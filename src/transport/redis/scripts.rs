@@ -10,12 +10,14 @@ use redis::Script;
 /// token holds the lease may ack; the entry is then removed from the group's pending
 /// list and deleted from the stream (so acknowledged entries do not accumulate).
 ///
-/// KEYS: lease, stream. ARGV: token, group, entry id. Returns 1, or the error `LEASE`.
+/// KEYS: lease, stream. ARGV: token, group, entry id. Returns 1 acked, 0 refused (the
+/// lease is not this token's: nothing changed). A refusal is a reply, not an error, so
+/// that it reads the same when a `WAIT` follows in the pipeline.
 pub static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('LEASE the partition lease is held by another consumer')
+  return 0
 end
 redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
 redis.call('XDEL', KEYS[2], ARGV[3])
