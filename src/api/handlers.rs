@@ -192,7 +192,8 @@ pub async fn list_instances(
 }
 
 /// One instance: payload, outputs, timeline (every attempt with its error,
-/// compensations, skipped and stale messages, what each sent), dead letters.
+/// compensations, skipped and stale messages, what each sent), dead letters, and its
+/// commands with what each service recorded of them (`service_side`).
 #[utoipa::path(
     tag = "instances",
     params(("id" = Uuid, Path, description = "The instance id")),
@@ -206,7 +207,9 @@ pub async fn instance_detail(
     state: web::Data<ApiState>,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse> {
-    Ok(HttpResponse::Ok().json(views::instance_document(&state.store, *id).await?))
+    let mut document = views::instance_document(&state.store, *id).await?;
+    super::services::add_service_sides(&state.services, &mut document).await;
+    Ok(HttpResponse::Ok().json(document))
 }
 
 /// The commands an instance's command steps sent, and the replies received for it.
@@ -440,7 +443,7 @@ pub async fn dead_letter_detail(
 }
 
 /// Who acts: `by` from the body, else the `X-Skald-Operator` header, else `api`.
-fn operator(req: &HttpRequest, by: Option<String>) -> String {
+pub(super) fn operator(req: &HttpRequest, by: Option<String>) -> String {
     by.or_else(|| {
         req.headers()
             .get("x-skald-operator")
@@ -515,9 +518,9 @@ pub async fn replay(
 #[serde(deny_unknown_fields, expecting = "a JSON object")]
 pub struct DiscardRequest {
     /// Why (recorded).
-    note: Option<String>,
+    pub(super) note: Option<String>,
     /// Who discards (default: the `X-Skald-Operator` header, else `api`).
-    by: Option<String>,
+    pub(super) by: Option<String>,
 }
 
 impl Input for DiscardRequest {
@@ -567,7 +570,7 @@ pub async fn discard(
 #[serde(deny_unknown_fields, expecting = "a JSON object")]
 pub struct InstanceActionRequest {
     /// Who acts (default: the `X-Skald-Operator` header, else `api`).
-    by: Option<String>,
+    pub(super) by: Option<String>,
 }
 
 impl Input for InstanceActionRequest {
