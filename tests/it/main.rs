@@ -6,6 +6,7 @@ mod redis_server;
 
 mod api;
 mod api_fuzz;
+mod api_metrics;
 mod api_safety;
 mod api_services;
 mod browser;
