@@ -212,7 +212,8 @@ pub async fn instance_detail(
     Ok(HttpResponse::Ok().json(document))
 }
 
-/// The commands an instance's command steps sent, and the replies received for it.
+/// The commands an instance's command steps sent (each with what its service
+/// recorded of it, `service_side`), and the replies received for it.
 #[utoipa::path(
     tag = "instances",
     params(("id" = Uuid, Path, description = "The instance id")),
@@ -231,7 +232,10 @@ pub async fn instance_commands(
         .instance(*id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no instance {id}")))?;
-    Ok(HttpResponse::Ok().json(views::exchanges(&state.store, *id).await?))
+    let exchanges = views::exchanges(&state.store, *id).await?;
+    let mut document = serde_json::to_value(exchanges).expect("commands serialise");
+    super::services::add_service_sides(&state.services, &mut document).await;
+    Ok(HttpResponse::Ok().json(document))
 }
 
 /// Query of `GET /api/v1/replies`.
