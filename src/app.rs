@@ -157,6 +157,7 @@ impl App {
             engine: self.engine.clone(),
             token: self.config.api_token.clone(),
             loopback: self.http_addr().ip().is_loopback(),
+            services: crate::api::ServiceDatabases::lazy(&self.config.service_databases),
         }
     }
 

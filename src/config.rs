@@ -63,6 +63,91 @@ pub struct Config {
     /// `SKALD_ORPHANED` (or `skald run --orphaned`): what start-up does with live
     /// instances of a saga version no longer loaded (default: refuse to start).
     pub orphaned: Orphaned,
+    /// `SKALD_SERVICE_DATABASES`: where participant services keep their own
+    /// databases (`service=postgres://…`, comma-separated), so the API and dashboard
+    /// can show, replay and discard the services' dead letters (default: none).
+    pub service_databases: Vec<ServiceDatabase>,
+}
+
+/// One participant service's database, from `SKALD_SERVICE_DATABASES`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServiceDatabase {
+    /// The service's name (as in its command steps and its queues).
+    pub service: String,
+    /// Its PostgreSQL URL.
+    pub url: String,
+}
+
+impl std::fmt::Debug for ServiceDatabase {
+    // The URL may carry a password: never in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.service, redact_password(&self.url))
+    }
+}
+
+/// The longest service name `SKALD_SERVICE_DATABASES` accepts (the participant
+/// library's limit).
+pub const MAX_SERVICE_NAME: usize = 64;
+
+/// Reads `SKALD_SERVICE_DATABASES`: `service=url` entries separated by commas
+/// (whitespace around an entry ignored). A name is 1 to 64 of `[A-Za-z0-9_-]` and
+/// appears once; a URL is a `postgres://` or `postgresql://` URL. The error names the
+/// entry (its password masked) and what is wrong with it.
+pub fn parse_service_databases(value: &str) -> Result<Vec<ServiceDatabase>, (String, String)> {
+    let mut all: Vec<ServiceDatabase> = Vec::new();
+    if value.trim().is_empty() {
+        return Ok(all);
+    }
+    for entry in value.split(',').map(str::trim) {
+        let shown = redact_password(entry);
+        let refuse = |reason: String| Err((shown.clone(), reason));
+        let Some((service, url)) = entry.split_once('=') else {
+            return refuse("an entry must be service=postgres://… (no `=` found)".into());
+        };
+        let (service, url) = (service.trim(), url.trim());
+        let name_ok = !service.is_empty()
+            && service.len() <= MAX_SERVICE_NAME
+            && service
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+        if !name_ok {
+            return refuse(format!(
+                "service name {service:?} must be 1 to {MAX_SERVICE_NAME} of [A-Za-z0-9_-]"
+            ));
+        }
+        if all.iter().any(|d| d.service == service) {
+            return refuse(format!("service {service:?} is named twice"));
+        }
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return refuse(format!(
+                "the URL of {service:?} must start with postgres:// or postgresql://"
+            ));
+        }
+        if let Err(e) = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(url) {
+            return refuse(format!("the URL of {service:?} does not parse: {e}"));
+        }
+        all.push(ServiceDatabase {
+            service: service.to_string(),
+            url: url.to_string(),
+        });
+    }
+    Ok(all)
+}
+
+/// `text` with the password of any `scheme://user:password@host` masked as `***`.
+pub fn redact_password(text: &str) -> String {
+    let Some((head, rest)) = text.split_once("://") else {
+        return text.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{head}://{user}:***@{host}{tail}"),
+            None => text.to_string(),
+        },
+        None => text.to_string(),
+    }
 }
 
 /// How many Redis replicas must have a write before skald counts it as done.
@@ -287,7 +372,18 @@ impl Config {
             replicas: number(&lookup, "SKALD_REDIS_WAIT_REPLICAS", 0)?,
             timeout: Duration::from_millis(wait_ms),
         };
+        let service_databases = match lookup("SKALD_SERVICE_DATABASES") {
+            None => Vec::new(),
+            Some(value) => {
+                parse_service_databases(&value).map_err(|(entry, reason)| ConfigError {
+                    name: "SKALD_SERVICE_DATABASES",
+                    value: entry,
+                    reason,
+                })?
+            }
+        };
         Ok(Config {
+            service_databases,
             orphaned,
             redis_wait,
             transport,
@@ -428,5 +524,50 @@ mod tests {
             with(&[("SKALD_ORPHANED", "refuse")]).unwrap().orphaned,
             Orphaned::Refuse
         );
+    }
+
+    #[test]
+    fn service_databases_are_named_urls_and_bad_entries_are_named() {
+        assert!(with(&[]).unwrap().service_databases.is_empty());
+        let c = with(&[(
+            "SKALD_SERVICE_DATABASES",
+            " stock=postgres://u@h/stock , payments=postgresql://u:secret@h:5433/pay",
+        )])
+        .unwrap();
+        let pairs: Vec<(&str, &str)> = c
+            .service_databases
+            .iter()
+            .map(|d| (d.service.as_str(), d.url.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("stock", "postgres://u@h/stock"),
+                ("payments", "postgresql://u:secret@h:5433/pay")
+            ]
+        );
+        assert!(!format!("{c:?}").contains("secret"));
+        for (bad, says) in [
+            ("stock", "no `=` found"),
+            ("=postgres://h/x", "service name \"\""),
+            ("st ock=postgres://h/x", "[A-Za-z0-9_-]"),
+            ("a=postgres://h/a,a=postgres://h/b", "named twice"),
+            ("stock=mysql://h/x", "must start with postgres://"),
+            ("stock=postgres://h/x,", "no `=` found"),
+            ("stock=postgres://h:port/x", "does not parse"),
+        ] {
+            let err = with(&[("SKALD_SERVICE_DATABASES", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("environment variable SKALD_SERVICE_DATABASES="),
+                "{err}"
+            );
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let err = with(&[("SKALD_SERVICE_DATABASES", "s=mysql://u:hunter2@h/x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("u:***@h") && !err.contains("hunter2"), "{err}");
     }
 }

@@ -120,6 +120,8 @@ pub struct Stats {
     pub data_errors: AtomicU64,
     /// Time to handle one message, from the actor taking it to its ack.
     pub step_latency: LatencyHistogram,
+    /// Per-saga, per-step and per-command metrics for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Messages received but not yet acked; graceful shutdown waits for zero.
@@ -813,6 +815,12 @@ impl Engine {
         self.commit(tx, &step.name, requested.phase).await?;
         crate::telemetry::record_attempt(plan.outcome, plan.error.as_deref());
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
+        self.stats.metrics.step_attempt(
+            &saga.name,
+            &step.name,
+            requested.phase.as_str(),
+            plan.error.is_some(),
+        );
         if let Some(error) = &plan.error {
             // Logged only now that it is recorded: a copy's failed re-run is not an attempt.
             tracing::info!(saga = %saga.name, step = %step.name, phase = requested.phase.as_str(),

@@ -90,16 +90,64 @@ async function loadGraph(name) {
   svg.innerHTML = out;
 }
 
+let searchQ = "";
 async function loadInstances() {
-  const q = new URLSearchParams({ limit: "25" });
-  if ($("f-saga").value) q.set("saga", $("f-saga").value);
-  if ($("f-status").value) q.set("status", $("f-status").value);
-  if ($("f-aggregate").value) q.set("aggregate_id", $("f-aggregate").value);
-  const list = await api("/api/v1/instances?" + q);
-  $("instances").tBodies[0].innerHTML = list.items.map((i) =>
-    `<tr class="clickable ${i.id === selected ? "selected" : ""}" data-id="${i.id}"><td>${pill(i.status)}</td><td>${esc(i.saga)}</td>
+  let items;
+  if (searchQ) {
+    // The search box: instances by instance id, aggregate id or message id.
+    const found = await api("/api/v1/search?" + new URLSearchParams({ q: searchQ }));
+    items = found.items.map((f) => ({ ...f.instance, matched: f.matched }));
+    $("search-result").textContent = `${items.length} found for “${found.q}”`;
+  } else {
+    const q = new URLSearchParams({ limit: "25" });
+    if ($("f-saga").value) q.set("saga", $("f-saga").value);
+    if ($("f-status").value) q.set("status", $("f-status").value);
+    if ($("f-aggregate").value) q.set("aggregate_id", $("f-aggregate").value);
+    items = (await api("/api/v1/instances?" + q)).items;
+  }
+  $("instances").tBodies[0].innerHTML = items.map((i) =>
+    `<tr class="clickable ${i.id === selected ? "selected" : ""}" data-id="${i.id}"><td>${pill(i.status)}${i.matched ? ` <span class="muted matched">${esc(i.matched.replace("_", " "))}</span>` : ""}</td><td>${esc(i.saga)}</td>
      <td>${esc(i.aggregate_id)}</td><td>${i.cursor.step} ${esc(i.cursor.phase)} #${i.cursor.attempt}</td><td>${time(i.created_at)}</td></tr>`).join("");
-  for (const tr of $("instances").tBodies[0].rows) tr.onclick = () => { selected = tr.dataset.id; loadDetail(); loadInstances(); };
+  for (const tr of $("instances").tBodies[0].rows) tr.onclick = () => select(tr.dataset.id);
+}
+
+function select(id) {
+  if (selected !== id) $("action-result").textContent = "";
+  selected = id;
+  $("instance-actions").hidden = false;
+  loadDetail(); loadInstances();
+}
+
+async function search(event) {
+  event.preventDefault();
+  searchQ = $("q").value.trim();
+  $("search-clear").hidden = !searchQ;
+  $("search-result").textContent = "";
+  try { await loadInstances(); } catch (e) { $("search-result").textContent = "search refused: " + e.message; }
+}
+
+async function instanceAction(act) {
+  if (!selected) return;
+  try {
+    const r = await api(`/api/v1/instances/${selected}/${act}`, { method: "POST", body: JSON.stringify({ by: "dashboard" }) });
+    $("action-result").textContent = `${act}: ${r.outcome.replace("_", " ")}`;
+    $("action-result").className = "ok-text";
+    await refresh();
+  } catch (e) {
+    $("action-result").textContent = `${act} refused: ${e.message}`;
+    $("action-result").className = "err";
+  }
+}
+
+// What the service recorded of a command: its outcome and every failed try there.
+function serviceSide(c) {
+  const side = c.service_side;
+  if (!side) return `<span class="muted">—</span>`;
+  if (side.unavailable) return `<span class="err">${esc(side.unavailable)}</span>`;
+  const done = side.processed ? `${esc(side.processed.outcome)} after ${side.processed.attempts} tr${side.processed.attempts === 1 ? "y" : "ies"}` : "not finished";
+  const tries = side.failures.map((f) => `<li>try ${f.attempt}${f.retryable ? "" : " (fatal)"}: ${esc(f.error)}</li>`).join("");
+  const letters = side.dead_letters.map((d) => `dead letter ${esc(d.reason_code)} (${esc(d.status)})`).join(", ");
+  return `<div class="service-side">${done}${letters ? ` · <span class="err">${letters}</span>` : ""}${tries ? `<ul class="tries">${tries}</ul>` : ""}</div>`;
 }
 
 async function loadDetail() {
@@ -118,9 +166,9 @@ async function loadDetail() {
   $("detail").innerHTML = `<p>${pill(d.status)} <b>${esc(d.saga)}</b> on <b>${esc(d.aggregate_id)}</b> <span class="muted">${d.id}</span></p>
     <div class="timeline">${rows.join("")}</div>
     ${d.dead_letters.length ? `<p class="err">dead letter: ${esc(d.dead_letters[0].reason)}</p>` : ""}
-    ${(d.commands || []).length ? `<table class="commands"><thead><tr><th>command</th><th>service</th><th>step</th><th>status</th><th>sends</th><th>sent</th><th>answered</th></tr></thead><tbody>
+    ${(d.commands || []).length ? `<table class="commands"><thead><tr><th>command</th><th>service</th><th>step</th><th>status</th><th>sends</th><th>sent</th><th>answered</th><th>at the service</th></tr></thead><tbody>
       ${d.commands.map((c) => `<tr><td>${esc(c.type)}</td><td>${esc(c.service)}</td><td>${esc(c.step_name)} · ${esc(c.phase)} · try ${c.attempt}</td>
-        <td>${esc(c.status)}${c.error ? ` <span class="err">${esc(c.error)}</span>` : ""}</td><td>${c.sends}</td><td>${time(c.sent_at)}</td><td>${c.answered_at ? time(c.answered_at) : ""}</td></tr>`).join("")}
+        <td>${esc(c.status)}${c.error ? ` <span class="err">${esc(c.error)}</span>` : ""}</td><td>${c.sends}</td><td>${time(c.sent_at)}</td><td>${c.answered_at ? time(c.answered_at) : ""}</td><td class="wrap">${serviceSide(c)}</td></tr>`).join("")}
       </tbody></table>` : ""}
     ${(d.replies || []).some((r) => r.disposition !== "applied") ? `<p class="muted">replies not applied: ${d.replies.filter((r) => r.disposition !== "applied").map((r) => `${esc(r.service)} ${esc(r.disposition)} ${time(r.received_at)}`).join(", ")}</p>` : ""}
     <details><summary>payload and outputs</summary><pre>${esc(JSON.stringify({payload: d.payload, outputs: d.outputs}, null, 2))}</pre></details>`;
@@ -144,6 +192,35 @@ async function deadAction(id, act, letter) {
   } catch (e) { alert(act + " failed: " + e.message); }
 }
 
+// The participant services' dead letters (SKALD_SERVICE_DATABASES), beside skald's.
+async function loadServiceDead() {
+  const services = (await api("/api/v1/services")).items;
+  $("service-dead").hidden = !services.length;
+  const rows = [];
+  for (const svc of services) {
+    let list;
+    try { list = await api(`/api/v1/services/${encodeURIComponent(svc.name)}/dead-letters?limit=25`); }
+    catch (e) { rows.push(`<tr><td>${esc(svc.name)}</td><td colspan="7" class="err">${esc(e.message)}</td></tr>`); continue; }
+    for (const d of list.items) {
+      const history = (d.errors || []).map((e) => `<li>try ${e.attempt} ${time(e.at)}: ${esc(e.message)}</li>`).join("");
+      rows.push(`<tr data-service="${esc(svc.name)}" data-id="${d.id}"><td>${esc(svc.name)}</td><td>${pill(d.status)}</td>
+        <td class="wrap">${esc(d.reason_code)}: ${esc(d.reason)}</td><td>${esc(d.type || "")}</td><td>${esc(d.aggregate_id || "")}</td>
+        <td class="wrap">${history ? `<ul class="tries">${history}</ul>` : `<span class="muted">none</span>`}</td><td>${time(d.created_at)}</td>
+        <td>${d.status === "pending" ? `<button class="primary" data-act="replay">replay</button> <button class="danger" data-act="discard">discard</button>` : esc(d.resolved_by || "")}</td></tr>`);
+    }
+  }
+  $("service-letters").tBodies[0].innerHTML = rows.join("");
+  for (const tr of $("service-letters").tBodies[0].rows) for (const b of tr.querySelectorAll("button")) b.onclick = () => serviceDeadAction(tr.dataset.service, tr.dataset.id, b.dataset.act);
+}
+
+async function serviceDeadAction(service, id, act) {
+  try {
+    const r = await api(`/api/v1/services/${encodeURIComponent(service)}/dead-letters/${id}/${act}`, { method: "POST", body: JSON.stringify({ by: "dashboard" }) });
+    $("service-dead-result").textContent = `${service}: ${r.status}`;
+    await refresh();
+  } catch (e) { $("service-dead-result").textContent = `${act} refused: ${e.message}`; }
+}
+
 async function loadGroups() {
   const groups = await api("/api/v1/failure-groups");
   $("groups").tBodies[0].innerHTML = groups.items.map((g) =>
@@ -164,9 +241,12 @@ async function groupAction(id, act) {
 }
 
 async function refresh() {
-  try { await Promise.all([loadHealth(), loadStats(), loadInstances(), loadGroups(), loadDead(), loadDetail()]); }
+  try { await Promise.all([loadHealth(), loadStats(), loadInstances(), loadGroups(), loadDead(), loadServiceDead(), loadDetail()]); }
   catch (e) { $("counts").textContent = "error: " + e.message; }
 }
 for (const id of ["f-saga", "f-status", "f-aggregate"]) $(id).addEventListener("change", loadInstances);
+$("search").addEventListener("submit", search);
+$("search-clear").addEventListener("click", () => { $("q").value = ""; $("search").requestSubmit(); });
+for (const b of $("instance-actions").querySelectorAll("button")) b.addEventListener("click", () => instanceAction(b.dataset.act));
 refresh();
 setInterval(refresh, 2000);

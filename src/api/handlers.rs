@@ -192,7 +192,8 @@ pub async fn list_instances(
 }
 
 /// One instance: payload, outputs, timeline (every attempt with its error,
-/// compensations, skipped and stale messages, what each sent), dead letters.
+/// compensations, skipped and stale messages, what each sent), dead letters, and its
+/// commands with what each service recorded of them (`service_side`).
 #[utoipa::path(
     tag = "instances",
     params(("id" = Uuid, Path, description = "The instance id")),
@@ -206,10 +207,13 @@ pub async fn instance_detail(
     state: web::Data<ApiState>,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse> {
-    Ok(HttpResponse::Ok().json(views::instance_document(&state.store, *id).await?))
+    let mut document = views::instance_document(&state.store, *id).await?;
+    super::services::add_service_sides(&state.services, &mut document).await;
+    Ok(HttpResponse::Ok().json(document))
 }
 
-/// The commands an instance's command steps sent, and the replies received for it.
+/// The commands an instance's command steps sent (each with what its service
+/// recorded of it, `service_side`), and the replies received for it.
 #[utoipa::path(
     tag = "instances",
     params(("id" = Uuid, Path, description = "The instance id")),
@@ -228,7 +232,10 @@ pub async fn instance_commands(
         .instance(*id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no instance {id}")))?;
-    Ok(HttpResponse::Ok().json(views::exchanges(&state.store, *id).await?))
+    let exchanges = views::exchanges(&state.store, *id).await?;
+    let mut document = serde_json::to_value(exchanges).expect("commands serialise");
+    super::services::add_service_sides(&state.services, &mut document).await;
+    Ok(HttpResponse::Ok().json(document))
 }
 
 /// Query of `GET /api/v1/replies`.
@@ -440,7 +447,7 @@ pub async fn dead_letter_detail(
 }
 
 /// Who acts: `by` from the body, else the `X-Skald-Operator` header, else `api`.
-fn operator(req: &HttpRequest, by: Option<String>) -> String {
+pub(super) fn operator(req: &HttpRequest, by: Option<String>) -> String {
     by.or_else(|| {
         req.headers()
             .get("x-skald-operator")
@@ -515,9 +522,9 @@ pub async fn replay(
 #[serde(deny_unknown_fields, expecting = "a JSON object")]
 pub struct DiscardRequest {
     /// Why (recorded).
-    note: Option<String>,
+    pub(super) note: Option<String>,
     /// Who discards (default: the `X-Skald-Operator` header, else `api`).
-    by: Option<String>,
+    pub(super) by: Option<String>,
 }
 
 impl Input for DiscardRequest {
@@ -567,7 +574,7 @@ pub async fn discard(
 #[serde(deny_unknown_fields, expecting = "a JSON object")]
 pub struct InstanceActionRequest {
     /// Who acts (default: the `X-Skald-Operator` header, else `api`).
-    by: Option<String>,
+    pub(super) by: Option<String>,
 }
 
 impl Input for InstanceActionRequest {

@@ -13,6 +13,8 @@ mod input;
 mod metrics;
 pub mod openapi;
 mod page;
+mod search;
+mod services;
 pub mod views;
 
 use std::net::SocketAddr;
@@ -26,6 +28,7 @@ use crate::engine::Engine;
 use crate::store::Store;
 use crate::transport::Transport;
 pub use error::ApiError;
+pub use services::ServiceDatabases;
 
 /// Largest request body accepted (bytes).
 pub const MAX_BODY: usize = 256 * 1024;
@@ -43,6 +46,8 @@ pub struct ApiState {
     pub token: Option<String>,
     /// Whether the server listens on loopback only.
     pub loopback: bool,
+    /// The participant services' databases (`SKALD_SERVICE_DATABASES`).
+    pub services: ServiceDatabases,
 }
 
 /// Refuses a configuration that would expose mutations to the network: a
@@ -166,43 +171,48 @@ fn documented_methods(path: &str, templates: bool) -> Option<&'static str> {
 /// actix route macros give method and path) and makes the OpenAPI document (their
 /// `#[utoipa::path]`), so the document cannot drift from the routes.
 macro_rules! api_routes {
-    ($( $handler:ident ),* $(,)?) => {
+    ($( $module:ident :: $handler:ident ),* $(,)?) => {
         fn register(scope: actix_web::Scope) -> actix_web::Scope {
-            scope $( .service(handlers::$handler) )*
+            scope $( .service($module::$handler) )*
         }
 
         /// The `/api/v1` handlers, by name; each is registered and documented.
         pub const ROUTES: &[&str] = &[ $( stringify!($handler), )* ];
 
         #[derive(utoipa::OpenApi)]
-        #[openapi(paths( $( handlers::$handler ),* ))]
+        #[openapi(paths( $( $module::$handler ),* ))]
         struct ApiDoc;
     };
 }
 
 api_routes! {
-    health,
-    readiness,
-    openapi,
-    list_sagas,
-    saga_detail,
-    list_instances,
-    start,
-    instance_detail,
-    instance_commands,
-    list_replies,
-    retry_now,
-    cancel,
-    resume,
-    list_dead_letters,
-    bulk_replay,
-    dead_letter_detail,
-    replay,
-    discard,
-    list_failure_groups,
-    retry_failure_group,
-    discard_failure_group,
-    stats,
+    handlers::health,
+    handlers::readiness,
+    handlers::openapi,
+    handlers::list_sagas,
+    handlers::saga_detail,
+    handlers::list_instances,
+    handlers::start,
+    search::search,
+    handlers::instance_detail,
+    handlers::instance_commands,
+    handlers::list_replies,
+    handlers::retry_now,
+    handlers::cancel,
+    handlers::resume,
+    handlers::list_dead_letters,
+    handlers::bulk_replay,
+    handlers::dead_letter_detail,
+    handlers::replay,
+    handlers::discard,
+    services::list_services,
+    services::list_service_dead_letters,
+    services::replay_service_dead_letter,
+    services::discard_service_dead_letter,
+    handlers::list_failure_groups,
+    handlers::retry_failure_group,
+    handlers::discard_failure_group,
+    handlers::stats,
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::{Engine, EngineError, Handled, Job, resolve, target_of};
 use crate::envelope::{Envelope, Malformed, Outgoing};
+use crate::metrics::CommandLabels;
 use crate::participant::wire::Reply;
 use crate::saga::command::{self, CommandStatus, LateReason, OnReply, OnTimer, Sent};
 use crate::saga::coordinator::Cursor;
@@ -138,6 +139,9 @@ impl Engine {
         }
         self.commit(tx, &step.name, at.cursor.phase).await?;
         crate::telemetry::record_sent();
+        self.stats
+            .metrics
+            .command_sent(&command_labels(&context.saga, step, action));
         tracing::debug!(service = %action.service, command = %action.kind,
             command_id = %sent.message.message_id, "command sent; waiting for its reply");
         Ok(Handled::Send(sent.outgoing))
@@ -179,9 +183,24 @@ impl Engine {
         let at = attempt_in(job, &locked, instance_id, cursor);
         tracing::info!(service = %reply.service, command_id = %reply.in_reply_to,
             status = status.as_str(), "reply applied");
+        let labels = CommandLabels {
+            saga: locked.context.saga.clone(),
+            step: step.name.clone(),
+            service: locked.service.clone(),
+            r#type: locked.message.kind.clone(),
+        };
+        let first_sent = locked.message.dispatched_at;
         let plan = decide::decide(&at, result, Utc::now(), fastrand::f64());
-        self.finish(tx, job, &at, step, plan, Utc::now(), None)
-            .await
+        let handled = self
+            .finish(tx, job, &at, step, plan, Utc::now(), None)
+            .await?;
+        let m = &self.stats.metrics;
+        m.command_finished(&labels, status.as_str());
+        let latency = first_sent.map_or(Default::default(), |t| {
+            (Utc::now() - t).to_std().unwrap_or_default()
+        });
+        m.reply_applied(&labels, latency);
+        Ok(handled)
     }
 
     /// Records a reply that is not applied — a copy of one applied (a `duplicate`,
@@ -207,6 +226,7 @@ impl Engine {
             .await?;
         tx.commit().await?;
         self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        self.stats.metrics.reply(disposition.as_str());
         tracing::info!(service = %reply.service, command_id = %reply.in_reply_to, ?reason,
             disposition = disposition.as_str(), "reply recorded, not applied");
         Ok(Handled::Send(Vec::new()))
@@ -222,6 +242,9 @@ impl Engine {
             .await
             .map_err(crate::store::StoreError::from)?;
         commands::record_reply(&mut conn, reply, ReplyDisposition::Duplicate).await?;
+        self.stats
+            .metrics
+            .reply(ReplyDisposition::Duplicate.as_str());
         self.resend_copy(reply.message_id).await
     }
 
@@ -258,9 +281,14 @@ impl Engine {
                 }
                 let at = attempt_in(job, &locked, instance_id, cursor);
                 let plan = decide::decide(&at, result, Utc::now(), fastrand::f64());
-                return self
+                let handled = self
                     .finish(tx, job, &at, step, plan, Utc::now(), None)
-                    .await;
+                    .await?;
+                self.stats.metrics.command_finished(
+                    &command_labels(&locked.context.saga, step, action),
+                    CommandStatus::TimedOut.as_str(),
+                );
+                return Ok(handled);
             }
             (OnTimer::Resend { send, note }, Some(locked), Some(state)) => {
                 ((locked, send, note), state)
@@ -295,8 +323,22 @@ impl Engine {
         commands::resent(tx.conn(), id, next).await?;
         self.commit(tx, &step.name, cursor.phase).await?;
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .metrics
+            .command_sent(&command_labels(&context.saga, step, action));
         tracing::info!(service = %action.service, command = %action.kind, send = next, "{note}");
         Ok(Handled::Send(outgoing))
+    }
+}
+
+/// The metric labels of the command `action` of `step` of `saga` (bounded: all
+/// three come from the loaded definitions).
+fn command_labels(saga: &str, step: &StepDef, action: &CommandAction) -> CommandLabels {
+    CommandLabels {
+        saga: saga.to_string(),
+        step: step.name.clone(),
+        service: action.service.clone(),
+        r#type: action.kind.clone(),
     }
 }
 

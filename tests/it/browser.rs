@@ -2,7 +2,8 @@
 //! by playwright-core from `tests/browser/`; `.ci/run` installs both). Given one saga
 //! that completed and one parked as failed, a person sees both, opens the failed
 //! one's timeline, replays its dead letter with the button and sees it complete; and
-//! given instances failing in two groups, a person retries one group with its button.
+//! given instances failing in two groups, a person retries one group with its button;
+//! and a person finds a parked saga with the search box and resumes it with its button.
 
 use std::path::Path;
 use std::process::Command;
@@ -10,8 +11,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use skald::envelope::instance_id_for;
+use uuid::Uuid;
 
-use crate::helpers::{TestEnv, start};
+use crate::helpers::{RunningApp, TestEnv, start};
 
 /// Whether chromium and the driver are installed; CI must have them, elsewhere the
 /// test says how to get them and is skipped.
@@ -57,13 +59,9 @@ fn assert_script_passed(run: &std::process::Output) {
     );
 }
 
-#[actix_rt::test]
-async fn a_person_replays_a_failed_saga_from_the_dashboard() {
-    if !browser_installed() {
-        return;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-
+/// skald on the `failing` fixtures with two sagas ended: `flaky` completed (aggregate
+/// `k-ok`) and `receipt` parked as failed (aggregate `k-bad`); their start ids.
+async fn one_completed_one_parked(root: &Path) -> (TestEnv, RunningApp, Vec<Uuid>) {
     let env = TestEnv::new(root.join("tests/fixtures/failing")).await;
     let app = env.start_app().await;
     let ids = env
@@ -73,6 +71,17 @@ async fn a_person_replays_a_failed_saga_from_the_dashboard() {
         ])
         .await;
     env.wait_for_terminal(2, Duration::from_secs(30)).await;
+    (env, app, ids)
+}
+
+#[actix_rt::test]
+async fn a_person_replays_a_failed_saga_from_the_dashboard() {
+    if !browser_installed() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+
+    let (env, app, ids) = one_completed_one_parked(root).await;
     let failed = instance_id_for(ids[1]);
     let status: String = sqlx::query_scalar("SELECT status FROM skald.instances WHERE id = $1")
         .bind(failed)
@@ -162,5 +171,52 @@ async fn a_person_retries_a_failure_group_from_the_dashboard() {
     assert_script_passed(&run);
     assert_eq!((completed, running), (3, 1));
     assert_eq!(by, vec!["dashboard".to_string()]);
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_person_finds_a_parked_saga_with_the_search_box_and_resumes_it_with_its_button() {
+    if !browser_installed() {
+        return;
+    }
+    // Given one saga completed and one parked, its cause fixed.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (env, app, ids) = one_completed_one_parked(root).await;
+    let failed = instance_id_for(ids[1]);
+    sqlx::query("UPDATE ft.gate SET open = true")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+
+    // When the person searches for it, presses "retry now" (refused: it is parked),
+    // then "resume".
+    let run = run_script(
+        "actions.mjs",
+        vec![
+            ("BASE_URL", format!("http://{}/", app.http_addr)),
+            ("FAILED_ID", failed.to_string()),
+            ("AGGREGATE", "k-bad".into()),
+            ("MESSAGE_ID", ids[1].to_string()),
+        ],
+    )
+    .await;
+    let status: String = sqlx::query_scalar("SELECT status FROM skald.instances WHERE id = $1")
+        .bind(failed)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let actions: Vec<(String, String)> =
+        sqlx::query_as("SELECT action, actor FROM skald.operator_actions ORDER BY at")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    app.stop().await;
+    assert_script_passed(&run);
+    // Then it completed, resumed by the dashboard (the refused retry left no record).
+    assert_eq!(status, "completed");
+    assert_eq!(
+        actions,
+        vec![("resume".to_string(), "dashboard".to_string())]
+    );
     env.cleanup().await;
 }

@@ -162,6 +162,7 @@ impl TestEnv {
             shutdown_timeout: Duration::from_secs(10),
             stuck_after: Duration::from_secs(60),
             orphaned: skald::config::Orphaned::Refuse,
+            service_databases: Vec::new(),
         };
         let store = skald::store::Store::connect(&config.database_url, 1)
             .await

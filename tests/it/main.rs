@@ -6,7 +6,9 @@ mod redis_server;
 
 mod api;
 mod api_fuzz;
+mod api_metrics;
 mod api_safety;
+mod api_services;
 mod browser;
 mod check_steps;
 mod cli;
