@@ -161,6 +161,8 @@ impl TestEnv {
             shutdown_timeout: Duration::from_secs(10),
             stuck_after: Duration::from_secs(60),
             orphaned: skald::config::Orphaned::Refuse,
+            // Batching on, as by default: every scenario runs with it.
+            batching: Default::default(),
         };
         let store = skald::store::Store::connect(&config.database_url, 1)
             .await

@@ -7,6 +7,7 @@ mod redis_server;
 mod api;
 mod api_fuzz;
 mod api_safety;
+mod batching;
 mod browser;
 mod check_steps;
 mod cli;
