@@ -15,9 +15,9 @@
 //!
 //! Step 1 is shared: steps of different aggregates ready at the same moment run in one
 //! transaction, each undone alone if it fails, and commit together ([`batch`]). When
-//! the transport can settle a delivery inside that transaction (PostgreSQL: the queue
-//! is a table of the same database), steps 2 and 3 happen in it too: the messages to
-//! send are inserted and the delivery deleted before the commit, so a step's consume,
+//! the transport can settle a delivery inside that transaction
+//! ([`Transport::in_transaction`]), steps 2 and 3 happen in it too: the messages to
+//! send are queued and the delivery settled before the commit, so a step's consume,
 //! effect, record, next message and ack are one fact.
 //!
 //! A crash after 1 leaves the delivery unacked: its redelivery finds its inbox row,
