@@ -126,7 +126,8 @@ impl App {
         .await?;
         let engine = Arc::new(
             Engine::new(store.clone(), transport.clone(), catalog, handlers, faults)
-                .with_stuck_after(config.stuck_after),
+                .with_stuck_after(config.stuck_after)
+                .with_batching(config.batching),
         );
         let http = std::net::TcpListener::bind(config.http_addr)
             .map_err(|e| AppError::Api(format!("cannot listen on {}: {e}", config.http_addr)))?;

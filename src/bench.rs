@@ -80,6 +80,10 @@ pub struct BenchArgs {
     /// `command`: also run the command-step sample through the three sample services.
     #[arg(long, value_enum, default_value = "sql")]
     pub steps: StepsMode,
+    /// Start the sagas at this many per second while skald runs, instead of queueing
+    /// them all first: the latency at a given load, not the throughput at full load.
+    #[arg(long)]
+    pub rate: Option<f64>,
 }
 
 /// What one bench run measured.
@@ -118,6 +122,19 @@ pub struct BenchReport {
     pub db_pool: u32,
     /// Prefetch used by each side.
     pub prefetch: u16,
+    /// The sagas' start rate (`--rate`), if they were not all queued first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
+    /// `SKALD_BATCH_MAX` and `SKALD_BATCH_WINDOW_MS` of this process.
+    pub batch_max: usize,
+    /// See `batch_max`.
+    pub batch_window_ms: u64,
+    /// Batch transactions this process committed.
+    pub batches: u64,
+    /// Steps per committed batch, on average.
+    pub mean_batch: f64,
+    /// The most steps one batch held.
+    pub largest_batch: u64,
     /// The command-step run (`--steps command`), on the same number of sagas and
     /// aggregates.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -127,6 +144,10 @@ pub struct BenchReport {
 /// Runs the benchmark and prints its report. Must run inside an actix system.
 pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.sagas > 0, "--sagas must be at least 1");
+    anyhow::ensure!(
+        args.rate.is_none_or(|r| r.is_finite() && r > 0.0),
+        "--rate must be a positive number of sagas per second"
+    );
     let aggregates = args.aggregates.unwrap_or(args.sagas).clamp(1, args.sagas);
     let scratch = format!("skald_bench_{}", Uuid::new_v4().simple());
     let base: PgConnectOptions = config.database_url.parse().context("DATABASE_URL")?;
@@ -157,7 +178,8 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
              steps per process {:?}\n\
              baseline  {:>9.1} msgs/s\n\
              ratio     {:.3} (steps/s over baseline msgs/s)\n\
-             peak RSS  {:.1} MiB (pool {}, prefetch {})",
+             peak RSS  {:.1} MiB (pool {}, prefetch {})\n\
+             batches   {} (mean {:.1} steps, largest {}; max {}, window {} ms)",
             report.transport,
             report.sagas,
             report.aggregates,
@@ -174,6 +196,11 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
             report.peak_rss_mb,
             report.db_pool,
             report.prefetch,
+            report.batches,
+            report.mean_batch,
+            report.largest_batch,
+            report.batch_max,
+            report.batch_window_ms,
         );
         if let Some(c) = &report.command {
             println!(
@@ -201,8 +228,10 @@ async fn measure(
     eprintln!("bench: baseline {baseline:.1} msgs/s over {baseline_messages} messages");
 
     let transport = crate::transport::connect(config, Endpoint::Orchestrator).await?;
-    publish_all(transport.as_ref(), args.sagas, aggregates).await?;
-    transport.close().await;
+    if args.rate.is_none() {
+        publish_all(transport.as_ref(), args.sagas, aggregates, None).await?;
+        transport.close().await;
+    }
 
     let engine = app.engine().clone();
     let pool = app.store().pool().clone();
@@ -217,7 +246,18 @@ async fn measure(
             let _ = stop_rx.await;
         }))
     });
+    let paced = args.rate.map(|rate| {
+        let (sagas, transport) = (args.sagas, transport.clone());
+        tokio::spawn(async move {
+            let published = publish_all(transport.as_ref(), sagas, aggregates, Some(rate)).await;
+            transport.close().await;
+            published
+        })
+    });
     let completed = wait_terminal(&pool, args.sagas as i64, started).await?;
+    if let Some(paced) = paced {
+        paced.await??;
+    }
     let seconds = started.elapsed().as_secs_f64();
     let steps: i64 =
         sqlx::query_scalar("SELECT count(*) FROM skald.inbox WHERE disposition = 'applied'")
@@ -260,6 +300,16 @@ async fn measure(
         peak_rss_mb: peak_rss_mb(),
         db_pool: config.db_pool,
         prefetch: config.prefetch,
+        rate: args.rate,
+        batch_max: config.batching.max,
+        batch_window_ms: config.batching.window.as_millis() as u64,
+        batches: engine.stats().batches.load(Ordering::Relaxed),
+        mean_batch: {
+            let stats = engine.stats();
+            let batches = stats.batches.load(Ordering::Relaxed).max(1);
+            stats.batched_steps.load(Ordering::Relaxed) as f64 / batches as f64
+        },
+        largest_batch: engine.stats().largest_batch.load(Ordering::Relaxed),
         command: None,
     })
 }
@@ -351,10 +401,12 @@ async fn seed(pool: &sqlx::PgPool, aggregates: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Publishes the `sagas` starts: all at once, or paced at `rate` per second.
 async fn publish_all(
     transport: &dyn Transport,
     sagas: usize,
     aggregates: usize,
+    rate: Option<f64>,
 ) -> anyhow::Result<()> {
     let message = |i: usize| {
         let agg = i % aggregates;
@@ -380,8 +432,17 @@ async fn publish_all(
     // Built and confirmed a window at a time, so that the bench's own messages do
     // not count in its peak RSS. Order within one aggregate is kept: a window is
     // published in order on one channel before any of its confirms is awaited.
-    for start in (0..sagas).step_by(1000) {
-        let window: Vec<Outgoing> = (start..(start + 1000).min(sagas)).map(message).collect();
+    // Paced: a window every 20 ms or so, each due when its first start is.
+    let window_size = rate.map_or(1000, |r| ((r / 50.0).ceil() as usize).clamp(1, 1000));
+    let began = Instant::now();
+    for start in (0..sagas).step_by(window_size) {
+        if let Some(rate) = rate {
+            let due = began + Duration::from_secs_f64(start as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let window: Vec<Outgoing> = (start..(start + window_size).min(sagas))
+            .map(message)
+            .collect();
         let mut confirms: FuturesUnordered<_> = window.iter().map(|m| m.send(transport)).collect();
         while let Some(r) = confirms.next().await {
             r?;

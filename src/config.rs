@@ -67,6 +67,10 @@ pub struct Config {
     /// databases (`service=postgres://…`, comma-separated), so the API and dashboard
     /// can show, replay and discard the services' dead letters (default: none).
     pub service_databases: Vec<ServiceDatabase>,
+    /// `SKALD_BATCH_MAX` (1 to 64, default 32) and `SKALD_BATCH_WINDOW_MS` (0 to 1000,
+    /// default 2): steps of different aggregates committed in one transaction at most,
+    /// and how long an open batch waits for more while other steps are in flight.
+    pub batching: crate::engine::BatchConfig,
 }
 
 /// One participant service's database, from `SKALD_SERVICE_DATABASES`.
@@ -352,6 +356,27 @@ impl Config {
                 ),
             });
         }
+        let batch_max: usize =
+            number(&lookup, "SKALD_BATCH_MAX", crate::engine::DEFAULT_BATCH_MAX)?;
+        if !(1..=crate::engine::MAX_BATCH_MAX).contains(&batch_max) {
+            return Err(ConfigError {
+                name: "SKALD_BATCH_MAX",
+                value: batch_max.to_string(),
+                reason: format!("must be 1 to {}", crate::engine::MAX_BATCH_MAX),
+            });
+        }
+        let batch_window: u64 = number(
+            &lookup,
+            "SKALD_BATCH_WINDOW_MS",
+            crate::engine::DEFAULT_BATCH_WINDOW.as_millis() as u64,
+        )?;
+        if batch_window > 1_000 {
+            return Err(ConfigError {
+                name: "SKALD_BATCH_WINDOW_MS",
+                value: batch_window.to_string(),
+                reason: "must be 0 to 1000".into(),
+            });
+        }
         let redis_lease: u64 = number(&lookup, "SKALD_REDIS_LEASE_MS", 10_000)?;
         if redis_lease < 300 {
             return Err(ConfigError {
@@ -384,6 +409,10 @@ impl Config {
         };
         Ok(Config {
             service_databases,
+            batching: crate::engine::BatchConfig {
+                max: batch_max,
+                window: Duration::from_millis(batch_window),
+            },
             orphaned,
             redis_wait,
             transport,
@@ -569,5 +598,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("u:***@h") && !err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn batching_defaults_and_limits() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.batching.max, 32);
+        assert_eq!(c.batching.window, Duration::from_millis(2));
+        let c = with(&[("SKALD_BATCH_MAX", "1"), ("SKALD_BATCH_WINDOW_MS", "0")]).unwrap();
+        assert_eq!((c.batching.max, c.batching.window), (1, Duration::ZERO));
+        assert_eq!(
+            with(&[("SKALD_BATCH_MAX", "65")]).unwrap_err().to_string(),
+            "environment variable SKALD_BATCH_MAX=\"65\" is invalid: must be 1 to 64"
+        );
+        assert!(with(&[("SKALD_BATCH_MAX", "0")]).is_err());
+        assert_eq!(
+            with(&[("SKALD_BATCH_WINDOW_MS", "1001")])
+                .unwrap_err()
+                .to_string(),
+            "environment variable SKALD_BATCH_WINDOW_MS=\"1001\" is invalid: must be 0 to 1000"
+        );
+        assert!(with(&[("SKALD_BATCH_WINDOW_MS", "soon")]).is_err());
     }
 }

@@ -13,6 +13,13 @@
 //! 2. publish those messages, each confirmed by the broker;
 //! 3. ack the delivery.
 //!
+//! Step 1 is shared: steps of different aggregates ready at the same moment run in one
+//! transaction, each undone alone if it fails, and commit together ([`batch`]). When
+//! the transport can settle a delivery inside that transaction
+//! ([`Transport::in_transaction`]), steps 2 and 3 happen in it too: the messages to
+//! send are queued and the delivery settled before the commit, so a step's consume,
+//! effect, record, next message and ack are one fact.
+//!
 //! A crash after 1 leaves the delivery unacked: its redelivery finds its inbox row,
 //! runs nothing, and publishes the recorded messages again (their ids are
 //! deterministic, so the receiver's inbox drops any copy). Infrastructure failures
@@ -27,7 +34,12 @@ use chrono::Utc;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+mod batch;
 mod commands;
+
+pub use batch::{
+    BatchConfig, DEFAULT_BATCH_MAX, DEFAULT_BATCH_WINDOW, MAX_BATCH_MAX, OpenBatch, should_close,
+};
 
 use crate::envelope::{
     Command, Envelope, Malformed, Outgoing, check_aggregate_id, instance_id_for, version_list,
@@ -50,6 +62,7 @@ use crate::store::{
     Disposal, InboxOutcome, NewInstance, Promoted, StepRecord, StepTx, Store, StoreError,
 };
 use crate::transport::{Delivery, Transport, TransportError};
+use batch::Batcher;
 
 /// An infrastructure failure while handling a message: nothing about the message is
 /// wrong, so it is tried again later.
@@ -68,6 +81,13 @@ pub enum EngineError {
     /// left unacked.
     #[error("injected crash")]
     Crashed,
+    /// The batch this step was in could not commit (or could not start): nothing of it
+    /// was kept.
+    #[error("batch transaction: {0}")]
+    Batch(String),
+    /// The step that led this step's batch stopped before handing back its result.
+    #[error("the batch leading this step was dropped")]
+    BatchLost,
 }
 
 /// A message that was read successfully and knows where it belongs.
@@ -122,6 +142,12 @@ pub struct Stats {
     pub step_latency: LatencyHistogram,
     /// Per-saga, per-step and per-command metrics for `/metrics`.
     pub metrics: crate::metrics::Metrics,
+    /// Batch transactions committed.
+    pub batches: AtomicU64,
+    /// Steps in the committed batches (÷ `batches`: the mean batch size).
+    pub batched_steps: AtomicU64,
+    /// The most steps one committed batch held.
+    pub largest_batch: AtomicU64,
 }
 
 /// Messages received but not yet acked; graceful shutdown waits for zero.
@@ -174,6 +200,17 @@ enum Handled {
     Send(Vec<Outgoing>),
     /// The message cannot be processed: dead-letter it with this reason, then ack.
     DeadLetter(&'static str, String),
+    /// Another consumer settled the delivery already (seen inside the step's
+    /// transaction, which was undone): nothing to send, nothing to ack.
+    SettledElsewhere,
+}
+
+/// How a handled delivery is finished.
+enum Finish {
+    /// Ack it (after its messages were published).
+    Ack,
+    /// It was settled inside the step's transaction: only forget it.
+    Forget,
 }
 
 /// Handles messages. Shared by every aggregate actor of a process.
@@ -189,6 +226,7 @@ pub struct Engine {
     consuming: AtomicBool,
     stuck_after: Duration,
     seen: SeenIds,
+    batcher: Batcher,
 }
 
 /// How long a message may be tried again through infrastructure failures before the
@@ -279,7 +317,6 @@ impl Engine {
         faults: Faults,
     ) -> Self {
         Engine {
-            store,
             transport,
             catalog,
             handlers,
@@ -290,7 +327,25 @@ impl Engine {
             consuming: AtomicBool::new(false),
             stuck_after: DEFAULT_STUCK_AFTER,
             seen: SeenIds::default(),
+            batcher: Batcher::new(
+                BatchConfig::default(),
+                store.pool().options().get_max_connections(),
+            ),
+            store,
         }
+    }
+
+    /// Forms batches this way (`SKALD_BATCH_MAX`, `SKALD_BATCH_WINDOW_MS`; the default
+    /// is [`BatchConfig::default`]).
+    pub fn with_batching(mut self, config: BatchConfig) -> Self {
+        let pool_size = self.store.pool().options().get_max_connections();
+        self.batcher = Batcher::new(config, pool_size);
+        self
+    }
+
+    /// How batches are formed.
+    pub fn batching(&self) -> BatchConfig {
+        self.batcher.config()
     }
 
     /// Reports a message as stuck (an error log, the `stuck` gauge, `/ready`'s detail)
@@ -398,10 +453,10 @@ impl Engine {
         let mut tries = 0;
         let mut stuck = false;
         let finished = loop {
-            let e = match self.try_once(&job, delivery.redelivered).await {
-                Ok(()) => break true,
+            let e = match self.try_once(&job, &delivery).await {
+                Ok(finish) => break Some(finish),
                 // The simulated process is gone: the delivery stays unacked.
-                Err(EngineError::Crashed) => break false,
+                Err(EngineError::Crashed) => break None,
                 Err(e) => e,
             };
             if e.is_data_error() {
@@ -410,7 +465,7 @@ impl Engine {
                 self.stats.data_errors.fetch_add(1, Ordering::Relaxed);
                 let reason = format!("PostgreSQL refused the message's data: {e}");
                 match self.park_unprocessable(&job, "data_error", &reason).await {
-                    Ok(()) => break true,
+                    Ok(()) => break Some(Finish::Ack),
                     Err(park) => tracing::warn!(error = %park, "dead-lettering failed; will retry"),
                 }
             }
@@ -418,7 +473,7 @@ impl Engine {
             if self.shutting_down.load(Ordering::SeqCst) {
                 tracing::warn!(error = %e, message_id = %job.envelope.message_id,
                     "shutting down: leaving the message unacked for redelivery");
-                break false;
+                break None;
             }
             let wait = infra_backoff(tries);
             if !stuck && started.elapsed() >= self.stuck_after {
@@ -437,11 +492,15 @@ impl Engine {
         if stuck {
             self.stats.stuck.fetch_sub(1, Ordering::Relaxed);
         }
-        if !finished {
+        let Some(finish) = finished else {
             self.in_flight.leave();
             return;
-        }
-        if let Err(e) = delivery.ack().await {
+        };
+        let acked = match finish {
+            Finish::Ack => delivery.ack().await,
+            Finish::Forget => delivery.settled().await,
+        };
+        if let Err(e) = acked {
             // The broker will redeliver it; the inbox makes that copy harmless.
             tracing::warn!(error = %e, "ack failed; the message will be redelivered");
         }
@@ -502,7 +561,9 @@ impl Engine {
         self.in_flight.leave();
     }
 
-    async fn try_once(&self, job: &Job, redelivered: bool) -> Result<(), EngineError> {
+    /// One try at `job`: its step in a batch, then what follows the batch's commit.
+    async fn try_once(&self, job: &Job, delivery: &Delivery) -> Result<Finish, EngineError> {
+        let _active = self.batcher.active();
         let (_, cursor) = target_of(&job.envelope);
         let phase = cursor.phase;
         let step_name = job
@@ -519,22 +580,37 @@ impl Engine {
         };
         // A copy is looked up before its step runs again: when the broker says it is a
         // redelivery, or when this process recorded its id lately.
-        let suspect_copy = redelivered || self.seen.contains(&job.envelope.message_id);
-        let handled = self.handle(job, suspect_copy).await?;
+        let suspect_copy = delivery.redelivered || self.seen.contains(&job.envelope.message_id);
+        let done = self
+            .handle_batched(
+                Arc::new(job.clone()),
+                suspect_copy,
+                delivery.settle_handle(),
+            )
+            .await;
+        let handled = done.handled?;
         self.seen.insert(job.envelope.message_id);
         match handled {
             Handled::Send(outgoing) => {
                 crash_at(FaultPoint::AfterCommit)?;
-                for msg in &outgoing {
-                    msg.send(self.transport.as_ref()).await?;
+                if !done.in_transaction {
+                    for msg in &outgoing {
+                        msg.send(self.transport.as_ref()).await?;
+                    }
                 }
                 crash_at(FaultPoint::AfterPublish)?;
+                Ok(if done.in_transaction {
+                    Finish::Forget
+                } else {
+                    Finish::Ack
+                })
             }
             Handled::DeadLetter(code, reason) => {
                 self.park_unprocessable(job, code, &reason).await?;
+                Ok(Finish::Ack)
             }
+            Handled::SettledElsewhere => Ok(Finish::Forget),
         }
-        Ok(())
     }
 
     /// Records `job` as an `unprocessable` dead letter (in PostgreSQL, then in the

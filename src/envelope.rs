@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::participant::wire::ServiceMessage;
 use crate::saga::coordinator::{Cursor, FailureKind, Phase};
-use crate::transport::{Endpoint, Transport, TransportError};
+use crate::transport::{Endpoint, Outbound, Transport, TransportError};
 
 /// Bodies above this many bytes are malformed without being parsed (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -171,24 +171,35 @@ impl Outgoing {
     /// carries a [`DeadLetterNote`]; else to skald's intake under its aggregate id (after
     /// its delay). Returns once confirmed.
     pub async fn send(&self, transport: &dyn Transport) -> Result<(), TransportError> {
+        self.outbound().send(transport).await
+    }
+
+    /// Where and what [`Outgoing::send`] sends, as the transport sees it.
+    pub fn outbound(&self) -> Outbound {
         if let Some(command) = &self.command {
-            let to = Endpoint::Service(command.service.clone());
-            let body = command.message.to_body();
-            return transport
-                .send_to(&to, &command.message.aggregate_id, &body)
-                .await;
+            return Outbound::Endpoint {
+                to: Endpoint::Service(command.service.clone()),
+                key: command.message.aggregate_id.clone(),
+                body: command.message.to_body(),
+            };
         }
         let body = self.envelope.to_body();
         match &self.dead_letter {
-            Some(note) => transport.dead_letter(&body, &note.code, &note.reason).await,
-            None => {
-                let key = self
+            Some(note) => Outbound::DeadLetter {
+                body,
+                reason_code: note.code.clone(),
+                reason: note.reason.clone(),
+            },
+            None => Outbound::Intake {
+                key: self
                     .envelope
                     .aggregate_id
                     .as_deref()
-                    .unwrap_or(UNROUTED_KEY);
-                transport.publish(key, &body, self.delay_ms).await
-            }
+                    .unwrap_or(UNROUTED_KEY)
+                    .to_string(),
+                body,
+                delay_ms: self.delay_ms,
+            },
         }
     }
 }

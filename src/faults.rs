@@ -15,9 +15,11 @@ use crate::saga::coordinator::{FailureKind, Phase};
 pub enum FaultPoint {
     /// Before the step's effect runs (where a failure can be injected).
     BeforeEffect,
-    /// After the step's record, before its transaction commits.
+    /// After the step's record, before its transaction commits — in a batch, before
+    /// the batch's commit, with the batch-mates run so far uncommitted too.
     BeforeCommit,
-    /// After the step's transaction committed, before publishing what follows.
+    /// After the step's transaction committed (in a batch: the whole batch), before
+    /// publishing what follows.
     AfterCommit,
     /// After publishing what follows, before acking the delivery.
     AfterPublish,
@@ -93,7 +95,8 @@ impl Faults {
         }
     }
 
-    /// Reads `SKALD_CRASH_AT=after_commit:<step>` or `after_publish:<step>`.
+    /// Reads `SKALD_CRASH_AT=<point>:<step>`, `<point>` being `before_commit`,
+    /// `after_commit` or `after_publish`.
     pub fn from_env() -> Result<Self, String> {
         let Ok(spec) = std::env::var("SKALD_CRASH_AT") else {
             return Ok(Faults::none());
@@ -102,6 +105,7 @@ impl Faults {
             .split_once(':')
             .ok_or_else(|| format!("SKALD_CRASH_AT={spec:?}: expected <point>:<step>"))?;
         let point = match point {
+            "before_commit" => FaultPoint::BeforeCommit,
             "after_commit" => FaultPoint::AfterCommit,
             "after_publish" => FaultPoint::AfterPublish,
             other => return Err(format!("SKALD_CRASH_AT: unknown point {other:?}")),

@@ -27,7 +27,7 @@ use crate::saga::SagaDef;
 use crate::saga::coordinator::{Cursor, InstanceState, InstanceStatus, Phase};
 use crate::saga::diff::{LiveAt, Recorded};
 use crate::saga::versions::StoredVersion;
-pub use steps::{InboxOutcome, NewInstance, Promoted, StepRecord, StepTx};
+pub use steps::{InboxOutcome, NewInstance, Promoted, SharedTx, StepRecord, StepTx};
 
 /// What can go wrong talking to PostgreSQL. Every variant is an infrastructure
 /// problem (the step itself did not fail): callers retry the whole message later.
@@ -193,7 +193,7 @@ impl Store {
 
     /// Opens the transaction one message is handled in.
     pub async fn begin(&self) -> Result<StepTx, StoreError> {
-        Ok(StepTx::new(self.pool.begin().await?))
+        StepTx::begin(&self.pool).await
     }
 
     /// What the first handling of `message_id` sent on, to send again when a copy of

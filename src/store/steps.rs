@@ -13,14 +13,23 @@
 //! asks [`super::Store::disposal`] why: a copy of a handled message, or one that is
 //! out of date. Concurrent handlers of one instance serialise on its row lock, and the
 //! later one re-checks the guard against the committed state.
+//!
+//! **Batches.** Inside [`SharedTx::scope`], a [`StepTx`] is not a transaction of its
+//! own but a part of the batch's one transaction: its begin is a `BEGIN` (the batch's
+//! first) or a `SAVEPOINT`, its rollback a `ROLLBACK` or `ROLLBACK TO SAVEPOINT`, its
+//! commit keeps the work for the batch's single `COMMIT` ([`SharedTx::commit`]). The
+//! code that handles a message is the same either way; a step that fails, or that ends
+//! in an error, is undone alone ([`SharedTx::undo_step`]).
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -129,9 +138,168 @@ static RECORD_WAITING: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// The transaction one message is handled in.
+/// The transaction one message is handled in: its own, or its part of a batch's.
 pub struct StepTx {
-    tx: Transaction<'static, Postgres>,
+    inner: Inner,
+}
+
+enum Inner {
+    /// A transaction of its own (`None` once committed or rolled back).
+    Own(Option<Transaction<'static, Postgres>>),
+    /// A part of the batch's transaction, from `mark` on.
+    Shared {
+        conn: OwnedMutexGuard<SharedConn>,
+        mark: Mark,
+        done: bool,
+    },
+}
+
+/// Where a part of a shared transaction began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    /// It began the transaction (`BEGIN`): undoing it is `ROLLBACK`.
+    Begin,
+    /// `SAVEPOINT s<n>`: undoing it is `ROLLBACK TO SAVEPOINT s<n>`.
+    Savepoint(u32),
+}
+
+impl Mark {
+    fn undo_sql(self) -> String {
+        match self {
+            Mark::Begin => "ROLLBACK".to_string(),
+            Mark::Savepoint(n) => format!("ROLLBACK TO SAVEPOINT s{n}"),
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The batch transaction the steps of the current task take part in.
+    static SHARED: SharedTx;
+}
+
+/// One transaction shared by the steps of a batch, on one pooled connection. The steps
+/// run one after the other; each is undone alone if it fails.
+#[derive(Clone)]
+pub struct SharedTx {
+    conn: Arc<Mutex<SharedConn>>,
+}
+
+struct SharedConn {
+    conn: PoolConnection<Postgres>,
+    /// A transaction is open (`BEGIN` was sent, no `COMMIT`/`ROLLBACK` yet).
+    open: bool,
+    /// The number of the next savepoint.
+    next: u32,
+    /// Where the current step's first part began, if it has begun one.
+    first: Option<Mark>,
+    /// A part dropped without commit or rollback: undone before the next statement.
+    abandoned: Option<Mark>,
+}
+
+impl SharedConn {
+    async fn exec(&mut self, sql: &str) -> Result<(), StoreError> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(&mut *self.conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Undoes the work from `mark` on.
+    async fn undo(&mut self, mark: Mark) -> Result<(), StoreError> {
+        if mark == Mark::Begin {
+            // Whatever happens next, the transaction is no longer open.
+            self.open = false;
+        }
+        self.exec(&mark.undo_sql()).await
+    }
+
+    async fn settle_abandoned(&mut self) -> Result<(), StoreError> {
+        match self.abandoned.take() {
+            Some(mark) => self.undo(mark).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Opens a new part: `BEGIN` if no transaction is open, else a savepoint.
+    async fn begin_part(&mut self) -> Result<Mark, StoreError> {
+        self.settle_abandoned().await?;
+        let mark = if self.open {
+            self.next += 1;
+            let n = self.next;
+            self.exec(&format!("SAVEPOINT s{n}")).await?;
+            Mark::Savepoint(n)
+        } else {
+            self.exec("BEGIN").await?;
+            self.open = true;
+            Mark::Begin
+        };
+        self.first.get_or_insert(mark);
+        Ok(mark)
+    }
+}
+
+impl Drop for SharedConn {
+    fn drop(&mut self) {
+        if self.open {
+            // Never hand the pool a connection inside a transaction: closing it rolls
+            // the transaction back.
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+impl SharedTx {
+    /// Takes a connection from `pool` for a batch (the transaction opens with its first
+    /// step's first part).
+    pub async fn start(pool: &PgPool) -> Result<SharedTx, StoreError> {
+        Ok(SharedTx {
+            conn: Arc::new(Mutex::new(SharedConn {
+                conn: pool.acquire().await?,
+                open: false,
+                next: 0,
+                first: None,
+                abandoned: None,
+            })),
+        })
+    }
+
+    /// Runs one step's handling `f`: every [`StepTx`] it begins is a part of this
+    /// transaction.
+    /// A step may be run in several scopes (its handling, then its transport's
+    /// staging): it ends with [`SharedTx::end_step`] or [`SharedTx::undo_step`].
+    pub async fn scope<F: Future>(&self, f: F) -> F::Output {
+        SHARED.scope(self.clone(), f).await
+    }
+
+    /// Keeps what the step just run (in [`SharedTx::scope`]) committed in its parts,
+    /// undoing only a part it abandoned.
+    pub async fn end_step(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock().await;
+        conn.first = None;
+        conn.settle_abandoned().await
+    }
+
+    /// Undoes everything the step just run did, its committed parts included; the
+    /// other steps' work stays.
+    pub async fn undo_step(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock().await;
+        conn.abandoned = None;
+        match conn.first.take() {
+            Some(mark) => conn.undo(mark).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Commits every step's kept work at once (nothing to do if none began a part).
+    pub async fn commit(self) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock().await;
+        conn.settle_abandoned().await?;
+        if conn.open {
+            conn.exec("COMMIT").await?;
+            conn.open = false;
+        }
+        Ok(())
+    }
 }
 
 /// Inserts the inbox row unless the message id is there already; `inbox` is empty
@@ -143,13 +311,35 @@ const INBOX_CTE: &str = "WITH inbox AS ( \
        ON CONFLICT (message_id) DO NOTHING RETURNING 1) ";
 
 impl StepTx {
-    pub(super) fn new(tx: Transaction<'static, Postgres>) -> Self {
-        StepTx { tx }
+    /// Begins a step's transaction: a transaction of its own from `pool`, or, inside
+    /// [`SharedTx::scope`], the next part of the batch's.
+    pub async fn begin(pool: &PgPool) -> Result<Self, StoreError> {
+        let Ok(shared) = SHARED.try_with(SharedTx::clone) else {
+            return Ok(StepTx {
+                inner: Inner::Own(Some(pool.begin().await?)),
+            });
+        };
+        let mut conn = shared.conn.try_lock_owned().map_err(|_| {
+            sqlx::Error::Protocol(
+                "a step began a transaction while its previous one was open".into(),
+            )
+        })?;
+        let mark = conn.begin_part().await?;
+        Ok(StepTx {
+            inner: Inner::Shared {
+                conn,
+                mark,
+                done: false,
+            },
+        })
     }
 
     /// The transaction's connection, for the step's effect.
     pub fn conn(&mut self) -> &mut PgConnection {
-        &mut self.tx
+        match &mut self.inner {
+            Inner::Own(tx) => tx.as_mut().expect("an open transaction"),
+            Inner::Shared { conn, .. } => &mut conn.conn,
+        }
     }
 
     /// Records the first step of a new instance, creating the instance in its new
@@ -170,7 +360,7 @@ impl StepTx {
             .bind(new.sequence.map(|s| s as i64))
             .bind(new.deadline)
             .bind(new.saga_hash)
-            .execute(&mut *self.tx)
+            .execute(self.conn())
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -187,7 +377,7 @@ impl StepTx {
             .bind(expected.step as i32)
             .bind(expected.phase.as_str())
             .bind(expected.attempt as i32)
-            .execute(&mut *self.tx)
+            .execute(self.conn())
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -205,7 +395,7 @@ impl StepTx {
         )
         .bind(saga)
         .bind(aggregate_id)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.conn())
         .await?)
     }
 
@@ -229,7 +419,7 @@ impl StepTx {
             .bind(sqlx::types::Json(payload))
             .bind(new.sequence.map(|s| s as i64))
             .bind(new.saga_hash)
-            .execute(&mut *self.tx)
+            .execute(self.conn())
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -241,7 +431,7 @@ impl StepTx {
         aggregate_id: &str,
         deadline: Option<DateTime<Utc>>,
     ) -> Result<Option<Promoted>, StoreError> {
-        promote_next(&mut self.tx, saga, aggregate_id, deadline).await
+        promote_next(self.conn(), saga, aggregate_id, deadline).await
     }
 
     /// Records a message that was handled without running anything — out of date for
@@ -260,21 +450,46 @@ impl StepTx {
         .bind(message_id)
         .bind(instance_id)
         .bind(if stale { "stale" } else { "skipped" })
-        .execute(&mut *self.tx)
+        .execute(self.conn())
         .await?;
         Ok(())
     }
 
-    /// Commits everything the message did.
-    pub async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await?;
+    /// Commits everything the message did (in a batch: keeps it for the batch's
+    /// commit).
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        match &mut self.inner {
+            Inner::Own(tx) => tx.take().expect("an open transaction").commit().await?,
+            Inner::Shared { done, .. } => *done = true,
+        }
         Ok(())
     }
 
-    /// Undoes everything the message did.
-    pub async fn rollback(self) -> Result<(), StoreError> {
-        self.tx.rollback().await?;
+    /// Undoes everything the message did (in a batch: this part only).
+    pub async fn rollback(mut self) -> Result<(), StoreError> {
+        match &mut self.inner {
+            Inner::Own(tx) => tx.take().expect("an open transaction").rollback().await?,
+            Inner::Shared { conn, mark, done } => {
+                *done = true;
+                conn.undo(*mark).await?;
+            }
+        }
         Ok(())
+    }
+}
+
+impl Drop for StepTx {
+    /// Dropped unfinished (an error cut the handling short): undone, as a transaction
+    /// of its own would be — in a batch, before the connection's next statement.
+    fn drop(&mut self) {
+        if let Inner::Shared {
+            conn,
+            mark,
+            done: false,
+        } = &mut self.inner
+        {
+            conn.abandoned = Some(*mark);
+        }
     }
 }
 

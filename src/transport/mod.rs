@@ -24,6 +24,12 @@
 //! dead-lettering and queue depths act on the home endpoint;
 //! [`Transport::send_to`] reaches another endpoint's intake (skald sending a command to
 //! a service, a service replying to skald), with the same promises 1 and 5.
+//!
+//! **Settling in the step's transaction.** A transport whose queue lives in skald's own
+//! database offers a [`TxOutbox`] ([`Transport::in_transaction`]) and marks its
+//! deliveries with a [`TxSettle`]: then the engine queues a step's messages and
+//! settles its delivery inside the step's transaction, and only tells the delivery so
+//! ([`Delivery::settled`]) after the commit — instead of publishing and acking.
 
 pub mod memory;
 pub mod postgres;
@@ -104,6 +110,88 @@ pub enum TransportError {
 pub trait Acknowledge: Send + Sync {
     /// Deletes the delivery from its queue.
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>>;
+
+    /// The delivery was settled by a committed [`TxOutbox::stage`]: the consumer
+    /// forgets it, deleting nothing. Only deliveries with a [`TxSettle`] are told so;
+    /// the default acks.
+    fn settled(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        self.ack()
+    }
+}
+
+/// What identifies a delivery to its transport's [`TxOutbox`] (for PostgreSQL, the
+/// queue row's id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxSettle {
+    /// The transport's own id of the delivery.
+    pub id: i64,
+}
+
+/// One message to send, as the transport sees it: where, under which key, what bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    /// To the home endpoint's intake ([`Transport::publish`]), after `delay_ms`.
+    Intake {
+        /// The aggregate id.
+        key: String,
+        /// The body.
+        body: Vec<u8>,
+        /// Held back this long first (0: at once).
+        delay_ms: u64,
+    },
+    /// To another endpoint's intake ([`Transport::send_to`]).
+    Endpoint {
+        /// The endpoint.
+        to: Endpoint,
+        /// The aggregate id.
+        key: String,
+        /// The body.
+        body: Vec<u8>,
+    },
+    /// To the dead-letter store ([`Transport::dead_letter`]).
+    DeadLetter {
+        /// The body.
+        body: Vec<u8>,
+        /// The reason's code.
+        reason_code: String,
+        /// The reason.
+        reason: String,
+    },
+}
+
+impl Outbound {
+    /// Sends it on `transport`, returning once confirmed.
+    pub async fn send(&self, transport: &dyn Transport) -> Result<(), TransportError> {
+        match self {
+            Outbound::Intake {
+                key,
+                body,
+                delay_ms,
+            } => transport.publish(key, body, *delay_ms).await,
+            Outbound::Endpoint { to, key, body } => transport.send_to(to, key, body).await,
+            Outbound::DeadLetter {
+                body,
+                reason_code,
+                reason,
+            } => transport.dead_letter(body, reason_code, reason).await,
+        }
+    }
+}
+
+/// A transport's queue inside skald's database: a step's messages and its delivery's
+/// settlement become part of the step's own transaction.
+pub trait TxOutbox: Send + Sync {
+    /// On `conn`, inside its open transaction: stores `messages` as the transport would
+    /// on publish (in order, delays never early, durable once the transaction
+    /// commits), and settles the delivery `settle` names. `false` when that delivery
+    /// was settled already — by another consumer after a failover: the caller must
+    /// then roll back everything the step did.
+    fn stage<'a>(
+        &'a self,
+        conn: &'a mut sqlx::PgConnection,
+        settle: &'a TxSettle,
+        messages: &'a [Outbound],
+    ) -> BoxFuture<'a, Result<bool, TransportError>>;
 }
 
 /// One message handed to skald, owned until acknowledged.
@@ -114,6 +202,7 @@ pub struct Delivery {
     /// what recognises copies).
     pub redelivered: bool,
     acker: Box<dyn Acknowledge>,
+    settle: Option<TxSettle>,
 }
 
 impl Delivery {
@@ -123,7 +212,26 @@ impl Delivery {
             body,
             redelivered,
             acker,
+            settle: None,
         }
+    }
+
+    /// This delivery can be settled inside a step's transaction, through the
+    /// transport's [`TxOutbox`], as `settle`.
+    pub fn settleable(mut self, settle: TxSettle) -> Self {
+        self.settle = Some(settle);
+        self
+    }
+
+    /// How to settle it in a transaction, if it can be.
+    pub fn settle_handle(&self) -> Option<TxSettle> {
+        self.settle
+    }
+
+    /// Tells the consumer that a committed [`TxOutbox::stage`] settled this delivery
+    /// (or found it settled): it forgets it.
+    pub async fn settled(self) -> Result<(), TransportError> {
+        self.acker.settled().await
     }
 
     /// Deletes the delivery from its queue. Call only after everything it caused has
@@ -190,4 +298,11 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Closes the connection. Unacknowledged deliveries go back to their queue.
     fn close(&self) -> BoxFuture<'_, ()>;
+
+    /// The outbox that settles deliveries and queues messages inside a step's own
+    /// PostgreSQL transaction, when this transport's queue lives in skald's database.
+    /// `None` (the default): publish after commit, then ack.
+    fn in_transaction(&self) -> Option<&dyn TxOutbox> {
+        None
+    }
 }

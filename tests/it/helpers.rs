@@ -163,6 +163,8 @@ impl TestEnv {
             stuck_after: Duration::from_secs(60),
             orphaned: skald::config::Orphaned::Refuse,
             service_databases: Vec::new(),
+            // Batching on, as by default: every scenario runs with it.
+            batching: Default::default(),
         };
         let store = skald::store::Store::connect(&config.database_url, 1)
             .await

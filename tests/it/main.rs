@@ -9,6 +9,7 @@ mod api_fuzz;
 mod api_metrics;
 mod api_safety;
 mod api_services;
+mod batching;
 mod browser;
 mod check_steps;
 mod cli;

@@ -20,7 +20,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::db_err;
 use super::partition::{self, MEMBER_LOCK};
-use crate::transport::{Acknowledge, Delivery, TransportError};
+use crate::transport::{Acknowledge, Delivery, TransportError, TxSettle};
 
 /// How often a consumer looks for partitions to take or give up, and for due delayed
 /// messages, when nothing wakes it earlier (the fallback poll).
@@ -40,6 +40,8 @@ pub(super) enum Control {
 /// One ack waiting to be carried out by the session.
 pub(super) struct AckRequest {
     id: i64,
+    /// Settled in a step's committed transaction already: only forget it.
+    settled: bool,
     done: oneshot::Sender<Result<(), TransportError>>,
 }
 
@@ -67,16 +69,30 @@ struct PgAcker {
     acks: mpsc::UnboundedSender<AckRequest>,
 }
 
-impl Acknowledge for PgAcker {
-    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+impl PgAcker {
+    fn request(self, settled: bool) -> BoxFuture<'static, Result<(), TransportError>> {
         Box::pin(async move {
             let (done, result) = oneshot::channel();
             let gone = || TransportError::Connection("the consumer's session has ended".into());
             self.acks
-                .send(AckRequest { id: self.id, done })
+                .send(AckRequest {
+                    id: self.id,
+                    settled,
+                    done,
+                })
                 .map_err(|_| gone())?;
             result.await.map_err(|_| gone())?
         })
+    }
+}
+
+impl Acknowledge for PgAcker {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        self.request(false)
+    }
+
+    fn settled(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        self.request(true)
     }
 }
 
@@ -218,7 +234,15 @@ impl Session {
     /// Deletes the acked messages in one statement, on the session (so an ack after
     /// the session ended fails instead of deleting what another consumer now owns).
     async fn ack(&mut self, batch: Vec<AckRequest>) -> Result<(), ()> {
-        let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
+        // A delivery settled in its step's transaction is deleted already.
+        let ids: Vec<i64> = batch.iter().filter(|r| !r.settled).map(|r| r.id).collect();
+        if ids.is_empty() {
+            for req in batch {
+                self.in_flight.remove(&req.id);
+                let _ = req.done.send(Ok(()));
+            }
+            return Ok(());
+        }
         let result = sqlx::query("DELETE FROM skald.queue_messages WHERE id = ANY($1)")
             .bind(&ids)
             .execute(&mut self.conn)
@@ -389,7 +413,7 @@ impl Session {
             };
             // Never blocks: the channel holds the prefetch, and no more is in flight.
             if tx
-                .send(Delivery::new(body, redelivered, Box::new(acker)))
+                .send(Delivery::new(body, redelivered, Box::new(acker)).settleable(TxSettle { id }))
                 .await
                 .is_err()
             {
