@@ -61,6 +61,10 @@ enum Cmd {
         /// The publisher's per-aggregate sequence number, 0 to 2^63 - 1.
         #[arg(long, value_parser = clap::value_parser!(u64).range(0..=i64::MAX as u64))]
         sequence: Option<u64>,
+        /// A W3C traceparent (`00-<trace id>-<span id>-<flags>`): the saga joins that
+        /// trace. An invalid one is refused.
+        #[arg(long, value_parser = parse_traceparent)]
+        traceparent: Option<String>,
         /// Print the API's answer, `{"message_id", "instance_id"}`, as JSON.
         #[arg(long)]
         json: bool,
@@ -318,6 +322,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data,
             message_id,
             sequence,
+            traceparent,
             json,
         } => {
             let config = config()?;
@@ -339,6 +344,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let envelope = Envelope {
                 message_id: message_id.unwrap_or_else(Uuid::new_v4),
                 sequence,
+                traceparent,
                 ..Envelope::start(&saga, Some(aggregate), payload)
             };
             envelope.check().context("refusing to publish this start")?;
@@ -838,4 +844,11 @@ fn run_scaffold(args: &ScaffoldArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--traceparent`: a valid W3C traceparent, or why not.
+fn parse_traceparent(value: &str) -> Result<String, String> {
+    crate::telemetry::TraceParent::parse(value)
+        .map(|_| value.to_string())
+        .map_err(|e| format!("not a W3C traceparent: {e}"))
 }

@@ -319,6 +319,9 @@ pub struct Started {
 /// means the same instance); answers once the broker confirmed the message.
 #[utoipa::path(
     tag = "instances",
+    params(
+        ("traceparent" = Option<String>, Header, description = "A W3C traceparent: the saga joins the caller's trace (an invalid one is ignored)"),
+    ),
     request_body(content = StartRequest, content_type = "application/json"),
     responses(
         (status = 202, description = "Published and confirmed", body = Started),
@@ -328,6 +331,7 @@ pub struct Started {
 #[post("/instances")]
 pub async fn start(
     state: web::Data<ApiState>,
+    request: HttpRequest,
     body: JsonBody<StartRequest>,
 ) -> Result<HttpResponse> {
     let req = body.0;
@@ -350,6 +354,19 @@ pub async fn start(
         message_id: req.message_id.unwrap_or_else(Uuid::new_v4),
         sequence: req.sequence,
         ..Envelope::start(&req.saga, Some(aggregate_id), req.payload)
+    };
+    // The caller's trace (W3C Trace Context over HTTP): a header that is not a valid
+    // traceparent is ignored, as the standard says, and the saga starts its own trace.
+    let envelope = Envelope {
+        traceparent: crate::telemetry::checked_traceparent(
+            request
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            envelope.message_id,
+        ),
+        ..envelope
     };
     // The same content checks as a start arriving on the queue, answered here as 400
     // instead of a dead letter.

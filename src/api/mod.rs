@@ -13,8 +13,8 @@ mod input;
 mod metrics;
 pub mod openapi;
 mod page;
-mod search;
-mod services;
+pub(crate) mod search;
+pub(crate) mod services;
 pub mod views;
 
 use std::net::SocketAddr;

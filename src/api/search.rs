@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::input::{Input, QueryParams, check_range};
 use super::openapi::ErrorBody;
 use super::{ApiError, ApiState};
+use crate::store::Store;
 use crate::store::queries::{InstanceFilter, InstanceSummary};
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -63,20 +64,20 @@ pub enum Matched {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Found {
     /// `instance_id`, `message_id` or `aggregate_id`.
-    matched: Matched,
+    pub matched: Matched,
     /// The instance's summary.
     #[schema(value_type = Object)]
-    instance: InstanceSummary,
+    pub instance: InstanceSummary,
 }
 
 /// What a search found.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SearchResults {
     /// The text searched for (trimmed).
-    q: String,
+    pub q: String,
     /// Instance-id matches first, then message-id matches, then aggregate-id matches
     /// newest first; each instance once.
-    items: Vec<Found>,
+    pub items: Vec<Found>,
 }
 
 /// Instances a message id belongs to: the start message, an inbox row, a command
@@ -103,9 +104,22 @@ pub async fn search(
     state: web::Data<ApiState>,
     query: QueryParams<SearchQuery>,
 ) -> Result<HttpResponse> {
-    let q = query.0.q.trim().to_string();
-    let limit = query.0.limit.unwrap_or(20);
-    let store = &state.store;
+    let found = find(&state.store, &query.0.q, query.0.limit).await?;
+    Ok(HttpResponse::Ok().json(found))
+}
+
+/// What the search box and `skald search` find for `q` (trimmed): at most `limit`
+/// (default 20) instances, instance-id matches first, then message-id matches, then
+/// aggregate-id matches newest first. A text out of bounds is refused as the API
+/// refuses it.
+pub async fn find(store: &Store, q: &str, limit: Option<i64>) -> Result<SearchResults> {
+    SearchQuery {
+        q: q.to_string(),
+        limit,
+    }
+    .validate()?;
+    let q = q.trim().to_string();
+    let limit = limit.unwrap_or(20);
     let mut items: Vec<Found> = Vec::new();
     if let Ok(id) = Uuid::parse_str(&q) {
         let mut candidates = vec![(id, Matched::InstanceId)];
@@ -143,5 +157,5 @@ pub async fn search(
         }
     }
     items.truncate(limit as usize);
-    Ok(HttpResponse::Ok().json(SearchResults { q, items }))
+    Ok(SearchResults { q, items })
 }

@@ -17,6 +17,7 @@ use crate::api::ApiError;
 use crate::api::views::{self, ActionDone, InstancesQuery};
 use crate::config::Config;
 use crate::operator::ActionOutcome;
+use crate::api::services::{ServiceDatabases, add_service_sides};
 use crate::saga::Catalog;
 use crate::store::Store;
 use crate::transport::Transport;
@@ -27,6 +28,22 @@ use crate::transport::rabbitmq::RabbitTransport;
 pub enum InstancesCmd {
     /// List instances, newest first, with the API's filters (`GET /api/v1/instances`).
     List(ListArgs),
+    /// Find instances by instance id, aggregate id or the id of a message they handled
+    /// or sent, as the dashboard's search box does (`GET /api/v1/search`).
+    Search(SearchArgs),
+}
+
+/// The arguments of `skald instances search`: those of `GET /api/v1/search`.
+#[derive(Debug, clap::Args)]
+pub struct SearchArgs {
+    /// An instance id, an aggregate id or a message id (1 to 200 characters).
+    text: String,
+    /// At most this many instances, 1 to 100 (default 20).
+    #[arg(long)]
+    limit: Option<i64>,
+    /// Print the API's answer, `{"q", "items": [{"matched", "instance"}]}`, as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The filters of `skald instances list`: those of `GET /api/v1/instances`.
@@ -114,7 +131,10 @@ pub(super) async fn store(config: &Config) -> anyhow::Result<Store> {
 
 /// Runs `skald instances …`.
 pub async fn run_instances(config: Config, cmd: InstancesCmd) -> anyhow::Result<ExitCode> {
-    let InstancesCmd::List(args) = cmd;
+    let args = match cmd {
+        InstancesCmd::List(args) => args,
+        InstancesCmd::Search(args) => return search(&config, args).await,
+    };
     let store = store(&config).await?;
     let query = InstancesQuery {
         saga: args.saga,
@@ -155,12 +175,48 @@ pub async fn run_instances(config: Config, cmd: InstancesCmd) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs `skald instances search`.
+async fn search(config: &Config, args: SearchArgs) -> anyhow::Result<ExitCode> {
+    let store = store(config).await?;
+    let found = crate::api::search::find(&store, &args.text, args.limit).await;
+    store.close().await;
+    let found = match found {
+        Ok(found) => found,
+        Err(e) => return Ok(refused(e)),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&found)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if found.items.is_empty() {
+        println!("no instance matches {:?}", found.q);
+    }
+    for f in &found.items {
+        let i = &f.instance;
+        let matched = serde_json::to_value(f.matched)?;
+        println!(
+            "{}  {} v{}  {:<12} {}  {}  (matched {})",
+            i.id,
+            i.saga,
+            i.saga_version,
+            i.status.as_str(),
+            i.created_at.format("%Y-%m-%d %H:%M:%S"),
+            i.aggregate_id,
+            matched.as_str().unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs `skald instance …`.
 pub async fn run_instance(config: Config, cmd: InstanceCmd) -> anyhow::Result<ExitCode> {
     let store = store(&config).await?;
     let code = match cmd {
         InstanceCmd::Show { id, json } => match views::instance_document(&store, id).await {
-            Ok(doc) if json => {
+            Ok(mut doc) if json => {
+                // As the API serves it: each command with what its service recorded.
+                let services = ServiceDatabases::lazy(&config.service_databases);
+                add_service_sides(&services, &mut doc).await;
                 println!("{}", serde_json::to_string(&doc)?);
                 ExitCode::SUCCESS
             }

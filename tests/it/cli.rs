@@ -499,6 +499,30 @@ async fn instance_commands_list_show_and_act_as_the_api_does() {
     let text = env.skald_ok(&["instance", "show", &id]);
     assert!(text.starts_with(&format!("instance {id}\n")), "{text}");
 
+    // The search box's search, scripted: by instance id and by aggregate id.
+    let by_id: serde_json::Value =
+        serde_json::from_str(&env.skald_ok(&["instances", "search", &id, "--json"])).unwrap();
+    assert_eq!(by_id["items"][0]["matched"], "instance_id", "{by_id}");
+    assert_eq!(by_id["items"][0]["instance"]["id"], id.as_str(), "{by_id}");
+    let start = doc["start_message_id"].as_str().expect("a start message id");
+    let by_message: serde_json::Value =
+        serde_json::from_str(&env.skald_ok(&["instances", "search", start, "--json"])).unwrap();
+    assert_eq!(by_message["items"][0]["matched"], "message_id", "{by_message}");
+    let aggregate = doc["aggregate_id"].as_str().expect("an aggregate id");
+    let by_aggregate = env.skald_ok(&["instances", "search", aggregate]);
+    assert!(
+        by_aggregate.starts_with(&id) && by_aggregate.trim_end().ends_with("(matched aggregate_id)"),
+        "{by_aggregate}"
+    );
+    let nothing = env.skald_ok(&["instances", "search", "nobody-at-all"]);
+    assert_eq!(nothing.trim(), r#"no instance matches "nobody-at-all""#);
+    let (code, _, err) = skald_exit(&env, &["instances", "search", "  "]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(
+        err.trim(),
+        "error: q must be 1 to 200 characters (spaces around it ignored)"
+    );
+
     // Cancel is recorded with who did it; a second cancel is already done (exit 0).
     let done: serde_json::Value =
         serde_json::from_str(&env.skald_ok(&["instance", "cancel", &id, "--by", "ops", "--json"]))

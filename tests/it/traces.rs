@@ -535,3 +535,67 @@ async fn a_participant_services_handling_joins_the_sagas_trace() {
     services.stop_all().await;
     env.cleanup().await;
 }
+
+/// Everything the instance's handled messages sent, as one text.
+async fn sent_by(env: &TestEnv, instance: uuid::Uuid) -> String {
+    sqlx::query_scalar(
+        "SELECT coalesce(string_agg(outgoing::text, ' '), '') FROM skald.inbox \
+         WHERE instance_id = $1",
+    )
+    .bind(instance)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[actix_rt::test]
+async fn starts_through_the_api_header_and_the_cli_option_join_the_callers_trace() {
+    use actix_web::test::TestRequest;
+    // Given skald (no exporter: the caller's context is passed on as it came) and its API.
+    let env = TestEnv::new(traced_sagas()).await;
+    let app = env.start_app().await;
+    let svc = crate::api::service(app.api.clone()).await;
+    let start = |order: &str, traceparent: &str| {
+        TestRequest::post()
+            .uri("/api/v1/instances")
+            .insert_header(("traceparent", traceparent))
+            .set_json(json!({"saga": "traced_order", "payload": {"order_id": order, "ship": true}}))
+    };
+
+    // When one order starts through the API in the caller's trace, one with a header
+    // that is no traceparent, and one through `skald start --traceparent`…
+    let (status, traced) = crate::api::call(&svc, start("order-api", &caller_traceparent())).await;
+    assert_eq!(status.as_u16(), 202, "{traced}");
+    let (status, plain) = crate::api::call(&svc, start("order-plain", "00-garbage-01")).await;
+    assert_eq!(status.as_u16(), 202, "an invalid header is ignored: {plain}");
+    let cli: Value = serde_json::from_str(&env.skald_ok(&[
+        "start",
+        "traced_order",
+        "--data",
+        r#"{"order_id": "order-cli", "ship": true}"#,
+        "--traceparent",
+        &caller_traceparent(),
+        "--json",
+    ]))
+    .unwrap();
+    // …while an invalid `--traceparent` is refused before anything is published.
+    let refused = env
+        .skald(&["start", "traced_order", "--data", r#"{"order_id": "x"}"#])
+        .args(["--traceparent", "00-garbage-01"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("not a W3C traceparent"), "{said}");
+
+    // Then the three run to their end, and what the traced ones sent carries the
+    // caller's trace id; the other's carries no trace of the garbage.
+    env.wait_for_terminal(3, Duration::from_secs(60)).await;
+    let id = |v: &Value| uuid::Uuid::parse_str(v["instance_id"].as_str().unwrap()).unwrap();
+    assert!(sent_by(&env, id(&traced)).await.contains(CALLER_TRACE));
+    assert!(sent_by(&env, id(&cli)).await.contains(CALLER_TRACE));
+    let other = sent_by(&env, id(&plain)).await;
+    assert!(!other.is_empty() && !other.contains("garbage"), "{other}");
+    app.stop().await;
+    env.cleanup().await;
+}
