@@ -161,6 +161,8 @@ impl TestEnv {
             shutdown_timeout: Duration::from_secs(10),
             stuck_after: Duration::from_secs(60),
             orphaned: skald::config::Orphaned::Refuse,
+            queue_type: skald::config::QueueType::Classic,
+            delivery_limit: 20,
         };
         let store = skald::store::Store::connect(&config.database_url, 1)
             .await
@@ -228,6 +230,11 @@ impl TestEnv {
             ("SKALD_HTTP_ADDR", "127.0.0.1:0".into()),
             ("SKALD_PARTITIONS", self.config.partitions.to_string()),
             ("SKALD_LOG", "info".into()),
+            ("SKALD_QUEUE_TYPE", self.config.queue_type.as_str().into()),
+            (
+                "SKALD_DELIVERY_LIMIT",
+                self.config.delivery_limit.to_string(),
+            ),
         ]
     }
 

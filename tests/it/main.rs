@@ -2,6 +2,7 @@
 //! binary, so it links once; each scenario isolates itself through `helpers::TestEnv`.
 
 mod helpers;
+mod rabbit_cluster;
 mod redis_server;
 
 mod api;
@@ -10,6 +11,7 @@ mod api_safety;
 mod browser;
 mod check_steps;
 mod cli;
+mod cluster;
 mod command_steps;
 mod conformance;
 mod crash;
