@@ -74,11 +74,11 @@ async fn sagas_survive_losing_the_connected_node_and_then_the_partition_leaders(
     // mid-run,
     env.publish_starts(first_half).await;
     let app = env.start_app().await;
-    wait_effects(&env, (SAGAS / 2 * 3 / 5) as i64, Duration::from_secs(120)).await;
+    wait_effects(&env, (SAGAS / 2 * 3 / 5) as i64, Duration::from_secs(600)).await;
     let connected = connected_node(cluster, &env);
     cluster.stop_node(connected);
     // then it reconnects to another node and finishes the first half.
-    env.wait_for_terminal((SAGAS / 2) as i64, Duration::from_secs(180))
+    env.wait_for_terminal((SAGAS / 2) as i64, Duration::from_secs(900))
         .await;
     assert_ne!(connected_node(cluster, &env), connected);
     cluster.start_node(connected);
@@ -89,7 +89,7 @@ async fn sagas_survive_losing_the_connected_node_and_then_the_partition_leaders(
     assert!(led > 0, "some partition has a leader");
     cluster.stop_node(leader);
     // then every saga still completes, one effect per step, in order per aggregate,
-    env.wait_for_terminal(SAGAS as i64, Duration::from_secs(240))
+    env.wait_for_terminal(SAGAS as i64, Duration::from_secs(900))
         .await;
     cluster.start_node(leader);
     app.stop().await;
@@ -223,7 +223,7 @@ async fn a_loaded_deployment_moves_from_classic_to_quorum_queues_and_loses_nothi
     assert_eq!(env.dead_letter_depth().await, 1, "the dead letter is kept");
     // and skald on quorum queues runs every saga, the delayed ones included, once.
     let app = env.start_app().await;
-    env.wait_for_terminal((SAGAS + DELAYED) as i64, Duration::from_secs(180))
+    env.wait_for_terminal((SAGAS + DELAYED) as i64, Duration::from_secs(900))
         .await;
     app.stop().await;
     assert_eq!(
@@ -247,8 +247,14 @@ async fn a_queue_of_the_other_type_is_refused_naming_the_setting() {
     let Some(TransportError::Refused(message)) = refused else {
         panic!("not refused: {refused:?}");
     };
-    assert!(message.contains("'x-queue-type'"), "{message}");
-    assert!(message.contains("SKALD_QUEUE_TYPE"), "{message}");
-    assert!(message.contains("skald queues migrate"), "{message}");
+    let queue = env.topology().delay_queue(100);
+    assert!(
+        message.starts_with(&format!(
+            "queue {queue} exists as a classic queue but SKALD_QUEUE_TYPE=quorum; a queue's \
+             type cannot change in place: set SKALD_QUEUE_TYPE=classic, or move the queues \
+             with `skald queues migrate --to quorum`"
+        )),
+        "{message}"
+    );
     env.cleanup().await;
 }

@@ -83,7 +83,7 @@ impl RabbitCluster {
             node.spawn();
         }
         for node in &nodes {
-            ctl_ok(&node.name, &["await_startup", "--timeout", "120"]);
+            node.wait_running();
         }
         for node in &nodes[1..] {
             ctl_ok(&node.name, &["stop_app"]);
@@ -121,7 +121,7 @@ impl RabbitCluster {
     /// Starts RabbitMQ on node `i` again and waits until it is back in the cluster.
     pub fn start_node(&self, i: usize) {
         ctl_ok(&self.nodes[i].name, &["start_app"]);
-        ctl_ok(&self.nodes[i].name, &["await_startup", "--timeout", "120"]);
+        self.nodes[i].wait_running();
     }
 
     /// Runs `rabbitmqctl` on a running node with `args`; its standard output.
@@ -176,6 +176,27 @@ impl Node {
     /// Its `AMQP_URL`.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Waits (up to two minutes) until RabbitMQ runs on it: a detached node registers
+    /// its name a moment after `rabbitmq-server -detached` returns.
+    fn wait_running(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let out =
+                ctl(&self.name, &["await_startup", "--timeout", "120"]).expect("rabbitmqctl runs");
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start (logs in {}): {}",
+                self.name,
+                self.dir.join("log").display(),
+                String::from_utf8_lossy(&out.stdout)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     fn prepare(&self) {

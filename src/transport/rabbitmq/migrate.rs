@@ -32,7 +32,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Confirmation, Connection};
 
-use super::refusal::{conn_err, setup_err};
+use super::refusal::{conn_err, of_other_type, setup_err};
 use super::topology::{QueueRole, QueueSettings, Topology, declare, declare_queue};
 use super::{TransportError, brokers, connect_any};
 use crate::config::QueueType;
@@ -78,11 +78,7 @@ async fn run(
     topologies: &[Topology],
     settings: QueueSettings,
 ) -> Result<Vec<Moved>, TransportError> {
-    let mover = connection.create_channel().await.map_err(conn_err)?;
-    mover
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(conn_err)?;
+    let mover = confirming(connection).await?;
 
     // 1. Empty the queues of the other type into their holding queues.
     for topology in topologies {
@@ -111,18 +107,11 @@ async fn run(
             }
             let hold = holding_queue(&queue);
             declare_holding(&mover, &hold, settings.queue_type).await?;
-            let moved = transfer(&mover, &queue, |key| (String::new(), hold.clone(), key)).await?;
+            let moved = empty(connection, &mover, &queue, |key| {
+                (String::new(), hold.clone(), key)
+            })
+            .await?;
             tracing::info!(%queue, moved, "emptied into {hold}");
-            mover
-                .queue_delete(
-                    queue.as_str().into(),
-                    QueueDeleteOptions {
-                        if_empty: true,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(conn_err)?;
         }
     }
 
@@ -133,7 +122,11 @@ async fn run(
             .map_err(setup_err)?;
     }
 
-    // 3. Refill every queue from its holding queue.
+    // 3. Refill every queue from its holding queue, on a channel of its own: a
+    // channel that knew a queue before it was replaced keeps treating it as its old
+    // type (RabbitMQ 3.10 closes the connection with INTERNAL_ERROR on a publish).
+    let _ = mover.close(200, "queues emptied".into()).await;
+    let mover = confirming(connection).await?;
     let mut report = Vec::new();
     for topology in topologies {
         for (queue, role) in topology.queues() {
@@ -141,7 +134,7 @@ async fn run(
             if !exists(connection, &hold).await? {
                 continue;
             }
-            let messages = transfer(&mover, &hold, |key| match role {
+            let messages = empty(connection, &mover, &hold, |key| match role {
                 // Through the delay exchange, so that the retry keeps its aggregate id
                 // as routing key for its return to the intake.
                 QueueRole::Delay(_) => (topology.delay_exchange.clone(), key, String::new()),
@@ -150,21 +143,21 @@ async fn run(
                 }
             })
             .await?;
-            mover
-                .queue_delete(
-                    hold.as_str().into(),
-                    QueueDeleteOptions {
-                        if_empty: true,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(conn_err)?;
             report.push(Moved { queue, messages });
         }
     }
     let _ = mover.close(200, "migration done".into()).await;
     Ok(report)
+}
+
+/// A fresh channel with publisher confirms.
+async fn confirming(connection: &Connection) -> Result<Channel, TransportError> {
+    let channel = spare(connection).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(conn_err)?;
+    Ok(channel)
 }
 
 /// A fresh channel, for an operation whose failure closes its channel.
@@ -187,16 +180,47 @@ async fn has_other_type(
             let _ = channel.close(200, "checked".into()).await;
             Ok(false)
         }
-        Err(e) => match e.kind() {
-            lapin::ErrorKind::ProtocolError(amqp)
-                if amqp.get_id() == 406
-                    && amqp.get_message().as_str().contains("'x-queue-type'") =>
-            {
-                Ok(true)
-            }
-            _ => Err(setup_err(e)),
+        Err(e) => match of_other_type(connection, topology, settings, &e).await {
+            Some(_) => Ok(true),
+            None => Err(setup_err(e)),
         },
     }
+}
+
+/// Moves every message of `queue` as [`transfer`] does, then deletes it once it is
+/// seen empty (quorum queues do not support deleting only if empty); the number of
+/// messages moved.
+async fn empty(
+    connection: &Connection,
+    mover: &Channel,
+    queue: &str,
+    route: impl Fn(String) -> (String, String, String),
+) -> Result<u64, TransportError> {
+    let mut moved = 0;
+    loop {
+        moved += transfer(mover, queue, &route).await?;
+        let left = spare(connection)
+            .await?
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(conn_err)?
+            .message_count();
+        if left == 0 {
+            break;
+        }
+    }
+    mover
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .map_err(conn_err)?;
+    Ok(moved)
 }
 
 /// Whether `queue` exists.
@@ -251,7 +275,7 @@ async fn declare_holding(
 async fn transfer(
     channel: &Channel,
     from: &str,
-    route: impl Fn(String) -> (String, String, String),
+    route: &impl Fn(String) -> (String, String, String),
 ) -> Result<u64, TransportError> {
     let mut moved = 0;
     loop {

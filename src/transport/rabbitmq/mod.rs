@@ -212,9 +212,11 @@ impl RabbitTransport {
         let publisher = match declared {
             Ok(publisher) => publisher,
             Err(e) => {
+                let refused =
+                    refusal::declare_err(&connection, &self.topology, self.settings, e).await;
                 // Not left open behind a failed attempt (start-up may try again).
                 let _ = connection.close(200, "topology not declared".into()).await;
-                return Err(setup_err(e));
+                return Err(refused);
             }
         };
         *guard = Some(Link {
@@ -243,9 +245,15 @@ impl RabbitTransport {
             .as_ref()
             .is_some_and(|l| l.declared.contains(&topology.exchange));
         if !known {
-            declare(&channel, &topology, self.settings)
-                .await
-                .map_err(setup_err)?;
+            if let Err(e) = declare(&channel, &topology, self.settings).await {
+                let guard = self.link.lock().await;
+                return Err(match guard.as_ref() {
+                    Some(link) => {
+                        refusal::declare_err(&link.connection, &topology, self.settings, e).await
+                    }
+                    None => setup_err(e),
+                });
+            }
             if let Some(link) = self.link.lock().await.as_mut() {
                 link.declared.insert(topology.exchange.clone());
             }

@@ -1,7 +1,11 @@
 //! The broker's refusals of skald's connection or topology, and what to change for
 //! each: a configuration error is reported once, clearly, not retried in a loop.
 
+use lapin::Connection;
+
 use super::super::TransportError;
+use super::topology::{QueueSettings, Topology, declare_queue};
+use crate::config::QueueType;
 
 pub(super) fn conn_err(e: lapin::Error) -> TransportError {
     TransportError::Connection(e.to_string())
@@ -18,6 +22,75 @@ pub(super) fn setup_err(e: lapin::Error) -> TransportError {
         return TransportError::Refused(format!("{said}; {fix}"));
     }
     conn_err(e)
+}
+
+/// [`setup_err`] for an error while declaring `topology` with `settings` on
+/// `connection`; when the broker refused a queue because it exists with the other
+/// queue type, a refusal that says so and names `SKALD_QUEUE_TYPE`.
+pub(super) async fn declare_err(
+    connection: &Connection,
+    topology: &Topology,
+    settings: QueueSettings,
+    e: lapin::Error,
+) -> TransportError {
+    match of_other_type(connection, topology, settings, &e).await {
+        Some((queue, found)) => {
+            TransportError::Refused(other_type(&queue, settings.queue_type, found))
+        }
+        None => setup_err(e),
+    }
+}
+
+/// When `e` is the broker's refusal of a queue of `topology` that exists with the
+/// other queue type than `settings` asks for: that queue and its type. (RabbitMQ names
+/// whichever argument it compares first, not always `x-queue-type`, so the queue is
+/// declared again, on a channel of its own, exactly as the other type would declare it:
+/// that changes nothing when it is one.)
+pub(super) async fn of_other_type(
+    connection: &Connection,
+    topology: &Topology,
+    settings: QueueSettings,
+    e: &lapin::Error,
+) -> Option<(String, QueueType)> {
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return None;
+    };
+    if amqp.get_id() != 406 {
+        return None;
+    }
+    let queue = queue_named(amqp.get_message().as_str())?;
+    let (_, role) = topology.queues().into_iter().find(|(q, _)| q == queue)?;
+    let other = match settings.queue_type {
+        QueueType::Classic => QueueType::Quorum,
+        QueueType::Quorum => QueueType::Classic,
+    };
+    let as_other = QueueSettings {
+        queue_type: other,
+        ..settings
+    };
+    let channel = connection.create_channel().await.ok()?;
+    declare_queue(&channel, topology, queue, role, as_other)
+        .await
+        .ok()?;
+    let _ = channel.close(200, "queue type checked".into()).await;
+    Some((queue.to_string(), other))
+}
+
+/// The refusal of a queue that exists as `found` where `asked` is configured.
+fn other_type(queue: &str, asked: QueueType, found: QueueType) -> String {
+    let (asked, found) = (asked.as_str(), found.as_str());
+    format!(
+        "queue {queue} exists as a {found} queue but SKALD_QUEUE_TYPE={asked}; a queue's \
+         type cannot change in place: set SKALD_QUEUE_TYPE={found}, or move the queues with \
+         `skald queues migrate --to {asked}` while no skald process runs (README: Running \
+         against a RabbitMQ cluster)"
+    )
+}
+
+/// The queue a 406 reply is about: `… for queue '<name>' in vhost …`.
+fn queue_named(message: &str) -> Option<&str> {
+    let rest = &message[message.find("for queue '")? + "for queue '".len()..];
+    Some(&rest[..rest.find("' in vhost")?])
 }
 
 /// What to change when the broker refuses skald's connection or topology with the AMQP
@@ -116,6 +189,25 @@ mod tests {
         )
         .unwrap();
         assert!(fix.contains("SKALD_DELIVERY_LIMIT"), "{fix}");
+    }
+
+    #[test]
+    fn a_queue_of_the_other_type_is_named_with_both_types_and_the_setting() {
+        let said = "PRECONDITION_FAILED - inequivalent arg 'x-overflow' for queue \
+                    'ns.delay.100' in vhost '/': received the value 'reject-publish' of type \
+                    'longstr' but current is none";
+        assert_eq!(queue_named(said), Some("ns.delay.100"));
+        assert_eq!(queue_named("PRECONDITION_FAILED - for exchange 'ns'"), None);
+        let message = other_type("ns.p.0", QueueType::Quorum, QueueType::Classic);
+        assert!(
+            message
+                .starts_with("queue ns.p.0 exists as a classic queue but SKALD_QUEUE_TYPE=quorum;"),
+            "{message}"
+        );
+        assert!(
+            message.contains("skald queues migrate --to quorum"),
+            "{message}"
+        );
     }
 
     #[test]
