@@ -38,14 +38,19 @@ async fn wait_effects(env: &TestEnv, n: i64, timeout: Duration) {
 
 /// The node skald's connection (named after the namespace) is on, by its port.
 fn connected_node(cluster: &RabbitCluster, env: &TestEnv) -> usize {
-    let listed = cluster.ctl(&["list_connections", "name", "port", "-q"]);
+    let listed = cluster.ctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "port",
+        "client_properties",
+    ]);
     let name = format!("skald:{}", env.config.namespace);
+    // The name skald gave its connection is among its client properties.
     let port: u16 = listed
         .lines()
-        .find_map(|line| {
-            let (n, p) = line.split_once('\t')?;
-            (n == name).then(|| p.trim().parse().ok())?
-        })
+        .filter(|line| line.contains(&name))
+        .find_map(|line| line.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no connection named {name} in:\n{listed}"));
     cluster
         .nodes
