@@ -124,18 +124,20 @@ impl RabbitCluster {
         self.nodes[i].wait_running();
     }
 
-    /// Runs `rabbitmqctl` on a running node with `args`; its standard output.
+    /// Runs `rabbitmqctl` with `args` on the first node where it succeeds (a node whose
+    /// RabbitMQ is stopped refuses most commands); its standard output.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let node = self
-            .nodes
-            .iter()
-            .find(|n| {
-                ctl(&n.name, &["ping"])
-                    .map(|o| o.status.success())
-                    .unwrap_or(false)
-            })
-            .expect("a running node");
-        ctl_ok(&node.name, args)
+        let mut failures = Vec::new();
+        for node in &self.nodes {
+            match ctl(&node.name, args) {
+                Ok(out) if out.status.success() => {
+                    return String::from_utf8_lossy(&out.stdout).to_string();
+                }
+                Ok(out) => failures.push(String::from_utf8_lossy(&out.stderr).to_string()),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        panic!("rabbitmqctl {args:?} failed on every node: {failures:?}")
     }
 
     /// The index of the node that leads most of `queues` (quorum queues), and how many
