@@ -304,6 +304,10 @@ fn free_port() -> u16 {
 
 /// Stops the nodes and removes `base` once this test process has exited (a process of
 /// its own: statics are never dropped, and a failed test must not leave nodes behind).
+#[expect(
+    clippy::zombie_processes,
+    reason = "the watchdog must outlive this process, so it is never waited for"
+)]
 fn watchdog(nodes: &[Node], base: &Path) {
     let ctl = Path::new(BIN).join("rabbitmqctl");
     let runas = if is_root() {
