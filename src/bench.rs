@@ -460,7 +460,11 @@ async fn baseline(config: &Config, messages: usize, aggregates: usize) -> anyhow
     sqlx::query("CREATE TABLE IF NOT EXISTS public.baseline_inbox (message_id uuid PRIMARY KEY)")
         .execute(&pool)
         .await?;
-    let conn = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await?;
+    let conn = Connection::connect(
+        &crate::transport::rabbitmq::brokers::first(&config.amqp_url),
+        ConnectionProperties::default(),
+    )
+    .await?;
     let queue = format!("{}.baseline", config.namespace);
     let publisher = conn.create_channel().await?;
     publisher
@@ -570,7 +574,11 @@ async fn cleanup(base: &PgConnectOptions, config: &Config, scratch: &str) {
     {
         eprintln!("bench: could not delete the scratch namespace from Redis: {e}");
     }
-    if let Ok(conn) = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await
+    if let Ok(conn) = Connection::connect(
+        &crate::transport::rabbitmq::brokers::first(&config.amqp_url),
+        ConnectionProperties::default(),
+    )
+    .await
         && let Ok(ch) = conn.create_channel().await
     {
         for queue in Topology::new(scratch, config.partitions).all_queues() {

@@ -1,9 +1,10 @@
 //! The `skald` command line. The only place (with `main`) that uses `anyhow`.
 //! `instances.rs`: the dashboard's instance views and actions; `failures.rs`: its
-//! failure groups.
+//! failure groups; `queues.rs`: `skald queues migrate`.
 
 mod failures;
 mod instances;
+mod queues;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -110,6 +111,9 @@ enum Cmd {
     /// Participant services: their dead letters, and the sample services.
     #[command(subcommand)]
     Participant(ParticipantCmd),
+    /// RabbitMQ queues: move a deployment to another queue type (classic, quorum).
+    #[command(subcommand)]
+    Queues(queues::QueuesCmd),
 }
 
 /// `skald scaffold` arguments.
@@ -479,6 +483,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Dlq(cmd) => {
             let config = config()?;
             tokio_runtime()?.block_on(run_dlq(config, cmd))
+        }
+        Cmd::Queues(cmd) => {
+            let config = config()?;
+            tokio_runtime()?.block_on(queues::run(config, cmd))
         }
         Cmd::Bench(args) => {
             let config = config()?;

@@ -12,7 +12,9 @@ pub struct Config {
     /// `SKALD_TRANSPORT`: which queue skald's messages travel on (default `postgres`:
     /// skald's own database, so that a newcomer needs one service, not two).
     pub transport: TransportKind,
-    /// `AMQP_URL`: the RabbitMQ broker.
+    /// `AMQP_URL`: the RabbitMQ broker, or the nodes of a cluster as a comma-separated
+    /// list of URLs (skald connects to the first that answers, and to the next one
+    /// when its node goes away).
     pub amqp_url: String,
     /// `REDIS_URL`: the Redis server, with `SKALD_TRANSPORT=redis`.
     pub redis_url: String,
@@ -71,6 +73,13 @@ pub struct Config {
     /// default 2): steps of different aggregates committed in one transaction at most,
     /// and how long an open batch waits for more while other steps are in flight.
     pub batching: crate::engine::BatchConfig,
+    /// `SKALD_QUEUE_TYPE`: the type of every RabbitMQ queue skald declares (default
+    /// `classic`; `quorum` for a cluster).
+    pub queue_type: QueueType,
+    /// `SKALD_DELIVERY_LIMIT`: with quorum queues, how many times the broker delivers
+    /// one partition message before it dead-letters it to `NS.dead` (default 20, 1 to
+    /// 1000000).
+    pub delivery_limit: u32,
 }
 
 /// One participant service's database, from `SKALD_SERVICE_DATABASES`.
@@ -248,6 +257,37 @@ impl Orphaned {
     }
 }
 
+/// The type of the RabbitMQ queues skald declares (`SKALD_QUEUE_TYPE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum QueueType {
+    /// Classic queues: on one node, not replicated (the default: what every
+    /// deployment before quorum support declared, so an upgrade changes nothing).
+    #[default]
+    Classic,
+    /// Quorum queues: replicated over the cluster's nodes (Raft), surviving the loss
+    /// of a minority of them.
+    Quorum,
+}
+
+impl QueueType {
+    /// `classic` or `quorum`, as `SKALD_QUEUE_TYPE` spells it.
+    pub fn parse(s: &str) -> Option<QueueType> {
+        match s {
+            "classic" => Some(QueueType::Classic),
+            "quorum" => Some(QueueType::Quorum),
+            _ => None,
+        }
+    }
+
+    /// Its name in `SKALD_QUEUE_TYPE` (and RabbitMQ's `x-queue-type`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
 /// The database used when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/skald";
 /// The broker used when `AMQP_URL` is not set.
@@ -377,6 +417,28 @@ impl Config {
                 reason: "must be 0 to 1000".into(),
             });
         }
+        let queue_type = choice(
+            &lookup,
+            "SKALD_QUEUE_TYPE",
+            QueueType::parse,
+            "must be classic or quorum",
+        )?;
+        let delivery_limit: u32 = number(&lookup, "SKALD_DELIVERY_LIMIT", 20)?;
+        if !(1..=1_000_000).contains(&delivery_limit) {
+            return Err(ConfigError {
+                name: "SKALD_DELIVERY_LIMIT",
+                value: delivery_limit.to_string(),
+                reason: "must be 1 to 1000000".into(),
+            });
+        }
+        let amqp_url = text("AMQP_URL", DEFAULT_AMQP_URL);
+        if let Err(reason) = crate::transport::rabbitmq::brokers::addresses(&amqp_url) {
+            return Err(ConfigError {
+                name: "AMQP_URL",
+                value: amqp_url,
+                reason,
+            });
+        }
         let redis_lease: u64 = number(&lookup, "SKALD_REDIS_LEASE_MS", 10_000)?;
         if redis_lease < 300 {
             return Err(ConfigError {
@@ -432,7 +494,9 @@ impl Config {
             api_token: lookup("SKALD_API_TOKEN").filter(|t| !t.is_empty()),
             partitions,
             database_url: text("DATABASE_URL", DEFAULT_DATABASE_URL),
-            amqp_url: text("AMQP_URL", DEFAULT_AMQP_URL),
+            amqp_url,
+            queue_type,
+            delivery_limit,
             sagas_dir: PathBuf::from(text("SKALD_SAGAS_DIR", "sagas")),
             namespace,
             prefetch,
@@ -619,5 +683,29 @@ mod tests {
             "environment variable SKALD_BATCH_WINDOW_MS=\"1001\" is invalid: must be 0 to 1000"
         );
         assert!(with(&[("SKALD_BATCH_WINDOW_MS", "soon")]).is_err());
+    }
+
+    #[test]
+    fn queues_are_classic_unless_told_quorum() {
+        let c = with(&[]).unwrap();
+        assert_eq!((c.queue_type, c.delivery_limit), (QueueType::Classic, 20));
+        let c = with(&[
+            ("SKALD_QUEUE_TYPE", "quorum"),
+            ("SKALD_DELIVERY_LIMIT", "5"),
+        ])
+        .unwrap();
+        assert_eq!((c.queue_type, c.delivery_limit), (QueueType::Quorum, 5));
+        let err = with(&[("SKALD_QUEUE_TYPE", "stream")]).unwrap_err();
+        assert!(err.to_string().contains("classic or quorum"), "{err}");
+        assert!(with(&[("SKALD_DELIVERY_LIMIT", "0")]).is_err());
+        assert!(with(&[("SKALD_DELIVERY_LIMIT", "1000001")]).is_err());
+    }
+
+    #[test]
+    fn several_broker_addresses_are_one_comma_separated_amqp_url() {
+        let list = "amqp://a:5672/%2f, amqp://b:5672/%2f";
+        assert_eq!(with(&[("AMQP_URL", list)]).unwrap().amqp_url, list);
+        let err = with(&[("AMQP_URL", "amqp://a:5672,http://b")]).unwrap_err();
+        assert!(err.to_string().contains("AMQP_URL"), "{err}");
     }
 }

@@ -244,7 +244,11 @@ async fn publish_all(
 }
 
 async fn delete_queues(config: &Config, topology: &Topology) {
-    if let Ok(conn) = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await
+    if let Ok(conn) = Connection::connect(
+        &crate::transport::rabbitmq::brokers::first(&config.amqp_url),
+        ConnectionProperties::default(),
+    )
+    .await
         && let Ok(ch) = conn.create_channel().await
     {
         for queue in topology.all_queues() {

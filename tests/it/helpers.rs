@@ -165,6 +165,8 @@ impl TestEnv {
             service_databases: Vec::new(),
             // Batching on, as by default: every scenario runs with it.
             batching: Default::default(),
+            queue_type: skald::config::QueueType::Classic,
+            delivery_limit: 20,
         };
         let store = skald::store::Store::connect(&config.database_url, 1)
             .await
@@ -232,6 +234,11 @@ impl TestEnv {
             ("SKALD_HTTP_ADDR", "127.0.0.1:0".into()),
             ("SKALD_PARTITIONS", self.config.partitions.to_string()),
             ("SKALD_LOG", "info".into()),
+            ("SKALD_QUEUE_TYPE", self.config.queue_type.as_str().into()),
+            (
+                "SKALD_DELIVERY_LIMIT",
+                self.config.delivery_limit.to_string(),
+            ),
         ]
     }
 

@@ -2,6 +2,7 @@
 //! binary, so it links once; each scenario isolates itself through `helpers::TestEnv`.
 
 mod helpers;
+mod rabbit_cluster;
 mod redis_server;
 
 mod api;
@@ -13,6 +14,7 @@ mod batching;
 mod browser;
 mod check_steps;
 mod cli;
+mod cluster;
 mod command_steps;
 mod conformance;
 mod crash;

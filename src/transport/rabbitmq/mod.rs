@@ -37,6 +37,20 @@
 //!
 //! Every publish is persistent, `mandatory` and confirmed: a nack or an unroutable
 //! return is an error, not a success.
+//!
+//! **Clusters.** `SKALD_QUEUE_TYPE=quorum` makes every queue above a replicated quorum
+//! queue (arguments in `topology.rs`); `AMQP_URL` may list the nodes (`brokers.rs`),
+//! and a lost connection is re-made to the next node that answers. `skald queues
+//! migrate` moves a deployment's queued messages between queue types (`migrate.rs`).
+//!
+//! One concept a file: `topology.rs` (names, queue arguments, declaration),
+//! `brokers.rs` (the address list and the order they are tried in), `refusal.rs` (the
+//! broker's refusals and their fixes), `migrate.rs` (changing the queue type).
+
+pub mod brokers;
+pub mod migrate;
+mod refusal;
+pub mod topology;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,84 +61,21 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
 use super::{Acknowledge, Delivery, Endpoint, Transport, TransportError};
 use crate::config::Config;
-use crate::saga::definition::limits::MAX_RETRY_DELAY_MS;
+use refusal::{conn_err, setup_err};
+use topology::{DELAY_HEADER, declare, table, text};
+pub use topology::{DELAY_TIERS_MS, QueueRole, QueueSettings, Topology};
 
-/// Delay tiers in milliseconds; a delay is rounded up to the next one (the last one
-/// caps it).
-pub const DELAY_TIERS_MS: &[u64] = &[
-    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000,
-];
-
-// A saga's retry delays are capped at the longest tier, so none is ever cut short.
-const _: () = assert!(DELAY_TIERS_MS[DELAY_TIERS_MS.len() - 1] >= MAX_RETRY_DELAY_MS);
-
-/// The header that routes a delayed message to its tier queue.
-// Not `x-...`: a headers exchange ignores headers starting with `x-` when matching.
-const DELAY_HEADER: &str = "skald-delay";
-
-/// The names of everything skald declares, derived from the namespace.
-#[derive(Debug, Clone)]
-pub struct Topology {
-    /// The intake exchange (consistent hash on the aggregate id).
-    pub exchange: String,
-    /// The partition queues skald consumes.
-    pub partitions: Vec<String>,
-    /// The exchange delayed messages are published to.
-    pub delay_exchange: String,
-    /// The dead-letter exchange.
-    pub dead_exchange: String,
-    /// The dead-letter queue.
-    pub dead_queue: String,
-    namespace: String,
-}
-
-impl Topology {
-    /// The names for `namespace` with `partitions` partition queues.
-    pub fn new(namespace: &str, partitions: u16) -> Self {
-        Topology {
-            exchange: namespace.to_string(),
-            partitions: (0..partitions.max(1))
-                .map(|i| format!("{namespace}.p.{i}"))
-                .collect(),
-            delay_exchange: format!("{namespace}.delay"),
-            dead_exchange: format!("{namespace}.dlx"),
-            dead_queue: format!("{namespace}.dead"),
-            namespace: namespace.to_string(),
-        }
-    }
-
-    /// The delay tier (ms) a delay of `delay_ms` waits in: the next one up.
-    pub fn delay_tier(delay_ms: u64) -> u64 {
-        DELAY_TIERS_MS
-            .iter()
-            .copied()
-            .find(|&t| t >= delay_ms)
-            .unwrap_or(*DELAY_TIERS_MS.last().expect("tiers are not empty"))
-    }
-
-    /// The queue of delay tier `tier_ms`.
-    pub fn delay_queue(&self, tier_ms: u64) -> String {
-        format!("{}.delay.{tier_ms}", self.namespace)
-    }
-
-    /// Every queue skald declares (for tests and tools that clean up).
-    pub fn all_queues(&self) -> Vec<String> {
-        let mut queues = self.partitions.clone();
-        queues.push(self.dead_queue.clone());
-        queues.extend(DELAY_TIERS_MS.iter().map(|&t| self.delay_queue(t)));
-        queues
-    }
-}
+/// How long one connection attempt to one address may take before the next address
+/// is tried (a host that does not answer at all would otherwise hold start-up).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Link {
     connection: Connection,
@@ -133,12 +84,16 @@ struct Link {
     declared: std::collections::HashSet<String>,
 }
 
-/// skald's RabbitMQ transport: one connection, a confirming publish channel shared by
-/// all publishers, and a consume channel with a bounded prefetch.
+/// skald's RabbitMQ transport: one connection (to one node of `AMQP_URL` at a time), a
+/// confirming publish channel shared by all publishers, and a consume channel with a
+/// bounded prefetch.
 pub struct RabbitTransport {
-    url: String,
+    addresses: Vec<String>,
+    /// The index in `addresses` of the node last connected to.
+    current: std::sync::atomic::AtomicUsize,
     namespace: String,
     topology: Topology,
+    settings: QueueSettings,
     prefetch: u16,
     /// Pause between subscribing to two partitions (see `consume`).
     stagger: Duration,
@@ -149,59 +104,36 @@ pub struct RabbitTransport {
     stopping: Arc<AtomicBool>,
 }
 
-fn conn_err(e: lapin::Error) -> TransportError {
-    TransportError::Connection(e.to_string())
-}
-
-/// An error while connecting or declaring the topology: a refusal the broker answered
-/// with (see [`refusal_fix`]) is [`TransportError::Refused`], anything else (no route
-/// to the broker, a restart) a connection error that waiting may fix.
-fn setup_err(e: lapin::Error) -> TransportError {
-    if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
-        && let Some(fix) = refusal_fix(amqp.get_id(), amqp.get_message().as_str())
-    {
-        let said = amqp.get_message().as_str().trim_end_matches('.');
-        return TransportError::Refused(format!("RabbitMQ answered {said}; {fix}"));
+/// Connects to the first of `addresses` (in `order`, indexes into it) that answers,
+/// naming the connection `name`; the connection and its index. A refusal (wrong
+/// password, unknown vhost) ends the search: every node of a cluster would say the
+/// same.
+pub(crate) async fn connect_any(
+    addresses: &[String],
+    order: &[usize],
+    name: &str,
+) -> Result<(Connection, usize), TransportError> {
+    let mut failures = Vec::new();
+    for &i in order {
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let attempt = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect(&addresses[i], properties),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(connection)) => return Ok((connection, i)),
+            Ok(Err(e)) => match setup_err(e) {
+                refused @ TransportError::Refused(_) => return Err(refused),
+                other => failures.push(format!("{}: {other}", brokers::redacted(&addresses[i]))),
+            },
+            Err(_) => failures.push(format!(
+                "{}: no answer within {CONNECT_TIMEOUT:?}",
+                brokers::redacted(&addresses[i])
+            )),
+        }
     }
-    conn_err(e)
-}
-
-/// What to change when the broker refuses skald's connection or topology with the AMQP
-/// reply `code` and `message`; `None` for the replies that may clear up by themselves
-/// (320 CONNECTION_FORCED: the broker is restarting; 405 RESOURCE_LOCKED; 506
-/// RESOURCE_ERROR: out of a resource; 541 INTERNAL_ERROR).
-fn refusal_fix(code: u16, message: &str) -> Option<&'static str> {
-    Some(match code {
-        320 | 405 | 506 | 541 => return None,
-        403 => {
-            "check the user name and password in AMQP_URL, and that user's permissions \
-             on the vhost"
-        }
-        402 | 530 => {
-            "check the vhost in AMQP_URL: it must exist and the user must have access to it"
-        }
-        503 if message.contains("exchange type") => {
-            "the consistent-hash exchange plugin is not enabled: run \
-             `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange` on the broker"
-        }
-        406 => {
-            "an exchange or queue of this SKALD_NAMESPACE already exists with other \
-             settings than skald declares: delete it, or choose another SKALD_NAMESPACE"
-        }
-        _ => "the broker refuses skald's topology",
-    })
-}
-
-fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in entries {
-        t.insert(ShortString::from(*k), v.clone());
-    }
-    t
-}
-
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s))
+    Err(TransportError::Connection(failures.join("; ")))
 }
 
 impl RabbitTransport {
@@ -217,10 +149,16 @@ impl RabbitTransport {
         config: &Config,
         home: Endpoint,
     ) -> Result<Arc<RabbitTransport>, TransportError> {
+        let addresses = brokers::addresses(&config.amqp_url).map_err(TransportError::Refused)?;
         let transport = RabbitTransport {
-            url: config.amqp_url.clone(),
+            addresses,
+            current: Default::default(),
             namespace: config.namespace.clone(),
             topology: Topology::new(&home.prefix(&config.namespace), config.partitions),
+            settings: QueueSettings {
+                queue_type: config.queue_type,
+                delivery_limit: config.delivery_limit,
+            },
             prefetch: config.prefetch,
             stagger: config.subscribe_stagger,
             link: Mutex::new(None),
@@ -245,31 +183,40 @@ impl RabbitTransport {
         {
             return Ok(link.publisher.clone());
         }
-        if guard.is_some() {
-            tracing::warn!("RabbitMQ link lost; reconnecting");
+        let lost = guard.is_some();
+        let current = self.current.load(Ordering::SeqCst);
+        if lost {
+            tracing::warn!(
+                node = %brokers::redacted(&self.addresses[current]),
+                "RabbitMQ link lost; reconnecting"
+            );
         }
         // Named after the namespace, so that operators (and tests) can tell skald's
         // connections apart in `rabbitmqctl list_connections`.
-        let properties = ConnectionProperties::default()
-            .with_connection_name(format!("skald:{}", self.topology.namespace).into());
-        let connection = Connection::connect(&self.url, properties)
-            .await
-            .map_err(setup_err)?;
+        let order = brokers::attempt_order(self.addresses.len(), current, !lost);
+        let name = format!("skald:{}", self.topology.namespace);
+        let (connection, node) = connect_any(&self.addresses, &order, &name).await?;
+        if lost || node != current {
+            tracing::info!(node = %brokers::redacted(&self.addresses[node]), "connected to RabbitMQ");
+        }
+        self.current.store(node, Ordering::SeqCst);
         let declared = async {
             let publisher = connection.create_channel().await?;
             publisher
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
-            declare(&publisher, &self.topology).await?;
+            declare(&publisher, &self.topology, self.settings).await?;
             lapin::Result::Ok(publisher)
         }
         .await;
         let publisher = match declared {
             Ok(publisher) => publisher,
             Err(e) => {
+                let refused =
+                    refusal::declare_err(&connection, &self.topology, self.settings, e).await;
                 // Not left open behind a failed attempt (start-up may try again).
                 let _ = connection.close(200, "topology not declared".into()).await;
-                return Err(setup_err(e));
+                return Err(refused);
             }
         };
         *guard = Some(Link {
@@ -298,7 +245,15 @@ impl RabbitTransport {
             .as_ref()
             .is_some_and(|l| l.declared.contains(&topology.exchange));
         if !known {
-            declare(&channel, &topology).await.map_err(setup_err)?;
+            if let Err(e) = declare(&channel, &topology, self.settings).await {
+                let guard = self.link.lock().await;
+                return Err(match guard.as_ref() {
+                    Some(link) => {
+                        refusal::declare_err(&link.connection, &topology, self.settings, e).await
+                    }
+                    None => setup_err(e),
+                });
+            }
             if let Some(link) = self.link.lock().await.as_mut() {
                 link.declared.insert(topology.exchange.clone());
             }
@@ -353,94 +308,6 @@ impl RabbitTransport {
             )),
         }
     }
-}
-
-/// Declares the exchanges and queues of `topology` (idempotent).
-async fn declare(ch: &Channel, topology: &Topology) -> lapin::Result<()> {
-    let durable_exchange = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let durable_queue = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.exchange_declare(
-        topology.exchange.as_str().into(),
-        ExchangeKind::Custom("x-consistent-hash".into()),
-        durable_exchange,
-        FieldTable::default(),
-    )
-    .await?;
-    for partition in &topology.partitions {
-        ch.queue_declare(
-            partition.as_str().into(),
-            durable_queue,
-            table(&[("x-single-active-consumer", AMQPValue::Boolean(true))]),
-        )
-        .await?;
-        // For a consistent-hash exchange the binding key is the partition's weight.
-        ch.queue_bind(
-            partition.as_str().into(),
-            topology.exchange.as_str().into(),
-            "1".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    }
-    ch.exchange_declare(
-        topology.delay_exchange.as_str().into(),
-        ExchangeKind::Headers,
-        durable_exchange,
-        FieldTable::default(),
-    )
-    .await?;
-    for &tier in DELAY_TIERS_MS {
-        let queue = topology.delay_queue(tier);
-        ch.queue_declare(
-            queue.as_str().into(),
-            durable_queue,
-            table(&[
-                ("x-message-ttl", AMQPValue::LongLongInt(tier as i64)),
-                ("x-dead-letter-exchange", text(&topology.exchange)),
-            ]),
-        )
-        .await?;
-        ch.queue_bind(
-            queue.as_str().into(),
-            topology.delay_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            table(&[
-                ("x-match", text("all")),
-                (DELAY_HEADER, text(&tier.to_string())),
-            ]),
-        )
-        .await?;
-    }
-    ch.exchange_declare(
-        topology.dead_exchange.as_str().into(),
-        ExchangeKind::Fanout,
-        durable_exchange,
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(
-        topology.dead_queue.as_str().into(),
-        durable_queue,
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_bind(
-        topology.dead_queue.as_str().into(),
-        topology.dead_exchange.as_str().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    Ok(())
 }
 
 /// Passes one partition's deliveries on until its consumer ends (connection lost,
@@ -649,55 +516,3 @@ impl Transport for RabbitTransport {
 
 /// How long to wait before reconnecting after the broker went away.
 pub const RECONNECT_DELAY: Duration = Duration::from_secs(1);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_refused_topology_or_login_names_its_fix() {
-        // The replies RabbitMQ sends, verbatim.
-        let fix = |code, message| refusal_fix(code, message).unwrap_or_default();
-        assert!(
-            fix(
-                503,
-                "COMMAND_INVALID - unknown exchange type 'x-consistent-hash'"
-            )
-            .contains("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange")
-        );
-        assert!(
-            fix(
-                503,
-                "COMMAND_INVALID - invalid exchange type 'x-consistent-hash'"
-            )
-            .contains("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange")
-        );
-        assert!(
-            fix(
-                406,
-                "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'skald' in \
-                 vhost '/': received 'x-consistent-hash' but current is 'direct'"
-            )
-            .contains("SKALD_NAMESPACE")
-        );
-        assert!(
-            fix(
-                403,
-                "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN."
-            )
-            .contains("password in AMQP_URL")
-        );
-        assert!(fix(530, "NOT_ALLOWED - vhost nope not found").contains("vhost in AMQP_URL"));
-    }
-
-    #[test]
-    fn a_broker_that_is_restarting_is_waited_for() {
-        for code in [320, 405, 506, 541] {
-            assert_eq!(
-                refusal_fix(code, "CONNECTION_FORCED - shutdown"),
-                None,
-                "{code}"
-            );
-        }
-    }
-}
