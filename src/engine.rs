@@ -525,9 +525,7 @@ impl Engine {
         match handled {
             Handled::Send(outgoing) => {
                 crash_at(FaultPoint::AfterCommit)?;
-                for msg in &outgoing {
-                    msg.send(self.transport.as_ref()).await?;
-                }
+                commands::send_all(&outgoing, self.transport.as_ref()).await?;
                 crash_at(FaultPoint::AfterPublish)?;
             }
             Handled::DeadLetter(code, reason) => {
