@@ -189,8 +189,7 @@ impl Engine {
                 (CommandStatus::Failed, Some(message.as_str()), None)
             }
         };
-        commands::finish(tx.conn(), reply.in_reply_to, status, error, outputs).await?;
-        commands::record_reply(tx.conn(), reply, ReplyDisposition::Applied).await?;
+        commands::apply_reply(tx.conn(), reply, status, error, outputs).await?;
         let at = attempt_in(job, &locked, instance_id, cursor);
         tracing::info!(service = %reply.service, command_id = %reply.in_reply_to,
             status = status.as_str(), "reply applied");
