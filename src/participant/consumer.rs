@@ -381,9 +381,9 @@ impl Inner {
 
     /// One message's transaction: what follows its commit.
     ///
-    /// On the way that succeeds (the usual one) it is four round trips and one commit:
-    /// the look-up of its processed row and its aggregate's last applied (one
-    /// statement), the handler's statements, and the record of both (one statement).
+    /// On the way that succeeds (the usual one) the participant's own round trips are
+    /// four — `BEGIN`, one look-up of its processed row and its aggregate's last
+    /// applied, one record of both, `COMMIT` — besides the handler's statements.
     async fn handle(&self, msg: &ServiceMessage) -> Result<VecDeque<Action>, Again> {
         let mut tx = self.parts.pool.begin().await?;
         let (done, last) = store::lookup(&mut tx, &self.parts.service, msg).await?;
