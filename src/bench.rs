@@ -17,6 +17,9 @@
 //!   services ([`command`]).
 //!
 //! The ratio is skald's steps/s over the baseline's messages/s.
+//!
+//! The whole run stops at `--timeout` ([`deadline`]): a run that cannot finish ends
+//! with an error saying what finished and where it stood.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,6 +50,12 @@ use crate::transport::rabbitmq::Topology;
 use crate::transport::{Endpoint, Transport};
 
 pub mod command;
+pub mod deadline;
+
+use deadline::Deadline;
+
+/// `--timeout`'s default, seconds.
+pub const DEFAULT_TIMEOUT_S: u64 = 600;
 
 /// Which kinds of steps `skald bench` runs besides the baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -84,6 +93,11 @@ pub struct BenchArgs {
     /// them all first: the latency at a given load, not the throughput at full load.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// The longest the whole run may take, seconds (1 or more): past it the run stops,
+    /// says what finished, and exits 1.
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_S,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
 }
 
 /// What one bench run measured.
@@ -160,14 +174,22 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
         ..config
     };
     eprintln!("bench: scratch database and namespace {scratch}");
+    let deadline = Deadline::after(Duration::from_secs(args.timeout));
 
-    let result = measure(&config, &args, aggregates).await;
+    let result = measure(&config, &args, aggregates, &deadline).await;
     cleanup(&base, &config, &scratch).await;
     let mut report = result?;
     if args.steps == StepsMode::Command {
         let baseline = report.baseline_msgs_per_s;
-        report.command =
-            Some(command::run(&config, &base, &scratch, args.sagas, aggregates, baseline).await?);
+        let run = command::Run {
+            base: &base,
+            scratch: &scratch,
+            sagas: args.sagas,
+            aggregates,
+            baseline_msgs_per_s: baseline,
+            deadline: &deadline,
+        };
+        report.command = Some(command::run(&config, run).await?);
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -217,21 +239,40 @@ async fn measure(
     config: &Config,
     args: &BenchArgs,
     aggregates: usize,
+    deadline: &Deadline,
 ) -> anyhow::Result<BenchReport> {
     // Build skald first: it creates the database, its schema and the sample tables
     // that the baseline's statement also uses.
-    let app = App::build(config.clone(), Handlers::default(), Faults::none()).await?;
-    seed(app.store().pool(), aggregates).await?;
+    let app = deadline
+        .within("starting skald for the SQL-step run", async {
+            let app = App::build(config.clone(), Handlers::default(), Faults::none()).await?;
+            seed(app.store().pool(), aggregates).await?;
+            Ok(app)
+        })
+        .await?;
 
     let baseline_messages = args.baseline_messages.unwrap_or(args.sagas * 3);
-    let baseline = baseline(config, baseline_messages, aggregates).await?;
+    let baseline = deadline
+        .within(
+            &format!("the baseline worker ({baseline_messages} messages)"),
+            baseline(config, baseline_messages, aggregates),
+        )
+        .await?;
     eprintln!("bench: baseline {baseline:.1} msgs/s over {baseline_messages} messages");
+    deadline.finished(format!(
+        "baseline {baseline:.1} msgs/s over {baseline_messages} messages"
+    ));
 
-    let transport = crate::transport::connect(config, Endpoint::Orchestrator).await?;
-    if args.rate.is_none() {
-        publish_all(transport.as_ref(), args.sagas, aggregates, None).await?;
-        transport.close().await;
-    }
+    let transport = deadline
+        .within("publishing the SQL-step run's starts", async {
+            let transport = crate::transport::connect(config, Endpoint::Orchestrator).await?;
+            if args.rate.is_none() {
+                publish_all(transport.as_ref(), args.sagas, aggregates, None).await?;
+                transport.close().await;
+            }
+            Ok(transport)
+        })
+        .await?;
 
     let engine = app.engine().clone();
     let pool = app.store().pool().clone();
@@ -254,11 +295,28 @@ async fn measure(
             published
         })
     });
-    let completed = wait_terminal(&pool, args.sagas as i64, started).await?;
+    let completed = match wait_terminal(&pool, args.sagas as i64, deadline, "SQL-step run").await {
+        Ok(completed) => completed,
+        Err(e) => {
+            // Children would outlive the run (and hold the scratch database).
+            for child in &mut children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if let Some(paced) = paced {
+                paced.abort();
+            }
+            return Err(e);
+        }
+    };
     if let Some(paced) = paced {
         paced.await??;
     }
     let seconds = started.elapsed().as_secs_f64();
+    deadline.finished(format!(
+        "SQL-step run: {completed} of {} sagas completed in {seconds:.1} s",
+        args.sagas
+    ));
     let steps: i64 =
         sqlx::query_scalar("SELECT count(*) FROM skald.inbox WHERE disposition = 'applied'")
             .fetch_one(&pool)
@@ -314,23 +372,42 @@ async fn measure(
     })
 }
 
-/// Waits until `target` instances are terminal (at most 30 minutes after `started`);
-/// how many completed.
-async fn wait_terminal(pool: &sqlx::PgPool, target: i64, started: Instant) -> anyhow::Result<i64> {
+/// Waits until `target` instances are terminal; how many completed. At the deadline:
+/// [`deadline::TimedOut`] saying how many of the `run`'s sagas were terminal.
+async fn wait_terminal(
+    pool: &sqlx::PgPool,
+    target: i64,
+    deadline: &Deadline,
+    run: &str,
+) -> anyhow::Result<i64> {
+    let mut last = (0, 0);
     loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (terminal, completed): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE status IN ('completed','compensated','failed')), \
-                    count(*) FILTER (WHERE status = 'completed') FROM skald.instances",
+        let until = tokio::time::Instant::now() + Duration::from_millis(100);
+        tokio::time::sleep_until(until.min(deadline.at())).await;
+        if deadline.passed() {
+            let (terminal, completed) = last;
+            return Err(deadline
+                .timed_out(format!(
+                    "{run}: {terminal} of {target} sagas terminal ({completed} completed)"
+                ))
+                .into());
+        }
+        let counted = tokio::time::timeout_at(
+            deadline.at(),
+            sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE status IN ('completed','compensated','failed')), \
+                        count(*) FILTER (WHERE status = 'completed') FROM skald.instances",
+            )
+            .fetch_one(pool),
         )
-        .fetch_one(pool)
-        .await?;
+        .await;
+        // A count the deadline cut short: the last one is said.
+        let Ok(counted) = counted else { continue };
+        let (terminal, completed): (i64, i64) = counted?;
         if terminal >= target {
             return Ok(completed);
         }
-        if started.elapsed() > Duration::from_secs(1800) {
-            anyhow::bail!("bench: only {terminal} of {target} sagas finished in 30 minutes");
-        }
+        last = (terminal, completed);
     }
 }
 

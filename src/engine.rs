@@ -594,9 +594,7 @@ impl Engine {
             Handled::Send(outgoing) => {
                 crash_at(FaultPoint::AfterCommit)?;
                 if !done.in_transaction {
-                    for msg in &outgoing {
-                        msg.send(self.transport.as_ref()).await?;
-                    }
+                    commands::send_all(&outgoing, self.transport.as_ref()).await?;
                 }
                 crash_at(FaultPoint::AfterPublish)?;
                 Ok(if done.in_transaction {

@@ -30,11 +30,16 @@ use crate::participant::{Participant, ParticipantError, connect_pool};
 use crate::transport::rabbitmq::Topology;
 use crate::transport::{Endpoint, Transport};
 
+use super::deadline::Deadline;
+
 const SAMPLES: [Sample; 3] = [Sample::Stock, Sample::Payments, Sample::Shipping];
 
 /// The reply timeout the bench gives every command step (the sample's 5 s would make
 /// a queue backlog re-send commands: the bench measures steps, not re-sends).
 const REPLY_TIMEOUT_MS: u64 = 600_000;
+
+/// How long a run stopped by the deadline waits for skald and the services to stop.
+const STOP_AFTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the command-step run measured.
 #[derive(Debug, Serialize)]
@@ -55,16 +60,27 @@ pub struct CommandReport {
     pub p99_ms: f64,
 }
 
+/// What one command-step run is given.
+pub struct Run<'a> {
+    /// The server's connection options (any database).
+    pub base: &'a PgConnectOptions,
+    /// The bench's scratch name, which this run's names extend.
+    pub scratch: &'a str,
+    /// Sagas to run.
+    pub sagas: usize,
+    /// Aggregates they are spread over.
+    pub aggregates: usize,
+    /// The baseline's messages/s, for the ratio.
+    pub baseline_msgs_per_s: f64,
+    /// The whole bench's deadline.
+    pub deadline: &'a Deadline,
+}
+
 /// Runs the command-step mode on scratch databases `<scratch>_cmd` (skald's) and
-/// `<scratch>_cmd_<service>` under namespace `<scratch>_cmd`, and removes them.
-pub async fn run(
-    config: &Config,
-    base: &PgConnectOptions,
-    scratch: &str,
-    sagas: usize,
-    aggregates: usize,
-    baseline_msgs_per_s: f64,
-) -> anyhow::Result<CommandReport> {
+/// `<scratch>_cmd_<service>` under namespace `<scratch>_cmd`, and removes them (also
+/// when the deadline stops it).
+pub async fn run(config: &Config, run: Run<'_>) -> anyhow::Result<CommandReport> {
+    let Run { base, scratch, .. } = run;
     let name = format!("{scratch}_cmd");
     let source_dir = config.sagas_dir.clone();
     let sagas_dir = std::env::temp_dir().join(&name);
@@ -76,7 +92,7 @@ pub async fn run(
     };
     let result = async {
         write_saga(&source_dir, &sagas_dir)?;
-        measure(config, base, &name, sagas, aggregates, baseline_msgs_per_s).await
+        measure(config, &name, &run).await
     }
     .await;
     let _ = std::fs::remove_dir_all(&sagas_dir);
@@ -106,29 +122,43 @@ fn write_saga(from: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<(
     Ok(())
 }
 
-async fn measure(
-    config: &Config,
-    base: &PgConnectOptions,
-    name: &str,
-    sagas: usize,
-    aggregates: usize,
-    baseline_msgs_per_s: f64,
-) -> anyhow::Result<CommandReport> {
-    let app = App::build(config.clone(), Handlers::default(), Faults::none()).await?;
+async fn measure(config: &Config, name: &str, run: &Run<'_>) -> anyhow::Result<CommandReport> {
+    let Run {
+        base,
+        sagas,
+        aggregates,
+        baseline_msgs_per_s,
+        deadline,
+        ..
+    } = *run;
+    let (app, services) = deadline
+        .within(
+            "starting skald and the services for the command-step run",
+            async {
+                let app = App::build(config.clone(), Handlers::default(), Faults::none()).await?;
+                let mut services = Vec::new();
+                for sample in SAMPLES {
+                    let url = base
+                        .clone()
+                        .database(&format!("{name}_{}", sample.name()))
+                        .to_url_lossy()
+                        .to_string();
+                    services.push((sample, prepare(config, sample, &url, aggregates).await?));
+                }
+                Ok((app, services))
+            },
+        )
+        .await?;
     let pool = app.store().pool().clone();
-    let mut services = Vec::new();
-    for sample in SAMPLES {
-        let url = base
-            .clone()
-            .database(&format!("{name}_{}", sample.name()))
-            .to_url_lossy()
-            .to_string();
-        services.push((sample, prepare(config, sample, &url, aggregates).await?));
-    }
-    // The configured transport, as skald's own (`App::build`) and the services' are.
-    let transport = crate::transport::connect(config, Endpoint::Orchestrator).await?;
-    publish_all(transport.as_ref(), sagas, aggregates).await?;
-    transport.close().await;
+    deadline
+        .within("publishing the command-step run's starts", async {
+            // The configured transport, as skald's own (`App::build`) and the services' are.
+            let transport = crate::transport::connect(config, Endpoint::Orchestrator).await?;
+            publish_all(transport.as_ref(), sagas, aggregates).await?;
+            transport.close().await;
+            Ok(())
+        })
+        .await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let started = Instant::now();
@@ -143,7 +173,23 @@ async fn measure(
     let app = actix::spawn(app.run_until(async move {
         let _ = stop.wait_for(|s| *s).await;
     }));
-    let completed = super::wait_terminal(&pool, sagas as i64, started).await?;
+    let completed =
+        match super::wait_terminal(&pool, sagas as i64, deadline, "command-step run").await {
+            Ok(completed) => completed,
+            Err(e) => {
+                // Stopped before the scratch databases are dropped, so that nothing logs
+                // their loss; nothing waits long for them.
+                let _ = stop_tx.send(true);
+                let stopped = async {
+                    let _ = app.await;
+                    for service in running {
+                        let _ = service.await;
+                    }
+                };
+                let _ = tokio::time::timeout(STOP_AFTER_TIMEOUT, stopped).await;
+                return Err(e);
+            }
+        };
     let seconds = started.elapsed().as_secs_f64();
     let (steps, p50_ms, p99_ms): (i64, Option<f64>, Option<f64>) = sqlx::query_as(
         "SELECT count(*), \

@@ -14,10 +14,10 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::api::ApiError;
+use crate::api::services::{ServiceDatabases, add_service_sides};
 use crate::api::views::{self, ActionDone, InstancesQuery};
 use crate::config::Config;
 use crate::operator::ActionOutcome;
-use crate::api::services::{ServiceDatabases, add_service_sides};
 use crate::saga::Catalog;
 use crate::store::Store;
 use crate::transport::Transport;

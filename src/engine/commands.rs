@@ -19,6 +19,26 @@ use crate::saga::decide::{self, Attempt, StepResult};
 use crate::saga::definition::{CommandAction, StepDef};
 use crate::store::commands::{self, NewCommand, ReplyDisposition};
 use crate::store::{Disposal, InboxOutcome, NewInstance, StepRecord, StepTx};
+use crate::transport::{Transport, TransportError};
+
+/// Sends `outgoing` after its commit, each confirmed before this returns. A list
+/// with a command in it is a command step's send — the command and its reply timer,
+/// which go to different queues and are never ordered with each other — and is sent
+/// in one confirm round (on PostgreSQL, one group commit) instead of two; any other
+/// list is sent one message after the other, in its order.
+pub(super) async fn send_all(
+    outgoing: &[Outgoing],
+    transport: &dyn Transport,
+) -> Result<(), TransportError> {
+    if outgoing.iter().any(|m| m.command.is_some()) {
+        futures_util::future::try_join_all(outgoing.iter().map(|m| m.send(transport))).await?;
+    } else {
+        for msg in outgoing {
+            msg.send(transport).await?;
+        }
+    }
+    Ok(())
+}
 
 /// Whether `body` is a JSON object with `in_reply_to` at its top level: a reply,
 /// however malformed otherwise (a start or run envelope has no such field).
@@ -178,8 +198,7 @@ impl Engine {
                 (CommandStatus::Failed, Some(message.as_str()), None)
             }
         };
-        commands::finish(tx.conn(), reply.in_reply_to, status, error, outputs).await?;
-        commands::record_reply(tx.conn(), reply, ReplyDisposition::Applied).await?;
+        commands::apply_reply(tx.conn(), reply, status, error, outputs).await?;
         let at = attempt_in(job, &locked, instance_id, cursor);
         tracing::info!(service = %reply.service, command_id = %reply.in_reply_to,
             status = status.as_str(), "reply applied");

@@ -9,7 +9,8 @@
 //! 2. it waits for its aggregate's lane (one message per aggregate at a time);
 //! 3. one transaction on the service's database: a processed message is a copy (its
 //!    stored reply is sent again, nothing runs); a stale one is recorded unrun; else the
-//!    handler runs in a savepoint and its outcome is recorded with it;
+//!    handler runs and its success is recorded with it (a failure rolls the
+//!    transaction back, and a new one records the failure);
 //! 4. commit, then (each confirmed) the dead letter, the delayed retry or the reply;
 //! 5. ack.
 //!
@@ -26,10 +27,10 @@ use std::time::Duration;
 use chrono::Utc;
 use futures_util::StreamExt;
 use serde_json::Value;
-use sqlx::{Acquire, PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 
 use super::builder::ParticipantError;
-use super::decide::{self, Outcome};
+use super::decide::{self, LastApplied, Outcome};
 use super::faults::{CrashPoint, ParticipantFaults};
 use super::handler::{HandlerError, Incoming, MessageHandler};
 use super::lanes::Lanes;
@@ -368,19 +369,33 @@ impl Inner {
             .await;
     }
 
+    /// A copy of a processed message: nothing runs, its stored reply is sent again.
+    async fn copy_of(
+        &self,
+        tx: Transaction<'static, Postgres>,
+        msg: &ServiceMessage,
+        done: store::Processed,
+    ) -> Result<VecDeque<Action>, Again> {
+        tx.rollback().await?;
+        tracing::info!(service = %self.parts.service, message_id = %msg.message_id,
+            outcome = %done.outcome, "copy of a processed message: nothing runs");
+        Ok(done.reply.into_iter().map(Action::Reply).collect())
+    }
+
     /// One message's transaction: what follows its commit.
+    ///
+    /// On the way that succeeds (the usual one) the participant's own round trips are
+    /// four — `BEGIN`, one look-up of its processed row and its aggregate's last
+    /// applied, one record of both, `COMMIT` — besides the handler's statements.
     async fn handle(&self, msg: &ServiceMessage) -> Result<VecDeque<Action>, Again> {
         let mut tx = self.parts.pool.begin().await?;
-        if let Some(done) = store::processed(&mut tx, &self.parts.service, msg.message_id).await? {
-            tx.rollback().await?;
-            tracing::info!(service = %self.parts.service, message_id = %msg.message_id,
-                outcome = %done.outcome, "copy of a processed message: nothing runs");
-            return Ok(done.reply.into_iter().map(Action::Reply).collect());
+        let (done, last) = store::lookup(&mut tx, &self.parts.service, msg).await?;
+        if let Some(done) = done {
+            return self.copy_of(tx, msg, done).await;
         }
-        let last = store::last_applied(&mut tx, &self.parts.service, &msg.aggregate_id).await?;
         if let Some(reason) = decide::stale(msg, &last) {
             return self
-                .record(tx, msg, Outcome::Stale(reason), 0, &msg.errors)
+                .record(tx, msg, Outcome::Stale(reason), 0, &msg.errors, None)
                 .await;
         }
         let attempt = msg.errors.len() as u32 + 1;
@@ -395,8 +410,9 @@ impl Inner {
             sequence: msg.sequence,
             dispatched_at: msg.dispatched_at,
         };
-        let mut savepoint = (&mut tx).begin().await?;
-        let result = handler.call(&mut savepoint, incoming).await.and_then(|outputs| {
+        // No savepoint (two round trips each time): a failure rolls the whole
+        // transaction back, and a new one records the failure.
+        let result = handler.call(&mut tx, incoming).await.and_then(|outputs| {
             match nul_path(&Value::Object(outputs.clone()), "outputs") {
                 // A handler bug no retry fixes: PostgreSQL cannot store the reply.
                 Some(path) => Err(HandlerError::Fatal(format!(
@@ -407,22 +423,28 @@ impl Inner {
         });
         let error = match result {
             Ok(outputs) => {
-                savepoint.commit().await?;
-                store::advance(
-                    &mut tx,
-                    &self.parts.service,
-                    &msg.aggregate_id,
-                    last.after(msg),
-                )
-                .await?;
+                let advance = Some(last.after(msg));
                 return self
-                    .record(tx, msg, Outcome::Succeeded(outputs), attempt, &msg.errors)
+                    .record(
+                        tx,
+                        msg,
+                        Outcome::Succeeded(outputs),
+                        attempt,
+                        &msg.errors,
+                        advance,
+                    )
                     .await;
             }
             Err(error) => error,
         };
         // A dead connection fails here too: then it is the infrastructure, not an attempt.
-        savepoint.rollback().await?;
+        tx.rollback().await?;
+        let mut tx = self.parts.pool.begin().await?;
+        // Locked again; recorded by another process meanwhile (a partition handed
+        // over): a copy now, this try counts for nothing.
+        if let (Some(done), _) = store::lookup(&mut tx, &self.parts.service, msg).await? {
+            return self.copy_of(tx, msg, done).await;
+        }
         // The error text is stored as text: a NUL in it is spelled out.
         let message = error.to_string().replace('\0', "\\0");
         let failure = ServiceError {
@@ -457,7 +479,7 @@ impl Inner {
                 Ok(VecDeque::from([Action::Republish { body, delay_ms }]))
             }
             AfterFailure::Fatal => {
-                self.record(tx, msg, Outcome::Fatal(message), attempt, &errors)
+                self.record(tx, msg, Outcome::Fatal(message), attempt, &errors, None)
                     .await
             }
             AfterFailure::Exhausted => {
@@ -481,6 +503,7 @@ impl Inner {
                         Outcome::Exhausted(reason.clone()),
                         attempt,
                         &errors,
+                        None,
                     )
                     .await?;
                 actions.push_front(Action::DeadLetter {
@@ -493,7 +516,8 @@ impl Inner {
         }
     }
 
-    /// Records `msg` as processed with `outcome` and commits: its reply follows.
+    /// Records `msg` as processed with `outcome` (and, with `advance`, what its
+    /// aggregate last applied) and commits: its reply follows.
     async fn record(
         &self,
         mut tx: Transaction<'static, Postgres>,
@@ -501,18 +525,19 @@ impl Inner {
         outcome: Outcome,
         attempts: u32,
         errors: &[ServiceError],
+        advance: Option<LastApplied>,
     ) -> Result<VecDeque<Action>, Again> {
         let reply = decide::reply(&self.parts.service, msg, &outcome);
-        let recorded = store::record(
-            &mut tx,
-            &self.parts.service,
+        let new = store::NewProcessed {
+            service: &self.parts.service,
             msg,
-            &outcome,
-            reply.as_ref(),
+            outcome: &outcome,
+            reply: reply.as_ref(),
             attempts,
             errors,
-        )
-        .await?;
+            advance,
+        };
+        let recorded = store::record(&mut tx, &new).await?;
         if !recorded {
             tx.rollback().await?;
             return Err(Again::Raced);

@@ -1,8 +1,8 @@
 //! The handler contract: what a service's code for one message type receives and
 //! returns.
 //!
-//! A handler runs inside a transaction on the **service's own database** (a savepoint
-//! of the transaction that also records the message as processed). What it writes
+//! A handler runs inside a transaction on the **service's own database** (the
+//! transaction that also records the message as processed). What it writes
 //! through the connection commits together with that record, or not at all: its
 //! database effect happens once per message, however often the message is delivered.
 //!

@@ -36,92 +36,94 @@ pub struct Processed {
     pub reply: Option<Reply>,
 }
 
-/// The processed-messages row of `message_id`, locked until the transaction ends (a
-/// replay deleting it concurrently is waited for).
-pub async fn processed(
-    conn: &mut PgConnection,
-    service: &str,
-    message_id: Uuid,
-) -> Result<Option<Processed>, sqlx::Error> {
-    let row: Option<(String, Option<Json<Reply>>)> = sqlx::query_as(
-        "SELECT outcome, reply FROM skald_participant.processed \
-         WHERE service = $1 AND message_id = $2 FOR UPDATE",
-    )
-    .bind(service)
-    .bind(message_id)
-    .fetch_optional(conn)
-    .await?;
-    Ok(row.map(|(outcome, reply)| Processed {
-        outcome,
-        reply: reply.map(|r| r.0),
-    }))
-}
-
-/// What `aggregate_id` last applied at `service`, locked until the transaction ends.
-pub async fn last_applied(
-    conn: &mut PgConnection,
-    service: &str,
-    aggregate_id: &str,
-) -> Result<LastApplied, sqlx::Error> {
-    let row: Option<(Option<i64>, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT last_sequence, last_dispatched_at FROM skald_participant.aggregates \
-         WHERE service = $1 AND aggregate_id = $2 FOR UPDATE",
-    )
-    .bind(service)
-    .bind(aggregate_id)
-    .fetch_optional(conn)
-    .await?;
-    Ok(
-        row.map_or_else(LastApplied::default, |(sequence, dispatched_at)| {
-            LastApplied {
-                sequence,
-                dispatched_at,
-            }
-        }),
-    )
-}
-
-/// Records that `aggregate_id` applied up to `last`.
-pub async fn advance(
-    conn: &mut PgConnection,
-    service: &str,
-    aggregate_id: &str,
-    last: LastApplied,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO skald_participant.aggregates \
-           (service, aggregate_id, last_sequence, last_dispatched_at) \
-         VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (service, aggregate_id) DO UPDATE SET \
-           last_sequence = EXCLUDED.last_sequence, \
-           last_dispatched_at = EXCLUDED.last_dispatched_at, updated_at = now()",
-    )
-    .bind(service)
-    .bind(aggregate_id)
-    .bind(last.sequence)
-    .bind(last.dispatched_at)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Records `msg` as processed with `outcome`; `false` when another process recorded
-/// it first (the caller rolls back and treats it as a copy).
-pub async fn record(
+/// In one round trip: the processed-messages row of `msg` and what its aggregate
+/// last applied at `service`, both locked until the transaction ends (a replay
+/// deleting the row concurrently is waited for).
+pub async fn lookup(
     conn: &mut PgConnection,
     service: &str,
     msg: &ServiceMessage,
-    outcome: &Outcome,
-    reply: Option<&Reply>,
-    attempts: u32,
-    errors: &[ServiceError],
-) -> Result<bool, sqlx::Error> {
+) -> Result<(Option<Processed>, LastApplied), sqlx::Error> {
+    // Each locking SELECT is a CTE of its own: FOR UPDATE cannot lock the nullable
+    // side of an outer join, and either row may be missing.
+    type Row = (
+        Option<String>,
+        Option<Json<Reply>>,
+        Option<i64>,
+        Option<DateTime<Utc>>,
+    );
+    let (outcome, reply, sequence, dispatched_at): Row = sqlx::query_as(
+        "WITH p AS (SELECT outcome, reply FROM skald_participant.processed \
+                    WHERE service = $1 AND message_id = $2 FOR UPDATE), \
+              a AS (SELECT last_sequence, last_dispatched_at FROM skald_participant.aggregates \
+                    WHERE service = $1 AND aggregate_id = $3 FOR UPDATE) \
+         SELECT (SELECT outcome FROM p), (SELECT reply FROM p), \
+                (SELECT last_sequence FROM a), (SELECT last_dispatched_at FROM a)",
+    )
+    .bind(service)
+    .bind(msg.message_id)
+    .bind(&msg.aggregate_id)
+    .fetch_one(conn)
+    .await?;
+    let processed = outcome.map(|outcome| Processed {
+        outcome,
+        reply: reply.map(|r| r.0),
+    });
+    let last = LastApplied {
+        sequence,
+        dispatched_at,
+    };
+    Ok((processed, last))
+}
+
+/// A message to record as processed.
+#[derive(Debug)]
+pub struct NewProcessed<'a> {
+    /// The service.
+    pub service: &'a str,
+    /// The message.
+    pub msg: &'a ServiceMessage,
+    /// How it ended.
+    pub outcome: &'a Outcome,
+    /// The reply it is answered with (commands only).
+    pub reply: Option<&'a Reply>,
+    /// Tries it took.
+    pub attempts: u32,
+    /// Its error history.
+    pub errors: &'a [ServiceError],
+    /// What its aggregate last applied once it is (its handler succeeded): recorded
+    /// with it, as the aggregate's new high-water mark.
+    pub advance: Option<LastApplied>,
+}
+
+/// Records a message as processed (and, with `advance`, what its aggregate last
+/// applied) in one statement; `false` when another process recorded it first (the
+/// caller rolls back, the advance with it, and treats it as a copy).
+pub async fn record(conn: &mut PgConnection, new: &NewProcessed<'_>) -> Result<bool, sqlx::Error> {
+    let NewProcessed {
+        service,
+        msg,
+        outcome,
+        reply,
+        attempts,
+        errors,
+        advance,
+    } = *new;
     let outputs = match outcome {
         Outcome::Succeeded(outputs) => Some(Json(outputs)),
         _ => None,
     };
+    // The advance is a data-modifying CTE: it runs whatever the insert does, and a
+    // refused insert rolls the transaction (so the advance) back.
     let done = sqlx::query(
-        "INSERT INTO skald_participant.processed (service, message_id, type, aggregate_id, \
+        "WITH advanced AS ( \
+           INSERT INTO skald_participant.aggregates \
+             (service, aggregate_id, last_sequence, last_dispatched_at) \
+           SELECT $1, $4, $14, $15 WHERE $13 \
+           ON CONFLICT (service, aggregate_id) DO UPDATE SET \
+             last_sequence = EXCLUDED.last_sequence, \
+             last_dispatched_at = EXCLUDED.last_dispatched_at, updated_at = now()) \
+         INSERT INTO skald_participant.processed (service, message_id, type, aggregate_id, \
            sequence, dispatched_at, outcome, outputs, error, reply, attempts, errors) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
          ON CONFLICT (service, message_id) DO NOTHING",
@@ -138,6 +140,9 @@ pub async fn record(
     .bind(reply.map(Json))
     .bind(attempts as i32)
     .bind(Json(errors))
+    .bind(advance.is_some())
+    .bind(advance.and_then(|a| a.sequence))
+    .bind(advance.and_then(|a| a.dispatched_at))
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)

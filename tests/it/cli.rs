@@ -504,14 +504,20 @@ async fn instance_commands_list_show_and_act_as_the_api_does() {
         serde_json::from_str(&env.skald_ok(&["instances", "search", &id, "--json"])).unwrap();
     assert_eq!(by_id["items"][0]["matched"], "instance_id", "{by_id}");
     assert_eq!(by_id["items"][0]["instance"]["id"], id.as_str(), "{by_id}");
-    let start = doc["start_message_id"].as_str().expect("a start message id");
+    let start = doc["start_message_id"]
+        .as_str()
+        .expect("a start message id");
     let by_message: serde_json::Value =
         serde_json::from_str(&env.skald_ok(&["instances", "search", start, "--json"])).unwrap();
-    assert_eq!(by_message["items"][0]["matched"], "message_id", "{by_message}");
+    assert_eq!(
+        by_message["items"][0]["matched"], "message_id",
+        "{by_message}"
+    );
     let aggregate = doc["aggregate_id"].as_str().expect("an aggregate id");
     let by_aggregate = env.skald_ok(&["instances", "search", aggregate]);
     assert!(
-        by_aggregate.starts_with(&id) && by_aggregate.trim_end().ends_with("(matched aggregate_id)"),
+        by_aggregate.starts_with(&id)
+            && by_aggregate.trim_end().ends_with("(matched aggregate_id)"),
         "{by_aggregate}"
     );
     let nothing = env.skald_ok(&["instances", "search", "nobody-at-all"]);

@@ -705,3 +705,55 @@ async fn bench_in_command_step_mode_reports_the_three_services_run_beside_the_sq
         "{report}"
     );
 }
+
+#[actix_rt::test]
+async fn a_bench_run_that_cannot_finish_stops_at_its_timeout_and_says_what_finished() {
+    // Given a command-step sample whose first service is one nobody runs: its sagas
+    // wait for a reply that never comes.
+    let sagas_dir = order_services_with(&[("service: stock", "service: nowhere".into())]);
+    std::fs::copy(
+        crate::helpers::sample_sagas().join("order_checkout.yaml"),
+        sagas_dir.join("order_checkout.yaml"),
+    )
+    .unwrap();
+    // When the bench runs both modes with a 30 s deadline.
+    let timeout = Duration::from_secs(30);
+    let began = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
+        .args(["bench", "--sagas", "20", "--aggregates", "5"])
+        .args(["--steps", "command", "--json", "--timeout"])
+        .arg(timeout.as_secs().to_string())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATABASE_URL", format!("{SERVER}/postgres"))
+        .env("SKALD_SAGAS_DIR", &sagas_dir)
+        .env("SKALD_LOG", "warn")
+        .output()
+        .expect("run skald bench");
+    let took = began.elapsed();
+    let _ = std::fs::remove_dir_all(&sagas_dir);
+    // Then it stops at the deadline (plus its clean-up), exits 1, prints no report, and
+    // says what finished and how far the command-step run got.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty(), "no report: {stderr}");
+    assert!(
+        took < timeout + Duration::from_secs(20),
+        "took {took:?}: {stderr}"
+    );
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("an error line: {stderr}"));
+    assert!(
+        error.starts_with("error: bench timed out after 30 s (--timeout 30): finished: baseline "),
+        "{error}"
+    );
+    assert!(
+        error.contains("; SQL-step run: 20 of 20 sagas completed in "),
+        "{error}"
+    );
+    assert!(
+        error.ends_with("; unfinished: command-step run: 0 of 20 sagas terminal (0 completed)"),
+        "{error}"
+    );
+}

@@ -567,7 +567,11 @@ async fn starts_through_the_api_header_and_the_cli_option_join_the_callers_trace
     let (status, traced) = crate::api::call(&svc, start("order-api", &caller_traceparent())).await;
     assert_eq!(status.as_u16(), 202, "{traced}");
     let (status, plain) = crate::api::call(&svc, start("order-plain", "00-garbage-01")).await;
-    assert_eq!(status.as_u16(), 202, "an invalid header is ignored: {plain}");
+    assert_eq!(
+        status.as_u16(),
+        202,
+        "an invalid header is ignored: {plain}"
+    );
     let cli: Value = serde_json::from_str(&env.skald_ok(&[
         "start",
         "traced_order",
