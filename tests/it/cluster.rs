@@ -186,6 +186,8 @@ async fn a_loaded_deployment_moves_from_classic_to_quorum_queues_and_loses_nothi
     let Some(cluster) = RabbitCluster::shared() else {
         return;
     };
+    // Every node up throughout: the node-loss scenarios must not stop one mid-move.
+    let _exclusive = cluster.exclusive().await;
     let began = Instant::now();
     let mut env = on_cluster(cluster, test_sagas()).await;
     env.config.queue_type = QueueType::Classic;

@@ -61,7 +61,7 @@ impl RabbitCluster {
             .as_ref()
     }
 
-    /// Held while a test stops and starts nodes.
+    /// Held while a test stops and starts nodes, or needs every node up throughout.
     pub async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.exclusive.lock().await
     }
