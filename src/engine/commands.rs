@@ -254,13 +254,17 @@ impl Engine {
     /// A copy of a reply handled before: recorded as `duplicate`; what its first
     /// handling sent is sent again.
     pub(super) async fn duplicate_reply(&self, reply: &Reply) -> Result<Handled, EngineError> {
-        let mut conn = self
-            .store
-            .pool()
-            .acquire()
-            .await
-            .map_err(crate::store::StoreError::from)?;
-        commands::record_reply(&mut conn, reply, ReplyDisposition::Duplicate).await?;
+        // Inside a batch, a step holds at most one connection besides the batch's (see
+        // `Batcher::running`): this one goes back before `resend_copy` takes another.
+        {
+            let mut conn = self
+                .store
+                .pool()
+                .acquire()
+                .await
+                .map_err(crate::store::StoreError::from)?;
+            commands::record_reply(&mut conn, reply, ReplyDisposition::Duplicate).await?;
+        }
         self.stats
             .metrics
             .reply(ReplyDisposition::Duplicate.as_str());

@@ -93,15 +93,37 @@ pub fn test_sagas() -> PathBuf {
 
 /// `skald explore <args>` from the crate's root, on scratch databases of the local
 /// server, with warnings only in its log.
+/// A run that takes longer has hung (a full exploration takes seconds): the test fails
+/// instead of waiting forever.
 pub fn explore(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_skald"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_skald"))
         .arg("explore")
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("DATABASE_URL", format!("{SERVER}/postgres"))
         .env("SKALD_LOG", "warn")
-        .output()
-        .expect("run skald explore")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run skald explore");
+    // Read both pipes while waiting, so a long report never blocks the child.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = wait_child(&mut child, Duration::from_secs(300));
+    std::process::Output {
+        status,
+        stdout: stdout.join().expect("stdout"),
+        stderr: stderr.join().expect("stderr"),
+    }
 }
 
 /// One test's private database and broker namespace.
