@@ -78,27 +78,35 @@ pub(super) struct StepDone {
 }
 
 /// A step waiting in an open batch.
-struct Request {
+pub(super) struct Request {
     job: Arc<Job>,
     suspect_copy: bool,
     settle: Option<TxSettle>,
     span: tracing::Span,
-    /// `None` for the batch's leader, which takes its own result.
-    done: Option<oneshot::Sender<StepDone>>,
+    done: oneshot::Sender<StepDone>,
 }
 
-#[derive(Default)]
-struct State {
-    open: Vec<Request>,
+struct State<R> {
+    open: Vec<R>,
     opened_at: Option<Instant>,
     /// Steps between joining [`Batcher::active`] and leaving it.
     active: usize,
 }
 
-/// Forms the batches of one engine.
-pub(super) struct Batcher {
+impl<R> Default for State<R> {
+    fn default() -> Self {
+        State {
+            open: Vec::new(),
+            opened_at: None,
+            active: 0,
+        }
+    }
+}
+
+/// Forms the batches of one engine (of [`Request`]s; of anything in unit tests).
+pub(super) struct Batcher<R = Request> {
     config: BatchConfig,
-    state: std::sync::Mutex<State>,
+    state: std::sync::Mutex<State<R>>,
     /// Woken when a step joins or leaves the engine, or a batch closes.
     changed: Notify,
     /// Batches running at once, each on a pooled connection of its own; at most half
@@ -108,16 +116,42 @@ pub(super) struct Batcher {
 }
 
 /// A step counted in the engine until dropped (see [`OpenBatch::others`]).
-pub(super) struct Active<'a>(&'a Batcher);
+pub(super) struct Active<'a, R>(&'a Batcher<R>);
 
-impl Drop for Active<'_> {
+impl<R> Drop for Active<'_, R> {
     fn drop(&mut self) {
         self.0.state.lock().expect("batch state").active -= 1;
         self.0.changed.notify_waiters();
     }
 }
 
-impl Batcher {
+/// The open batch's leader, until it closes the batch ([`Lead::close`]). A leader
+/// dropped before (its task cancelled) takes the batch with it, so that its steps learn
+/// it is lost (and try again) instead of waiting for a leader that is gone.
+pub(super) struct Lead<'a, R> {
+    batcher: &'a Batcher<R>,
+    closed: bool,
+}
+
+impl<R> Lead<'_, R> {
+    /// Waits until the open batch should close ([`should_close`]), then takes it.
+    pub async fn close(mut self) -> Vec<R> {
+        let batch = self.batcher.close().await;
+        self.closed = true;
+        batch
+    }
+}
+
+impl<R> Drop for Lead<'_, R> {
+    fn drop(&mut self) {
+        if !self.closed {
+            let lost = self.batcher.take();
+            drop(lost);
+        }
+    }
+}
+
+impl<R> Batcher<R> {
     /// Batches formed by `config`, at most `pool_size / 2` (at least 1) running at once.
     pub fn new(config: BatchConfig, pool_size: u32) -> Self {
         Batcher {
@@ -133,14 +167,14 @@ impl Batcher {
     }
 
     /// Counts a step in the engine while the guard lives.
-    pub fn active(&self) -> Active<'_> {
+    pub fn active(&self) -> Active<'_, R> {
         self.state.lock().expect("batch state").active += 1;
         Active(self)
     }
 
-    /// Adds `request` to the open batch (waiting while it is full); `true` when it
-    /// opened the batch, and so leads it.
-    async fn join(&self, mut request: Request) -> bool {
+    /// Adds `request` to the open batch (waiting while it is full); its [`Lead`] when
+    /// it opened the batch, and so leads it.
+    async fn join(&self, request: R) -> Option<Lead<'_, R>> {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -151,12 +185,15 @@ impl Batcher {
                     let lead = state.open.is_empty();
                     if lead {
                         state.opened_at = Some(Instant::now());
-                        request.done = None;
                     }
                     state.open.push(request);
                     drop(state);
                     self.changed.notify_waiters();
-                    return lead;
+                    // Built only for the leader: a `Lead` dropped unclosed loses its batch.
+                    return lead.then(|| Lead {
+                        batcher: self,
+                        closed: false,
+                    });
                 }
             }
             changed.await;
@@ -164,13 +201,13 @@ impl Batcher {
     }
 
     /// Waits until the open batch should close ([`should_close`]), then takes it.
-    async fn close(&self) -> Vec<Request> {
+    async fn close(&self) -> Vec<R> {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             let remaining = {
-                let mut state = self.state.lock().expect("batch state");
+                let state = self.state.lock().expect("batch state");
                 let waited = state.opened_at.map_or(Duration::ZERO, |t| t.elapsed());
                 let open = OpenBatch {
                     len: state.open.len(),
@@ -178,16 +215,23 @@ impl Batcher {
                     others: state.active.saturating_sub(state.open.len()),
                 };
                 if should_close(&self.config, &open) {
-                    state.opened_at = None;
-                    let batch = std::mem::take(&mut state.open);
                     drop(state);
-                    self.changed.notify_waiters();
-                    return batch;
+                    return self.take();
                 }
                 self.config.window.saturating_sub(waited)
             };
             let _ = tokio::time::timeout(remaining, changed).await;
         }
+    }
+
+    /// Takes the open batch, so that the next step to join opens a new one.
+    fn take(&self) -> Vec<R> {
+        let mut state = self.state.lock().expect("batch state");
+        state.opened_at = None;
+        let batch = std::mem::take(&mut state.open);
+        drop(state);
+        self.changed.notify_waiters();
+        batch
     }
 }
 
@@ -206,26 +250,23 @@ impl Engine {
             suspect_copy,
             settle,
             span: tracing::Span::current(),
-            done: Some(done),
+            done,
         };
-        if !self.batcher.join(request).await {
-            return result.await.unwrap_or_else(|_| StepDone {
-                handled: Err(EngineError::BatchLost),
-                in_transaction: false,
-            });
-        }
-        // While a connection is awaited, the batch stays open and keeps growing.
-        let permit = self.batcher.running.acquire().await;
-        let batch = self.batcher.close().await;
-        let mut results = self.run_batch(&batch).await.into_iter();
-        drop(permit);
-        let own = results.next().expect("the leader's step is in its batch");
-        for (request, result) in batch.into_iter().skip(1).zip(results) {
-            if let Some(done) = request.done {
-                let _ = done.send(result);
+        if let Some(lead) = self.batcher.join(request).await {
+            // While a connection is awaited, the batch stays open and keeps growing.
+            let permit = self.batcher.running.acquire().await;
+            let batch = lead.close().await;
+            let results = self.run_batch(&batch).await;
+            drop(permit);
+            for (request, result) in batch.into_iter().zip(results) {
+                let _ = request.done.send(result);
             }
         }
-        own
+        // A batch dropped unrun (its leader cancelled) is lost: the step tries again.
+        result.await.unwrap_or_else(|_| StepDone {
+            handled: Err(EngineError::BatchLost),
+            in_transaction: false,
+        })
     }
 
     /// Runs every step of `batch` in one transaction, each undone alone on failure,
@@ -343,6 +384,46 @@ mod tests {
     fn a_batch_max_of_one_commits_every_step_alone() {
         let alone = BatchConfig { max: 1, ..CONFIG };
         assert!(should_close(&alone, &open(1, 0, 100)));
+    }
+
+    #[tokio::test]
+    async fn a_leader_cancelled_before_closing_its_batch_loses_it_and_the_next_step_leads() {
+        let batcher: Batcher<oneshot::Sender<()>> = Batcher::new(CONFIG, 4);
+        let (lead_tx, _lead_rx) = oneshot::channel();
+        let (follow_tx, follow_rx) = oneshot::channel();
+        let lead = batcher.join(lead_tx).await.expect("the first step leads");
+        assert!(
+            batcher.join(follow_tx).await.is_none(),
+            "the second follows"
+        );
+        assert_eq!(
+            batcher.state.lock().unwrap().open.len(),
+            2,
+            "both wait in the batch"
+        );
+        drop(lead);
+        assert!(
+            follow_rx.await.is_err(),
+            "the follower learns its batch is lost"
+        );
+        let (next_tx, _next_rx) = oneshot::channel();
+        let next = batcher
+            .join(next_tx)
+            .await
+            .expect("the next step leads anew");
+        assert_eq!(next.close().await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_closed_batch_holds_every_step_that_joined_it() {
+        let batcher: Batcher<u32> = Batcher::new(CONFIG, 4);
+        let _a = batcher.active();
+        let _b = batcher.active();
+        let lead = batcher.join(1).await.expect("leads");
+        assert!(batcher.join(2).await.is_none());
+        assert_eq!(lead.close().await, vec![1, 2]);
+        let again = batcher.join(3).await.expect("a new batch opens");
+        assert_eq!(again.close().await, vec![3]);
     }
 
     #[test]
