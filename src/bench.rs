@@ -16,6 +16,9 @@
 //!   `order_services` saga, its three steps run by the three sample participant
 //!   services ([`command`]).
 //!
+//! The shape of the work can change ([`shape`]): a generated saga of `--saga-steps`
+//! steps instead of the sample, and `--payload-kib` of padding in every message.
+//!
 //! The ratio is skald's steps/s over the baseline's messages/s.
 //!
 //! The whole run stops at `--timeout` ([`deadline`]): a run that cannot finish ends
@@ -51,6 +54,7 @@ use crate::transport::{Endpoint, Transport};
 
 pub mod command;
 pub mod deadline;
+pub mod shape;
 
 use deadline::Deadline;
 
@@ -98,6 +102,16 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = DEFAULT_TIMEOUT_S,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
+    /// Run a generated saga of this many SQL steps (1 to 50; `bench_steps`, every step
+    /// the baseline's statement) instead of the sample `order_checkout` (3 steps).
+    #[arg(long, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(shape::MAX_SAGA_STEPS)))]
+    pub saga_steps: Option<u8>,
+    /// Pad every start message and every baseline message with this many KiB (0 to
+    /// 1024) that no step reads.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u16).range(0..=i64::from(shape::MAX_PAYLOAD_KIB)))]
+    pub payload_kib: u16,
 }
 
 /// What one bench run measured.
@@ -117,8 +131,12 @@ pub struct BenchReport {
     pub seconds: f64,
     /// `completed / seconds`.
     pub sagas_per_s: f64,
-    /// Steps committed per second (3 per sample saga).
+    /// Steps committed per second.
     pub steps_per_s: f64,
+    /// Steps per saga: 3 (the sample), or `--saga-steps`.
+    pub saga_steps: usize,
+    /// KiB of padding in every message (`--payload-kib`).
+    pub payload_kib: u16,
     /// The baseline worker's messages per second.
     pub baseline_msgs_per_s: f64,
     /// `steps_per_s / baseline_msgs_per_s`.
@@ -166,11 +184,26 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
     let scratch = format!("skald_bench_{}", Uuid::new_v4().simple());
     let base: PgConnectOptions = config.database_url.parse().context("DATABASE_URL")?;
     let db_url = base.clone().database(&scratch).to_url_lossy().to_string();
+    // `--saga-steps`: the generated saga, alone in a folder of its own.
+    let generated = match args.saga_steps {
+        Some(steps) => {
+            let dir = std::env::temp_dir().join(&scratch);
+            std::fs::create_dir_all(&dir).context("the generated saga's folder")?;
+            std::fs::write(
+                dir.join(format!("{}.yaml", shape::GENERATED_SAGA)),
+                shape::generated_saga(steps),
+            )
+            .context("the generated saga")?;
+            Some(dir)
+        }
+        None => None,
+    };
     let config = Config {
         database_url: db_url.clone(),
         namespace: scratch.clone(),
         // Any free port: the bench must not collide with a running skald.
         http_addr: "127.0.0.1:0".parse().expect("a valid address"),
+        sagas_dir: generated.clone().unwrap_or(config.sagas_dir.clone()),
         ..config
     };
     eprintln!("bench: scratch database and namespace {scratch}");
@@ -178,6 +211,9 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
 
     let result = measure(&config, &args, aggregates, &deadline).await;
     cleanup(&base, &config, &scratch).await;
+    if let Some(dir) = generated {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     let mut report = result?;
     if args.steps == StepsMode::Command {
         let baseline = report.baseline_msgs_per_s;
@@ -195,7 +231,8 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{}: sagas {} over {} aggregates, {} process(es): {} completed in {:.2}s\n\
+            "{}: sagas {} of {} steps over {} aggregates, {} KiB padding, {} process(es): \
+             {} completed in {:.2}s\n\
              skald     {:>9.1} sagas/s  {:>9.1} steps/s  p50 {:?} ms  p99 {:?} ms\n\
              steps per process {:?}\n\
              baseline  {:>9.1} msgs/s\n\
@@ -204,7 +241,9 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
              batches   {} (mean {:.1} steps, largest {}; max {}, window {} ms)",
             report.transport,
             report.sagas,
+            report.saga_steps,
             report.aggregates,
+            report.payload_kib,
             report.processes,
             report.completed,
             report.seconds,
@@ -255,7 +294,7 @@ async fn measure(
     let baseline = deadline
         .within(
             &format!("the baseline worker ({baseline_messages} messages)"),
-            baseline(config, baseline_messages, aggregates),
+            baseline(config, baseline_messages, aggregates, args.payload_kib),
         )
         .await?;
     eprintln!("bench: baseline {baseline:.1} msgs/s over {baseline_messages} messages");
@@ -267,7 +306,7 @@ async fn measure(
         .within("publishing the SQL-step run's starts", async {
             let transport = crate::transport::connect(config, Endpoint::Orchestrator).await?;
             if args.rate.is_none() {
-                publish_all(transport.as_ref(), args.sagas, aggregates, None).await?;
+                publish_all(transport.as_ref(), args, aggregates, None).await?;
                 transport.close().await;
             }
             Ok(transport)
@@ -288,9 +327,9 @@ async fn measure(
         }))
     });
     let paced = args.rate.map(|rate| {
-        let (sagas, transport) = (args.sagas, transport.clone());
+        let (args, transport) = (args.clone(), transport.clone());
         tokio::spawn(async move {
-            let published = publish_all(transport.as_ref(), sagas, aggregates, Some(rate)).await;
+            let published = publish_all(transport.as_ref(), &args, aggregates, Some(rate)).await;
             transport.close().await;
             published
         })
@@ -350,6 +389,8 @@ async fn measure(
         seconds,
         sagas_per_s: completed as f64 / seconds,
         steps_per_s,
+        saga_steps: args.saga_steps.map_or(3, usize::from),
+        payload_kib: args.payload_kib,
         baseline_msgs_per_s: baseline,
         ratio: steps_per_s / baseline,
         p50_ms: latency(0.50),
@@ -478,29 +519,41 @@ async fn seed(pool: &sqlx::PgPool, aggregates: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Publishes the `sagas` starts: all at once, or paced at `rate` per second.
+/// Publishes the `args.sagas` starts (of the sample, or of the generated saga with
+/// `--saga-steps`): all at once, or paced at `rate` per second.
 async fn publish_all(
     transport: &dyn Transport,
-    sagas: usize,
+    args: &BenchArgs,
     aggregates: usize,
     rate: Option<f64>,
 ) -> anyhow::Result<()> {
+    let sagas = args.sagas;
     let message = |i: usize| {
         let agg = i % aggregates;
+        let (saga, payload) = match args.saga_steps {
+            Some(_) => (
+                shape::GENERATED_SAGA,
+                json!({"sku": format!("bench-{agg}")}),
+            ),
+            None => (
+                "order_checkout",
+                json!({
+                    "order_id": format!("order-{i}"),
+                    "sku": format!("bench-{agg}"),
+                    "qty": 1,
+                    "account": format!("bench-{agg}"),
+                    "amount": 1.5,
+                }),
+            ),
+        };
         Outgoing::to_intake(
             Envelope {
                 sequence: Some((i / aggregates) as u64),
                 dispatched_at: None,
                 ..Envelope::start(
-                    "order_checkout",
+                    saga,
                     Some(format!("bench-{agg}")),
-                    json!({
-                        "order_id": format!("order-{i}"),
-                        "sku": format!("bench-{agg}"),
-                        "qty": 1,
-                        "account": format!("bench-{agg}"),
-                        "amount": 1.5,
-                    }),
+                    shape::padded(payload, args.payload_kib),
                 )
             },
             0,
@@ -529,7 +582,12 @@ async fn publish_all(
 }
 
 /// The hand-written worker: consume, one transaction (inbox row + effect), commit, ack.
-async fn baseline(config: &Config, messages: usize, aggregates: usize) -> anyhow::Result<f64> {
+async fn baseline(
+    config: &Config,
+    messages: usize,
+    aggregates: usize,
+    payload_kib: u16,
+) -> anyhow::Result<f64> {
     let pool = PgPoolOptions::new()
         .max_connections(config.db_pool)
         .connect(&config.database_url)
@@ -560,8 +618,10 @@ async fn baseline(config: &Config, messages: usize, aggregates: usize) -> anyhow
     for chunk_start in (0..messages).step_by(1000) {
         let mut confirms = FuturesUnordered::new();
         for i in chunk_start..(chunk_start + 1000).min(messages) {
-            let body =
-                json!({"message_id": Uuid::new_v4(), "sku": format!("bench-{}", i % aggregates)});
+            let body = shape::padded(
+                json!({"message_id": Uuid::new_v4(), "sku": format!("bench-{}", i % aggregates)}),
+                payload_kib,
+            );
             let confirm = publisher
                 .basic_publish(
                     "".into(),

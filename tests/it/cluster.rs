@@ -265,3 +265,44 @@ async fn a_queue_of_the_other_type_is_refused_naming_the_setting() {
     );
     env.cleanup().await;
 }
+
+/// Not a test: `skald bench` on the three-node cluster, classic then quorum queues,
+/// alternating, three runs each, printed one JSON report per line (BENCHMARKS.md, issue
+/// #19). The binary is `SKALD_BENCH_BIN` (a release build), else the test's own:
+///
+/// `SKALD_BENCH_BIN=$CARGO_TARGET_DIR/release/skald cargo test --test it -- --ignored --nocapture bench_classic_and_quorum_queues_on_the_cluster`
+#[test]
+#[ignore = "a benchmark, run by hand (BENCHMARKS.md)"]
+fn bench_classic_and_quorum_queues_on_the_cluster() {
+    let Some(cluster) = RabbitCluster::shared() else {
+        return;
+    };
+    let bin = std::env::var("SKALD_BENCH_BIN").unwrap_or(env!("CARGO_BIN_EXE_skald").into());
+    let sagas = std::env::var("SKALD_BENCH_SAGAS").unwrap_or("10000".into());
+    for run in 1..=3 {
+        for queue_type in ["classic", "quorum"] {
+            let out = std::process::Command::new(&bin)
+                .args(["bench", "--sagas", &sagas, "--json"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .env(
+                    "DATABASE_URL",
+                    format!("{}/postgres", crate::helpers::SERVER),
+                )
+                .env("SKALD_TRANSPORT", "rabbitmq")
+                .env("AMQP_URL", cluster.amqp_url())
+                .env("SKALD_QUEUE_TYPE", queue_type)
+                .env("SKALD_LOG", "warn")
+                .output()
+                .expect("run skald bench");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            println!(
+                "cluster run {run} {queue_type}: {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+    }
+}

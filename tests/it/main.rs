@@ -11,6 +11,7 @@ mod api_metrics;
 mod api_safety;
 mod api_services;
 mod batching;
+mod bench;
 mod browser;
 mod check_steps;
 mod cli;
