@@ -560,8 +560,10 @@ async fn publish_all(
         )
     };
     // Built and confirmed a window at a time, so that the bench's own messages do
-    // not count in its peak RSS. Order within one aggregate is kept: a window is
-    // published in order on one channel before any of its confirms is awaited.
+    // not count in its peak RSS. Order within one aggregate is kept, though a
+    // window's publishes are in flight together: `FuturesUnordered` polls each first
+    // in window order, which calls the publishes in that order, and the transport
+    // keeps the call order (`Transport`'s promise 5).
     // Paced: a window every 20 ms or so, each due when its first start is.
     let window_size = rate.map_or(1000, |r| ((r / 50.0).ceil() as usize).clamp(1, 1000));
     let began = Instant::now();

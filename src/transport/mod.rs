@@ -18,6 +18,12 @@
 //! 5. per-key FIFO: messages published under one key (the aggregate id) are delivered
 //!    in publish order, to one active consumer at a time; when that consumer dies, its
 //!    unacked deliveries go, in order, to the next one before anything newer of the key.
+//!    Publish order is the order of the calls, also when many publishes of a key are
+//!    in flight together and are confirmed in any order: a caller need not await one
+//!    publish before calling the next, as long as it polls each returned future first
+//!    in call order (as `FuturesUnordered` and `join_all` do). A transport fixes a
+//!    publish's place at the call or at that first poll, never later (not, say, when
+//!    a bounded connection queue has room for it).
 //!
 //! **Endpoints.** A transport is opened for one *home* [`Endpoint`] — skald's intake, or
 //! a participant service's queues. Consuming, publishing (delays included),
@@ -254,7 +260,8 @@ impl std::fmt::Debug for Delivery {
 pub trait Transport: Send + Sync + 'static {
     /// Publishes `body` to skald's intake under `key` (the aggregate id, which keeps
     /// one aggregate's messages in order), held back `delay_ms` first (durably; 0 sends
-    /// at once), returning once the broker confirmed it.
+    /// at once), returning once the broker confirmed it. Its place in `key`'s order is
+    /// taken at the call, or at the latest when the future is first polled (promise 5).
     fn publish<'a>(
         &'a self,
         key: &'a str,

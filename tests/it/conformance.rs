@@ -3,10 +3,14 @@
 //! PostgreSQL and Redis (the real servers) and the in-memory transport alike. A new transport
 //! (issue #12) gets its harness here and one test at the bottom.
 
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use futures_util::future::maybe_done;
 use futures_util::stream::BoxStream;
 use skald::config::{Config, TransportKind};
 use skald::transport::memory::MemoryTransport;
@@ -418,6 +422,43 @@ async fn each_keys_messages_arrive_in_publish_order(h: &Harness) {
     t.close().await;
 }
 
+/// 5: publishes of one key in flight together keep the order of the calls, though
+/// they are confirmed in any order: 60 are called, each future polled once in call
+/// order (as `FuturesUnordered` does), then awaited last first. More than fit in a
+/// Redis connection's request queue (50): a publish waiting for room there used to be
+/// overtaken by a later one polled first.
+async fn publishes_in_flight_together_keep_call_order(h: &Harness) {
+    const N: usize = 60;
+    let t = h.open().await;
+    let sent: Vec<String> = (0..N).map(|i| format!("o{i}")).collect();
+    let mut confirms: Vec<_> = sent
+        .iter()
+        .map(|body| maybe_done(t.publish("o", body.as_bytes(), 0)))
+        .collect();
+    poll_fn(|cx| {
+        for confirm in &mut confirms {
+            let _ = Pin::new(confirm).poll(cx);
+        }
+        Poll::Ready(())
+    })
+    .await;
+    for mut confirm in confirms.into_iter().rev() {
+        (&mut confirm).await;
+        Pin::new(&mut confirm)
+            .take_output()
+            .expect("a finished publish")
+            .expect("confirmed");
+    }
+    let mut stream = t.consume().await.expect("consume");
+    let got: Vec<String> = take_acking(&mut stream, N)
+        .await
+        .into_iter()
+        .map(|(body, _)| body)
+        .collect();
+    assert_eq!(got, sent, "in call order");
+    t.close().await;
+}
+
 /// 5: two consumers and a failover in the middle: while the first lives, the second
 /// gets nothing of its keys; when the first is killed, the second gets what it had not
 /// acked first, then the rest, each key in publish order.
@@ -556,6 +597,7 @@ async fn keeps_every_promise(h: &Harness) {
     a_delayed_message_survives_a_restart_and_is_never_early(h).await;
     a_dead_letter_is_stored(h).await;
     each_keys_messages_arrive_in_publish_order(h).await;
+    publishes_in_flight_together_keep_call_order(h).await;
     a_standby_takes_over_a_killed_consumers_keys_in_order(h).await;
     send_to_reaches_only_that_endpoint(h).await;
     a_delayed_message_and_an_unacked_delivery_survive_a_server_restart(h).await;
@@ -629,6 +671,28 @@ async fn redis_keeps_every_transport_promise() {
     let h = Harness::Redis(Box::new(RedisHarness::new()));
     keeps_every_promise(&h).await;
     h.cleanup().await;
+}
+
+/// On Redis a publish is queued at the call: one called before `close`, its future not
+/// yet polled, is still sent; one called after fails at once, saying why.
+#[actix_rt::test]
+async fn on_redis_a_publish_before_close_is_sent_and_one_after_fails() {
+    let h = Harness::Redis(Box::new(RedisHarness::new()));
+    let t = h.open().await;
+    let before = t.publish("x", b"before", 0);
+    t.close().await;
+    before.await.expect("sent, though awaited only after close");
+    let after = t
+        .publish("x", b"after", 0)
+        .await
+        .expect_err("the transport is closed");
+    assert!(after.to_string().contains("closed"), "{after}");
+    let t = h.open().await;
+    let mut stream = t.consume().await.expect("consume");
+    let got = take(&mut stream, 2, Duration::from_millis(1_500)).await;
+    assert_eq!(bodies(&got), ["before"]);
+    ack_all(got).await;
+    t.close().await;
 }
 
 /// Fencing: once another consumer holds a partition's lease, the old owner's ack of a

@@ -10,7 +10,7 @@ use crate::transport::Endpoint;
 pub const GROUP: &str = "skald";
 
 /// The keys of one endpoint's queues.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Keys {
     prefix: String,
     partitions: u16,

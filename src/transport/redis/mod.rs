@@ -10,13 +10,16 @@
 //! | `P:delayed` | sorted set, scored by due time | delayed messages waiting out their delay |
 //! | `P:dead` | stream | dead letters, kept for a person |
 //!
-//! **Publish.** `XADD`, confirmed by its reply. Redis replies before the write is on
-//! disk unless the server runs with `appendonly yes` and `appendfsync always`: with
-//! other settings an acknowledged message can be lost when Redis restarts, and
-//! [`RedisTransport::connect`] logs a warning saying so — unless every write waits
-//! for replicas (`SKALD_REDIS_WAIT_REPLICAS`: `WAIT` after each publish, delayed
-//! publish, dead letter and ack, on a connection of its own; too few replicas in
-//! `SKALD_REDIS_WAIT_MS` and the write fails as not accepted, see `writer`).
+//! **Publish.** `XADD`, confirmed by its reply. A publish (a delayed one, a send to
+//! another endpoint and a dead letter too) is queued at the call; one task sends the
+//! queue in call order, what waits together in one pipeline (`publisher`), so a key's
+//! entries keep the order of the calls however many are in flight. Redis replies
+//! before the write is on disk unless the server runs with `appendonly yes` and
+//! `appendfsync always`: with other settings an acknowledged message can be lost when
+//! Redis restarts, and [`RedisTransport::connect`] logs a warning saying so — unless
+//! every write waits for replicas (`SKALD_REDIS_WAIT_REPLICAS`: `WAIT` after each
+//! pipeline of publishes and each ack, on a connection of its own; too few replicas in
+//! `SKALD_REDIS_WAIT_MS` and the writes fail as not accepted, see `writer`).
 //!
 //! **Start-up.** A refused password, a missing one or a missing ACL permission is
 //! [`TransportError::Refused`] at once, naming the server and what to change.
@@ -46,10 +49,10 @@ mod consumer;
 pub mod durability;
 pub mod keys;
 mod leases;
+mod publisher;
 mod scripts;
 mod writer;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -63,6 +66,7 @@ use tokio::sync::mpsc;
 use self::consumer::{Reader, Shared};
 use self::durability::Durability;
 use self::keys::{GROUP, Keys};
+use self::publisher::Publisher;
 use self::writer::Writer;
 use super::{Delivery, Endpoint, Transport, TransportError};
 use crate::config::{Config, RedisWait};
@@ -117,15 +121,15 @@ fn refusal_fix(kind: redis::ErrorKind, code: Option<&str>) -> Option<&'static st
 pub struct RedisTransport {
     client: redis::Client,
     conn: ConnectionManager,
-    /// Publishes, dead letters and acks: `conn`, or with `WAIT` a connection of its own.
+    /// Acks: `conn`, or with `WAIT` a connection of its own.
     writer: Writer,
+    /// Publishes and dead letters, in call order, on the writer's connection.
+    publisher: Publisher,
     wait: RedisWait,
     namespace: String,
     partitions: u16,
     shared: Arc<Shared>,
     keeper: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Endpoints whose consumer groups exist (created on first send).
-    ready: std::sync::Mutex<HashSet<Endpoint>>,
     /// `CLIENT ID`s of the reading connections, for [`RedisTransport::client_ids`].
     readers: std::sync::Mutex<Vec<i64>>,
     /// The reader of the current consume session.
@@ -157,11 +161,16 @@ impl RedisTransport {
             conn.clone()
         };
         let keys = Keys::new(&config.namespace, &home, config.partitions);
+        create_groups(&conn, &keys)
+            .await
+            .map_err(|e| setup_err(&server, e))?;
         let token = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let writer = Writer::new(writes, config.redis_wait);
         let transport = RedisTransport {
             client,
             conn,
-            writer: Writer::new(writes, config.redis_wait),
+            publisher: Publisher::start(writer.clone(), keys.clone()),
+            writer,
             wait: config.redis_wait,
             namespace: config.namespace.clone(),
             partitions: config.partitions,
@@ -173,14 +182,9 @@ impl RedisTransport {
                 config.prefetch,
             )),
             keeper: Default::default(),
-            ready: Default::default(),
             readers: Default::default(),
             reader: Default::default(),
         };
-        transport
-            .ensure_groups(&home)
-            .await
-            .map_err(|e| setup_err(&server, e))?;
         match transport.durability().await {
             Durability::Kept => {}
             Durability::AtRisk(why) => tracing::warn!(
@@ -236,47 +240,6 @@ impl RedisTransport {
         Keys::new(&self.namespace, endpoint, self.partitions)
     }
 
-    /// Creates `endpoint`'s partition streams and their consumer group, reading from
-    /// the start, so that entries added before the first consumer are kept for it.
-    async fn ensure_groups(&self, endpoint: &Endpoint) -> Result<(), redis::RedisError> {
-        if self.ready.lock().expect("ready lock").contains(endpoint) {
-            return Ok(());
-        }
-        let keys = self.keys(endpoint);
-        let mut conn = self.conn.clone();
-        for i in 0..keys.partitions() {
-            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(keys.stream(i))
-                .arg(GROUP)
-                .arg("0")
-                .arg("MKSTREAM")
-                .query_async(&mut conn)
-                .await;
-            match created {
-                Err(e) if e.code() != Some("BUSYGROUP") => return Err(e),
-                _ => {}
-            }
-        }
-        self.ready
-            .lock()
-            .expect("ready lock")
-            .insert(endpoint.clone());
-        Ok(())
-    }
-
-    async fn add(&self, keys: &Keys, key: &str, body: &[u8]) -> Result<(), TransportError> {
-        let mut add = redis::cmd("XADD");
-        add.arg(keys.stream(keys.partition_of(key)))
-            .arg("*")
-            .arg("k")
-            .arg(key)
-            .arg("b")
-            .arg(body);
-        let _id: String = self.writer.write(add).await?;
-        Ok(())
-    }
-
     /// The process died, as far as Redis can tell: stops reading and renewing leases
     /// at once, releasing nothing, so another process takes the partitions only when
     /// the leases expire, and the unacked deliveries are redelivered there (for
@@ -330,6 +293,46 @@ impl Drop for RedisTransport {
     }
 }
 
+/// Creates the partition streams of `keys` and their consumer group (the publisher
+/// does the same for another endpoint's queues, on its first send there).
+async fn create_groups(conn: &ConnectionManager, keys: &Keys) -> Result<(), redis::RedisError> {
+    let mut conn = conn.clone();
+    for i in 0..keys.partitions() {
+        let created: redis::RedisResult<()> = create_group(keys, i).query_async(&mut conn).await;
+        match created {
+            Err(e) if e.code() != Some("BUSYGROUP") => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The `XGROUP CREATE … MKSTREAM` of partition `i`'s stream among `keys` and its
+/// consumer group, reading from the start, so that entries added before the first
+/// consumer are kept for it. Redis answers `BUSYGROUP` when the group exists.
+fn create_group(keys: &Keys, i: u16) -> redis::Cmd {
+    let mut create = redis::cmd("XGROUP");
+    create
+        .arg("CREATE")
+        .arg(keys.stream(i))
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM");
+    create
+}
+
+/// The `XADD` of `body` under `key` to its partition stream among `keys`.
+fn add(keys: &Keys, key: &str, body: &[u8]) -> redis::Cmd {
+    let mut add = redis::cmd("XADD");
+    add.arg(keys.stream(keys.partition_of(key)))
+        .arg("*")
+        .arg("k")
+        .arg(key)
+        .arg("b")
+        .arg(body);
+    add
+}
+
 /// Deletes every key of `namespace` (all endpoints) from the Redis at `url`; returns
 /// how many (for tests and `skald bench`'s scratch namespace).
 pub async fn delete_namespace(url: &str, namespace: &str) -> Result<u64, TransportError> {
@@ -368,17 +371,16 @@ pub async fn delete_namespace(url: &str, namespace: &str) -> Result<u64, Transpo
 impl Transport for RedisTransport {
     /// Publishes `body` to `to`'s intake under `key`, at once, returning once Redis
     /// accepted it; creates `to`'s queues if they do not exist yet (so a command sent
-    /// before its service first starts is kept).
+    /// before its service first starts is kept), in call order with the other writes.
     fn send_to<'a>(
         &'a self,
         to: &'a Endpoint,
         key: &'a str,
         body: &'a [u8],
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(async move {
-            self.ensure_groups(to).await.map_err(conn_err)?;
-            self.add(&self.keys(to), key, body).await
-        })
+        let keys = self.keys(to);
+        let cmd = add(&keys, key, body);
+        self.publisher.write(cmd, Some(keys))
     }
 
     fn publish<'a>(
@@ -387,22 +389,13 @@ impl Transport for RedisTransport {
         body: &'a [u8],
         delay_ms: u64,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(async move {
-            let keys = &self.shared.keys;
-            if delay_ms == 0 {
-                return self.add(keys, key, body).await;
-            }
-            let mut schedule = scripts::SCHEDULE.prepare_invoke();
-            schedule
-                .key(keys.delayed())
-                .arg(delay_ms)
-                .arg(keys.partition_of(key))
-                .arg(key)
-                .arg(body)
-                .arg(uuid::Uuid::new_v4().simple().to_string());
-            let _due: i64 = self.writer.script(&scripts::SCHEDULE, &schedule).await?;
-            Ok(())
-        })
+        let keys = &self.shared.keys;
+        let cmd = if delay_ms == 0 {
+            add(keys, key, body)
+        } else {
+            scripts::schedule(&keys.delayed(), delay_ms, keys.partition_of(key), key, body)
+        };
+        self.publisher.write(cmd, None)
     }
 
     fn dead_letter<'a>(
@@ -411,21 +404,19 @@ impl Transport for RedisTransport {
         reason_code: &'a str,
         reason: &'a str,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(async move {
-            let mut add = redis::cmd("XADD");
-            add.arg(self.shared.keys.dead())
-                .arg("*")
-                .arg("b")
-                .arg(body)
-                .arg("reason_code")
-                .arg(reason_code)
-                .arg("reason")
-                .arg(reason)
-                .arg("at")
-                .arg(chrono::Utc::now().to_rfc3339());
-            let _id: String = self.writer.write(add).await?;
-            Ok(())
-        })
+        let mut letter = redis::cmd("XADD");
+        letter
+            .arg(self.shared.keys.dead())
+            .arg("*")
+            .arg("b")
+            .arg(body)
+            .arg("reason_code")
+            .arg(reason_code)
+            .arg("reason")
+            .arg(reason)
+            .arg("at")
+            .arg(chrono::Utc::now().to_rfc3339());
+        self.publisher.write(letter, None)
     }
 
     fn consume(&self) -> BoxFuture<'_, Result<BoxStream<'static, Delivery>, TransportError>> {
@@ -509,8 +500,13 @@ impl Transport for RedisTransport {
         })
     }
 
+    /// Closes the transport: the writes called before are sent and answered first, and
+    /// a publish, send or dead letter called after fails at once; then the reader
+    /// stops and the leases are released.
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            // What was published before is written first; later publishes fail.
+            self.publisher.close().await;
             self.shared.consuming.store(false, Ordering::SeqCst);
             // Whatever its last read takes is pending before the leases go, so the
             // next owner claims it.

@@ -4,7 +4,7 @@
 
 use std::sync::LazyLock;
 
-use redis::Script;
+use redis::{Cmd, Script};
 
 /// Acknowledges one entry, fenced by the partition's lease: only the consumer whose
 /// token holds the lease may ack; the entry is then removed from the group's pending
@@ -66,16 +66,33 @@ return 0
 ///
 /// KEYS: delayed set. ARGV: delay ms, partition, key, body, unique id. Returns the due
 /// time (ms since the epoch, server clock).
-pub static SCHEDULE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+///
+/// Sent as `EVAL` with its source ([`schedule`]), not `EVALSHA`: the publisher sends it
+/// in one pipeline with other writes, where an `EVALSHA` the server does not know (its
+/// script cache is empty after a restart) would fail, to be loaded and sent again in a
+/// second round trip. The source is a few hundred bytes.
+const SCHEDULE: &str = r"
 local t = redis.call('TIME')
 local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + 1 + tonumber(ARGV[1])
 redis.call('ZADD', KEYS[1], due, cmsgpack.pack(ARGV[2], ARGV[3], ARGV[4], ARGV[5]))
 return due
-",
-    )
-});
+";
+
+/// The command that schedules `body`, under `key` in `partition`, in the delayed set
+/// `delayed`, due `delay_ms` from the server's now (see [`SCHEDULE`]). Each gets a
+/// unique id, so that two equal messages are two members of the set.
+pub fn schedule(delayed: &str, delay_ms: u64, partition: u16, key: &str, body: &[u8]) -> Cmd {
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(SCHEDULE)
+        .arg(1)
+        .arg(delayed)
+        .arg(delay_ms)
+        .arg(partition)
+        .arg(key)
+        .arg(body)
+        .arg(uuid::Uuid::new_v4().simple().to_string());
+    eval
+}
 
 /// Moves due delayed messages (by the server's clock) to their partition streams, in
 /// due order, in one atomic step: a message is in the schedule or in its stream,

@@ -1,19 +1,22 @@
 //! The writes skald counts on (publish, delayed publish, dead letter, ack): the
 //! primary's reply, then, when `SKALD_REDIS_WAIT_REPLICAS` asks for it, `WAIT` for
-//! that many replicas to have the write before it counts as done.
+//! that many replicas to have the write before it counts as done. An ack is one write
+//! ([`Writer::script`]); the publisher sends the publishes waiting together as one
+//! batch ([`Writer::write_all`]), with one `WAIT` for all of them.
 
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{
-    Cmd, ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation, ServerErrorKind,
+    Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisResult, Script, ScriptInvocation,
+    ServerErrorKind, Value,
 };
 
 use crate::config::RedisWait;
 use crate::transport::TransportError;
 
 /// Why a write does not count as done.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) enum WriteError {
     /// The command failed or the connection did.
     Redis(RedisError),
@@ -57,9 +60,9 @@ fn replicated(reached: i64, wait: RedisWait) -> Result<(), WriteError> {
     }
 }
 
-/// Sends writes, each followed by `WAIT` when configured. With `WAIT` it has a
-/// connection of its own: `WAIT` blocks the connection it runs on, and the lease
-/// renewals must not queue behind it.
+/// Sends writes, each write or batch followed by `WAIT` when configured. With `WAIT`
+/// it has a connection of its own: `WAIT` blocks the connection it runs on, and the
+/// lease renewals must not queue behind it.
 #[derive(Clone)]
 pub(super) struct Writer {
     conn: ConnectionManager,
@@ -89,6 +92,38 @@ impl Writer {
             .map_err(WriteError::Redis)?;
         replicated(reached, self.wait)?;
         Ok(value)
+    }
+
+    /// Runs `pipe`'s commands in order, in one round trip; with `WAIT`, followed by it
+    /// in the same pipeline, so that the replicas counted have every one of them.
+    /// Returns each command's own reply, a server error included (the caller judges
+    /// them); fails when the connection does, and with `WAIT` when `WAIT` fails or
+    /// fewer replicas than required have the writes.
+    pub async fn write_all(
+        &self,
+        mut pipe: Pipeline,
+    ) -> Result<Vec<RedisResult<Value>>, WriteError> {
+        if self.wait.enabled() {
+            pipe.cmd("WAIT")
+                .arg(self.wait.replicas)
+                .arg(self.wait.timeout.as_millis() as u64);
+        }
+        let mut conn = self.conn.clone();
+        let mut replies: Vec<RedisResult<Value>> = pipe
+            .ignore_errors()
+            .query_async(&mut conn)
+            .await
+            .map_err(WriteError::Redis)?;
+        if self.wait.enabled() {
+            let waited = replies
+                .pop()
+                .unwrap_or_else(|| Err((ErrorKind::Parse, "no reply to WAIT").into()));
+            let reached: i64 = waited
+                .and_then(|v| redis::from_redis_value(v).map_err(RedisError::from))
+                .map_err(WriteError::Redis)?;
+            replicated(reached, self.wait)?;
+        }
+        Ok(replies)
     }
 
     /// Runs `script` as `invocation` prepared it, through [`Writer::write`], loading
