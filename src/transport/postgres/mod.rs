@@ -15,7 +15,7 @@
 //!   unacked rows first (they have the lowest ids), flagged redelivered.
 //! - **Dead letters** go to `queue_dead_letters`, counted in the queue depths; the
 //!   engine's own record in `skald.dead_letters` is what people list.
-//! - **One transaction per step** (built, switched off: [`SETTLE_IN_TRANSACTION`]):
+//! - **One transaction per step** (built, switched off as slower: [`SETTLE_IN_TRANSACTION`]):
 //!   every delivery can be settled inside the step's own transaction
 //!   ([`Transport::in_transaction`]): the step's messages are inserted and the
 //!   delivery's row deleted there ([`outbox`]), so consume, effect, record, next
@@ -48,9 +48,11 @@ use publisher::Publisher;
 pub const CHANNEL: &str = "skald_queue";
 
 /// Whether deliveries are settled inside the step's own transaction ([`outbox`]).
-/// Off for now: with it on, the 2,000-sagas-over-50-aggregates scenario
-/// (`saga_flow::two_thousand_…::postgres`) slows to a crawl (692 of 2,000 sagas in
-/// 240 s, against 153 s for all of them with it off); the cause is not found yet.
+/// Off: measured slower. With it on, `skald bench --sagas 10000` ran 3,652 steps/s
+/// against 6,210 with it off (medians of 3, BENCHMARKS.md 2026-12-07): a batch runs its
+/// steps one after the other on one connection, and staging adds a savepoint, a
+/// statement and a release to each, while the publisher and the acks run beside the
+/// batches on connections of their own.
 const SETTLE_IN_TRANSACTION: bool = false;
 
 /// Connections the transport's pool opens at most (the publisher uses one at a time;
