@@ -233,7 +233,7 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
         println!(
             "{}: sagas {} of {} steps over {} aggregates, {} KiB padding, {} process(es): \
              {} completed in {:.2}s\n\
-             skald     {:>9.1} sagas/s  {:>9.1} steps/s  p50 {:?} ms  p99 {:?} ms\n\
+             skald     {:>9.1} sagas/s  {:>9.1} steps/s  p50 {} ms  p99 {} ms\n\
              steps per process {:?}\n\
              baseline  {:>9.1} msgs/s\n\
              ratio     {:.3} (steps/s over baseline msgs/s)\n\
@@ -249,8 +249,8 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
             report.seconds,
             report.sagas_per_s,
             report.steps_per_s,
-            report.p50_ms,
-            report.p99_ms,
+            millis(report.p50_ms),
+            millis(report.p99_ms),
             report.per_process_steps,
             report.baseline_msgs_per_s,
             report.ratio,
@@ -272,6 +272,12 @@ pub async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A latency for the text report: tenths of a millisecond, or `-` when it was not
+/// measured (several processes).
+fn millis(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "-".to_string(), |ms| format!("{ms:.1}"))
 }
 
 async fn measure(

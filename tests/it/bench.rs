@@ -69,3 +69,24 @@ fn a_shape_out_of_range_is_a_usage_error() {
         assert!(stderr.contains(args[0]), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn the_text_report_gives_latencies_as_plain_milliseconds() {
+    let out = bench(&["--sagas", "3"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let skald = stdout
+        .lines()
+        .find(|l| l.starts_with("skald "))
+        .unwrap_or_else(|| panic!("a skald line: {stdout}"));
+    let p50 = skald
+        .split("p50 ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .unwrap_or_else(|| panic!("a p50: {skald}"));
+    assert!(p50.parse::<f64>().is_ok(), "p50 {p50:?} in {skald}");
+}
