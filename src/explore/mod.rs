@@ -25,6 +25,7 @@ mod service;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
@@ -55,6 +56,14 @@ pub enum ExploreError {
     /// PostgreSQL failed.
     #[error("database: {0}")]
     Database(String),
+    /// One delivery was not handled in time (a slow step, or the engine retrying a
+    /// failure it logged), so the run cannot say whether the saga keeps its promises.
+    #[error(
+        "a delivery ({0}) was not handled within {1} s (--delivery-timeout): its step's \
+         SQL is that slow, or skald kept retrying a failure (see the warnings above); \
+         nothing was checked"
+    )]
+    Stuck(String, u64),
     /// skald's store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -89,7 +98,16 @@ pub struct ExploreArgs {
     /// The first random schedule's seed (schedule k uses seed + k).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// The longest one delivery may take, seconds (1 to 3600): past it, explore stops
+    /// with an error instead of waiting on an engine that keeps retrying.
+    #[arg(long, default_value_t = DEFAULT_DELIVERY_TIMEOUT_S,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub delivery_timeout: u64,
 }
+
+/// `--delivery-timeout`'s default, seconds: a delivery on a scratch database takes
+/// milliseconds, unless a step's own SQL is slow.
+pub const DEFAULT_DELIVERY_TIMEOUT_S: u64 = 60;
 
 /// What `explore` found: the points one at a time, or random schedules.
 #[derive(Debug, Clone)]
@@ -261,7 +279,8 @@ pub async fn explore(database_url: &str, args: &ExploreArgs) -> Result<Findings,
     let base: PgConnectOptions = database_url
         .parse()
         .map_err(|e| ExploreError::Input(format!("DATABASE_URL: {e}")))?;
-    let scratch = Scratch::new(database_url, base, &saga).await?;
+    let delivery_timeout = Duration::from_secs(args.delivery_timeout);
+    let scratch = Scratch::new(database_url, base, &saga, delivery_timeout).await?;
     let result = match args.random {
         Some(n) => {
             let catalog = Catalog::new(vec![saga.clone()]);
@@ -503,7 +522,7 @@ async fn run_one(
         let start = Envelope::start(&saga.name, None, payload.clone());
         let instance = instance_id_for(start.message_id);
         let plan = Arc::new(Plan::new(saga, point));
-        let transport = deliver_all(&copy.store, catalog, vec![start], plan).await?;
+        let transport = deliver_all(scratch, &copy.store, catalog, vec![start], plan).await?;
         let end = look(&copy.store, instance).await?;
         let observation = match observer {
             Some(o) => Some(o.observe(copy.store.pool(), payload).await?),
@@ -529,6 +548,7 @@ async fn run_one(
 /// back and replaces the engine (a new process, with nothing in memory). Returns the
 /// transport, to see what is left in it.
 async fn deliver_all(
+    scratch: &Scratch,
     store: &Store,
     catalog: &Catalog,
     starts: Vec<Envelope>,
@@ -586,7 +606,20 @@ async fn deliver_all(
             Some(Fault::Overtaken) => overtake = previous.clone(),
             _ => {}
         }
-        current.process(job, delivery).await;
+        let (step, phase) = position(&job.envelope);
+        let what = format!(
+            "{} step {} {}",
+            job.saga.name,
+            job.saga.steps.get(step).map_or("?", |s| s.name.as_str()),
+            phase.as_str()
+        );
+        let limit = scratch.delivery_timeout;
+        if tokio::time::timeout(limit, current.process(job, delivery))
+            .await
+            .is_err()
+        {
+            return Err(ExploreError::Stuck(what, limit.as_secs()));
+        }
         if let Some(old) = overtake {
             let _ = transport.publish(&key, &old, 0).await;
         }
@@ -650,6 +683,8 @@ struct Scratch {
     template: String,
     /// Copies made so far, and the ones not dropped yet.
     copies: Mutex<(usize, Vec<String>)>,
+    /// `--delivery-timeout`.
+    delivery_timeout: Duration,
 }
 
 /// One fresh copy of the template.
@@ -664,6 +699,7 @@ impl Scratch {
         database_url: &str,
         base: PgConnectOptions,
         saga: &SagaDef,
+        delivery_timeout: Duration,
     ) -> Result<Scratch, ExploreError> {
         let template = format!(
             "skald_explore_{}",
@@ -674,6 +710,7 @@ impl Scratch {
             base,
             template,
             copies: Mutex::new((0, Vec::new())),
+            delivery_timeout,
         };
         let url = scratch.url(&scratch.template);
         let prepared = async {

@@ -199,7 +199,8 @@ pub(super) async fn run(
                 injected: Mutex::new(0),
                 crashed: AtomicBool::new(false),
             });
-            let transport = deliver_all(&copy.store, catalog, starts, chaos.clone()).await?;
+            let transport =
+                deliver_all(scratch, &copy.store, catalog, starts, chaos.clone()).await?;
             report.instances += instances.len();
             report.faults += *chaos.injected.lock().expect("count lock");
             let mut why = Vec::new();

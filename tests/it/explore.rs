@@ -188,3 +188,39 @@ fn a_saga_of_command_steps_keeps_every_promise_with_the_services_played_in_memor
     assert!(!report.contains("BROKEN"), "{report}");
     assert!(report.contains("order_services: every promise held at all 65 points"));
 }
+
+#[test]
+fn a_delivery_slower_than_the_delivery_timeout_stops_the_run_with_an_error_naming_it() {
+    let began = std::time::Instant::now();
+    let out = explore(&[
+        "tests/fixtures/explore/slow.yaml",
+        "--data",
+        r#"{"key":"k"}"#,
+        "--delivery-timeout",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "error: a delivery (slow step nap forward) was not handled within 1 s \
+             (--delivery-timeout)"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "no report: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(began.elapsed() < std::time::Duration::from_secs(30));
+    // Out of range is a usage error.
+    let out = explore(&[
+        "sagas/order_checkout.yaml",
+        "--data",
+        "{}",
+        "--delivery-timeout",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
