@@ -49,10 +49,8 @@ pub const CHANNEL: &str = "skald_queue";
 
 /// Whether deliveries are settled inside the step's own transaction ([`outbox`]).
 /// Off: measured slower. With it on, `skald bench --sagas 10000` ran 3,652 steps/s
-/// against 6,210 with it off (medians of 3, BENCHMARKS.md 2026-12-07): a batch runs its
-/// steps one after the other on one connection, and staging adds a savepoint, a
-/// statement and a release to each, while the publisher and the acks run beside the
-/// batches on connections of their own.
+/// against 6,210 with it off (medians of 3, BENCHMARKS.md 2026-12-07); the cause is not
+/// found yet (docs/design.md, "One transaction per step", lists what was ruled out).
 const SETTLE_IN_TRANSACTION: bool = false;
 
 /// Connections the transport's pool opens at most (the publisher uses one at a time;
