@@ -3,17 +3,10 @@
 
 use std::process::Output;
 
-use crate::helpers::SERVER;
+use crate::helpers::skald_bench;
 
 fn bench(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
-        .arg("bench")
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("DATABASE_URL", format!("{SERVER}/postgres"))
-        .env("SKALD_LOG", "warn")
-        .output()
-        .expect("run skald bench")
+    skald_bench().args(args).output().expect("run skald bench")
 }
 
 #[test]

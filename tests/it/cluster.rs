@@ -289,17 +289,11 @@ fn bench_classic_and_quorum_queues_on_the_cluster() {
     let sagas = std::env::var("SKALD_BENCH_SAGAS").unwrap_or("10000".into());
     for run in 1..=3 {
         for queue_type in ["classic", "quorum"] {
-            let out = std::process::Command::new(&bin)
-                .args(["bench", "--sagas", &sagas, "--json"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .env(
-                    "DATABASE_URL",
-                    format!("{}/postgres", crate::helpers::SERVER),
-                )
+            let out = crate::helpers::bench_with(&bin)
+                .args(["--sagas", &sagas, "--json"])
                 .env("SKALD_TRANSPORT", "rabbitmq")
                 .env("AMQP_URL", cluster.amqp_url())
                 .env("SKALD_QUEUE_TYPE", queue_type)
-                .env("SKALD_LOG", "warn")
                 .output()
                 .expect("run skald bench");
             assert!(

@@ -93,6 +93,23 @@ pub fn test_sagas() -> PathBuf {
 
 /// `skald explore <args>` from the crate's root, on scratch databases of the local
 /// server, with warnings only in its log.
+/// `skald bench` of the binary `bin`, from the checkout, on the test server's
+/// PostgreSQL, logging warnings only; the caller adds arguments and settings.
+pub fn bench_with(bin: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(bin);
+    command
+        .arg("bench")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATABASE_URL", format!("{SERVER}/postgres"))
+        .env("SKALD_LOG", "warn");
+    command
+}
+
+/// `skald bench` of this build ([`bench_with`]).
+pub fn skald_bench() -> Command {
+    bench_with(env!("CARGO_BIN_EXE_skald"))
+}
+
 /// A run that takes longer has hung (a full exploration takes seconds): the test fails
 /// instead of waiting forever.
 pub fn explore(args: &[&str]) -> std::process::Output {

@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::helpers::{
-    SAMPLES, SERVER, Services, TestEnv, child_exited, order_services_with, scalar, start, until,
+    SAMPLES, Services, TestEnv, child_exited, order_services_with, scalar, start, until,
 };
 
 /// The sample's seed: items of each SKU, balance of each account.
@@ -676,12 +676,9 @@ async fn two_thousand_orders_over_fifty_aggregates_through_the_three_services_co
 
 #[actix_rt::test]
 async fn bench_in_command_step_mode_reports_the_three_services_run_beside_the_sql_run() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
-        .args(["bench", "--sagas", "30", "--aggregates", "5"])
+    let out = crate::helpers::skald_bench()
+        .args(["--sagas", "30", "--aggregates", "5"])
         .args(["--steps", "command", "--json"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("DATABASE_URL", format!("{SERVER}/postgres"))
-        .env("SKALD_LOG", "warn")
         .output()
         .expect("run skald bench");
     assert!(
@@ -719,14 +716,11 @@ async fn a_bench_run_that_cannot_finish_stops_at_its_timeout_and_says_what_finis
     // When the bench runs both modes with a 30 s deadline.
     let timeout = Duration::from_secs(30);
     let began = std::time::Instant::now();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_skald"))
-        .args(["bench", "--sagas", "20", "--aggregates", "5"])
+    let out = crate::helpers::skald_bench()
+        .args(["--sagas", "20", "--aggregates", "5"])
         .args(["--steps", "command", "--json", "--timeout"])
         .arg(timeout.as_secs().to_string())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("DATABASE_URL", format!("{SERVER}/postgres"))
         .env("SKALD_SAGAS_DIR", &sagas_dir)
-        .env("SKALD_LOG", "warn")
         .output()
         .expect("run skald bench");
     let took = began.elapsed();
